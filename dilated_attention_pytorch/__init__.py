@@ -1,0 +1,35 @@
+"""LongNet-style dilated attention for PyTorch: exact, interchangeable modules."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .factory import (
+    ATTENTION_TYPES,
+    AutoChoice,
+    create_dilated_attention,
+    create_multihead_dilated_attention,
+    explain_auto,
+)
+from .functional import dilated_attention, merge_by_lse
+from .modules import DilatedAttention, ImprovedDilatedAttention
+from .multihead import ImprovedMultiheadDilatedAttention, MultiheadDilatedAttention
+from .pattern import DilatedPattern
+from .reference import dilated_attention_reference
+
+__all__ = [
+    "ATTENTION_TYPES",
+    "AutoChoice",
+    "DilatedAttention",
+    "DilatedPattern",
+    "ImprovedDilatedAttention",
+    "ImprovedMultiheadDilatedAttention",
+    "MultiheadDilatedAttention",
+    "__version__",
+    "create_dilated_attention",
+    "create_multihead_dilated_attention",
+    "dilated_attention",
+    "dilated_attention_reference",
+    "explain_auto",
+    "merge_by_lse",
+]

@@ -1,0 +1,154 @@
+"""``create_*`` factories and the "auto" choice, which can explain itself."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import kernels
+from .modules import DilatedAttention, ImprovedDilatedAttention
+from .multihead import ImprovedMultiheadDilatedAttention, MultiheadDilatedAttention
+from .pattern import LONGNET_DILATION_RATES, LONGNET_SEGMENT_LENGTHS
+
+ATTENTION_TYPES: tuple[str, ...] = ("auto", "standard", "improved")
+
+_CORE: dict[str, type[nn.Module]] = {
+    "standard": DilatedAttention,
+    "improved": ImprovedDilatedAttention,
+}
+_MULTIHEAD: dict[str, type[nn.Module]] = {
+    "standard": MultiheadDilatedAttention,
+    "improved": ImprovedMultiheadDilatedAttention,
+}
+
+#: Defaults of a bare ``create_multihead_dilated_attention("auto")``: LongNet's base setting.
+MULTIHEAD_DEFAULTS: dict[str, Any] = {
+    "embed_dim": 768,
+    "num_heads": 12,
+    "segment_lengths": list(LONGNET_SEGMENT_LENGTHS),
+    "dilation_rates": list(LONGNET_DILATION_RATES),
+}
+
+
+@dataclass
+class AutoChoice:
+    """What "auto" picked for a call and why every other option lost."""
+
+    attention_type: str
+    backend: str
+    spec: kernels.AttentionSpec
+    rejected_types: dict[str, list[str]] = field(default_factory=dict)
+    rejected_backends: dict[str, list[str]] = field(default_factory=dict)
+
+    def explain(self) -> str:
+        lines = [
+            f"auto -> attention_type={self.attention_type!r}, kernel backend={self.backend!r}",
+            f"  for {self.spec.device_type} {self.spec.dtype}, head_dim {self.spec.head_dim}"
+            + (
+                f", compute capability {self.spec.compute_capability}" if self.spec.compute_capability else ""
+            ),
+        ]
+        for name, reasons in self.rejected_types.items():
+            lines.append(f"  type {name!r} not chosen: {'; '.join(reasons)}")
+        for name, reasons in self.rejected_backends.items():
+            lines.append(f"  backend {name!r} not chosen: {'; '.join(reasons)}")
+        return "\n".join(lines)
+
+    __str__ = explain
+
+
+def _distributed_world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+def explain_auto(
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    head_dim: int = 64,
+    has_mask: bool = False,
+    compute_capability: tuple[int, int] | None = None,
+    world_size: int | None = None,
+) -> AutoChoice:
+    """What "auto" chooses for inputs of this kind, with reasons.
+
+    ``device`` defaults to CUDA when available, ``dtype`` to bfloat16 on CUDA
+    and float32 on CPU. ``compute_capability`` and ``world_size`` can be given
+    to ask about other hardware (defaults: this machine's).
+    """
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if compute_capability is None and device.type == "cuda" and torch.cuda.is_available():
+        compute_capability = torch.cuda.get_device_capability(device)
+    spec = kernels.AttentionSpec(device.type, dtype, head_dim, has_mask, compute_capability)
+    world = _distributed_world_size() if world_size is None else world_size
+    reasons = kernels.not_supported_reasons(spec)
+    backend = next(name for name, r in reasons.items() if not r)
+    rejected_backends = {name: r for name, r in reasons.items() if r}
+    # rank the backends ahead of the chosen one as "slower" only if they could run
+    order = list(kernels.REGISTRY)
+    for name in order[order.index(backend) + 1 :]:
+        rejected_backends.setdefault(name, []).append(f"{backend!r} is preferred on this hardware")
+    rejected_types = {
+        "standard": [
+            "computes the same function with copy-gathers and plain torch attention; "
+            "'improved' uses strided views and fused kernels"
+        ],
+        "ring": [
+            "not implemented in this version"
+            + (
+                f" (torch.distributed world size is {world})"
+                if world > 1
+                else "; needs torch.distributed world size > 1"
+            )
+        ],
+        "block_sparse_ring": [
+            "not implemented in this version; computes a sparser function, never chosen by 'auto'"
+        ],
+    }
+    return AutoChoice("improved", backend, spec, rejected_types, rejected_backends)
+
+
+def _resolve(attention_type: str, table: dict[str, type[nn.Module]]) -> tuple[str, AutoChoice | None]:
+    if attention_type not in ATTENTION_TYPES:
+        raise ValueError(f"attention_type must be one of {list(ATTENTION_TYPES)}, got {attention_type!r}")
+    if attention_type == "auto":
+        choice = explain_auto()
+        return choice.attention_type, choice
+    return attention_type, None
+
+
+def create_dilated_attention(attention_type: str = "auto", **kwargs: Any) -> nn.Module:
+    """A core module (``(batch, seq, heads, head_dim)`` in and out).
+
+    ``attention_type``: "auto", "standard" or "improved". ``kwargs`` go to the
+    module; ``segment_lengths``/``dilation_rates`` default to LongNet's base
+    setting. With "auto" the module's ``auto_choice`` says what was picked and why.
+    """
+    name, choice = _resolve(attention_type, _CORE)
+    kwargs.setdefault("segment_lengths", list(LONGNET_SEGMENT_LENGTHS))
+    kwargs.setdefault("dilation_rates", list(LONGNET_DILATION_RATES))
+    module = _CORE[name](**kwargs)
+    module.auto_choice = choice
+    return module
+
+
+def create_multihead_dilated_attention(attention_type: str = "auto", **kwargs: Any) -> nn.Module:
+    """A drop-in ``nn.MultiheadAttention`` replacement.
+
+    Every argument of :class:`MultiheadDilatedAttention` can be given; missing
+    ones take LongNet's base setting (embed_dim 768, 12 heads, segment_lengths
+    [2048, 4096, 8192, 16384, 32768], dilation_rates [1, 2, 4, 6, 12]).
+    """
+    name, choice = _resolve(attention_type, _MULTIHEAD)
+    for key, value in MULTIHEAD_DEFAULTS.items():
+        kwargs.setdefault(key, value)
+    module = _MULTIHEAD[name](**kwargs)
+    module.auto_choice = choice
+    return module

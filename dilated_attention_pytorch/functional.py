@@ -1,0 +1,422 @@
+"""The one implementation of dilated attention every module calls.
+
+Each branch of the pattern is cut into batched attention problems
+(:meth:`DilatedPattern.calls`): all segments of one length and all heads that
+share an offset form one ``(batch·segments, heads, length, head_dim)`` problem.
+
+Two ways to run them:
+
+- ``method="fused"`` (ImprovedDilatedAttention): the problems are strided
+  views of the inputs (no copies), each runs as one kernel call that also
+  returns the log-sum-exp, outputs go straight into place and "all"-mode
+  branches merge by lse. The backward is a custom ``autograd.Function`` that
+  calls each kernel's backward with the *merged* output and lse (the identity
+  ring attention uses), writing gradients into place.
+- ``method="gather"`` (DilatedAttention): copy-gather each problem, run plain
+  torch attention under autograd, scatter back. Readable, supports dropout.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from . import kernels
+from .kernels import math as math_kernel
+from .pattern import BranchCall, DilatedPattern, HeadMode, as_pattern
+
+Method = Literal["fused", "gather"]
+METHODS: tuple[str, ...] = ("fused", "gather")
+
+
+# --------------------------------------------------------------------------
+# validation and masks
+
+
+def _check_inputs(query: Tensor, key: Tensor, value: Tensor) -> tuple[int, int, int, int]:
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (batch, seq, heads, head_dim), got shape {tuple(x.shape)}")
+        if not x.dtype.is_floating_point:
+            raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if key.shape != query.shape or value.shape != query.shape:
+        raise ValueError(
+            "query, key and value must have the same shape (batch, seq, heads, head_dim); "
+            f"got query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}"
+        )
+    if not (query.dtype == key.dtype == value.dtype):
+        raise ValueError(
+            f"query, key and value must share a dtype, got {query.dtype}, {key.dtype}, {value.dtype}"
+        )
+    if not (query.device == key.device == value.device):
+        raise ValueError(
+            f"query, key and value must be on one device, got {query.device}, {key.device}, {value.device}"
+        )
+    if query.numel() == 0:
+        raise ValueError(
+            f"query must have non-empty batch, seq, heads and head_dim, got {tuple(query.shape)}"
+        )
+    return tuple(query.shape)  # type: ignore[return-value]
+
+
+def _check_scale(softmax_scale: float | None) -> None:
+    if softmax_scale is not None and not (
+        isinstance(softmax_scale, (int, float))
+        and not isinstance(softmax_scale, bool)
+        and math.isfinite(softmax_scale)
+        and softmax_scale > 0
+    ):
+        raise ValueError(f"softmax_scale must be a positive finite float or None, got {softmax_scale!r}")
+
+
+def _check_dropout(dropout_p: float, name: str = "dropout_p") -> None:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"{name} must be a float in [0, 1), got {dropout_p!r}")
+
+
+def _bias_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _mask_to_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """Bool (True = masked out) or float (additive) mask to an additive bias."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, -math.inf)
+    if not mask.dtype.is_floating_point:
+        raise ValueError(f"masks must be bool or floating point, got {mask.dtype}")
+    return mask.to(dtype)
+
+
+def prepare_masks(
+    key_padding_mask: Tensor | None,
+    attn_mask: Tensor | None,
+    shape: tuple[int, int, int, int],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[Tensor | None, Tensor | None]:
+    """Validate the masks and turn them into additive biases.
+
+    Returns ``key_bias`` ``(batch, seq)`` and ``attn_bias``
+    ``(batch | 1, heads | 1, seq, seq)``, float32 (float64 for float64 inputs).
+    """
+    b, n, h, _ = shape
+    bias_dtype = _bias_dtype(dtype)
+    key_bias = attn_bias = None
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, Tensor) or key_padding_mask.shape != (b, n):
+            got = tuple(key_padding_mask.shape) if isinstance(key_padding_mask, Tensor) else key_padding_mask
+            raise ValueError(f"key_padding_mask must have shape (batch, seq) = {(b, n)}, got {got}")
+        if key_padding_mask.device != device:
+            raise ValueError(f"key_padding_mask must be on {device}, got {key_padding_mask.device}")
+        key_bias = _mask_to_bias(key_padding_mask, bias_dtype)
+    if attn_mask is not None:
+        if not isinstance(attn_mask, Tensor):
+            raise TypeError(f"attn_mask must be a Tensor, got {type(attn_mask).__name__}")
+        if attn_mask.dim() == 2:
+            attn_mask = attn_mask[None, None]
+        ok = (
+            attn_mask.dim() == 4
+            and attn_mask.shape[0] in (1, b)
+            and attn_mask.shape[1] in (1, h)
+            and attn_mask.shape[2:] == (n, n)
+        )
+        if not ok:
+            raise ValueError(
+                "attn_mask must have shape (seq, seq) or (batch | 1, heads | 1, seq, seq) = "
+                f"({b} | 1, {h} | 1, {n}, {n}), got {tuple(attn_mask.shape)}"
+            )
+        if attn_mask.device != device:
+            raise ValueError(f"attn_mask must be on {device}, got {attn_mask.device}")
+        attn_bias = _mask_to_bias(attn_mask, bias_dtype)
+    return key_bias, attn_bias
+
+
+# --------------------------------------------------------------------------
+# geometry of one call
+
+
+def _positions(call: BranchCall, device: torch.device) -> Tensor:
+    """Sequence positions of ``call``, ``(segments, length)``."""
+    seg = torch.arange(call.num_segments, device=device) * call.segment_length
+    m = torch.arange(call.length, device=device) * call.dilation
+    return call.start + call.offset + seg[:, None] + m[None, :]
+
+
+def _strided(x: Tensor, call: BranchCall) -> Tensor:
+    """``x[:, positions, heads]`` as a view ``(batch, segments, length, heads, *rest)``
+    of a ``(batch, seq, heads, *rest)`` tensor: no copy, any input strides."""
+    sb, sn, sh, *rest = x.stride()
+    size = (x.shape[0], call.num_segments, call.length, call.num_heads, *x.shape[3:])
+    stride = (sb, call.segment_length * sn, call.dilation * sn, call.head_step * sh, *rest)
+    offset = x.storage_offset() + (call.start + call.offset) * sn + call.head_start * sh
+    return x.as_strided(size, stride, offset)
+
+
+def _as_problem(x5: Tensor) -> Tensor:
+    """``(batch, segments, length, heads, ...)`` -> ``(batch·segments, heads, length, ...)``;
+    a view unless batch > 1 and the segments do not tile the sequence."""
+    return x5.flatten(0, 1).transpose(1, 2)
+
+
+def _from_problem(x: Tensor, batch: int) -> Tensor:
+    """Inverse of :func:`_as_problem` (may copy)."""
+    x = x.transpose(1, 2)
+    return x.reshape(batch, x.shape[0] // batch, *x.shape[1:])
+
+
+def _call_bias(
+    call: BranchCall,
+    positions: Tensor,
+    key_bias: Tensor | None,
+    attn_bias: Tensor | None,
+    batch: int,
+) -> Tensor | None:
+    """The masks restricted to ``call``: ``(batch·segments, 1 | heads, 1 | length, length)``."""
+    s, m = positions.shape
+    bias = None
+    if key_bias is not None:
+        bias = key_bias[:, positions].reshape(batch * s, 1, 1, m)
+    if attn_bias is not None:
+        ab = attn_bias
+        if ab.shape[1] > 1:
+            ab = ab[:, torch.tensor(call.heads(), device=ab.device)]
+        ab = ab[:, :, positions[:, :, None], positions[:, None, :]]  # (B', H', s, m, m)
+        ab = ab.transpose(1, 2).expand(batch, s, *ab.shape[1:2], m, m).reshape(batch * s, -1, m, m)
+        bias = ab if bias is None else bias + ab
+    return bias
+
+
+# --------------------------------------------------------------------------
+# lse merge
+
+
+def merge_by_lse(outs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """Merge partial attention results of disjoint key sets (DESIGN.md §1).
+
+    ``outs[i]``: ``(..., head_dim)``, ``lses[i]``: ``(...)``. Returns the merged
+    output (float32, or float64 for float64 lse) and lse; where every lse is
+    -inf the output is 0 and the lse -inf. Differentiable, NaN-free gradients.
+    """
+    lse = torch.stack(list(lses))
+    has_key = torch.isfinite(lse).any(0, keepdim=True)
+    lse = torch.where(has_key, lse, 0.0)
+    total = torch.logsumexp(lse, 0, keepdim=True)
+    weights = torch.where(has_key, torch.exp(lse - total), 0.0)
+    out = (weights[..., None] * torch.stack(list(outs)).to(weights.dtype)).sum(0)
+    return out, torch.where(has_key, total, -math.inf).squeeze(0)
+
+
+def _merge_into(out5: Tensor, lse4: Tensor, part_out: Tensor, part_lse: Tensor) -> None:
+    """In-place online version of :func:`merge_by_lse` on strided views."""
+    new = torch.logaddexp(lse4, part_lse)
+    safe = torch.where(new == -math.inf, 0.0, new)
+    out5.mul_(torch.exp(lse4 - safe)[..., None]).add_(part_out * torch.exp(part_lse - safe)[..., None])
+    lse4.copy_(new)
+
+
+# --------------------------------------------------------------------------
+# fused path
+
+
+def _rows_with_keys(bias: Tensor, causal: bool) -> Tensor:
+    """Bool ``(batch, 1 | heads, 1 | length)``: query rows the bias leaves a key.
+
+    Derived from the bias, not the kernel's lse: kernels disagree on what a
+    fully masked row returns (the CPU flash kernel gives lse 0).
+    """
+    allowed = bias > -math.inf
+    if causal:
+        if allowed.shape[-2] == 1:  # key-only bias: row m keeps a key iff one of 0..m is allowed
+            return (allowed.cumsum(-1) > 0).squeeze(-2)
+        m = allowed.shape[-1]
+        allowed = allowed & torch.ones(m, m, dtype=torch.bool, device=bias.device).tril()
+    return allowed.any(-1)
+
+
+def _sanitize(out: Tensor, lse: Tensor, has_key: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows with no key: output 0 and lse -inf, whatever the kernel gave."""
+    return out.masked_fill(~has_key[..., None], 0.0), lse.masked_fill(~has_key, -math.inf)
+
+
+class _FusedDilatedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_bias: Tensor | None,
+        attn_bias: Tensor | None,
+        pattern: DilatedPattern,
+        is_causal: bool,
+        scale: float,
+        backend: kernels.Backend,
+    ) -> Tensor:
+        b, n, h, d = query.shape
+        merge = pattern.head_mode == "all"
+        acc_dtype = _bias_dtype(query.dtype) if merge else query.dtype
+        out = query.new_zeros(b, n, h, d, dtype=acc_dtype)
+        lse = query.new_full((b, n, h), -math.inf, dtype=_bias_dtype(query.dtype))
+        calls = pattern.calls(n, h)
+        states, biases = [], []
+        for call in calls:
+            bias = None
+            if key_bias is not None or attn_bias is not None:
+                bias = _call_bias(call, _positions(call, query.device), key_bias, attn_bias, b)
+            q, k, v = (_as_problem(_strided(x, call)) for x in (query, key, value))
+            part_out, part_lse, state = backend.forward(q, k, v, bias, is_causal, scale)
+            if bias is not None:
+                part_out, part_lse = _sanitize(part_out, part_lse, _rows_with_keys(bias, is_causal))
+            out5, lse4 = _strided(out, call), _strided(lse, call)
+            part_out, part_lse = _from_problem(part_out, b), _from_problem(part_lse, b)
+            if merge:
+                _merge_into(out5, lse4, part_out.to(acc_dtype), part_lse.to(lse.dtype))
+            else:
+                out5.copy_(part_out)
+                lse4.copy_(part_lse)
+            states.append(state)
+            biases.append(bias)
+        out = out.to(query.dtype)
+        ctx.save_for_backward(query, key, value, out, lse)
+        ctx.calls, ctx.states, ctx.biases = calls, states, biases
+        ctx.merge, ctx.is_causal, ctx.scale, ctx.backend = merge, is_causal, scale, backend
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        query, key, value, out, lse = ctx.saved_tensors
+        b = query.shape[0]
+        grad_out = grad_out.contiguous()
+        # "all": every branch adds to each position, so accumulate in float32
+        acc_dtype = _bias_dtype(query.dtype) if ctx.merge else query.dtype
+        grads = [torch.zeros(query.shape, dtype=acc_dtype, device=query.device) for _ in range(3)]
+        for call, state, bias in zip(ctx.calls, ctx.states, ctx.biases):
+            q, k, v, o, do = (_as_problem(_strided(x, call)) for x in (query, key, value, out, grad_out))
+            part_lse = _as_problem(_strided(lse, call))
+            if bias is not None:
+                # no key in any branch: every key is masked, so any finite lse gives p = 0
+                part_lse = torch.where(part_lse == -math.inf, 0.0, part_lse)
+            part_grads = ctx.backend.backward(do, q, k, v, o, part_lse, bias, ctx.is_causal, ctx.scale, state)
+            for grad, part in zip(grads, part_grads):
+                view = _strided(grad, call)
+                part = _from_problem(part, b)
+                if ctx.merge:
+                    view.add_(part)
+                else:  # grouped: calls are disjoint in (position, head)
+                    view.copy_(part)
+        dq, dk, dv = (g.to(query.dtype) for g in grads)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------
+# gather path
+
+
+def _gathered(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_bias: Tensor | None,
+    attn_bias: Tensor | None,
+    pattern: DilatedPattern,
+    is_causal: bool,
+    scale: float,
+    dropout_p: float,
+) -> Tensor:
+    b, n, h, d = query.shape
+    merge = pattern.head_mode == "all"
+    out = query.new_zeros(b, n, h, d)
+    branch_outs = [query.new_zeros(b, n, h, d) for _ in range(pattern.num_branches)] if merge else []
+    branch_lses = (
+        [
+            query.new_full((b, n, h), -math.inf, dtype=_bias_dtype(query.dtype))
+            for _ in range(pattern.num_branches)
+        ]
+        if merge
+        else []
+    )
+    for call in pattern.calls(n, h):
+        positions = _positions(call, query.device)
+        s, m = positions.shape
+        index = (positions.reshape(-1, 1), torch.tensor(call.heads(), device=query.device)[None, :])
+        q, k, v = (
+            x[:, index[0], index[1]].reshape(b * s, m, call.num_heads, d).transpose(1, 2)
+            for x in (query, key, value)
+        )
+        bias = _call_bias(call, positions, key_bias, attn_bias, b)
+        part_out, part_lse = math_kernel.attention_lse(q, k, v, bias, is_causal, scale, dropout_p)
+        part_out = part_out.transpose(1, 2).reshape(b, s * m, call.num_heads, d)
+        if merge:
+            branch_outs[call.branch][:, index[0], index[1]] = part_out
+            lse_part = part_lse.transpose(1, 2).reshape(b, s * m, call.num_heads)
+            branch_lses[call.branch][:, index[0], index[1]] = lse_part.to(branch_lses[0].dtype)
+        else:
+            out[:, index[0], index[1]] = part_out
+    if merge:
+        out = merge_by_lse(branch_outs, branch_lses)[0].to(query.dtype)
+    return out
+
+
+# --------------------------------------------------------------------------
+# public entry point
+
+
+def dilated_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    segment_lengths: Sequence[int] | DilatedPattern,
+    dilation_rates: Sequence[int] | None = None,
+    *,
+    head_mode: HeadMode = "grouped",
+    is_causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    method: Method = "fused",
+    backend: str | None = None,
+) -> Tensor:
+    """Dilated attention (DESIGN.md §1) of ``(batch, seq, heads, head_dim)`` inputs.
+
+    Args:
+        segment_lengths, dilation_rates, head_mode: the pattern, or a ready
+            :class:`DilatedPattern` as ``segment_lengths``.
+        is_causal: a query sees only keys at positions <= its own.
+        key_padding_mask: ``(batch, seq)``; bool True = ignore that key, or float (added).
+        attn_mask: ``(seq, seq)`` or ``(batch | 1, heads | 1, seq, seq)``; bool
+            True = not allowed (the ``nn.MultiheadAttention`` convention), or
+            float (added to the scores). Applied on top of the pattern.
+        dropout_p: dropout on the attention probabilities (pass 0 in eval).
+        softmax_scale: defaults to ``1 / sqrt(head_dim)``.
+        method: ``"fused"`` (strided views, fused kernels) or ``"gather"``
+            (copy-gather, plain torch). Dropout always takes the gather path.
+        backend: kernel for the fused path (see :mod:`.kernels`); None picks the
+            fastest that can run the call.
+
+    Returns:
+        ``(batch, seq, heads, head_dim)``; a (position, head) with no key is 0.
+    """
+    pattern = as_pattern(segment_lengths, dilation_rates, head_mode)
+    shape = _check_inputs(query, key, value)
+    _check_scale(softmax_scale)
+    _check_dropout(dropout_p)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    key_bias, attn_bias = prepare_masks(key_padding_mask, attn_mask, shape, query.dtype, query.device)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(shape[3])
+    if method == "gather" or dropout_p > 0.0:
+        return _gathered(query, key, value, key_bias, attn_bias, pattern, is_causal, scale, dropout_p)
+    spec = kernels.AttentionSpec.from_tensor(query, has_bias=key_bias is not None or attn_bias is not None)
+    chosen = kernels.select_backend(spec, backend)
+    return _FusedDilatedAttention.apply(
+        query, key, value, key_bias, attn_bias, pattern, is_causal, scale, chosen
+    )

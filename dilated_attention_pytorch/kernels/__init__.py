@@ -1,0 +1,54 @@
+"""Kernel backends and their registry.
+
+A backend is one module here plus one entry in ``REGISTRY``. Order is
+preference: the first backend with no reason against a call runs it.
+"""
+
+from __future__ import annotations
+
+from .base import AttentionSpec, Backend
+from .math import MathBackend
+from .sdpa import CpuFlashBackend, CudnnBackend, EfficientBackend, FlashBackend
+
+REGISTRY: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        CudnnBackend(),
+        FlashBackend(),
+        EfficientBackend(),
+        CpuFlashBackend(),
+        MathBackend(),
+    )
+}
+
+
+def not_supported_reasons(spec: AttentionSpec) -> dict[str, list[str]]:
+    """Every registered backend with the reasons it cannot run ``spec`` (empty: it can)."""
+    return {name: b.not_supported_reasons(spec) for name, b in REGISTRY.items()}
+
+
+def select_backend(spec: AttentionSpec, name: str | None = None) -> Backend:
+    """The backend named ``name``, or the first that can run ``spec``.
+
+    Raises ValueError naming the reasons when the requested backend cannot run.
+    """
+    if name is not None:
+        if name not in REGISTRY:
+            raise ValueError(f"backend must be one of {sorted(REGISTRY)}, got {name!r}")
+        reasons = REGISTRY[name].not_supported_reasons(spec)
+        if reasons:
+            raise ValueError(f"backend {name!r} cannot run this call: {'; '.join(reasons)}")
+        return REGISTRY[name]
+    for backend in REGISTRY.values():
+        if not backend.not_supported_reasons(spec):
+            return backend
+    raise ValueError(f"no kernel backend can run {spec}: {not_supported_reasons(spec)}")
+
+
+__all__ = [
+    "REGISTRY",
+    "AttentionSpec",
+    "Backend",
+    "not_supported_reasons",
+    "select_backend",
+]

@@ -1,0 +1,81 @@
+"""What a kernel backend is: metadata it is judged on, and the calls it offers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Metadata of one call, enough to decide which backend can run it.
+
+    ``compute_capability`` is injectable so selection is testable on CPU.
+    """
+
+    device_type: str
+    dtype: torch.dtype
+    head_dim: int
+    has_bias: bool = False
+    compute_capability: tuple[int, int] | None = None
+
+    @classmethod
+    def from_tensor(cls, x: Tensor, *, has_bias: bool = False) -> AttentionSpec:
+        cc = None
+        if x.device.type == "cuda":
+            cc = torch.cuda.get_device_capability(x.device)
+        return cls(x.device.type, x.dtype, x.shape[-1], has_bias, cc)
+
+
+class Backend(Protocol):
+    """One attention kernel that returns the log-sum-exp and has a backward.
+
+    Tensors are ``(batch, heads, len, head_dim)`` (last dim contiguous);
+    ``lse`` is float32 (float64 for float64 inputs) ``(batch, heads, len)``.
+    What a row with no allowed key returns is kernel-specific: callers derive
+    such rows from the bias.
+    ``bias`` is additive, broadcastable to ``(batch, heads, len, len)``.
+    """
+
+    name: str
+    #: one line for `info` and the docs
+    description: str
+
+    def not_supported_reasons(self, spec: AttentionSpec) -> list[str]:
+        """Empty when the backend can run ``spec``; else why not, one reason each."""
+        ...
+
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        bias: Tensor | None,
+        causal: bool,
+        scale: float,
+    ) -> tuple[Tensor, Tensor, Any]:
+        """``(out, lse, state)``; ``state`` is whatever ``backward`` needs."""
+        ...
+
+    def backward(
+        self,
+        grad_out: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        bias: Tensor | None,
+        causal: bool,
+        scale: float,
+        state: Any,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(dq, dk, dv)`` given the output and lse the softmax is normalised by.
+
+        Passing a merged ``out``/``lse`` (several branches) gives that branch's
+        share of the merged gradient: the ring-attention identity.
+        """
+        ...

@@ -1,0 +1,325 @@
+"""Backends on PyTorch's scaled_dot_product_attention kernels.
+
+The public ``F.scaled_dot_product_attention`` does not return the
+log-sum-exp, which the branch merge and the ring-attention backward need, so
+these call the private aten ops directly. Their schemas change between
+releases: every call goes through this one module, and ``PINNED_SCHEMAS``
+is checked by the tests against the installed torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import AttentionSpec
+
+aten = torch.ops.aten
+
+#: The private ops and the schemas this module was written against.
+PINNED_SCHEMAS: dict[str, str] = {
+    "_scaled_dot_product_flash_attention_for_cpu": (
+        "aten::_scaled_dot_product_flash_attention_for_cpu(Tensor query, Tensor key, "
+        "Tensor value, float dropout_p=0., bool is_causal=False, *, Tensor? attn_mask=None, "
+        "float? scale=None) -> (Tensor output, Tensor logsumexp)"
+    ),
+    "_scaled_dot_product_flash_attention_for_cpu_backward": (
+        "aten::_scaled_dot_product_flash_attention_for_cpu_backward(Tensor grad_out, "
+        "Tensor query, Tensor key, Tensor value, Tensor out, Tensor logsumexp, "
+        "float dropout_p, bool is_causal, *, Tensor? attn_mask=None, float? scale=None) "
+        "-> (Tensor grad_query, Tensor grad_key, Tensor grad_value)"
+    ),
+    "_scaled_dot_product_flash_attention": (
+        "aten::_scaled_dot_product_flash_attention(Tensor query, Tensor key, Tensor value, "
+        "float dropout_p=0., bool is_causal=False, bool return_debug_mask=False, *, "
+        "float? scale=None) -> (Tensor output, Tensor logsumexp, Tensor cum_seq_q, "
+        "Tensor cum_seq_k, SymInt max_q, SymInt max_k, Tensor rng_state, Tensor unused, "
+        "Tensor debug_attn_mask)"
+    ),
+    "_scaled_dot_product_flash_attention_backward": (
+        "aten::_scaled_dot_product_flash_attention_backward(Tensor grad_out, Tensor query, "
+        "Tensor key, Tensor value, Tensor out, Tensor logsumexp, Tensor cum_seq_q, "
+        "Tensor cum_seq_k, SymInt max_q, SymInt max_k, float dropout_p, bool is_causal, "
+        "Tensor philox_seed, Tensor philox_offset, *, float? scale=None) -> "
+        "(Tensor grad_query, Tensor grad_key, Tensor grad_value)"
+    ),
+    "_scaled_dot_product_efficient_attention": (
+        "aten::_scaled_dot_product_efficient_attention(Tensor query, Tensor key, "
+        "Tensor value, Tensor? attn_bias, bool compute_log_sumexp, float dropout_p=0., "
+        "bool is_causal=False, *, float? scale=None) -> (Tensor output, "
+        "Tensor log_sumexp, Tensor philox_seed, Tensor philox_offset)"
+    ),
+    "_scaled_dot_product_efficient_attention_backward": (
+        "aten::_scaled_dot_product_efficient_attention_backward(Tensor grad_out_, "
+        "Tensor query, Tensor key, Tensor value, Tensor attn_bias, Tensor out, "
+        "Tensor logsumexp, Tensor philox_seed, Tensor philox_offset, float dropout_p, "
+        "bool[4] grad_input_mask, bool is_causal=False, *, float? scale=None) -> "
+        "(Tensor, Tensor, Tensor, Tensor)"
+    ),
+    "_scaled_dot_product_cudnn_attention": (
+        "aten::_scaled_dot_product_cudnn_attention(Tensor query, Tensor key, Tensor value, "
+        "Tensor? attn_bias, bool compute_log_sumexp, float dropout_p=0., "
+        "bool is_causal=False, bool return_debug_mask=False, *, float? scale=None) -> "
+        "(Tensor output, Tensor logsumexp, Tensor cum_seq_q, Tensor cum_seq_k, "
+        "SymInt max_q, SymInt max_k, Tensor philox_seed, Tensor philox_offset, "
+        "Tensor debug_attn_mask)"
+    ),
+    "_scaled_dot_product_cudnn_attention_backward": (
+        "aten::_scaled_dot_product_cudnn_attention_backward(Tensor grad_out, Tensor query, "
+        "Tensor key, Tensor value, Tensor out, Tensor logsumexp, Tensor philox_seed, "
+        "Tensor philox_offset, Tensor attn_bias, Tensor cum_seq_q, Tensor cum_seq_k, "
+        "SymInt max_q, SymInt max_k, float dropout_p, bool is_causal, *, "
+        "float? scale=None) -> (Tensor, Tensor, Tensor)"
+    ),
+}
+
+
+def installed_schema(op_name: str) -> str | None:
+    op = getattr(aten, op_name, None)
+    return None if op is None else str(op.default._schema)
+
+
+def _schema_reasons(*op_names: str) -> list[str]:
+    reasons = []
+    for name in op_names:
+        found = installed_schema(name)
+        if found is None:
+            reasons.append(f"torch.ops.aten.{name} is missing in torch {torch.__version__}")
+        elif found != PINNED_SCHEMAS[name]:
+            reasons.append(f"torch.ops.aten.{name} changed its schema in torch {torch.__version__}")
+    return reasons
+
+
+def _last_dim_contiguous(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+class CpuFlashBackend:
+    name = "sdpa_cpu_flash"
+    description = "SDPA's CPU flash kernel (aten._scaled_dot_product_flash_attention_for_cpu)"
+    _ops = (
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_flash_attention_for_cpu_backward",
+    )
+
+    def not_supported_reasons(self, spec: AttentionSpec) -> list[str]:
+        reasons = _schema_reasons(*self._ops)
+        if spec.device_type != "cpu":
+            reasons.append(f"runs on cpu only, got device {spec.device_type}")
+        if spec.dtype not in (torch.float64, torch.float32, *_HALF):
+            reasons.append(f"dtype {spec.dtype} not supported")
+        return reasons
+
+    def forward(self, q, k, v, bias, causal, scale) -> tuple[Tensor, Tensor, Any]:
+        bias = None if bias is None else bias.to(q.dtype)
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, causal, attn_mask=bias, scale=scale
+        )
+        return out, lse, None
+
+    def backward(self, grad_out, q, k, v, out, lse, bias, causal, scale, state):
+        bias = None if bias is None else bias.to(q.dtype)
+        # the CPU kernel keeps the lse in the input dtype for float64
+        lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+        return aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad_out, q, k, v, out, lse, 0.0, causal, attn_mask=bias, scale=scale
+        )
+
+
+def _cuda_reasons(
+    spec: AttentionSpec,
+    *,
+    dtypes: tuple[torch.dtype, ...],
+    min_capability: tuple[int, int],
+    max_head_dim: int,
+    bias: bool,
+) -> list[str]:
+    reasons = []
+    if spec.device_type != "cuda":
+        reasons.append(f"runs on cuda only, got device {spec.device_type}")
+        return reasons
+    if spec.compute_capability is not None and spec.compute_capability < min_capability:
+        reasons.append(f"needs compute capability >= {min_capability}, got {spec.compute_capability}")
+    if spec.dtype not in dtypes:
+        reasons.append(f"dtype {spec.dtype} not supported (supports {', '.join(map(str, dtypes))})")
+    if spec.head_dim > max_head_dim or spec.head_dim % 8:
+        reasons.append(f"head_dim must be a multiple of 8 and <= {max_head_dim}, got {spec.head_dim}")
+    if spec.has_bias and not bias:
+        reasons.append("takes no attention bias (key_padding_mask / attn_mask)")
+    return reasons
+
+
+class FlashBackend:
+    name = "sdpa_flash"
+    description = "SDPA's FlashAttention-2 kernel (aten._scaled_dot_product_flash_attention)"
+    _ops = (
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_flash_attention_backward",
+    )
+
+    def not_supported_reasons(self, spec: AttentionSpec) -> list[str]:
+        reasons = _schema_reasons(*self._ops) + _cuda_reasons(
+            spec, dtypes=_HALF, min_capability=(8, 0), max_head_dim=256, bias=False
+        )
+        if spec.device_type == "cuda" and not torch.backends.cuda.is_flash_attention_available():
+            reasons.append("this torch build has no flash attention")
+        return reasons
+
+    def forward(self, q, k, v, bias, causal, scale):
+        q, k, v = map(_last_dim_contiguous, (q, k, v))
+        out, lse, cum_q, cum_k, max_q, max_k, rng, unused, _ = aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, causal, False, scale=scale
+        )
+        return out, lse, (cum_q, cum_k, max_q, max_k, rng, unused)
+
+    def backward(self, grad_out, q, k, v, out, lse, bias, causal, scale, state):
+        cum_q, cum_k, max_q, max_k, rng, unused = state
+        q, k, v, out, grad_out = map(_last_dim_contiguous, (q, k, v, out, grad_out))
+        return aten._scaled_dot_product_flash_attention_backward(
+            grad_out,
+            q,
+            k,
+            v,
+            out,
+            lse.contiguous(),
+            cum_q,
+            cum_k,
+            max_q,
+            max_k,
+            0.0,
+            causal,
+            rng,
+            unused,
+            scale=scale,
+        )
+
+
+def _pad_bias(bias: Tensor, dtype: torch.dtype) -> Tensor:
+    """The memory-efficient kernel wants the bias's row stride 16-element aligned."""
+    bias = bias.to(dtype)
+    n = bias.shape[-1]
+    padded_n = -(-n // 16) * 16
+    if (
+        padded_n == n
+        and bias.stride(-1) == 1
+        and all(s % 16 == 0 for s, size in zip(bias.stride()[:-1], bias.shape[:-1]) if size > 1)
+    ):
+        return bias
+    out = bias.new_zeros(*bias.shape[:-1], padded_n)
+    out[..., :n] = bias
+    return out[..., :n]
+
+
+class EfficientBackend:
+    name = "sdpa_efficient"
+    description = "SDPA's memory-efficient kernel (aten._scaled_dot_product_efficient_attention)"
+    _ops = (
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_efficient_attention_backward",
+    )
+
+    def not_supported_reasons(self, spec: AttentionSpec) -> list[str]:
+        reasons = _schema_reasons(*self._ops) + _cuda_reasons(
+            spec,
+            dtypes=(torch.float32, *_HALF),
+            min_capability=(5, 0),
+            max_head_dim=512,
+            bias=True,
+        )
+        if spec.device_type == "cuda" and not torch.backends.cuda.mem_efficient_sdp_enabled():
+            reasons.append("torch.backends.cuda.mem_efficient_sdp_enabled() is False")
+        return reasons
+
+    def forward(self, q, k, v, bias, causal, scale):
+        q, k, v = map(_last_dim_contiguous, (q, k, v))
+        bias = (
+            None
+            if bias is None
+            else _pad_bias(bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2]), q.dtype)
+        )
+        out, lse, seed, offset = aten._scaled_dot_product_efficient_attention(
+            q, k, v, bias, True, 0.0, causal, scale=scale
+        )
+        # the kernel pads lse to a multiple of 32 rows
+        return out, lse[..., : q.shape[2]], (seed, offset, lse.shape[-1], bias)
+
+    def backward(self, grad_out, q, k, v, out, lse, bias, causal, scale, state):
+        seed, offset, padded_len, bias = state
+        q, k, v, out, grad_out = map(_last_dim_contiguous, (q, k, v, out, grad_out))
+        lse_padded = lse.new_zeros(*lse.shape[:-1], padded_len)
+        lse_padded[..., : lse.shape[-1]] = lse
+        dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
+            grad_out,
+            q,
+            k,
+            v,
+            bias,
+            out,
+            lse_padded,
+            seed,
+            offset,
+            0.0,
+            [True, True, True, False],
+            causal,
+            scale=scale,
+        )
+        return dq, dk, dv
+
+
+class CudnnBackend:
+    name = "sdpa_cudnn"
+    description = "SDPA's cuDNN kernel (aten._scaled_dot_product_cudnn_attention)"
+    _ops = (
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_cudnn_attention_backward",
+    )
+
+    def not_supported_reasons(self, spec: AttentionSpec) -> list[str]:
+        reasons = _schema_reasons(*self._ops) + _cuda_reasons(
+            spec, dtypes=_HALF, min_capability=(9, 0), max_head_dim=128, bias=False
+        )
+        if spec.device_type == "cuda" and not torch.backends.cudnn.is_available():
+            reasons.append("cuDNN is not available")
+        return reasons
+
+    def forward(self, q, k, v, bias, causal, scale):
+        q, k, v = map(_last_dim_contiguous, (q, k, v))
+        out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, True, 0.0, causal, False, scale=scale
+        )
+        lse_dims = lse.dim()
+        return out, lse.reshape(q.shape[:3]), (cum_q, cum_k, max_q, max_k, seed, offset, lse_dims)
+
+    def backward(self, grad_out, q, k, v, out, lse, bias, causal, scale, state):
+        cum_q, cum_k, max_q, max_k, seed, offset, lse_dims = state
+        q, k, v = map(_last_dim_contiguous, (q, k, v))
+        # cuDNN wants grad_out laid out like out
+        grad_out = grad_out.contiguous()
+        out = out.contiguous()
+        lse = lse.contiguous()
+        if lse_dims == 4:
+            lse = lse[..., None]
+        dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
+            grad_out,
+            q,
+            k,
+            v,
+            out,
+            lse,
+            seed,
+            offset,
+            None,
+            cum_q,
+            cum_k,
+            max_q,
+            max_k,
+            0.0,
+            causal,
+            scale=scale,
+        )
+        return dq, dk, dv

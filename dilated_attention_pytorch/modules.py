@@ -1,0 +1,98 @@
+"""Core modules: ``(batch, seq, heads, head_dim)`` in and out. Thin wrappers
+over :func:`dilated_attention_pytorch.functional.dilated_attention`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+from torch import Tensor, nn
+
+from .functional import Method, _check_dropout, _check_scale, dilated_attention
+from .pattern import DilatedPattern, HeadMode
+
+
+class _DilatedAttentionBase(nn.Module):
+    method: ClassVar[Method]
+
+    def __init__(
+        self,
+        segment_lengths: Sequence[int],
+        dilation_rates: Sequence[int],
+        *,
+        head_mode: HeadMode = "grouped",
+        softmax_scale: float | None = None,
+        attention_dropout: float = 0.0,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.pattern = DilatedPattern(segment_lengths, dilation_rates, head_mode)
+        _check_scale(softmax_scale)
+        _check_dropout(attention_dropout, "attention_dropout")
+        self.softmax_scale = softmax_scale
+        self.attention_dropout = attention_dropout
+        self.backend = backend
+
+    @property
+    def segment_lengths(self) -> tuple[int, ...]:
+        return self.pattern.segment_lengths
+
+    @property
+    def dilation_rates(self) -> tuple[int, ...]:
+        return self.pattern.dilation_rates
+
+    @property
+    def head_mode(self) -> HeadMode:
+        return self.pattern.head_mode
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        is_causal: bool = False,
+        key_padding_mask: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+    ) -> Tensor:
+        """``query, key, value``: ``(batch, seq, heads, head_dim)``; returns the same shape.
+
+        ``key_padding_mask``: ``(batch, seq)``, True = ignore. ``attn_mask``:
+        ``(seq, seq)`` or ``(batch | 1, heads | 1, seq, seq)``, bool True = not
+        allowed (as in ``nn.MultiheadAttention``) or additive float.
+        """
+        return dilated_attention(
+            query,
+            key,
+            value,
+            self.pattern,
+            is_causal=is_causal,
+            key_padding_mask=key_padding_mask,
+            attn_mask=attn_mask,
+            dropout_p=self.attention_dropout if self.training else 0.0,
+            softmax_scale=self.softmax_scale,
+            method=self.method,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"segment_lengths={list(self.segment_lengths)}, dilation_rates={list(self.dilation_rates)}, "
+            f"head_mode={self.head_mode!r}, attention_dropout={self.attention_dropout}"
+        )
+
+
+class DilatedAttention(_DilatedAttentionBase):
+    """LongNet dilated attention, the readable way: each branch copy-gathers its
+    positions, runs plain torch attention and scatters back. Supports every
+    option; slower and hungrier than :class:`ImprovedDilatedAttention`."""
+
+    method = "gather"
+
+
+class ImprovedDilatedAttention(_DilatedAttentionBase):
+    """LongNet dilated attention on fused kernels: strided views (no copies),
+    one lse-returning kernel call per branch and offset, outputs and gradients
+    written in place. ``backend`` forces a kernel (see ``kernels.REGISTRY``).
+    Dropout runs the gather path."""
+
+    method = "fused"

@@ -1,0 +1,267 @@
+"""Drop-in replacements for ``nn.MultiheadAttention`` with dilated attention."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+
+from .functional import _check_dropout
+from .modules import DilatedAttention, ImprovedDilatedAttention, _DilatedAttentionBase
+from .pattern import LONGNET_DILATION_RATES, LONGNET_SEGMENT_LENGTHS, HeadMode
+from .reference import dilated_attention_reference
+
+
+def _keep_transformer_layers_off_fast_path(module: nn.Module, args: Any) -> None:
+    """A no-op pre-hook. ``nn.TransformerEncoderLayer`` skips its ``self_attn``
+    in eval mode and runs dense attention from ``in_proj_weight`` directly
+    (``torch._transformer_encoder_layer_fwd``) unless a hook is attached, which
+    would silently drop the dilation."""
+    return None
+
+
+class _MultiheadDilatedAttentionBase(nn.Module):
+    attention_class: ClassVar[type[_DilatedAttentionBase]]
+
+    __constants__ = ["batch_first"]
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        add_bias_kv: bool = False,
+        add_zero_attn: bool = False,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        batch_first: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        segment_lengths: Sequence[int] = LONGNET_SEGMENT_LENGTHS,
+        dilation_rates: Sequence[int] = LONGNET_DILATION_RATES,
+        head_mode: HeadMode = "grouped",
+        layer_norm: bool = False,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim must be divisible by num_heads, got {embed_dim} and {num_heads}")
+        _check_dropout(dropout, "dropout")
+        if add_bias_kv:
+            raise ValueError(
+                "add_bias_kv=True is not supported: the extra key/value has no position, "
+                "so it belongs to no segment of the dilated pattern"
+            )
+        if add_zero_attn:
+            raise ValueError(
+                "add_zero_attn=True is not supported: the extra zero key has no position, "
+                "so it belongs to no segment of the dilated pattern"
+            )
+        factory_kwargs: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.embed_dim = embed_dim
+        self.kdim = kdim if kdim is not None else embed_dim
+        self.vdim = vdim if vdim is not None else embed_dim
+        self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.batch_first = batch_first
+        self.head_dim = embed_dim // num_heads
+        # same parameters, names and initialisation as nn.MultiheadAttention
+        if self._qkv_same_embed_dim:
+            self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **factory_kwargs))
+            self.register_parameter("q_proj_weight", None)
+            self.register_parameter("k_proj_weight", None)
+            self.register_parameter("v_proj_weight", None)
+        else:
+            self.q_proj_weight = nn.Parameter(torch.empty(embed_dim, embed_dim, **factory_kwargs))
+            self.k_proj_weight = nn.Parameter(torch.empty(embed_dim, self.kdim, **factory_kwargs))
+            self.v_proj_weight = nn.Parameter(torch.empty(embed_dim, self.vdim, **factory_kwargs))
+            self.register_parameter("in_proj_weight", None)
+        if bias:
+            self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **factory_kwargs))
+        else:
+            self.register_parameter("in_proj_bias", None)
+        self.out_proj = NonDynamicallyQuantizableLinear(embed_dim, embed_dim, bias=bias, **factory_kwargs)
+        self.bias_k = self.bias_v = None
+        self.add_zero_attn = False
+        self.norm = nn.LayerNorm(embed_dim, **factory_kwargs) if layer_norm else None
+        self.attention = self.attention_class(
+            segment_lengths, dilation_rates, head_mode=head_mode, attention_dropout=dropout, backend=backend
+        )
+        self._reset_parameters()
+        self.register_forward_pre_hook(_keep_transformer_layers_off_fast_path)
+
+    def _reset_parameters(self) -> None:
+        if self._qkv_same_embed_dim:
+            nn.init.xavier_uniform_(self.in_proj_weight)
+        else:
+            nn.init.xavier_uniform_(self.q_proj_weight)
+            nn.init.xavier_uniform_(self.k_proj_weight)
+            nn.init.xavier_uniform_(self.v_proj_weight)
+        if self.in_proj_bias is not None:
+            nn.init.constant_(self.in_proj_bias, 0.0)
+            nn.init.constant_(self.out_proj.bias, 0.0)
+
+    def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        e = self.embed_dim
+        b_q = b_k = b_v = None
+        if self.in_proj_bias is not None:
+            b_q, b_k, b_v = self.in_proj_bias.split(e)
+        if self._qkv_same_embed_dim:
+            if query is key and key is value:  # self-attention: one matmul
+                qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias)
+                return qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(2)
+            w_q, w_k, w_v = self.in_proj_weight.split(e)
+        else:
+            w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        shape = (self.num_heads, self.head_dim)
+        return (
+            F.linear(query, w_q, b_q).unflatten(-1, shape),
+            F.linear(key, w_k, b_k).unflatten(-1, shape),
+            F.linear(value, w_v, b_v).unflatten(-1, shape),
+        )
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = False,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Arguments and return value as ``nn.MultiheadAttention.forward``.
+
+        ``query``/``key``/``value``: ``(seq, batch, embed)`` (``(batch, seq, embed)``
+        with ``batch_first``) or unbatched ``(seq, embed)``; key and query lengths
+        must be equal. Masks use the ``nn.MultiheadAttention`` conventions (bool
+        True = not allowed; ``attn_mask`` ``(L, S)`` or ``(batch·heads, L, S)``).
+        ``is_causal`` applies a causal mask, on top of ``attn_mask`` if both are
+        given. ``need_weights=True`` computes the output and the exact dense
+        weights of the dilated pattern with the O(seq²) reference.
+        """
+        for name, x in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(x, Tensor):
+                raise TypeError(f"{name} must be a Tensor, got {type(x).__name__}")
+            if x.is_nested:
+                raise ValueError(
+                    f"{name} is a nested tensor, which dilated attention does not take; build "
+                    "nn.TransformerEncoder with enable_nested_tensor=False"
+                )
+        if query.dim() not in (2, 3) or key.dim() != query.dim() or value.dim() != query.dim():
+            raise ValueError(
+                "query, key and value must all be 3-D (batched) or all 2-D (unbatched), got "
+                f"{query.dim()}-D, {key.dim()}-D and {value.dim()}-D"
+            )
+        unbatched = query.dim() == 2
+        if unbatched:
+            query, key, value = query[None], key[None], value[None]
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask[None]
+            if attn_mask is not None and attn_mask.dim() == 3:
+                attn_mask = attn_mask[None]
+        elif not self.batch_first:
+            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+        batch, seq, _ = query.shape
+        for name, x, dim in (
+            ("query", query, self.embed_dim),
+            ("key", key, self.kdim),
+            ("value", value, self.vdim),
+        ):
+            if x.shape[-1] != dim:
+                raise ValueError(f"{name} must have {dim} features, got {x.shape[-1]}")
+        if key.shape[:2] != (batch, seq) or value.shape[:2] != (batch, seq):
+            raise ValueError(
+                "key and value must have the query's batch size and length "
+                f"(batch={batch}, seq={seq}), got key {tuple(key.shape[:2])} and value "
+                f"{tuple(value.shape[:2])} (batch, seq): dilated attention pairs queries "
+                "and keys by position, so cross-attention needs equal lengths"
+            )
+        attn_mask = self._attn_mask_4d(attn_mask, batch, seq, unbatched)
+        q, k, v = self._project(query, key, value)
+
+        weights = None
+        if need_weights:
+            att = self.attention
+            out, weights = dilated_attention_reference(
+                q,
+                k,
+                v,
+                att.segment_lengths,
+                att.dilation_rates,
+                head_mode=att.head_mode,
+                is_causal=is_causal,
+                key_padding_mask=key_padding_mask,
+                attn_mask=attn_mask,
+                return_weights=True,
+            )
+            if self.training and self.dropout > 0.0:
+                weights = F.dropout(weights, self.dropout)
+                out = torch.einsum("bhqk,bkhd->bqhd", weights, v)
+            if average_attn_weights:
+                weights = weights.mean(1)
+            if unbatched:
+                weights = weights[0]
+        else:
+            out = self.attention(
+                q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask
+            )
+        out = out.flatten(-2)
+        if self.norm is not None:
+            out = self.norm(out)
+        out = self.out_proj(out)
+        if unbatched:
+            out = out[0]
+        elif not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, weights
+
+    def _attn_mask_4d(self, attn_mask: Tensor | None, batch: int, seq: int, unbatched: bool) -> Tensor | None:
+        """``(L, S)`` or ``(batch·heads, L, S)`` (nn.MultiheadAttention) -> 4-D."""
+        if attn_mask is None or attn_mask.dim() == 2:
+            return attn_mask
+        h = self.num_heads
+        if attn_mask.dim() == 4 and unbatched:
+            return attn_mask
+        if attn_mask.dim() != 3 or attn_mask.shape != (batch * h, seq, seq):
+            raise ValueError(
+                f"attn_mask must have shape (L, S) = ({seq}, {seq}) or (batch * num_heads, L, S) = "
+                f"({batch * h}, {seq}, {seq}), got {tuple(attn_mask.shape)}"
+            )
+        return attn_mask.view(batch, h, seq, seq)
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}"
+
+
+class MultiheadDilatedAttention(_MultiheadDilatedAttentionBase):
+    """``nn.MultiheadAttention`` with dilated attention (:class:`DilatedAttention`).
+
+    Same constructor arguments, defaults, parameter names and forward as
+    ``nn.MultiheadAttention``, plus ``segment_lengths``, ``dilation_rates``
+    (default: LongNet's base setting), ``head_mode``, ``layer_norm`` (MAGNETO
+    sub-LayerNorm before ``out_proj``) and ``backend``. ``add_bias_kv`` and
+    ``add_zero_attn`` raise: extra keys without a position have no dilated meaning.
+    """
+
+    attention_class = DilatedAttention
+
+
+class ImprovedMultiheadDilatedAttention(_MultiheadDilatedAttentionBase):
+    """:class:`MultiheadDilatedAttention` on :class:`ImprovedDilatedAttention`."""
+
+    attention_class = ImprovedDilatedAttention
+
+
+__all__ = ["ImprovedMultiheadDilatedAttention", "MultiheadDilatedAttention"]

@@ -1,0 +1,226 @@
+"""The dilated pattern of DESIGN.md §1 as plain data: validation, head groups,
+offsets, segment geometry and FLOP counts. Pure Python, no tensors."""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+HeadMode = Literal["grouped", "all"]
+HEAD_MODES: tuple[str, ...] = ("grouped", "all")
+
+#: LongNet's base setting (paper, Table 7), the default of the factories.
+LONGNET_SEGMENT_LENGTHS: tuple[int, ...] = (2048, 4096, 8192, 16384, 32768)
+LONGNET_DILATION_RATES: tuple[int, ...] = (1, 2, 4, 6, 12)
+
+
+def _positive_ints(name: str, values: object) -> tuple[int, ...]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise TypeError(f"{name} must be a sequence of positive ints, got {type(values).__name__}")
+    out = []
+    for i, v in enumerate(values):
+        # bool is an int subclass; True as a segment length is always a mistake
+        if isinstance(v, bool):
+            raise TypeError(f"{name}[{i}] must be an int, got bool ({v!r})")
+        try:
+            v = operator.index(v)
+        except TypeError:
+            raise TypeError(f"{name}[{i}] must be an int, got {type(v).__name__} ({v!r})") from None
+        if v < 1:
+            raise ValueError(f"{name}[{i}] must be >= 1, got {v}")
+        out.append(v)
+    if not out:
+        raise ValueError(f"{name} must not be empty")
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class BranchCall:
+    """One batched attention problem of a branch: every segment of one length
+    and every head that shares one offset.
+
+    The queries are positions ``start + s * segment_length + offset + dilation * m``
+    for ``s < num_segments`` and ``m < length`` (keys are the same positions),
+    heads ``head_start + head_step * j`` for ``j < num_heads``.
+    """
+
+    branch: int
+    offset: int
+    dilation: int
+    start: int
+    segment_length: int
+    num_segments: int
+    length: int
+    head_start: int
+    head_step: int
+    num_heads: int
+
+    def positions(self) -> list[int]:
+        """Sequence positions of this call, segment-major (``s``, then ``m``)."""
+        return [
+            self.start + s * self.segment_length + self.offset + self.dilation * m
+            for s in range(self.num_segments)
+            for m in range(self.length)
+        ]
+
+    def heads(self) -> list[int]:
+        return [self.head_start + self.head_step * j for j in range(self.num_heads)]
+
+
+@dataclass(frozen=True)
+class DilatedPattern:
+    """Branches ``(segment_lengths[i], dilation_rates[i])`` and the head mode.
+
+    ``head_mode="grouped"``: heads are split into ``len(segment_lengths)``
+    contiguous groups, the first ``h % k`` one head larger; group ``i`` uses only
+    branch ``i`` with offset ``i % dilation_rates[i]``.
+    ``head_mode="all"``: every head uses every branch; head ``j`` uses offset
+    ``j % dilation_rates[i]`` in branch ``i``.
+    """
+
+    segment_lengths: tuple[int, ...]
+    dilation_rates: tuple[int, ...]
+    head_mode: HeadMode = "grouped"
+
+    def __init__(
+        self,
+        segment_lengths: Sequence[int],
+        dilation_rates: Sequence[int],
+        head_mode: HeadMode = "grouped",
+    ) -> None:
+        seg = _positive_ints("segment_lengths", segment_lengths)
+        dil = _positive_ints("dilation_rates", dilation_rates)
+        if len(seg) != len(dil):
+            raise ValueError(
+                "segment_lengths and dilation_rates must have the same length, got "
+                f"{len(seg)} segment_lengths and {len(dil)} dilation_rates"
+            )
+        if head_mode not in HEAD_MODES:
+            raise ValueError(f"head_mode must be one of {HEAD_MODES}, got {head_mode!r}")
+        object.__setattr__(self, "segment_lengths", seg)
+        object.__setattr__(self, "dilation_rates", dil)
+        object.__setattr__(self, "head_mode", head_mode)
+
+    @property
+    def num_branches(self) -> int:
+        return len(self.segment_lengths)
+
+    def head_groups(self, num_heads: int) -> list[range]:
+        """Contiguous head ranges of the grouped mode, one per branch (may be empty)."""
+        _check_count("num_heads", num_heads)
+        k = self.num_branches
+        base, extra = divmod(num_heads, k)
+        groups, start = [], 0
+        for i in range(k):
+            size = base + (1 if i < extra else 0)
+            groups.append(range(start, start + size))
+            start += size
+        return groups
+
+    def head_offset(self, branch: int, head: int, num_heads: int) -> int | None:
+        """Offset of ``head`` in ``branch``, or None if the head does not use it."""
+        r = self.dilation_rates[branch]
+        if self.head_mode == "all":
+            return head % r
+        return branch % r if head in self.head_groups(num_heads)[branch] else None
+
+    def branch_heads(self, branch: int, num_heads: int) -> list[tuple[int, range]]:
+        """``(offset, heads)`` pairs of one branch; heads sharing an offset form a
+        strided range (step 1 in grouped mode, step ``r`` in "all" mode)."""
+        r = self.dilation_rates[branch]
+        if self.head_mode == "grouped":
+            group = self.head_groups(num_heads)[branch]
+            return [(branch % r, group)] if len(group) else []
+        return [(o, range(o, num_heads, r)) for o in range(min(r, num_heads))]
+
+    def segment_bounds(self, branch: int, seq_len: int) -> list[tuple[int, int]]:
+        """``[start, end)`` of every segment of ``branch``; the last may be shorter."""
+        _check_count("seq_len", seq_len)
+        w = self.segment_lengths[branch]
+        return [(s, min(s + w, seq_len)) for s in range(0, seq_len, w)]
+
+    def calls(self, seq_len: int, num_heads: int) -> list[BranchCall]:
+        """The batched attention problems that compute the pattern on ``seq_len``
+        positions and ``num_heads`` heads: per branch and offset, one call for the
+        full segments and one for a shorter last segment."""
+        _check_count("seq_len", seq_len)
+        _check_count("num_heads", num_heads)
+        calls = []
+        for i, (w, r) in enumerate(zip(self.segment_lengths, self.dilation_rates)):
+            w_eff = min(w, seq_len)
+            num_full, rest = divmod(seq_len, w_eff)
+            blocks = [(0, w_eff, num_full)]
+            if rest:
+                blocks.append((num_full * w_eff, rest, 1))
+            for offset, heads in self.branch_heads(i, num_heads):
+                for start, seg_len, count in blocks:
+                    length = selected_count(seg_len, r, offset)
+                    if length == 0:
+                        continue
+                    calls.append(
+                        BranchCall(
+                            branch=i,
+                            offset=offset,
+                            dilation=r,
+                            start=start,
+                            segment_length=seg_len,
+                            num_segments=count,
+                            length=length,
+                            head_start=heads.start,
+                            head_step=heads.step,
+                            num_heads=len(heads),
+                        )
+                    )
+        return calls
+
+    def flops(
+        self,
+        seq_len: int,
+        num_heads: int,
+        head_dim: int,
+        batch: int = 1,
+        causal: bool = False,
+        backward: bool = False,
+    ) -> int:
+        """Matmul FLOPs the pattern needs (QK^T and PV, 2 per multiply-add),
+        counting only query-key pairs the pattern allows. ``backward=True`` adds
+        the usual 2.5x of the forward for the backward pass (5 matmuls vs 2)."""
+        _check_count("head_dim", head_dim)
+        _check_count("batch", batch)
+        pairs = 0
+        for call in self.calls(seq_len, num_heads):
+            m = call.length
+            per_segment = m * (m + 1) // 2 if causal else m * m
+            pairs += per_segment * call.num_segments * call.num_heads
+        fwd = 4 * pairs * head_dim * batch
+        return fwd * 7 // 2 if backward else fwd
+
+
+def selected_count(segment_length: int, dilation: int, offset: int) -> int:
+    """Positions ``t < segment_length`` with ``t % dilation == offset``."""
+    if offset >= segment_length:
+        return 0
+    return math.ceil((segment_length - offset) / dilation)
+
+
+def _check_count(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def as_pattern(
+    segment_lengths: Sequence[int] | DilatedPattern,
+    dilation_rates: Sequence[int] | None = None,
+    head_mode: HeadMode = "grouped",
+) -> DilatedPattern:
+    """Accept a ready pattern or build one from its parts."""
+    if isinstance(segment_lengths, DilatedPattern):
+        if dilation_rates is not None:
+            raise ValueError("dilation_rates must be None when a DilatedPattern is passed")
+        return segment_lengths
+    if dilation_rates is None:
+        raise ValueError("dilation_rates is required with segment_lengths")
+    return DilatedPattern(segment_lengths, dilation_rates, head_mode)

@@ -1,0 +1,105 @@
+"""The function of DESIGN.md §1, written as plainly as possible.
+
+Dense ``(n, n)`` masks, no tricks: this is the truth every implementation is
+tested against, and the exact attention weights ``need_weights=True`` returns.
+Memory is O(batch · heads · n²); use it on short sequences only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .pattern import DilatedPattern, HeadMode
+
+
+def branch_mask(pattern: DilatedPattern, branch: int, seq_len: int, num_heads: int) -> Tensor:
+    """Bool ``(heads, seq, seq)``: True where branch ``branch`` lets query ``p``
+    of head ``j`` see key ``k`` (same segment, both indices ``≡ offset (mod r)``)."""
+    r = pattern.dilation_rates[branch]
+    pos = torch.arange(seq_len)
+    segment = pos // pattern.segment_lengths[branch]
+    index_in_segment = pos % pattern.segment_lengths[branch]
+    same_segment = segment[:, None] == segment[None, :]
+    masks = []
+    for head in range(num_heads):
+        offset = pattern.head_offset(branch, head, num_heads)
+        if offset is None:
+            masks.append(torch.zeros(seq_len, seq_len, dtype=torch.bool))
+            continue
+        selected = index_in_segment % r == offset
+        masks.append(same_segment & selected[:, None] & selected[None, :])
+    return torch.stack(masks)
+
+
+def _logsumexp_or_neg_inf(x: Tensor, dim: int) -> Tensor:
+    """logsumexp that gives -inf (and a zero, not NaN, gradient) for all -inf slices."""
+    any_finite = torch.isfinite(x).any(dim, keepdim=True)
+    lse = torch.logsumexp(torch.where(any_finite, x, 0.0), dim, keepdim=True)
+    return torch.where(any_finite, lse, -math.inf).squeeze(dim)
+
+
+def dilated_attention_reference(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    *,
+    head_mode: HeadMode = "grouped",
+    is_causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    attn_mask: Tensor | None = None,
+    softmax_scale: float | None = None,
+    return_weights: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Dilated attention of ``(batch, seq, heads, head_dim)`` inputs.
+
+    ``key_padding_mask``: ``(batch, seq)``, bool (True = ignore the key) or float
+    (added to the scores). ``attn_mask``: broadcastable to
+    ``(batch, heads, seq, seq)``, bool (True = not allowed) or float (added).
+    Returns the output ``(batch, seq, heads, head_dim)`` and, with
+    ``return_weights``, the weights ``(batch, heads, seq, seq)`` with
+    ``output = weights @ value`` per head.
+    """
+    pattern = DilatedPattern(segment_lengths, dilation_rates, head_mode)
+    b, n, h, d = query.shape
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    device = query.device
+
+    scores = torch.einsum("bqhd,bkhd->bhqk", query, key) * scale
+    allowed = torch.ones(b, h, n, n, dtype=torch.bool, device=device)
+    if is_causal:
+        allowed = allowed & torch.ones(n, n, dtype=torch.bool, device=device).tril()
+    for mask in (
+        None if key_padding_mask is None else key_padding_mask[:, None, None, :],
+        attn_mask,
+    ):
+        if mask is None:
+            continue
+        if mask.dtype == torch.bool:
+            allowed = allowed & ~mask
+        else:
+            scores = scores + mask
+    # a float mask of -inf removes a key just like a bool one
+    allowed = allowed & (scores > -math.inf)
+
+    # per-branch log-sum-exp, then the merge of §1: a key selected by c branches
+    # carries weight c · exp(s - LSE)
+    key_count = torch.zeros(b, h, n, n, dtype=scores.dtype, device=device)
+    branch_lse = []
+    for i in range(pattern.num_branches):
+        keep = allowed & branch_mask(pattern, i, n, h).to(device)
+        branch_lse.append(_logsumexp_or_neg_inf(scores.masked_fill(~keep, -math.inf), dim=-1))
+        key_count = key_count + keep.to(scores.dtype)
+    lse = _logsumexp_or_neg_inf(torch.stack(branch_lse), dim=0)  # (b, h, n)
+    has_key = torch.isfinite(lse)[..., None]
+    safe_scores = torch.where(key_count > 0, scores, 0.0)
+    safe_lse = torch.where(has_key, lse[..., None], 0.0)
+    weights = key_count * torch.exp(safe_scores - safe_lse)
+    weights = torch.where(has_key, weights, 0.0)
+    out = torch.einsum("bhqk,bkhd->bqhd", weights, value)
+    return (out, weights) if return_weights else out
