@@ -1,0 +1,102 @@
+"""Shared fixtures: the one tolerance table, the implementations under test,
+input factories and the GPU marker."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import Tensor
+
+from dilated_attention_pytorch import functional
+
+#: max |actual - expected| / max |expected|, per dtype of the implementation's inputs.
+TOLERANCES: dict[torch.dtype, float] = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    torch.bfloat16: 2e-2,
+    torch.float16: 2e-2,
+}
+
+
+def relative_error(actual: Tensor, expected: Tensor) -> float:
+    scale = expected.abs().max().clamp_min(1e-30)
+    return ((actual.double() - expected.double()).abs().max() / scale).item()
+
+
+def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype, what: str = "") -> None:
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    err = relative_error(actual, expected)
+    assert err <= TOLERANCES[dtype], f"{what}: relative error {err:.3g} > {TOLERANCES[dtype]:g} ({dtype})"
+
+
+@dataclass(frozen=True)
+class Impl:
+    """An implementation of the function under test: ``(q, k, v, **kw) -> out``."""
+
+    name: str
+    method: str
+    backend: str | None = None
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, segment_lengths, dilation_rates, **kw) -> Tensor:
+        return functional.dilated_attention(
+            q, k, v, segment_lengths, dilation_rates, method=self.method, backend=self.backend, **kw
+        )
+
+
+#: Every implementation that runs on CPU. The modules are thin wrappers over
+#: these (tests/test_modules.py checks they agree).
+CPU_IMPLS: list[Impl] = [
+    Impl("standard", "gather"),
+    Impl("improved-auto", "fused"),
+    Impl("improved-math", "fused", "math"),
+    Impl("improved-cpu_flash", "fused", "sdpa_cpu_flash"),
+]
+
+#: Patterns: (segment_lengths, dilation_rates, seq_len, heads). They cover partial
+#: last segments, seq < w, w % r != 0, heads < branches, and r > heads.
+PATTERNS: list[tuple[tuple[int, ...], tuple[int, ...], int, int]] = [
+    ((8,), (1,), 16, 2),  # one dense branch, full segments
+    ((4, 8), (1, 2), 19, 4),  # partial last segment in both branches
+    ((6, 16, 5), (1, 3, 2), 21, 5),  # w % r != 0, seq < w for branch 1
+    ((4, 8, 12), (1, 2, 4), 24, 2),  # heads < branches: an empty group
+    ((32,), (6,), 20, 3),  # seq < w and r > heads
+]
+
+
+def make_qkv(
+    batch: int,
+    seq: int,
+    heads: int,
+    head_dim: int = 4,
+    dtype: torch.dtype = torch.float64,
+    device: str | torch.device = "cpu",
+    requires_grad: bool = True,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return tuple(
+        torch.randn(batch, seq, heads, head_dim, generator=g, dtype=torch.float64)
+        .to(device=device, dtype=dtype)
+        .requires_grad_(requires_grad)
+        for _ in range(3)
+    )
+
+
+def grads(out: Tensor, inputs: tuple[Tensor, ...], grad_out: Tensor) -> tuple[Tensor, ...]:
+    return torch.autograd.grad(out, inputs, grad_out)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+RunFn = Callable[..., Tensor]

@@ -1,0 +1,223 @@
+"""Every CPU implementation against the reference: outputs and gradients."""
+
+import math
+
+import pytest
+import torch
+
+from dilated_attention_pytorch import functional
+from dilated_attention_pytorch.reference import dilated_attention_reference as reference
+
+from .conftest import CPU_IMPLS, PATTERNS, TOLERANCES, assert_close, grads, make_qkv
+
+IMPL_IDS = [i.name for i in CPU_IMPLS]
+
+
+def _masks(kind: str, batch: int, seq: int, heads: int) -> dict:
+    g = torch.Generator().manual_seed(7)
+    if kind == "none":
+        return {}
+    if kind == "kpm_bool":
+        return {"key_padding_mask": torch.rand(batch, seq, generator=g) < 0.3}
+    if kind == "kpm_float":
+        return {"key_padding_mask": torch.randn(batch, seq, generator=g, dtype=torch.float64)}
+    if kind == "attn_bool":
+        return {"attn_mask": torch.rand(seq, seq, generator=g) < 0.3}
+    if kind == "attn_float_per_head":
+        return {"attn_mask": torch.randn(batch, heads, seq, seq, generator=g, dtype=torch.float64)}
+    raise AssertionError(kind)
+
+
+def _check(impl, seg, dil, batch, seq, heads, dtype=torch.float64, **kw):
+    q, k, v = make_qkv(batch, seq, heads, 4, dtype=torch.float64)
+    expected = reference(q, k, v, seg, dil, **kw)
+    g = torch.randn_like(expected)
+    expected_grads = grads(expected, (q, k, v), g)
+    qd, kd, vd = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
+    masks = {
+        name: (m.to(dtype) if m.dtype.is_floating_point else m)
+        for name, m in kw.items()
+        if name in ("key_padding_mask", "attn_mask")
+    }
+    kw = {**kw, **masks}
+    out = impl(qd, kd, vd, seg, dil, **kw)
+    assert out.dtype == dtype
+    assert_close(out, expected, dtype, f"{impl.name} output")
+    for name, actual, exp in zip("qkv", grads(out, (qd, kd, vd), g.to(dtype)), expected_grads):
+        assert_close(actual, exp, dtype, f"{impl.name} d{name}")
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS, ids=IMPL_IDS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("head_mode", ["grouped", "all"])
+@pytest.mark.parametrize("seg,dil,seq,heads", PATTERNS)
+def test_matches_reference(impl, seg, dil, seq, heads, head_mode, causal):
+    _check(impl, seg, dil, 2, seq, heads, head_mode=head_mode, is_causal=causal)
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS, ids=IMPL_IDS)
+@pytest.mark.parametrize("mask", ["kpm_bool", "kpm_float", "attn_bool", "attn_float_per_head"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("head_mode", ["grouped", "all"])
+def test_masks_match_reference(impl, mask, causal, head_mode):
+    seg, dil = (4, 8, 6), (1, 2, 4)
+    _check(impl, seg, dil, 2, 19, 4, head_mode=head_mode, is_causal=causal, **_masks(mask, 2, 19, 4))
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS, ids=IMPL_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("head_mode", ["grouped", "all"])
+def test_low_precision_within_tolerance(impl, dtype, head_mode):
+    _check(impl, (8, 16), (1, 2), 2, 40, 4, dtype=dtype, head_mode=head_mode, is_causal=True)
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS, ids=IMPL_IDS)
+@pytest.mark.parametrize("head_mode", ["grouped", "all"])
+def test_gradcheck(impl, head_mode):
+    q, k, v = make_qkv(1, 7, 3, 2)
+    kpm = torch.tensor([[False, False, True, False, False, False, True]])
+
+    def fn(q, k, v):
+        return impl(q, k, v, (2, 4, 7), (1, 2, 3), head_mode=head_mode, is_causal=True, key_padding_mask=kpm)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS, ids=IMPL_IDS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("head_mode", ["grouped", "all"])
+def test_fully_masked_rows_give_zero_never_nan(impl, causal, head_mode):
+    # batch 1 is entirely padding; in batch 0 the first 5 keys are padding (left padding)
+    kpm = torch.zeros(2, 16, dtype=torch.bool)
+    kpm[1] = True
+    kpm[0, :5] = True
+    q, k, v = make_qkv(2, 16, 4)
+    out = impl(q, k, v, (4, 8), (1, 2), head_mode=head_mode, is_causal=causal, key_padding_mask=kpm)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    expected = reference(q, k, v, (4, 8), (1, 2), head_mode=head_mode, is_causal=causal, key_padding_mask=kpm)
+    assert_close(out, expected, torch.float64, "output")
+    g = torch.randn_like(out)
+    for actual, exp in zip(grads(out, (q, k, v), g), grads(expected, (q, k, v), g)):
+        assert_close(actual, exp, torch.float64, "grad")
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS, ids=IMPL_IDS)
+def test_non_contiguous_inputs(impl):
+    # q, k, v as views into a packed (b, n, 3, h, d) projection, and a transposed layout
+    packed = torch.randn(2, 20, 3, 4, 8, dtype=torch.float64)
+    q, k, v = packed.unbind(2)
+    expected = reference(q, k, v, (8, 16), (2, 4), head_mode="all")
+    assert_close(impl(q, k, v, (8, 16), (2, 4), head_mode="all"), expected, torch.float64, "packed")
+    qt, kt, vt = (x.transpose(0, 1).contiguous().transpose(0, 1) for x in (q, k, v))
+    assert not qt.is_contiguous()
+    assert_close(impl(qt, kt, vt, (8, 16), (2, 4), head_mode="all"), expected, torch.float64, "transposed")
+
+
+@pytest.mark.parametrize("seq", [1, 2, 3])
+@pytest.mark.parametrize("impl", CPU_IMPLS, ids=IMPL_IDS)
+def test_tiny_sequences(impl, seq):
+    _check(impl, (4, 8), (1, 2), 1, seq, 2, head_mode="all", is_causal=True)
+
+
+def test_softmax_scale():
+    q, k, v = make_qkv(1, 12, 2, requires_grad=False)
+    for impl in CPU_IMPLS:
+        out = impl(q, k, v, (4,), (2,), softmax_scale=0.3)
+        assert_close(out, reference(q, k, v, (4,), (2,), softmax_scale=0.3), torch.float64, impl.name)
+
+
+def test_dropout_is_unbiased_and_seeded():
+    q, k, v = make_qkv(1, 8, 2, requires_grad=False)
+    clean = reference(q, k, v, (4, 8), (1, 2), head_mode="all")
+    for method in ("gather", "fused"):
+        torch.manual_seed(3)
+        a = functional.dilated_attention(
+            q, k, v, (4, 8), (1, 2), head_mode="all", dropout_p=0.5, method=method
+        )
+        torch.manual_seed(3)
+        b = functional.dilated_attention(
+            q, k, v, (4, 8), (1, 2), head_mode="all", dropout_p=0.5, method=method
+        )
+        assert torch.equal(a, b)
+        assert not torch.allclose(a, clean)
+    torch.manual_seed(0)
+    mean = torch.stack(
+        [
+            functional.dilated_attention(q, k, v, (4, 8), (1, 2), head_mode="all", dropout_p=0.3)
+            for _ in range(3000)
+        ]
+    ).mean(0)
+    assert (mean - clean).abs().max() < 0.1 * clean.abs().max()
+
+
+def test_merge_by_lse_all_empty_is_zero_with_finite_grads():
+    outs = [torch.randn(3, 4, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    lses = [
+        torch.tensor([0.5, -math.inf, -math.inf], dtype=torch.float64, requires_grad=True) for _ in range(2)
+    ]
+    lses[1] = torch.tensor([1.0, 2.0, -math.inf], dtype=torch.float64, requires_grad=True)
+    out, lse = functional.merge_by_lse(outs, lses)
+    assert torch.equal(out[2], torch.zeros(4, dtype=torch.float64))
+    assert lse[2] == -math.inf
+    torch.testing.assert_close(out[1], outs[1][1])
+    w = torch.softmax(torch.tensor([0.5, 1.0], dtype=torch.float64), 0)
+    torch.testing.assert_close(out[0], w[0] * outs[0][0] + w[1] * outs[1][0])
+    (out.sum() + lse[:2].sum()).backward()
+    assert all(torch.isfinite(t.grad).all() for t in outs + lses)
+
+
+def test_strided_views_do_not_copy():
+    x = torch.randn(1, 64, 4, 8)
+    pattern = functional.as_pattern((16,), (4,), "all")
+    for call in pattern.calls(64, 4):
+        view = functional._as_problem(functional._strided(x, call))
+        assert view.data_ptr() >= x.data_ptr()
+        assert view.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+
+
+Q = torch.zeros(1, 8, 2, 4)
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        ({"query": Q[0]}, ValueError, r"query must be 4-D \(batch, seq, heads, head_dim\)"),
+        ({"key": torch.zeros(1, 9, 2, 4)}, ValueError, "query, key and value must have the same shape"),
+        ({"value": Q.double()}, ValueError, "share a dtype"),
+        ({"query": Q.long()}, ValueError, "query must be a floating-point tensor"),
+        (
+            {
+                "query": torch.zeros(0, 8, 2, 4),
+                "key": torch.zeros(0, 8, 2, 4),
+                "value": torch.zeros(0, 8, 2, 4),
+            },
+            ValueError,
+            "query must have non-empty",
+        ),
+        (
+            {"key_padding_mask": torch.zeros(1, 7, dtype=torch.bool)},
+            ValueError,
+            r"key_padding_mask must have shape",
+        ),
+        ({"attn_mask": torch.zeros(8, 7, dtype=torch.bool)}, ValueError, r"attn_mask must have shape"),
+        ({"attn_mask": torch.zeros(2, 2, 8, 8, dtype=torch.bool)}, ValueError, r"attn_mask must have shape"),
+        ({"attn_mask": torch.zeros(8, 8, dtype=torch.long)}, ValueError, "masks must be bool or floating"),
+        ({"softmax_scale": -1.0}, ValueError, "softmax_scale must be a positive finite"),
+        ({"softmax_scale": math.nan}, ValueError, "softmax_scale must be a positive finite"),
+        ({"dropout_p": 1.0}, ValueError, r"dropout_p must be a float in \[0, 1\)"),
+        ({"method": "fast"}, ValueError, "method must be one of"),
+        ({"backend": "triton"}, ValueError, "backend must be one of"),
+        ({"backend": "sdpa_flash"}, ValueError, "backend 'sdpa_flash' cannot run this call: .*cuda only"),
+        ({"is_causal": 1}, TypeError, "is_causal must be a bool"),
+        ({"segment_lengths": (4, 8), "dilation_rates": (1,)}, ValueError, "same length"),
+    ],
+)
+def test_bad_input_errors_name_the_argument(kwargs, error, match):
+    args = {"query": Q, "key": Q, "value": Q, "segment_lengths": (4,), "dilation_rates": (1,)}
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        functional.dilated_attention(**args)
+
+
+def test_tolerance_table_covers_tested_dtypes():
+    assert set(TOLERANCES) == {torch.float64, torch.float32, torch.bfloat16, torch.float16}

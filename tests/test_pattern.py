@@ -1,0 +1,117 @@
+import itertools
+
+import pytest
+import torch
+
+from dilated_attention_pytorch.pattern import DilatedPattern, as_pattern, selected_count
+from dilated_attention_pytorch.reference import branch_mask
+
+from .conftest import PATTERNS
+
+
+def test_head_groups_first_groups_get_the_extra_heads():
+    p = DilatedPattern([4, 8, 16], [1, 2, 4])
+    assert [len(g) for g in p.head_groups(8)] == [3, 3, 2]
+    assert [list(g) for g in p.head_groups(8)] == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert [len(g) for g in p.head_groups(2)] == [1, 1, 0]
+
+
+def test_offsets_grouped_and_all():
+    grouped = DilatedPattern([4, 8, 16], [1, 2, 4])
+    # group i uses offset i % r_i, only in its own branch
+    assert grouped.head_offset(2, 7, 8) == 2 % 4
+    assert grouped.head_offset(1, 4, 8) == 1
+    assert grouped.head_offset(0, 7, 8) is None
+    every = DilatedPattern([4, 8, 16], [1, 2, 4], "all")
+    assert [every.head_offset(2, j, 8) for j in range(8)] == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert every.branch_heads(2, 6) == [
+        (0, range(0, 6, 4)),
+        (1, range(1, 6, 4)),
+        (2, range(2, 6, 4)),
+        (3, range(3, 6, 4)),
+    ]
+
+
+def test_segment_bounds_partial_and_short():
+    p = DilatedPattern([8], [2])
+    assert p.segment_bounds(0, 19) == [(0, 8), (8, 16), (16, 19)]
+    assert p.segment_bounds(0, 5) == [(0, 5)]
+
+
+@pytest.mark.parametrize(
+    "segment_length,dilation,offset", itertools.product([1, 5, 6, 7], [1, 2, 3, 6], [0, 1, 2, 5])
+)
+def test_selected_count(segment_length, dilation, offset):
+    expected = sum(1 for t in range(segment_length) if t % dilation == offset)
+    if offset < dilation:
+        assert selected_count(segment_length, dilation, offset) == expected
+
+
+@pytest.mark.parametrize("head_mode", ["grouped", "all"])
+@pytest.mark.parametrize("seg,dil,n,h", PATTERNS)
+def test_calls_cover_exactly_the_selected_positions(seg, dil, n, h, head_mode):
+    p = DilatedPattern(seg, dil, head_mode)
+    covered = torch.zeros(p.num_branches, h, n, dtype=torch.int64)
+    for call in p.calls(n, h):
+        pos = call.positions()
+        # a call's positions are the same segment-relative offsets in each segment
+        assert len(pos) == call.num_segments * call.length
+        for head in call.heads():
+            covered[call.branch, head, pos] += 1
+    for i in range(p.num_branches):
+        # a query is selected iff it may see itself in the branch mask
+        selected = branch_mask(p, i, n, h).diagonal(dim1=1, dim2=2)
+        assert torch.equal(covered[i], selected.long())
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("head_mode", ["grouped", "all"])
+@pytest.mark.parametrize("seg,dil,n,h", PATTERNS)
+def test_flops_count_the_allowed_pairs(seg, dil, n, h, head_mode, causal):
+    p = DilatedPattern(seg, dil, head_mode)
+    pairs = 0
+    for i in range(p.num_branches):
+        m = branch_mask(p, i, n, h)
+        if causal:
+            m = m & torch.ones(n, n, dtype=torch.bool).tril()
+        pairs += int(m.sum())
+    assert p.flops(n, h, head_dim=8, batch=3, causal=causal) == 4 * pairs * 8 * 3
+    assert p.flops(n, h, 8, causal=causal, backward=True) == 4 * pairs * 8 * 7 // 2
+
+
+@pytest.mark.parametrize(
+    "args,error,match",
+    [
+        (([], []), ValueError, "segment_lengths must not be empty"),
+        (([4, 8], [1]), ValueError, "same length"),
+        (([4, 0], [1, 1]), ValueError, r"segment_lengths\[1\] must be >= 1"),
+        (([4], [-2]), ValueError, r"dilation_rates\[0\] must be >= 1"),
+        (([4.0], [1]), TypeError, r"segment_lengths\[0\] must be an int"),
+        (([True], [1]), TypeError, r"segment_lengths\[0\] must be an int, got bool"),
+        (("48", [1]), TypeError, "segment_lengths must be a sequence"),
+        (([4], [1], "dense"), ValueError, "head_mode must be one of"),
+    ],
+)
+def test_pattern_validation(args, error, match):
+    with pytest.raises(error, match=match):
+        DilatedPattern(*args)
+
+
+def test_pattern_counts_validation():
+    p = DilatedPattern([4], [1])
+    with pytest.raises(ValueError, match="seq_len must be a positive int"):
+        p.calls(0, 2)
+    with pytest.raises(ValueError, match="num_heads must be a positive int"):
+        p.head_groups(0)
+    with pytest.raises(ValueError, match="head_dim must be a positive int"):
+        p.flops(8, 2, 0)
+
+
+def test_as_pattern():
+    p = DilatedPattern([4], [2], "all")
+    assert as_pattern(p) is p
+    assert as_pattern([4], [2], "all") == p
+    with pytest.raises(ValueError, match="dilation_rates must be None"):
+        as_pattern(p, [2])
+    with pytest.raises(ValueError, match="dilation_rates is required"):
+        as_pattern([4])
