@@ -150,12 +150,12 @@ def _positions(call: BranchCall, device: torch.device) -> Tensor:
 
 def _strided(x: Tensor, call: BranchCall) -> Tensor:
     """``x[:, positions, heads]`` as a view ``(batch, segments, length, heads, *rest)``
-    of a ``(batch, seq, heads, *rest)`` tensor: no copy, any input strides."""
-    sb, sn, sh, *rest = x.stride()
-    size = (x.shape[0], call.num_segments, call.length, call.num_heads, *x.shape[3:])
-    stride = (sb, call.segment_length * sn, call.dilation * sn, call.head_step * sh, *rest)
-    offset = x.storage_offset() + (call.start + call.offset) * sn + call.head_start * sh
-    return x.as_strided(size, stride, offset)
+    of a ``(batch, seq, heads, *rest)`` tensor: slicing only, so no copy for any
+    input strides, and nothing ``torch.compile`` cannot trace."""
+    end = call.start + call.num_segments * call.segment_length
+    segments = x[:, call.start : end].unflatten(1, (call.num_segments, call.segment_length))
+    selected = segments[:, :, call.offset :: call.dilation]
+    return selected[:, :, :, call.head_start :: call.head_step][:, :, :, : call.num_heads]
 
 
 def _as_problem(x5: Tensor) -> Tensor:
