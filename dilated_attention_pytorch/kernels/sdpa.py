@@ -131,6 +131,12 @@ class CpuFlashBackend:
         )
 
 
+def _cuda_here(spec: AttentionSpec) -> bool:
+    """Build features are checked only where CUDA runs; a question about CUDA asked
+    on a CPU-only machine is answered for a standard CUDA build."""
+    return spec.device_type == "cuda" and torch.cuda.is_available()
+
+
 def _cuda_reasons(
     spec: AttentionSpec,
     *,
@@ -166,7 +172,7 @@ class FlashBackend:
         reasons = _schema_reasons(*self._ops) + _cuda_reasons(
             spec, dtypes=_HALF, min_capability=(8, 0), max_head_dim=256, bias=False
         )
-        if spec.device_type == "cuda" and not torch.backends.cuda.is_flash_attention_available():
+        if _cuda_here(spec) and not torch.backends.cuda.is_flash_attention_available():
             reasons.append("this torch build has no flash attention")
         return reasons
 
@@ -283,7 +289,7 @@ class CudnnBackend:
         reasons = _schema_reasons(*self._ops) + _cuda_reasons(
             spec, dtypes=_HALF, min_capability=(9, 0), max_head_dim=128, bias=False
         )
-        if spec.device_type == "cuda" and not torch.backends.cudnn.is_available():
+        if _cuda_here(spec) and not torch.backends.cudnn.is_available():
             reasons.append("cuDNN is not available")
         return reasons
 

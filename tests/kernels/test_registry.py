@@ -1,0 +1,81 @@
+"""The kernel registry: pinned private-op schemas, selection reasons, and each
+CPU backend's forward/backward against plain autograd attention."""
+
+import math
+
+import pytest
+import torch
+
+from dilated_attention_pytorch import kernels
+from dilated_attention_pytorch.kernels import math as math_kernel
+from dilated_attention_pytorch.kernels import sdpa
+
+from ..conftest import assert_close
+
+
+@pytest.mark.parametrize("op", sorted(sdpa.PINNED_SCHEMAS))
+def test_pinned_schemas_match_installed_torch(op):
+    # a mismatch means the backend reports itself unusable; update sdpa.py with care
+    assert sdpa.installed_schema(op) == sdpa.PINNED_SCHEMAS[op]
+
+
+def test_registry_order_and_names():
+    assert list(kernels.REGISTRY) == ["sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_cpu_flash", "math"]
+    for name, backend in kernels.REGISTRY.items():
+        assert backend.name == name and backend.description
+
+
+def test_reasons_are_specific():
+    spec = kernels.AttentionSpec("cuda", torch.float32, 12, has_bias=True, compute_capability=(8, 6))
+    reasons = kernels.not_supported_reasons(spec)
+    assert any("needs compute capability >= (9, 0)" in r for r in reasons["sdpa_cudnn"])
+    assert any("dtype torch.float32 not supported" in r for r in reasons["sdpa_flash"])
+    assert any("takes no attention bias" in r for r in reasons["sdpa_flash"])
+    assert any("head_dim must be a multiple of 8" in r for r in reasons["sdpa_efficient"])
+    assert any("cpu only" in r for r in reasons["sdpa_cpu_flash"])
+    assert reasons["math"] == []
+
+
+def test_select_backend_errors():
+    spec = kernels.AttentionSpec("cpu", torch.float32, 8)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        kernels.select_backend(spec, "nope")
+    with pytest.raises(ValueError, match="backend 'sdpa_cudnn' cannot run this call: runs on cuda only"):
+        kernels.select_backend(spec, "sdpa_cudnn")
+    assert kernels.select_backend(spec).name == "sdpa_cpu_flash"
+
+
+CPU_BACKENDS = ["math", "sdpa_cpu_flash"]
+
+
+@pytest.mark.parametrize("name", CPU_BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_cpu_backend_forward_backward(name, causal, with_bias):
+    backend = kernels.REGISTRY[name]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (
+        torch.randn(3, 2, 9, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3)
+    )
+    bias = None
+    if with_bias:
+        bias = torch.randn(3, 1, 1, 9, generator=g, dtype=torch.float64)
+        bias[0, ..., 3] = -math.inf
+    out, lse, state = backend.forward(q.detach(), k.detach(), v.detach(), bias, causal, 0.5)
+    exp_out, exp_lse = math_kernel.attention_lse(q, k, v, bias, causal, 0.5)
+    assert_close(out, exp_out, torch.float64, "out")
+    assert_close(lse, exp_lse, torch.float64, "lse")
+    do = torch.randn_like(out)
+    exp_grads = torch.autograd.grad(exp_out, (q, k, v), do)
+    got = backend.backward(do, q.detach(), k.detach(), v.detach(), out, lse, bias, causal, 0.5, state)
+    for a, b in zip(got, exp_grads):
+        assert_close(a, b, torch.float64, "grad")
+
+
+def test_math_attention_empty_rows():
+    q, k, v = (torch.randn(1, 1, 3, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    bias = torch.full((1, 1, 1, 3), -math.inf, dtype=torch.float64)
+    out, lse = math_kernel.attention_lse(q, k, v, bias)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.isinf(lse).all()
+    out.sum().backward()
+    assert all(torch.isfinite(x.grad).all() for x in (q, k, v))

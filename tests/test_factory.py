@@ -1,0 +1,87 @@
+import pytest
+import torch
+
+from dilated_attention_pytorch import (
+    DilatedAttention,
+    ImprovedDilatedAttention,
+    ImprovedMultiheadDilatedAttention,
+    MultiheadDilatedAttention,
+    create_dilated_attention,
+    create_multihead_dilated_attention,
+    explain_auto,
+)
+
+
+def test_bare_auto_builds_longnet_base_setting():
+    m = create_multihead_dilated_attention("auto")
+    assert isinstance(m, ImprovedMultiheadDilatedAttention)
+    assert (m.embed_dim, m.num_heads) == (768, 12)
+    assert m.attention.segment_lengths == (2048, 4096, 8192, 16384, 32768)
+    assert m.attention.dilation_rates == (1, 2, 4, 6, 12)
+    assert m.batch_first is False
+    assert "auto -> attention_type='improved'" in m.auto_choice.explain()
+    assert create_multihead_dilated_attention().auto_choice is not None
+
+
+def test_every_argument_can_be_overridden():
+    m = create_multihead_dilated_attention(
+        "standard",
+        embed_dim=64,
+        num_heads=4,
+        segment_lengths=[8],
+        dilation_rates=[2],
+        batch_first=True,
+        dropout=0.1,
+    )
+    assert isinstance(m, MultiheadDilatedAttention) and m.auto_choice is None
+    assert (m.embed_dim, m.num_heads, m.batch_first, m.dropout) == (64, 4, True, 0.1)
+    assert m.attention.segment_lengths == (8,)
+    core = create_dilated_attention("improved", segment_lengths=[8], dilation_rates=[2], head_mode="all")
+    assert isinstance(core, ImprovedDilatedAttention) and core.head_mode == "all"
+    assert isinstance(create_dilated_attention("standard"), DilatedAttention)
+    assert create_dilated_attention().segment_lengths == (2048, 4096, 8192, 16384, 32768)
+
+
+@pytest.mark.parametrize("fn", [create_dilated_attention, create_multihead_dilated_attention])
+def test_unknown_type_lists_the_valid_ones(fn):
+    with pytest.raises(ValueError, match=r"attention_type must be one of \['auto', 'standard', 'improved'\]"):
+        fn("fastest")
+
+
+@pytest.mark.parametrize(
+    "kw,backend",
+    [
+        ({"device": "cpu", "dtype": torch.float32}, "sdpa_cpu_flash"),
+        ({"device": "cpu", "dtype": torch.float64}, "sdpa_cpu_flash"),
+        ({"device": "cuda", "dtype": torch.bfloat16, "compute_capability": (9, 0)}, "sdpa_cudnn"),
+        (
+            {"device": "cuda", "dtype": torch.bfloat16, "compute_capability": (9, 0), "head_dim": 256},
+            "sdpa_flash",
+        ),
+        ({"device": "cuda", "dtype": torch.float16, "compute_capability": (8, 0)}, "sdpa_flash"),
+        ({"device": "cuda", "dtype": torch.float32, "compute_capability": (9, 0)}, "sdpa_efficient"),
+        (
+            {"device": "cuda", "dtype": torch.bfloat16, "compute_capability": (9, 0), "has_mask": True},
+            "sdpa_efficient",
+        ),
+        ({"device": "cuda", "dtype": torch.float16, "compute_capability": (7, 5)}, "sdpa_efficient"),
+        ({"device": "cuda", "dtype": torch.float64, "compute_capability": (9, 0)}, "math"),
+        ({"device": "cuda", "dtype": torch.bfloat16, "compute_capability": (9, 0), "head_dim": 12}, "math"),
+    ],
+)
+def test_auto_backend_choice_from_metadata(kw, backend):
+    choice = explain_auto(**kw)
+    assert choice.attention_type == "improved"
+    assert choice.backend == backend
+    text = choice.explain()
+    assert f"kernel backend={backend!r}" in text
+    assert backend not in choice.rejected_backends
+    # every other backend is listed with a reason
+    assert len(choice.rejected_backends) == 4 and all(choice.rejected_backends.values())
+
+
+def test_auto_explains_why_each_type_lost():
+    choice = explain_auto(device="cuda", dtype=torch.bfloat16, compute_capability=(8, 0), world_size=4)
+    assert "world size is 4" in " ".join(choice.rejected_types["ring"])
+    assert set(choice.rejected_types) == {"standard", "ring", "block_sparse_ring"}
+    assert "needs compute capability >= (9, 0)" in " ".join(choice.rejected_backends["sdpa_cudnn"])

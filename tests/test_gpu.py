@@ -1,0 +1,94 @@
+"""GPU: every CUDA kernel backend against the float64 reference, bf16/fp16/fp32,
+outputs and gradients. Marked ``gpu``; skipped without CUDA."""
+
+import pytest
+import torch
+
+from dilated_attention_pytorch import ImprovedMultiheadDilatedAttention, MultiheadDilatedAttention, kernels
+from dilated_attention_pytorch.reference import dilated_attention_reference as reference
+
+from .conftest import CPU_IMPLS, Impl, assert_close, grads, make_qkv
+
+pytestmark = pytest.mark.gpu
+
+GPU_IMPLS = [
+    Impl("standard", "gather"),
+    Impl("improved-auto", "fused"),
+    Impl("improved-cudnn", "fused", "sdpa_cudnn"),
+    Impl("improved-flash", "fused", "sdpa_flash"),
+    Impl("improved-efficient", "fused", "sdpa_efficient"),
+    Impl("improved-math", "fused", "math"),
+]
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+assert {i.method for i in GPU_IMPLS} == {i.method for i in CPU_IMPLS}
+
+
+def _runnable(impl: Impl, dtype: torch.dtype, head_dim: int, has_bias: bool) -> None:
+    if impl.backend is None:
+        return
+    spec = kernels.AttentionSpec("cuda", dtype, head_dim, has_bias, torch.cuda.get_device_capability())
+    reasons = kernels.REGISTRY[impl.backend].not_supported_reasons(spec)
+    if reasons:
+        pytest.skip(f"{impl.backend}: {'; '.join(reasons)}")
+
+
+def _check(impl, dtype, seg, dil, batch, seq, heads, head_dim, **kw):
+    has_bias = "key_padding_mask" in kw or "attn_mask" in kw
+    _runnable(impl, dtype, head_dim, has_bias)
+    q, k, v = make_qkv(batch, seq, heads, head_dim, device="cuda")
+    expected = reference(q, k, v, seg, dil, **kw)
+    g = torch.randn_like(expected)
+    exp_grads = grads(expected, (q, k, v), g)
+    qd, kd, vd = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
+    out = impl(qd, kd, vd, seg, dil, **kw)
+    assert out.dtype == dtype
+    assert_close(out, expected, dtype, f"{impl.name} {dtype} output")
+    for name, a, b in zip("qkv", grads(out, (qd, kd, vd), g.to(dtype)), exp_grads):
+        assert_close(a, b, dtype, f"{impl.name} {dtype} d{name}")
+
+
+@pytest.mark.parametrize("impl", GPU_IMPLS, ids=[i.name for i in GPU_IMPLS])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("head_mode", ["grouped", "all"])
+def test_backend_matches_reference(impl, dtype, causal, head_mode):
+    # partial last segment (n=200), w % r != 0 (w=96, r=5)
+    _check(impl, dtype, (64, 96, 128), (1, 5, 4), 2, 200, 6, 64, head_mode=head_mode, is_causal=causal)
+
+
+@pytest.mark.parametrize("impl", GPU_IMPLS, ids=[i.name for i in GPU_IMPLS])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("head_mode", ["grouped", "all"])
+def test_backend_with_padding_mask(impl, dtype, head_mode):
+    kpm = torch.zeros(2, 160, dtype=torch.bool, device="cuda")
+    kpm[0, :40] = True  # left padding: early causal rows have no key
+    kpm[1, 100:] = True
+    _check(
+        impl,
+        dtype,
+        (32, 64),
+        (1, 2),
+        2,
+        160,
+        4,
+        64,
+        head_mode=head_mode,
+        is_causal=True,
+        key_padding_mask=kpm,
+    )
+
+
+@pytest.mark.parametrize("impl", GPU_IMPLS, ids=[i.name for i in GPU_IMPLS])
+def test_backend_head_dim_128(impl):
+    _check(impl, torch.bfloat16, (128, 256), (1, 2), 1, 256, 4, 128, head_mode="all", is_causal=True)
+
+
+@pytest.mark.parametrize("cls", [MultiheadDilatedAttention, ImprovedMultiheadDilatedAttention])
+def test_multihead_on_gpu_bf16(cls):
+    torch.manual_seed(0)
+    m = cls(256, 4, batch_first=True, segment_lengths=[64, 128], dilation_rates=[1, 2], device="cuda")
+    x = torch.randn(2, 300, 256, device="cuda")
+    expected = m(x, x, x, is_causal=True, need_weights=True)[0]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = m(x, x, x, is_causal=True)[0]
+    assert_close(out.float(), expected, torch.bfloat16, "autocast bf16")
