@@ -1,0 +1,336 @@
+"""Time forward and forward+backward of the dilated-attention implementations,
+measure peak memory, and compare with dense SDPA on the same sub-problems.
+
+    python benchmarks/run.py --quick --device cpu
+    python benchmarks/run.py --device cuda --seq-lens 32768 131072 1048576 \\
+        --output benchmarks/results/h100.json --plot benchmarks/results
+
+Timing: CUDA events after warm-up, median of repeats (perf_counter on CPU).
+Memory: ``torch.cuda.max_memory_allocated`` above what the inputs hold.
+The ceiling ("dense_<backend>") runs SDPA with one backend on exactly the
+``(batch·segments, heads, length, head_dim)`` problems the pattern needs,
+contiguous, and is credited with the same FLOPs: its TFLOP/s is the rate the
+dilated implementation would reach if it lost nothing to the dilation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from baseline import baseline_dilated_attention  # noqa: E402
+
+from dilated_attention_pytorch import DilatedPattern, functional, kernels  # noqa: E402
+
+WORKLOADS = {
+    "W1": {
+        "heads": 12,
+        "head_dim": 64,
+        "segment_lengths": [2048, 4096, 8192, 16384, 32768],
+        "dilation_rates": [1, 2, 4, 6, 12],
+    },
+    "W2": {
+        "heads": 16,
+        "head_dim": 128,
+        "segment_lengths": [2048, 4096, 8192, 16384, 32768, 65536],
+        "dilation_rates": [1, 2, 4, 8, 16, 32],
+    },
+}
+DENSE_BACKENDS = {
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+
+
+def _progress(items: list, desc: str) -> Iterable:
+    try:
+        from tqdm import tqdm
+
+        return tqdm(items, desc=desc)
+    except ImportError:
+        return items
+
+
+class Timer:
+    def __init__(self, device: torch.device, warmup: int, repeats: int) -> None:
+        self.device, self.warmup, self.repeats = device, warmup, repeats
+
+    def __call__(self, fn: Callable[[], Any]) -> float:
+        """Median milliseconds of ``fn``."""
+        for _ in range(self.warmup):
+            fn()
+        times = []
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            for _ in range(self.repeats):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+        else:
+            for _ in range(self.repeats):
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+
+def _peak_mib(device: torch.device, fn: Callable[[], Any]) -> float | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def _fwd_bwd(
+    fn: Callable[[], torch.Tensor], inputs: tuple[torch.Tensor, ...], grad: torch.Tensor
+) -> Callable[[], None]:
+    def step() -> None:
+        for x in inputs:
+            x.grad = None
+        fn().backward(grad)
+
+    return step
+
+
+def _implementations(args: argparse.Namespace, pattern: DilatedPattern, causal: bool) -> dict[str, Callable]:
+    impls: dict[str, Callable] = {}
+    if "improved" in args.impls:
+        impls["improved"] = lambda q, k, v: functional.dilated_attention(q, k, v, pattern, is_causal=causal)
+    if "standard" in args.impls:
+        impls["standard"] = lambda q, k, v: functional.dilated_attention(
+            q, k, v, pattern, is_causal=causal, method="gather"
+        )
+    if "baseline" in args.impls and pattern.head_mode == "grouped":
+        impls["baseline"] = lambda q, k, v: baseline_dilated_attention(
+            q, k, v, pattern.segment_lengths, pattern.dilation_rates, causal
+        )
+    return impls
+
+
+def _dense_ceiling(
+    pattern: DilatedPattern, args: argparse.Namespace, seq: int, causal: bool, device, dtype, timer: Timer
+) -> dict[str, dict[str, float]]:
+    """Per SDPA backend: fwd and fwd+bwd ms summed over the pattern's sub-problems."""
+    shapes: dict[tuple[int, int, int], int] = {}
+    for call in pattern.calls(seq, args.heads):
+        shape = (args.batch * call.num_segments, call.num_heads, call.length)
+        shapes[shape] = shapes.get(shape, 0) + 1
+    results = {}
+    backends = ["math"] if device.type == "cpu" else [b for b in DENSE_BACKENDS if b != "math"]
+    for name in backends:
+        fwd = fwdbwd = 0.0
+        try:
+            with sdpa_kernel(DENSE_BACKENDS[name]):
+                for (bb, hh, ll), count in shapes.items():
+                    q, k, v = (
+                        torch.randn(bb, hh, ll, args.head_dim, device=device, dtype=dtype, requires_grad=True)
+                        for _ in range(3)
+                    )
+                    grad = torch.randn_like(q)
+
+                    def f(q=q, k=k, v=v):
+                        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+                    fwd += count * timer(lambda f=f: f())
+                    if not args.no_backward:
+                        fwdbwd += count * timer(_fwd_bwd(f, (q, k, v), grad))
+        except RuntimeError as e:  # backend cannot run these shapes/dtype
+            results[name] = {"error": str(e).splitlines()[0][:200]}
+            continue
+        results[name] = {"fwd_ms": fwd, "fwdbwd_ms": fwdbwd if not args.no_backward else None}
+    return results
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    timer = Timer(device, args.warmup, args.repeats)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    records = []
+    configs = [(seq, hm, causal) for seq in args.seq_lens for hm in args.head_modes for causal in args.causal]
+    for seq, head_mode, causal in _progress(configs, "configs"):
+        pattern = DilatedPattern(args.segment_lengths, args.dilation_rates, head_mode)
+        flops_fwd = pattern.flops(seq, args.heads, args.head_dim, args.batch, causal)
+        flops_fwdbwd = pattern.flops(seq, args.heads, args.head_dim, args.batch, causal, backward=True)
+        common = {
+            "device": gpu,
+            "torch": torch.__version__,
+            "dtype": args.dtype,
+            "batch": args.batch,
+            "seq_len": seq,
+            "num_heads": args.heads,
+            "head_dim": args.head_dim,
+            "segment_lengths": list(args.segment_lengths),
+            "dilation_rates": list(args.dilation_rates),
+            "head_mode": head_mode,
+            "causal": causal,
+            "flops_fwd": flops_fwd,
+            "flops_fwdbwd": flops_fwdbwd,
+        }
+        dense = (
+            _dense_ceiling(pattern, args, seq, causal, device, dtype, timer) if "dense" in args.impls else {}
+        )
+        best_fwd = min((d["fwd_ms"] for d in dense.values() if "fwd_ms" in d), default=None)
+        best_fwdbwd = min((d["fwdbwd_ms"] for d in dense.values() if d.get("fwdbwd_ms")), default=None)
+        for name, d in dense.items():
+            rec = {**common, "implementation": f"dense_{name}", "backend": name, **d}
+            if "fwd_ms" in d:
+                rec["tflops_fwd"] = flops_fwd / d["fwd_ms"] / 1e9
+                if d.get("fwdbwd_ms"):
+                    rec["tflops_fwdbwd"] = flops_fwdbwd / d["fwdbwd_ms"] / 1e9
+            records.append(rec)
+        q, k, v = (
+            torch.randn(
+                args.batch, seq, args.heads, args.head_dim, device=device, dtype=dtype, requires_grad=True
+            )
+            for _ in range(3)
+        )
+        grad = torch.randn_like(q)
+        spec = kernels.AttentionSpec.from_tensor(q)
+        for name, fn in _implementations(args, pattern, causal).items():
+            rec = {**common, "implementation": name}
+            rec["backend"] = kernels.select_backend(spec).name if name == "improved" else "math/sdpa"
+            try:
+                with torch.no_grad():
+                    rec["fwd_ms"] = timer(lambda fn=fn: fn(q, k, v))
+                    rec["peak_mem_fwd_mib"] = _peak_mib(device, lambda fn=fn: fn(q, k, v))
+                rec["tflops_fwd"] = flops_fwd / rec["fwd_ms"] / 1e9
+                if best_fwd:
+                    rec["ratio_to_dense_fwd"] = best_fwd / rec["fwd_ms"]
+                if not args.no_backward:
+                    step = _fwd_bwd(lambda fn=fn: fn(q, k, v), (q, k, v), grad)
+                    rec["fwdbwd_ms"] = timer(step)
+                    rec["peak_mem_mib"] = _peak_mib(device, step)
+                    rec["tflops_fwdbwd"] = flops_fwdbwd / rec["fwdbwd_ms"] / 1e9
+                    if best_fwdbwd:
+                        rec["ratio_to_dense_fwdbwd"] = best_fwdbwd / rec["fwdbwd_ms"]
+                    # q, k, v, output and their gradients
+                    rec["io_mib"] = 8 * q.numel() * q.element_size() / 2**20
+            except torch.OutOfMemoryError:
+                rec["error"] = "out of memory"
+                torch.cuda.empty_cache()
+            records.append(rec)
+        del q, k, v, grad
+    return records
+
+
+def plot(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    groups = sorted({(r["head_mode"], r["causal"]) for r in records})
+    for metric, label in (
+        ("fwdbwd_ms", "forward+backward ms"),
+        ("peak_mem_mib", "peak memory MiB (fwd+bwd)"),
+    ):
+        fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
+        for ax, (hm, causal) in zip(axes[0], groups):
+            rows = [r for r in records if r["head_mode"] == hm and r["causal"] == causal and r.get(metric)]
+            for impl in sorted({r["implementation"] for r in rows}):
+                pts = sorted((r["seq_len"], r[metric]) for r in rows if r["implementation"] == impl)
+                ax.loglog(*zip(*pts), marker="o", label=impl)
+            ax.set_title(f"{hm}, {'causal' if causal else 'full'}")
+            ax.set_xlabel("sequence length")
+            ax.set_ylabel(label)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / f"{metric}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny sizes, few repeats (CPU smoke run)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--output", type=Path, help="write the records as JSON")
+    p.add_argument("--plot", type=Path, help="write PNG plots into this folder")
+    p.add_argument("--workload", choices=sorted(WORKLOADS), help="preset heads/head_dim/pattern")
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[32768, 131072])
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32", "float64"])
+    p.add_argument("--segment-lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768])
+    p.add_argument("--dilation-rates", type=int, nargs="+", default=[1, 2, 4, 6, 12])
+    p.add_argument("--head-modes", nargs="+", default=["grouped"], choices=["grouped", "all"])
+    p.add_argument("--causal", nargs="+", type=lambda s: s.lower() in ("1", "true", "yes"), default=[False])
+    p.add_argument("--impls", nargs="+", default=["improved", "standard", "baseline", "dense"])
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--no-backward", action="store_true")
+    args = p.parse_args(argv)
+    if args.workload:
+        for key, value in WORKLOADS[args.workload].items():
+            setattr(args, key, value)
+    if args.quick:
+        args.seq_lens = [s for s in args.seq_lens if s <= 512] or [256, 512]
+        args.heads, args.head_dim = 4, 16
+        args.segment_lengths, args.dilation_rates = [64, 128, 256], [1, 2, 4]
+        args.warmup, args.repeats = 1, 3
+        if args.dtype == "bfloat16" and args.device == "cpu":
+            args.dtype = "float32"
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    args = parse_args(argv)
+    records = run(args)
+    for r in records:
+        cols = [r["implementation"], r["seq_len"], r["head_mode"], "causal" if r["causal"] else "full"]
+        vals = [
+            f"{k}={r[k]:.3g}"
+            for k in (
+                "fwd_ms",
+                "fwdbwd_ms",
+                "tflops_fwd",
+                "tflops_fwdbwd",
+                "ratio_to_dense_fwd",
+                "ratio_to_dense_fwdbwd",
+                "peak_mem_mib",
+            )
+            if isinstance(r.get(k), float)
+        ]
+        print(" ".join(map(str, cols)), *vals, r.get("error", ""))
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(records, indent=1))
+    if args.plot:
+        for path in plot(records, args.plot):
+            print("wrote", path)
+    return records
+
+
+if __name__ == "__main__":
+    main()
