@@ -6,7 +6,9 @@ measure peak memory, and compare with dense SDPA on the same sub-problems.
         --output benchmarks/results/h100.json --plot benchmarks/results
 
 Timing: CUDA events after warm-up, median of repeats (perf_counter on CPU).
-Memory: ``torch.cuda.max_memory_allocated`` above what the inputs hold.
+Memory: ``torch.cuda.max_memory_allocated`` during forward+backward, everything
+live counted (q, k, v and the incoming gradient too); ``peak_over_io`` divides
+it by the size of q, k, v, output and their four gradients.
 The ceiling ("dense_<backend>") runs SDPA with one backend on exactly the
 ``(batch·segments, heads, length, head_dim)`` problems the pattern needs,
 contiguous, and is credited with the same FLOPs: its TFLOP/s is the rate the
@@ -16,7 +18,6 @@ dilated implementation would reach if it lost nothing to the dilation.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import sys
@@ -32,9 +33,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from baseline import baseline_dilated_attention  # noqa: E402
+from baseline import baseline_dilated_attention
 
-from dilated_attention_pytorch import DilatedPattern, functional, kernels  # noqa: E402
+from dilated_attention_pytorch import DilatedPattern, functional, kernels
 
 WORKLOADS = {
     "W1": {
@@ -93,16 +94,18 @@ class Timer:
         return statistics.median(times)
 
 
-def _peak_mib(device: torch.device, fn: Callable[[], Any]) -> float | None:
+def _peak_mib(device: torch.device, fn: Callable[[], Any], inputs: tuple[torch.Tensor, ...]) -> float | None:
+    """Peak MiB allocated while ``fn`` runs, counting everything live (the inputs too)."""
     if device.type != "cuda":
         return None
+    for x in inputs:
+        x.grad = None
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     fn()
     torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    return torch.cuda.max_memory_allocated() / 2**20
 
 
 def _fwd_bwd(
@@ -211,25 +214,31 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         )
         grad = torch.randn_like(q)
         spec = kernels.AttentionSpec.from_tensor(q)
-        for name, fn in _implementations(args, pattern, causal).items():
+        for name, impl in _implementations(args, pattern, causal).items():
+
+            def fn(impl=impl, q=q, k=k, v=v):
+                return impl(q, k, v)
+
             rec = {**common, "implementation": name}
             rec["backend"] = kernels.select_backend(spec).name if name == "improved" else "math/sdpa"
             try:
                 with torch.no_grad():
-                    rec["fwd_ms"] = timer(lambda fn=fn: fn(q, k, v))
-                    rec["peak_mem_fwd_mib"] = _peak_mib(device, lambda fn=fn: fn(q, k, v))
+                    rec["fwd_ms"] = timer(fn)
+                    rec["peak_mem_fwd_mib"] = _peak_mib(device, fn, (q, k, v))
                 rec["tflops_fwd"] = flops_fwd / rec["fwd_ms"] / 1e9
                 if best_fwd:
                     rec["ratio_to_dense_fwd"] = best_fwd / rec["fwd_ms"]
                 if not args.no_backward:
-                    step = _fwd_bwd(lambda fn=fn: fn(q, k, v), (q, k, v), grad)
+                    step = _fwd_bwd(fn, (q, k, v), grad)
                     rec["fwdbwd_ms"] = timer(step)
-                    rec["peak_mem_mib"] = _peak_mib(device, step)
+                    rec["peak_mem_mib"] = _peak_mib(device, step, (q, k, v))
                     rec["tflops_fwdbwd"] = flops_fwdbwd / rec["fwdbwd_ms"] / 1e9
                     if best_fwdbwd:
                         rec["ratio_to_dense_fwdbwd"] = best_fwdbwd / rec["fwdbwd_ms"]
-                    # q, k, v, output and their gradients
+                    # q, k, v, output and their gradients: what training must hold
                     rec["io_mib"] = 8 * q.numel() * q.element_size() / 2**20
+                    if rec["peak_mem_mib"] is not None:
+                        rec["peak_over_io"] = rec["peak_mem_mib"] / rec["io_mib"]
             except torch.OutOfMemoryError:
                 rec["error"] = "out of memory"
                 torch.cuda.empty_cache()

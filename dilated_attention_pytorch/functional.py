@@ -18,6 +18,7 @@ Two ways to run them:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -256,16 +257,16 @@ class _FusedDilatedAttention(torch.autograd.Function):
         pattern: DilatedPattern,
         is_causal: bool,
         scale: float,
-        backend: kernels.Backend,
+        calls: list[BranchCall],
+        backends: list[kernels.Backend],
     ) -> Tensor:
         b, n, h, d = query.shape
         merge = pattern.head_mode == "all"
         acc_dtype = _bias_dtype(query.dtype) if merge else query.dtype
         out = query.new_zeros(b, n, h, d, dtype=acc_dtype)
         lse = query.new_full((b, n, h), -math.inf, dtype=_bias_dtype(query.dtype))
-        calls = pattern.calls(n, h)
         states, biases = [], []
-        for call in calls:
+        for call, backend in zip(calls, backends):
             bias = None
             if key_bias is not None or attn_bias is not None:
                 bias = _call_bias(call, _positions(call, query.device), key_bias, attn_bias, b)
@@ -284,8 +285,8 @@ class _FusedDilatedAttention(torch.autograd.Function):
             biases.append(bias)
         out = out.to(query.dtype)
         ctx.save_for_backward(query, key, value, out, lse)
-        ctx.calls, ctx.states, ctx.biases = calls, states, biases
-        ctx.merge, ctx.is_causal, ctx.scale, ctx.backend = merge, is_causal, scale, backend
+        ctx.calls, ctx.backends, ctx.states, ctx.biases = calls, backends, states, biases
+        ctx.merge, ctx.is_causal, ctx.scale = merge, is_causal, scale
         return out
 
     @staticmethod
@@ -296,13 +297,13 @@ class _FusedDilatedAttention(torch.autograd.Function):
         # "all": every branch adds to each position, so accumulate in float32
         acc_dtype = _bias_dtype(query.dtype) if ctx.merge else query.dtype
         grads = [torch.zeros(query.shape, dtype=acc_dtype, device=query.device) for _ in range(3)]
-        for call, state, bias in zip(ctx.calls, ctx.states, ctx.biases):
+        for call, backend, state, bias in zip(ctx.calls, ctx.backends, ctx.states, ctx.biases):
             q, k, v, o, do = (_as_problem(_strided(x, call)) for x in (query, key, value, out, grad_out))
             part_lse = _as_problem(_strided(lse, call))
             if bias is not None:
                 # no key in any branch: every key is masked, so any finite lse gives p = 0
                 part_lse = torch.where(part_lse == -math.inf, 0.0, part_lse)
-            part_grads = ctx.backend.backward(do, q, k, v, o, part_lse, bias, ctx.is_causal, ctx.scale, state)
+            part_grads = backend.backward(do, q, k, v, o, part_lse, bias, ctx.is_causal, ctx.scale, state)
             for grad, part in zip(grads, part_grads):
                 view = _strided(grad, call)
                 part = _from_problem(part, b)
@@ -311,7 +312,44 @@ class _FusedDilatedAttention(torch.autograd.Function):
                 else:  # grouped: calls are disjoint in (position, head)
                     view.copy_(part)
         dq, dk, dv = (g.to(query.dtype) for g in grads)
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
+@torch.compiler.disable
+def _fused(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_bias: Tensor | None,
+    attn_bias: Tensor | None,
+    pattern: DilatedPattern,
+    is_causal: bool,
+    scale: float,
+    backend: str | None,
+) -> Tensor:
+    """The fused path, kept out of ``torch.compile`` graphs: compiling through the
+    custom Function's in-place view writes gave wrong gradients on torch 2.11."""
+    _, n, h, _ = query.shape
+    calls = pattern.calls(n, h)
+    has_bias = key_bias is not None or attn_bias is not None
+    # the named backend must suit the inputs; a call whose length it refuses
+    # (cuDNN at length 1, say) goes to the best backend that takes it
+    spec = kernels.AttentionSpec.from_tensor(query, has_bias=has_bias)
+    if backend is not None:
+        kernels.select_backend(spec, backend)
+    chosen: dict[int, kernels.Backend] = {}
+    for call in calls:
+        if call.length not in chosen:
+            call_spec = dataclasses.replace(spec, seq_len=call.length)
+            named = kernels.REGISTRY.get(backend) if backend is not None else None
+            if named is not None and not named.not_supported_reasons(call_spec):
+                chosen[call.length] = named
+            else:
+                chosen[call.length] = kernels.select_backend(call_spec)
+    backends = [chosen[call.length] for call in calls]
+    return _FusedDilatedAttention.apply(
+        query, key, value, key_bias, attn_bias, pattern, is_causal, scale, calls, backends
+    )
 
 
 # --------------------------------------------------------------------------
@@ -398,7 +436,9 @@ def dilated_attention(
         method: ``"fused"`` (strided views, fused kernels) or ``"gather"``
             (copy-gather, plain torch). Dropout always takes the gather path.
         backend: kernel for the fused path (see :mod:`.kernels`); None picks the
-            fastest that can run the call.
+            fastest that can run the call. A named backend runs every branch
+            problem it accepts; the few it refuses by length (cuDNN at length 1)
+            run on the best backend that accepts them.
 
     Returns:
         ``(batch, seq, heads, head_dim)``; a (position, head) with no key is 0.
@@ -415,8 +455,4 @@ def dilated_attention(
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(shape[3])
     if method == "gather" or dropout_p > 0.0:
         return _gathered(query, key, value, key_bias, attn_bias, pattern, is_causal, scale, dropout_p)
-    spec = kernels.AttentionSpec.from_tensor(query, has_bias=key_bias is not None or attn_bias is not None)
-    chosen = kernels.select_backend(spec, backend)
-    return _FusedDilatedAttention.apply(
-        query, key, value, key_bias, attn_bias, pattern, is_causal, scale, chosen
-    )
+    return _fused(query, key, value, key_bias, attn_bias, pattern, is_causal, scale, backend)

@@ -21,13 +21,16 @@ class AttentionSpec:
     head_dim: int
     has_bias: bool = False
     compute_capability: tuple[int, int] | None = None
+    #: query/key length of the problem, when known (None: any)
+    seq_len: int | None = None
 
     @classmethod
-    def from_tensor(cls, x: Tensor, *, has_bias: bool = False) -> AttentionSpec:
+    def from_tensor(cls, x: Tensor, *, has_bias: bool = False, seq_len: int | None = None) -> AttentionSpec:
+        """Spec of ``(batch, seq, heads, head_dim)`` or ``(batch, heads, seq, head_dim)`` inputs."""
         cc = None
         if x.device.type == "cuda":
             cc = torch.cuda.get_device_capability(x.device)
-        return cls(x.device.type, x.dtype, x.shape[-1], has_bias, cc)
+        return cls(x.device.type, x.dtype, x.shape[-1], has_bias, cc, seq_len)
 
 
 class Backend(Protocol):
