@@ -328,6 +328,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 "ratio_to_dense_fwd",
                 "ratio_to_dense_fwdbwd",
                 "peak_mem_mib",
+                "peak_over_io",
             )
             if isinstance(r.get(k), float)
         ]
