@@ -1,0 +1,79 @@
+"""The benchmark CLI runs on CPU in --quick mode and writes complete records."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_quick_cpu_run_writes_records(tmp_path):
+    out = tmp_path / "quick.json"
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks/run.py"),
+            "--quick",
+            "--device",
+            "cpu",
+            "--output",
+            str(out),
+            "--head-modes",
+            "grouped",
+            "all",
+            "--causal",
+            "false",
+            "true",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    records = json.loads(out.read_text())
+    impls = {r["implementation"] for r in records}
+    assert {"improved", "standard", "baseline", "dense_math"} <= impls
+    for r in records:
+        for key in (
+            "device",
+            "dtype",
+            "batch",
+            "seq_len",
+            "num_heads",
+            "head_dim",
+            "segment_lengths",
+            "dilation_rates",
+            "head_mode",
+            "causal",
+            "fwd_ms",
+            "fwdbwd_ms",
+            "tflops_fwd",
+            "backend",
+        ):
+            assert key in r, (r["implementation"], key)
+        assert r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0
+        if not r["implementation"].startswith("dense"):
+            assert r["ratio_to_dense_fwd"] > 0
+    table = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks/table.py"), str(out)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert table.count("| improved |") == 8  # 2 lengths x 2 head modes x causal or not
+
+
+def test_baseline_matches_reference_in_grouped_mode():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import torch
+    from baseline import baseline_dilated_attention
+
+    from dilated_attention_pytorch.reference import dilated_attention_reference
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 21, 5, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    for causal in (False, True):
+        out = baseline_dilated_attention(q, k, v, (6, 16, 5), (1, 3, 2), causal)
+        exp = dilated_attention_reference(q, k, v, (6, 16, 5), (1, 3, 2), is_causal=causal)
+        torch.testing.assert_close(out, exp)
