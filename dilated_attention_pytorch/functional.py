@@ -28,6 +28,7 @@ from torch import Tensor
 
 from . import kernels
 from .kernels import math as math_kernel
+from .kernels import triton_merge
 from .pattern import BranchCall, DilatedPattern, HeadMode, as_pattern
 
 Method = Literal["fused", "gather"]
@@ -214,7 +215,15 @@ def merge_by_lse(outs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[Tensor
 
 
 def _merge_into(out5: Tensor, lse4: Tensor, part_out: Tensor, part_lse: Tensor) -> None:
-    """In-place online version of :func:`merge_by_lse` on strided views."""
+    """In-place online version of :func:`merge_by_lse` on strided views
+    (one fused pass on CUDA with Triton, torch ops elsewhere)."""
+    if triton_merge.can_merge(out5, part_out):
+        triton_merge.merge_into(out5, lse4, part_out, part_lse)
+        return
+    _merge_into_torch(out5, lse4, part_out.to(out5.dtype), part_lse.to(lse4.dtype))
+
+
+def _merge_into_torch(out5: Tensor, lse4: Tensor, part_out: Tensor, part_lse: Tensor) -> None:
     new = torch.logaddexp(lse4, part_lse)
     safe = torch.where(new == -math.inf, 0.0, new)
     out5.mul_(torch.exp(lse4 - safe)[..., None]).add_(part_out * torch.exp(part_lse - safe)[..., None])
@@ -277,7 +286,7 @@ class _FusedDilatedAttention(torch.autograd.Function):
             out5, lse4 = _strided(out, call), _strided(lse, call)
             part_out, part_lse = _from_problem(part_out, b), _from_problem(part_lse, b)
             if merge:
-                _merge_into(out5, lse4, part_out.to(acc_dtype), part_lse.to(lse.dtype))
+                _merge_into(out5, lse4, part_out, part_lse)
             else:
                 out5.copy_(part_out)
                 lse4.copy_(part_lse)

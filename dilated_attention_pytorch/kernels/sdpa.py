@@ -319,9 +319,9 @@ class CudnnBackend:
     def backward(self, grad_out, q, k, v, out, lse, bias, causal, scale, state):
         cum_q, cum_k, max_q, max_k, seed, offset, lse_dims = state
         q, k, v = map(_last_dim_contiguous, (q, k, v))
-        # cuDNN wants grad_out laid out like out
-        grad_out = grad_out.contiguous()
-        out = out.contiguous()
+        # cuDNN wants grad_out laid out like out; views of same-layout buffers already are
+        if grad_out.stride() != out.stride():
+            grad_out, out = grad_out.contiguous(), out.contiguous()
         lse = lse.contiguous()
         if lse_dims == 4:
             lse = lse[..., None]

@@ -1,0 +1,99 @@
+"""One-pass lse merge on CUDA (Triton): ``out, lse <- merge((out, lse), (part, part_lse))``.
+
+The torch version of this merge (``functional._merge_into``) launches about ten
+elementwise kernels per branch problem and moves ~40 bytes per output element;
+fused it reads the accumulator and the part once and writes the accumulator
+once. Used only where Triton and CUDA are present; the torch version is the
+fallback and the reference the tests compare it with.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from torch import Tensor
+
+AVAILABLE = importlib.util.find_spec("triton") is not None
+
+if AVAILABLE:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _merge_kernel(
+        out_ptr,
+        lse_ptr,
+        part_ptr,
+        plse_ptr,
+        rows_total,
+        size_s,
+        size_m,
+        size_h,
+        head_dim,
+        o_b, o_s, o_m, o_h,
+        l_b, l_s, l_m, l_h,
+        p_b, p_s, p_m, p_h,
+        q_b, q_s, q_m, q_h,
+        BLOCK_R: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+        row_ok = rows < rows_total
+        ih = rows % size_h
+        t = rows // size_h
+        im = t % size_m
+        t = t // size_m
+        i_s = t % size_s
+        ib = t // size_s
+        lse_off = ib * l_b + i_s * l_s + im * l_m + ih * l_h
+        plse_off = ib * q_b + i_s * q_s + im * q_m + ih * q_h
+        old = tl.load(lse_ptr + lse_off, mask=row_ok, other=float("-inf")).to(tl.float32)
+        new = tl.load(plse_ptr + plse_off, mask=row_ok, other=float("-inf")).to(tl.float32)
+        top = tl.maximum(old, new)
+        top = tl.where(top == float("-inf"), 0.0, top)
+        w_old = tl.exp(old - top)
+        w_new = tl.exp(new - top)
+        total = w_old + w_new
+        has_key = total > 0
+        merged = tl.where(has_key, top + tl.log(tl.where(has_key, total, 1.0)), float("-inf"))
+        w_old = tl.where(has_key, w_old / tl.where(has_key, total, 1.0), 0.0)
+        w_new = tl.where(has_key, w_new / tl.where(has_key, total, 1.0), 0.0)
+
+        cols = tl.arange(0, BLOCK_D)
+        mask = row_ok[:, None] & (cols < head_dim)[None, :]
+        o_off = (ib * o_b + i_s * o_s + im * o_m + ih * o_h)[:, None] + cols[None, :]
+        p_off = (ib * p_b + i_s * p_s + im * p_m + ih * p_h)[:, None] + cols[None, :]
+        acc = tl.load(out_ptr + o_off, mask=mask, other=0.0).to(tl.float32)
+        part = tl.load(part_ptr + p_off, mask=mask, other=0.0).to(tl.float32)
+        result = acc * w_old[:, None] + part * w_new[:, None]
+        tl.store(out_ptr + o_off, result.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(lse_ptr + lse_off, merged.to(lse_ptr.dtype.element_ty), mask=row_ok)
+
+
+def can_merge(out5: Tensor, part_out: Tensor) -> bool:
+    """The fused merge takes 5-D CUDA views whose last dim is contiguous."""
+    return (
+        AVAILABLE
+        and out5.is_cuda
+        and out5.dim() == 5
+        and out5.stride(-1) == 1
+        and part_out.stride(-1) == 1
+        and out5.shape[-1] <= 512
+    )
+
+
+def merge_into(out5: Tensor, lse4: Tensor, part_out: Tensor, part_lse: Tensor) -> None:
+    """In place: ``out5``/``lse4`` ``(batch, segments, length, heads[, head_dim])``
+    become the lse merge of themselves and ``part_out``/``part_lse`` (same shapes)."""
+    b, s, m, h, d = out5.shape
+    rows = b * s * m * h
+    block_d = triton.next_power_of_2(d)
+    block_r = max(1, 4096 // block_d)
+    grid = (triton.cdiv(rows, block_r),)
+    with torch.cuda.device(out5.device):
+        _merge_kernel[grid](
+            out5, lse4, part_out, part_lse, rows, s, m, h, d,
+            *out5.stride()[:4], *lse4.stride(), *part_out.stride()[:4], *part_lse.stride(),
+            BLOCK_R=block_r, BLOCK_D=block_d,
+        )  # fmt: skip
