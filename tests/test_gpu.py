@@ -102,8 +102,8 @@ def test_triton_merge_matches_torch_merge(head_dim):
     if not triton_merge.AVAILABLE:
         pytest.skip("triton is not installed")
     g = torch.Generator(device="cuda").manual_seed(0)
-    acc = torch.randn(2, 30, 3, 6, head_dim, device="cuda", generator=g)
-    lse = torch.randn(2, 30, 3, device="cuda", generator=g)
+    acc = torch.randn(2, 30, 6, head_dim, device="cuda", generator=g)
+    lse = torch.randn(2, 30, 6, device="cuda", generator=g)
     lse[0, :4] = float("-inf")  # rows with no key yet
     # strided views like the branch problems: every 3rd position, heads 1, 3, 5
     out5 = acc[:, 1::3].unflatten(1, (5, 2))[:, :, :, 0::2]
