@@ -115,7 +115,7 @@ def explain_auto(
     return AutoChoice("improved", backend, spec, rejected_types, rejected_backends)
 
 
-def _resolve(attention_type: str, table: dict[str, type[nn.Module]]) -> tuple[str, AutoChoice | None]:
+def _resolve(attention_type: str) -> tuple[str, AutoChoice | None]:
     if attention_type not in ATTENTION_TYPES:
         raise ValueError(f"attention_type must be one of {list(ATTENTION_TYPES)}, got {attention_type!r}")
     if attention_type == "auto":
@@ -131,7 +131,7 @@ def create_dilated_attention(attention_type: str = "auto", **kwargs: Any) -> nn.
     module; ``segment_lengths``/``dilation_rates`` default to LongNet's base
     setting. With "auto" the module's ``auto_choice`` says what was picked and why.
     """
-    name, choice = _resolve(attention_type, _CORE)
+    name, choice = _resolve(attention_type)
     kwargs.setdefault("segment_lengths", list(LONGNET_SEGMENT_LENGTHS))
     kwargs.setdefault("dilation_rates", list(LONGNET_DILATION_RATES))
     module = _CORE[name](**kwargs)
@@ -146,7 +146,7 @@ def create_multihead_dilated_attention(attention_type: str = "auto", **kwargs: A
     ones take LongNet's base setting (embed_dim 768, 12 heads, segment_lengths
     [2048, 4096, 8192, 16384, 32768], dilation_rates [1, 2, 4, 6, 12]).
     """
-    name, choice = _resolve(attention_type, _MULTIHEAD)
+    name, choice = _resolve(attention_type)
     for key, value in MULTIHEAD_DEFAULTS.items():
         kwargs.setdefault(key, value)
     module = _MULTIHEAD[name](**kwargs)
