@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
@@ -365,44 +365,77 @@ def _fused(
 # gather path
 
 
-def _gathered(
+@dataclasses.dataclass
+class GatheredProblem:
+    """One branch problem as copies: queries at ``positions`` of the local
+    sequence, heads ``call.heads()``; ``q`` ``(batch·segments, heads, len_q, d)``,
+    ``k``/``v`` ``(batch·segments, heads, len_k, d)`` (keys may come from other
+    ranks), ``bias`` additive and broadcastable to the scores."""
+
+    call: BranchCall
+    positions: Tensor
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    bias: Tensor | None
+    causal: bool
+
+
+def _local_problems(
     query: Tensor,
     key: Tensor,
     value: Tensor,
     key_bias: Tensor | None,
     attn_bias: Tensor | None,
-    pattern: DilatedPattern,
+    calls: Sequence[BranchCall],
     is_causal: bool,
-    scale: float,
-    dropout_p: float,
-) -> Tensor:
-    b, n, h, d = query.shape
-    merge = pattern.head_mode == "all"
-    out = query.new_zeros(b, n, h, d)
-    branch_outs = [query.new_zeros(b, n, h, d) for _ in range(pattern.num_branches)] if merge else []
-    branch_lses = (
-        [
-            query.new_full((b, n, h), -math.inf, dtype=_bias_dtype(query.dtype))
-            for _ in range(pattern.num_branches)
-        ]
-        if merge
-        else []
-    )
-    for call in pattern.calls(n, h):
-        positions = _positions(call, query.device)
+    segment_offset: int = 0,
+) -> Iterator[GatheredProblem]:
+    """Copy-gather each call whose segments lie in this sequence; ``segment_offset``
+    is the global position of local position 0 (sequence parallelism)."""
+    b, n, _, d = query.shape
+    for call in calls:
+        positions = _positions(call, query.device) - segment_offset
+        inside = (positions[:, 0] >= 0) & (positions[:, -1] < n)
+        positions = positions[inside]
+        if positions.numel() == 0:
+            continue
         s, m = positions.shape
-        index = (positions.reshape(-1, 1), torch.tensor(call.heads(), device=query.device)[None, :])
+        flat = positions.reshape(-1, 1)
+        heads = torch.tensor(call.heads(), device=query.device)[None, :]
         q, k, v = (
-            x[:, index[0], index[1]].reshape(b * s, m, call.num_heads, d).transpose(1, 2)
+            x[:, flat, heads].reshape(b * s, m, call.num_heads, d).transpose(1, 2)
             for x in (query, key, value)
         )
         bias = _call_bias(call, positions, key_bias, attn_bias, b)
-        part_out, part_lse = math_kernel.attention_lse(q, k, v, bias, is_causal, scale, dropout_p)
-        part_out = part_out.transpose(1, 2).reshape(b, s * m, call.num_heads, d)
+        yield GatheredProblem(call, positions.reshape(-1), q, k, v, bias, is_causal)
+
+
+def run_gathered(
+    query: Tensor,
+    problems: Iterable[GatheredProblem],
+    pattern: DilatedPattern,
+    scale: float,
+    dropout_p: float,
+) -> Tensor:
+    """Attention of every problem under autograd (plain torch), scattered into a
+    ``query``-shaped output; "all"-mode branches merge by lse."""
+    b, n, h, d = query.shape
+    merge = pattern.head_mode == "all"
+    lse_dtype = _bias_dtype(query.dtype)
+    k = pattern.num_branches
+    out = query.new_zeros(b, n, h, d)
+    branch_outs = [query.new_zeros(b, n, h, d) for _ in range(k)] if merge else []
+    branch_lses = [query.new_full((b, n, h), -math.inf, dtype=lse_dtype) for _ in range(k)] if merge else []
+    for p in problems:
+        part_out, part_lse = math_kernel.attention_lse(p.q, p.k, p.v, p.bias, p.causal, scale, dropout_p)
+        heads = torch.tensor(p.call.heads(), device=query.device)[None, :]
+        index = (p.positions[:, None], heads)
+        part_out = part_out.transpose(1, 2).reshape(b, -1, p.call.num_heads, d)
         if merge:
-            branch_outs[call.branch][:, index[0], index[1]] = part_out
-            lse_part = part_lse.transpose(1, 2).reshape(b, s * m, call.num_heads)
-            branch_lses[call.branch][:, index[0], index[1]] = lse_part.to(branch_lses[0].dtype)
+            branch_outs[p.call.branch][:, index[0], index[1]] = part_out
+            part_lse = part_lse.transpose(1, 2).reshape(b, -1, p.call.num_heads)
+            branch_lses[p.call.branch][:, index[0], index[1]] = part_lse.to(lse_dtype)
         else:
             out[:, index[0], index[1]] = part_out
     if merge:
@@ -463,5 +496,7 @@ def dilated_attention(
     key_bias, attn_bias = prepare_masks(key_padding_mask, attn_mask, shape, query.dtype, query.device)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(shape[3])
     if method == "gather" or dropout_p > 0.0:
-        return _gathered(query, key, value, key_bias, attn_bias, pattern, is_causal, scale, dropout_p)
+        calls = pattern.calls(shape[1], shape[2])
+        problems = _local_problems(query, key, value, key_bias, attn_bias, calls, is_causal)
+        return run_gathered(query, problems, pattern, scale, dropout_p)
     return _fused(query, key, value, key_bias, attn_bias, pattern, is_causal, scale, backend)
