@@ -12,8 +12,12 @@ from .factory import (
     explain_auto,
 )
 from .functional import dilated_attention, merge_by_lse
-from .modules import DilatedAttention, ImprovedDilatedAttention
-from .multihead import ImprovedMultiheadDilatedAttention, MultiheadDilatedAttention
+from .modules import DilatedAttention, ImprovedDilatedAttention, RingDilatedAttention
+from .multihead import (
+    ImprovedMultiheadDilatedAttention,
+    MultiheadDilatedAttention,
+    RingMultiheadDilatedAttention,
+)
 from .pattern import DilatedPattern
 from .reference import dilated_attention_reference
 
@@ -25,6 +29,8 @@ __all__ = [
     "ImprovedDilatedAttention",
     "ImprovedMultiheadDilatedAttention",
     "MultiheadDilatedAttention",
+    "RingDilatedAttention",
+    "RingMultiheadDilatedAttention",
     "__version__",
     "create_dilated_attention",
     "create_multihead_dilated_attention",

@@ -9,19 +9,25 @@ import torch
 from torch import nn
 
 from . import kernels
-from .modules import DilatedAttention, ImprovedDilatedAttention
-from .multihead import ImprovedMultiheadDilatedAttention, MultiheadDilatedAttention
+from .modules import DilatedAttention, ImprovedDilatedAttention, RingDilatedAttention
+from .multihead import (
+    ImprovedMultiheadDilatedAttention,
+    MultiheadDilatedAttention,
+    RingMultiheadDilatedAttention,
+)
 from .pattern import LONGNET_DILATION_RATES, LONGNET_SEGMENT_LENGTHS
 
-ATTENTION_TYPES: tuple[str, ...] = ("auto", "standard", "improved")
+ATTENTION_TYPES: tuple[str, ...] = ("auto", "standard", "improved", "ring")
 
 _CORE: dict[str, type[nn.Module]] = {
     "standard": DilatedAttention,
     "improved": ImprovedDilatedAttention,
+    "ring": RingDilatedAttention,
 }
 _MULTIHEAD: dict[str, type[nn.Module]] = {
     "standard": MultiheadDilatedAttention,
     "improved": ImprovedMultiheadDilatedAttention,
+    "ring": RingMultiheadDilatedAttention,
 }
 
 #: Defaults of a bare ``create_multihead_dilated_attention("auto")``: LongNet's base setting.
@@ -101,12 +107,9 @@ def explain_auto(
             "'improved' uses strided views and fused kernels"
         ],
         "ring": [
-            "not implemented in this version"
-            + (
-                f" (torch.distributed world size is {world})"
-                if world > 1
-                else "; needs torch.distributed world size > 1"
-            )
+            "takes sequence shards, and 'auto' cannot tell shards from data-parallel batches; "
+            "ask for attention_type='ring' when each rank holds a slice of the sequence"
+            + (f" (torch.distributed world size is {world})" if world > 1 else "")
         ],
         "block_sparse_ring": [
             "not implemented in this version; computes a sparser function, never chosen by 'auto'"
@@ -127,7 +130,8 @@ def _resolve(attention_type: str) -> tuple[str, AutoChoice | None]:
 def create_dilated_attention(attention_type: str = "auto", **kwargs: Any) -> nn.Module:
     """A core module (``(batch, seq, heads, head_dim)`` in and out).
 
-    ``attention_type``: "auto", "standard" or "improved". ``kwargs`` go to the
+    ``attention_type``: "auto", "standard", "improved" or "ring" (sequence shards
+    over ``torch.distributed``; takes ``process_group``). ``kwargs`` go to the
     module; ``segment_lengths``/``dilation_rates`` default to LongNet's base
     setting. With "auto" the module's ``auto_choice`` says what was picked and why.
     """

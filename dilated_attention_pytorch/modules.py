@@ -4,7 +4,7 @@ over :func:`dilated_attention_pytorch.functional.dilated_attention`."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
@@ -96,3 +96,62 @@ class ImprovedDilatedAttention(_DilatedAttentionBase):
     Dropout runs the gather path."""
 
     method = "fused"
+
+
+class RingDilatedAttention(_DilatedAttentionBase):
+    """Dilated attention of a sequence sharded over ``torch.distributed`` ranks.
+
+    Each rank passes its contiguous shard ``(batch, seq / P, heads, head_dim)``
+    (rank ``i`` holds positions ``[i·seq/P, (i+1)·seq/P)``) and gets its shard of
+    the output. Branches whose segments fit in a shard run locally; a segment
+    spanning shards gathers only its dilated keys/values, among the ranks that
+    share it. ``process_group`` defaults to the world. ``attn_mask`` is not
+    supported (use ``key_padding_mask`` shards and ``is_causal``).
+    """
+
+    method = "gather"
+
+    def __init__(
+        self,
+        segment_lengths: Sequence[int],
+        dilation_rates: Sequence[int],
+        *,
+        head_mode: HeadMode = "grouped",
+        softmax_scale: float | None = None,
+        attention_dropout: float = 0.0,
+        backend: str | None = None,
+        process_group: Any = None,
+    ) -> None:
+        super().__init__(
+            segment_lengths,
+            dilation_rates,
+            head_mode=head_mode,
+            softmax_scale=softmax_scale,
+            attention_dropout=attention_dropout,
+            backend=backend,
+        )
+        self.process_group = process_group
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        is_causal: bool = False,
+        key_padding_mask: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+    ) -> Tensor:
+        from .distributed import ring_dilated_attention
+
+        return ring_dilated_attention(
+            query,
+            key,
+            value,
+            self.pattern,
+            is_causal=is_causal,
+            key_padding_mask=key_padding_mask,
+            attn_mask=attn_mask,
+            dropout_p=self.attention_dropout if self.training else 0.0,
+            softmax_scale=self.softmax_scale,
+            process_group=self.process_group,
+        )

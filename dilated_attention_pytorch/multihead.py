@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .functional import _check_dropout
-from .modules import DilatedAttention, ImprovedDilatedAttention, _DilatedAttentionBase
+from .modules import DilatedAttention, ImprovedDilatedAttention, RingDilatedAttention, _DilatedAttentionBase
 from .pattern import LONGNET_DILATION_RATES, LONGNET_SEGMENT_LENGTHS, HeadMode
 from .reference import dilated_attention_reference
 
@@ -264,4 +264,29 @@ class ImprovedMultiheadDilatedAttention(_MultiheadDilatedAttentionBase):
     attention_class = ImprovedDilatedAttention
 
 
-__all__ = ["ImprovedMultiheadDilatedAttention", "MultiheadDilatedAttention"]
+class RingMultiheadDilatedAttention(_MultiheadDilatedAttentionBase):
+    """:class:`MultiheadDilatedAttention` over a sequence sharded across
+    ``torch.distributed`` ranks (:class:`RingDilatedAttention`).
+
+    Each rank passes its contiguous shard of query/key/value (and of
+    ``key_padding_mask``) and gets its shard of the output. The projections are
+    per position, so sharding them is exact; parameter gradients are per rank
+    and are summed across ranks as in data parallelism (DDP/FSDP do this).
+    ``need_weights=True`` and ``attn_mask`` are not supported (the weights of a
+    sharded sequence live on several ranks).
+    """
+
+    attention_class = RingDilatedAttention
+
+    def __init__(self, *args: Any, process_group: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.attention.process_group = process_group
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, *args: Any, **kwargs: Any):  # type: ignore[override]
+        need_weights = kwargs.get("need_weights", args[1] if len(args) > 1 else False)
+        if need_weights:
+            raise ValueError("need_weights=True is not supported by RingMultiheadDilatedAttention")
+        return super().forward(query, key, value, *args, **kwargs)
+
+
+__all__ = ["ImprovedMultiheadDilatedAttention", "MultiheadDilatedAttention", "RingMultiheadDilatedAttention"]

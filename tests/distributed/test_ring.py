@@ -1,0 +1,176 @@
+"""RingDilatedAttention on spawned gloo process groups (2 and 4 ranks) against
+the reference on the whole sequence: outputs and gradients in float64."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dilated_attention_pytorch import RingDilatedAttention
+from dilated_attention_pytorch.reference import dilated_attention_reference as reference
+
+from ..conftest import TOLERANCES, relative_error
+
+# (world, seq, segment_lengths, dilation_rates, heads); shard = seq / world
+CASES = [
+    (2, 32, (4, 16, 32), (1, 2, 4), 3),  # local, local (w = shard), spanning 2
+    (4, 32, (4, 16, 32), (1, 3, 2), 5),  # spanning 2 and 4; r=3 gives shards uneven counts
+    (4, 32, (8, 24, 64), (2, 3, 5), 4),  # partial last segment (24 | 8 local), w > seq
+    (4, 32, (16,), (6,), 2),  # one branch, r > heads, uneven counts
+    (2, 32, (4, 8, 16, 32), (1, 2, 3, 4), 2),  # heads < branches
+]
+
+
+def _run_cases(rank: int, world: int, init_file: str, results: dict) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        failures = []
+        for case_world, seq, seg, dil, heads in CASES:
+            if case_world != world:
+                continue
+            shard = seq // world
+            for head_mode in ("grouped", "all"):
+                for causal in (False, True):
+                    for with_mask in (False, True):
+                        # the same seed on every rank: each builds the same global tensors
+                        g = torch.Generator().manual_seed(
+                            zlib.crc32(repr((seq, seg, head_mode, causal)).encode())
+                        )
+                        q, k, v, grad = (
+                            torch.randn(2, seq, heads, 4, generator=g, dtype=torch.float64) for _ in range(4)
+                        )
+                        kpm = torch.rand(2, seq, generator=g) < 0.25 if with_mask else None
+                        for x in (q, k, v):
+                            x.requires_grad_()
+                        exp = reference(
+                            q, k, v, seg, dil, head_mode=head_mode, is_causal=causal, key_padding_mask=kpm
+                        )
+                        exp_grads = torch.autograd.grad(exp, (q, k, v), grad)
+                        part = slice(rank * shard, (rank + 1) * shard)
+                        ql, kl, vl = (x.detach()[:, part].clone().requires_grad_() for x in (q, k, v))
+                        module = RingDilatedAttention(seg, dil, head_mode=head_mode)
+                        out = module(
+                            ql,
+                            kl,
+                            vl,
+                            is_causal=causal,
+                            key_padding_mask=None if kpm is None else kpm[:, part],
+                        )
+                        out.backward(grad[:, part])
+                        errors = [relative_error(out, exp[:, part])]
+                        errors += [
+                            relative_error(a.grad, b[:, part]) for a, b in zip((ql, kl, vl), exp_grads)
+                        ]
+                        if not torch.isfinite(out).all() or max(errors) > TOLERANCES[torch.float64]:
+                            failures.append(
+                                f"{seq} {seg} {dil} {head_mode} causal={causal} mask={with_mask}: {errors}"
+                            )
+        results[rank] = failures
+    finally:
+        dist.destroy_process_group()
+
+
+def _run_errors(rank: int, world: int, init_file: str, results: dict) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        messages = []
+        q = torch.randn(1, 8 + rank, 2, 4)  # shards of different lengths
+        try:
+            RingDilatedAttention([8], [1])(q, q, q)
+        except ValueError as e:
+            messages.append(str(e))
+        q = torch.randn(1, 8, 2, 4)
+        try:  # 12 neither divides the shard (8) nor is a multiple of it
+            RingDilatedAttention([12], [1])(q, q, q)
+        except ValueError as e:
+            messages.append(str(e))
+        try:
+            RingDilatedAttention([8], [1])(q, q, q, attn_mask=torch.zeros(8, 8, dtype=torch.bool))
+        except ValueError as e:
+            messages.append(str(e))
+        results[rank] = messages
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(fn, world: int, tmp_path) -> dict:
+    results = mp.Manager().dict()
+    mp.spawn(fn, args=(world, str(tmp_path / "init"), results), nprocs=world, join=True)
+    return dict(results)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ring_matches_reference(world, tmp_path):
+    results = _spawn(_run_cases, world, tmp_path)
+    assert sorted(results) == list(range(world))
+    assert all(not failures for failures in results.values()), results
+
+
+def test_ring_errors_on_every_rank(tmp_path):
+    results = _spawn(_run_errors, 2, tmp_path)
+    for messages in results.values():
+        assert len(messages) == 3
+        assert "every rank must pass a shard of the same shape" in messages[0]
+        assert "segment_lengths[0]=12" in messages[1] and "shard length 8" in messages[1]
+        assert "attn_mask is not supported" in messages[2]
+
+
+def test_ring_needs_initialized_distributed():
+    q = torch.randn(1, 8, 2, 4)
+    with pytest.raises(RuntimeError, match=r"needs torch\.distributed initialized"):
+        RingDilatedAttention([8], [1])(q, q, q)
+
+
+def _run_multihead(rank: int, world: int, init_file: str, results: dict) -> None:
+    from dilated_attention_pytorch import (
+        MultiheadDilatedAttention,
+        RingMultiheadDilatedAttention,
+        create_multihead_dilated_attention,
+    )
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        kw = {
+            "batch_first": True,
+            "segment_lengths": [4, 32],
+            "dilation_rates": [1, 4],
+            "dtype": torch.float64,
+        }
+        torch.manual_seed(0)  # the same weights on every rank
+        single = MultiheadDilatedAttention(16, 4, **kw)
+        ring = RingMultiheadDilatedAttention(16, 4, **kw)
+        ring.load_state_dict(single.state_dict())
+        x = torch.randn(2, 32, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        grad = torch.randn(2, 32, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        exp = single(x, x, x, is_causal=True)[0]
+        exp.backward(grad)
+        part = slice(rank * 16, (rank + 1) * 16)
+        xl = x[:, part]
+        out = ring(xl, xl, xl, is_causal=True)[0]
+        out.backward(grad[:, part])
+        errors = [relative_error(out, exp[:, part].detach())]
+        for p_ring, p_single in zip(ring.parameters(), single.parameters()):
+            summed = p_ring.grad.clone()
+            dist.all_reduce(summed)  # what data-parallel training does
+            errors.append(relative_error(summed, p_single.grad))
+        factory = create_multihead_dilated_attention("ring", embed_dim=16, num_heads=4, **kw)
+        need_weights_error = ""
+        try:
+            ring(xl, xl, xl, need_weights=True)
+        except ValueError as e:
+            need_weights_error = str(e)
+        results[rank] = (max(errors), type(factory).__name__, need_weights_error)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ring_multihead_matches_single_device(tmp_path):
+    results = _spawn(_run_multihead, 2, tmp_path)
+    for max_error, factory_type, need_weights_error in results.values():
+        assert max_error <= TOLERANCES[torch.float64]
+        assert factory_type == "RingMultiheadDilatedAttention"
+        assert "need_weights=True is not supported" in need_weights_error
