@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -254,6 +254,33 @@ def _sanitize(out: Tensor, lse: Tensor, has_key: Tensor) -> tuple[Tensor, Tensor
     return out.masked_fill(~has_key[..., None], 0.0), lse.masked_fill(~has_key, -math.inf)
 
 
+class RemoteKeys(Protocol):
+    """Keys/values of a problem that live on several ranks (sequence parallelism)."""
+
+    def gather(self, local: Tensor) -> Tensor:
+        """This rank's selected rows ``(batch, count, ...)`` -> every member's rows
+        ``(batch, total, ...)`` in sequence order."""
+        ...
+
+    def reduce(self, grad: Tensor) -> Tensor:
+        """Gradient ``(batch, total, ...)`` of the gathered rows -> this rank's rows,
+        summed over the members."""
+        ...
+
+
+@dataclasses.dataclass
+class FusedProblem:
+    """One branch problem of the fused path. ``call`` places the queries (and
+    the output) in the local sequence; keys and values are the same positions,
+    or, with ``remote``, gathered from the ranks that share the segment."""
+
+    call: BranchCall
+    backend: kernels.Backend
+    bias: Tensor | None = None
+    causal: bool = False
+    remote: RemoteKeys | None = None
+
+
 class _FusedDilatedAttention(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -261,29 +288,29 @@ class _FusedDilatedAttention(torch.autograd.Function):
         query: Tensor,
         key: Tensor,
         value: Tensor,
-        key_bias: Tensor | None,
-        attn_bias: Tensor | None,
-        pattern: DilatedPattern,
-        is_causal: bool,
+        problems: list[FusedProblem],
+        merge: bool,
         scale: float,
-        calls: list[BranchCall],
-        backends: list[kernels.Backend],
     ) -> Tensor:
         b, n, h, d = query.shape
-        merge = pattern.head_mode == "all"
         acc_dtype = _bias_dtype(query.dtype) if merge else query.dtype
         out = query.new_zeros(b, n, h, d, dtype=acc_dtype)
         lse = query.new_full((b, n, h), -math.inf, dtype=_bias_dtype(query.dtype))
-        states, biases = [], []
-        for call, backend in zip(calls, backends):
-            bias = None
-            if key_bias is not None or attn_bias is not None:
-                bias = _call_bias(call, _positions(call, query.device), key_bias, attn_bias, b)
-            q, k, v = (_as_problem(_strided(x, call)) for x in (query, key, value))
-            part_out, part_lse, state = backend.forward(q, k, v, bias, is_causal, scale)
-            if bias is not None:
-                part_out, part_lse = _sanitize(part_out, part_lse, _rows_with_keys(bias, is_causal))
-            out5, lse4 = _strided(out, call), _strided(lse, call)
+        states, remote_kv = [], []
+        for p in problems:
+            q = _as_problem(_strided(query, p.call))
+            if p.remote is None:
+                k, v = (_as_problem(_strided(x, p.call)) for x in (key, value))
+            else:  # one segment per problem: (batch, total, heads, d) -> (batch, heads, total, d)
+                k, v = (p.remote.gather(_strided(x, p.call)[:, 0]).transpose(1, 2) for x in (key, value))
+            remote_kv.append((k, v) if p.remote is not None else None)
+            if p.call.length == 0:  # no local query; the gather above still had to be posted
+                states.append(None)
+                continue
+            part_out, part_lse, state = p.backend.forward(q, k, v, p.bias, p.causal, scale)
+            if p.bias is not None:
+                part_out, part_lse = _sanitize(part_out, part_lse, _rows_with_keys(p.bias, p.causal))
+            out5, lse4 = _strided(out, p.call), _strided(lse, p.call)
             part_out, part_lse = _from_problem(part_out, b), _from_problem(part_lse, b)
             if merge:
                 _merge_into(out5, lse4, part_out, part_lse)
@@ -291,11 +318,10 @@ class _FusedDilatedAttention(torch.autograd.Function):
                 out5.copy_(part_out)
                 lse4.copy_(part_lse)
             states.append(state)
-            biases.append(bias)
         out = out.to(query.dtype)
         ctx.save_for_backward(query, key, value, out, lse)
-        ctx.calls, ctx.backends, ctx.states, ctx.biases = calls, backends, states, biases
-        ctx.merge, ctx.is_causal, ctx.scale = merge, is_causal, scale
+        ctx.problems, ctx.states, ctx.remote_kv = problems, states, remote_kv
+        ctx.merge, ctx.scale = merge, scale
         return out
 
     @staticmethod
@@ -306,25 +332,61 @@ class _FusedDilatedAttention(torch.autograd.Function):
         # "all": every branch adds to each position, so accumulate in float32
         acc_dtype = _bias_dtype(query.dtype) if ctx.merge else query.dtype
         grads = [torch.zeros(query.shape, dtype=acc_dtype, device=query.device) for _ in range(3)]
-        for call, backend, state, bias in zip(ctx.calls, ctx.backends, ctx.states, ctx.biases):
-            q, k, v, o, do = (_as_problem(_strided(x, call)) for x in (query, key, value, out, grad_out))
-            part_lse = _as_problem(_strided(lse, call))
-            if bias is not None:
-                # no key in any branch: every key is masked, so any finite lse gives p = 0
-                part_lse = torch.where(part_lse == -math.inf, 0.0, part_lse)
-            part_grads = backend.backward(do, q, k, v, o, part_lse, bias, ctx.is_causal, ctx.scale, state)
-            for grad, part in zip(grads, part_grads):
-                view = _strided(grad, call)
-                part = _from_problem(part, b)
+        for p, state, kv in zip(ctx.problems, ctx.states, ctx.remote_kv):
+            q, o, do = (_as_problem(_strided(x, p.call)) for x in (query, out, grad_out))
+            k, v = kv if kv is not None else (_as_problem(_strided(x, p.call)) for x in (key, value))
+            if p.call.length == 0:
+                part_grads = (None, torch.zeros_like(k), torch.zeros_like(v))
+            else:
+                part_lse = _as_problem(_strided(lse, p.call))
+                if p.bias is not None:
+                    # no key in any branch: every key is masked, so any finite lse gives p = 0
+                    part_lse = torch.where(part_lse == -math.inf, 0.0, part_lse)
+                part_grads = p.backend.backward(do, q, k, v, o, part_lse, p.bias, p.causal, ctx.scale, state)
+            for i, (grad, part) in enumerate(zip(grads, part_grads)):
+                if part is None:
+                    continue
+                view = _strided(grad, p.call)
+                if i > 0 and p.remote is not None:  # dk, dv of gathered keys go home
+                    part = p.remote.reduce(part.transpose(1, 2))[:, None]
+                else:
+                    part = _from_problem(part, b)
                 if ctx.merge:
                     view.add_(part)
-                else:  # grouped: calls are disjoint in (position, head)
+                else:  # grouped: problems are disjoint in (position, head)
                     view.copy_(part)
         dq, dk, dv = (g.to(query.dtype) for g in grads)
-        return dq, dk, dv, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None
+
+
+def select_backends(
+    query: Tensor, calls: Sequence[BranchCall], has_bias: Sequence[bool], backend: str | None
+) -> list[kernels.Backend]:
+    """A kernel per problem. A named backend must suit the inputs; a problem whose
+    length it refuses (cuDNN at length 1, say) goes to the best one that takes it."""
+    spec = kernels.AttentionSpec.from_tensor(query, has_bias=any(has_bias))
+    if backend is not None:
+        kernels.select_backend(spec, backend)
+    named = kernels.REGISTRY.get(backend) if backend is not None else None
+    chosen = []
+    for call, bias in zip(calls, has_bias):
+        call_spec = dataclasses.replace(spec, has_bias=bias, seq_len=call.length)
+        if named is not None and not named.not_supported_reasons(call_spec):
+            chosen.append(named)
+        else:
+            chosen.append(kernels.select_backend(call_spec))
+    return chosen
 
 
 @torch.compiler.disable
+def run_fused(
+    query: Tensor, key: Tensor, value: Tensor, problems: list[FusedProblem], merge: bool, scale: float
+) -> Tensor:
+    """The fused path, kept out of ``torch.compile`` graphs: compiling through the
+    custom Function's in-place view writes gave wrong gradients on torch 2.11."""
+    return _FusedDilatedAttention.apply(query, key, value, problems, merge, scale)
+
+
 def _fused(
     query: Tensor,
     key: Tensor,
@@ -336,29 +398,17 @@ def _fused(
     scale: float,
     backend: str | None,
 ) -> Tensor:
-    """The fused path, kept out of ``torch.compile`` graphs: compiling through the
-    custom Function's in-place view writes gave wrong gradients on torch 2.11."""
-    _, n, h, _ = query.shape
+    b, n, h, _ = query.shape
     calls = pattern.calls(n, h)
-    has_bias = key_bias is not None or attn_bias is not None
-    # the named backend must suit the inputs; a call whose length it refuses
-    # (cuDNN at length 1, say) goes to the best backend that takes it
-    spec = kernels.AttentionSpec.from_tensor(query, has_bias=has_bias)
-    if backend is not None:
-        kernels.select_backend(spec, backend)
-    chosen: dict[int, kernels.Backend] = {}
-    for call in calls:
-        if call.length not in chosen:
-            call_spec = dataclasses.replace(spec, seq_len=call.length)
-            named = kernels.REGISTRY.get(backend) if backend is not None else None
-            if named is not None and not named.not_supported_reasons(call_spec):
-                chosen[call.length] = named
-            else:
-                chosen[call.length] = kernels.select_backend(call_spec)
-    backends = [chosen[call.length] for call in calls]
-    return _FusedDilatedAttention.apply(
-        query, key, value, key_bias, attn_bias, pattern, is_causal, scale, calls, backends
-    )
+    biases = [
+        _call_bias(c, _positions(c, query.device), key_bias, attn_bias, b)
+        if key_bias is not None or attn_bias is not None
+        else None
+        for c in calls
+    ]
+    backends = select_backends(query, calls, [x is not None for x in biases], backend)
+    problems = [FusedProblem(c, be, bias, is_causal) for c, be, bias in zip(calls, backends, biases)]
+    return run_fused(query, key, value, problems, pattern.head_mode == "all", scale)
 
 
 # --------------------------------------------------------------------------

@@ -15,6 +15,7 @@ of two). Anything else raises a ``ValueError`` naming the branch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 
@@ -29,27 +30,49 @@ from ..pattern import BranchCall, DilatedPattern
 _SUBGROUPS: dict[tuple[int, ...], dist.ProcessGroup] = {}
 
 
-class _GatherFromGroup(torch.autograd.Function):
-    """All-gather along a new leading dim; backward sums each rank's slice back."""
+@dataclasses.dataclass
+class _SegmentKeys:
+    """The selected rows of one segment, spread over the ranks that share it
+    (implements :class:`functional.RemoteKeys`). Shards with fewer rows pad for
+    the collective and trim after it."""
+
+    group: dist.ProcessGroup
+    index: int  # this rank's place among the members
+    counts: list[int]  # selected rows per member, in sequence order
+
+    def gather(self, local: Tensor) -> Tensor:
+        width = max(self.counts)
+        padded = local.new_zeros(local.shape[0], width, *local.shape[2:])
+        padded[:, : local.shape[1]] = local
+        parts = [torch.empty_like(padded) for _ in self.counts]
+        dist.all_gather(parts, padded, group=self.group)
+        return torch.cat([part[:, :c] for part, c in zip(parts, self.counts)], 1)
+
+    def reduce(self, grad: Tensor) -> Tensor:
+        width = max(self.counts)
+        stacked = grad.new_zeros(len(self.counts), grad.shape[0], width, *grad.shape[2:])
+        for j, piece in enumerate(grad.split(self.counts, dim=1)):
+            stacked[j, :, : piece.shape[1]] = piece
+        if dist.get_backend(self.group) == dist.Backend.NCCL:
+            mine = torch.empty_like(stacked[0])
+            dist.reduce_scatter_tensor(mine, stacked, group=self.group)
+        else:  # gloo has no reduce-scatter: all-reduce and keep this rank's slice
+            dist.all_reduce(stacked, group=self.group)
+            mine = stacked[self.index]
+        return mine[:, : self.counts[self.index]]
+
+
+class _GatherRows(torch.autograd.Function):
+    """:meth:`_SegmentKeys.gather` under autograd; backward sums gradients home."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, group: dist.ProcessGroup, rank: int) -> Tensor:  # type: ignore[override]
-        x = x.contiguous()
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, x, group=group)
-        ctx.group, ctx.rank = group, rank
-        return torch.stack(parts)
+    def forward(ctx, local: Tensor, keys: _SegmentKeys) -> Tensor:  # type: ignore[override]
+        ctx.keys = keys
+        return keys.gather(local)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None]:  # type: ignore[override]
-        grad = grad.contiguous()
-        if dist.get_backend(ctx.group) == dist.Backend.NCCL:
-            out = torch.empty_like(grad[0])
-            dist.reduce_scatter_tensor(out, grad, group=ctx.group)
-            return out, None, None
-        # gloo has no reduce-scatter: all-reduce and keep this rank's slice
-        dist.all_reduce(grad, group=ctx.group)
-        return grad[ctx.rank], None, None
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return ctx.keys.reduce(grad.contiguous()), None
 
 
 def _group_ranks(group: dist.ProcessGroup | None) -> list[int]:
@@ -96,67 +119,69 @@ def _selection(call: BranchCall, segment: int, member: int, shard: int) -> tuple
     return first, len(range(first, shard, call.dilation))
 
 
-def _gather_selected(
-    part: Tensor, counts: list[int], group: dist.ProcessGroup, index: int, fill: float = 0.0
-) -> Tensor:
-    """All members' selected rows (dim 1), concatenated in sequence order; shards
-    with fewer rows are padded for the collective and trimmed after it."""
-    pad = max(counts) - part.shape[1]
-    if pad:
-        part = torch.cat([part, part.new_full((part.shape[0], pad, *part.shape[2:]), fill)], 1)
-    stacked = _GatherFromGroup.apply(part, group, index)
-    return torch.cat([stacked[j, :, :c] for j, c in enumerate(counts)], 1)
+@dataclasses.dataclass
+class _Span:
+    """This rank's part of one segment that spans shards."""
+
+    call: BranchCall  # the global call
+    local: BranchCall  # this rank's selected queries, as a call on the shard
+    keys: _SegmentKeys
 
 
-def _spanning_problems(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    key_bias: Tensor | None,
-    calls: list[BranchCall],
-    is_causal: bool,
-    rank: int,
-    group_ranks: list[int],
-    shard: int,
-) -> Iterator[GatheredProblem]:
-    """Calls whose segments span shards: local dilated queries against the
-    segment's dilated keys/values gathered from the ranks that share it.
-
-    Every member posts the gather even when it has no query of its own, and
-    members meet their segments in call order, so collectives always match."""
-    device = query.device
-    my_start = rank * shard
+def _spans(calls: list[BranchCall], rank: int, group_ranks: list[int], shard: int) -> list[_Span]:
+    """Every member of a segment meets it at the same call, so collectives match."""
+    spans = []
     for call in calls:
         w = call.segment_length
+        my_start = rank * shard
         if not (call.start <= my_start < call.start + call.num_segments * w):
             continue
         segment = (my_start - call.start) // w
         first_member = (call.start + segment * w) // shard
         members = list(range(first_member, first_member + w // shard))
         counts = [_selection(call, segment, j, shard)[1] for j in members]
-        index = members.index(rank)
-        group = _subgroup(tuple(group_ranks[j] for j in members))
         first, count = _selection(call, segment, rank, shard)
-        local = torch.arange(first, shard, call.dilation, device=device)
-        heads = torch.tensor(call.heads(), device=device)
-
-        q = query[:, local][:, :, heads].transpose(1, 2)
-        k, v = (
-            _gather_selected(x[:, local][:, :, heads], counts, group, index).transpose(1, 2)
-            for x in (key, value)
+        local = dataclasses.replace(
+            call, start=0, offset=first, segment_length=shard, num_segments=1, length=count
         )
-        total = k.shape[2]
-        bias = None
-        if key_bias is not None:
-            bias = _gather_selected(key_bias[:, local], counts, group, index, -math.inf)[:, None, None, :]
-        if is_causal:
-            # a query sees the selected keys up to its own place among them
-            q_index = sum(counts[:index]) + torch.arange(count, device=device)
-            allowed = torch.arange(total, device=device)[None, :] <= q_index[:, None]
-            causal = torch.zeros(count, total, device=device, dtype=functional._bias_dtype(query.dtype))
-            causal = causal.masked_fill(~allowed, -math.inf)
-            bias = causal if bias is None else bias + causal
-        yield GatheredProblem(call, local, q, k, v, bias, False)
+        group = _subgroup(tuple(group_ranks[j] for j in members))
+        spans.append(_Span(call, local, _SegmentKeys(group, members.index(rank), counts)))
+    return spans
+
+
+def _span_bias(span: _Span, key_bias: Tensor | None, is_causal: bool, query: Tensor) -> Tensor | None:
+    """Padding of the gathered keys and, if causal, each query's place among them:
+    ``(batch | 1, 1, count, total)``."""
+    keys = span.keys
+    total = sum(keys.counts)
+    bias = None
+    if key_bias is not None:
+        local_keys = key_bias[:, span.local.offset :: span.local.dilation]
+        bias = keys.gather(local_keys)[:, None, None, :]
+    if is_causal:
+        count = span.local.length
+        q_index = sum(keys.counts[: keys.index]) + torch.arange(count, device=query.device)
+        allowed = torch.arange(total, device=query.device)[None, :] <= q_index[:, None]
+        causal = torch.zeros(count, total, device=query.device, dtype=functional._bias_dtype(query.dtype))
+        causal = causal.masked_fill(~allowed, -math.inf)[None, None]
+        bias = causal if bias is None else bias + causal
+    return bias
+
+
+def _local_calls(calls: list[BranchCall], rank: int, shard: int) -> list[BranchCall]:
+    """The segments of each call that lie in this shard, as calls on the shard."""
+    out = []
+    lo_shard, hi_shard = rank * shard, (rank + 1) * shard
+    for call in calls:
+        w = call.segment_length
+        lo, hi = max(call.start, lo_shard), min(call.start + call.num_segments * w, hi_shard)
+        if lo >= hi:
+            continue
+        s_lo, s_hi = (lo - call.start) // w, (hi - call.start) // w
+        out.append(
+            dataclasses.replace(call, start=call.start + s_lo * w - lo_shard, num_segments=s_hi - s_lo)
+        )
+    return out
 
 
 def ring_dilated_attention(
@@ -171,12 +196,15 @@ def ring_dilated_attention(
     dropout_p: float = 0.0,
     softmax_scale: float | None = None,
     process_group: dist.ProcessGroup | None = None,
+    method: functional.Method = "fused",
+    backend: str | None = None,
 ) -> Tensor:
     """Dilated attention of a sequence sharded over ``process_group``.
 
     ``query``, ``key``, ``value``: this rank's shard ``(batch, seq / P, heads, head_dim)``;
     ``key_padding_mask``: its shard ``(batch, seq / P)``. Returns this rank's shard
-    of the output of DESIGN.md §1 on the whole sequence.
+    of the output of DESIGN.md §1 on the whole sequence. ``method``/``backend``
+    as in :func:`functional.dilated_attention` (dropout takes the gather path).
     """
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
@@ -186,6 +214,8 @@ def ring_dilated_attention(
     shape = functional._check_inputs(query, key, value)
     functional._check_scale(softmax_scale)
     functional._check_dropout(dropout_p)
+    if method not in functional.METHODS:
+        raise ValueError(f"method must be one of {functional.METHODS}, got {method!r}")
     if attn_mask is not None:
         raise ValueError(
             "attn_mask is not supported by the sequence-parallel implementation; use "
@@ -194,22 +224,50 @@ def ring_dilated_attention(
     check_shards(query, process_group)
     world = dist.get_world_size(process_group)
     rank = dist.get_rank(process_group)
-    _, shard, h, d = shape
+    b, shard, h, d = shape
     seq = shard * world
     _check_geometry(pattern, seq, shard)
     key_bias, _ = functional.prepare_masks(key_padding_mask, None, shape, query.dtype, query.device)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     calls = pattern.calls(seq, h)
-    local = [c for c in calls if c.segment_length <= shard]
-    spanning = [c for c in calls if c.segment_length > shard]
-    group_ranks = _group_ranks(process_group)
+    local = _local_calls([c for c in calls if c.segment_length <= shard], rank, shard)
+    spans = _spans([c for c in calls if c.segment_length > shard], rank, _group_ranks(process_group), shard)
+    local_biases = [
+        None
+        if key_bias is None
+        else functional._call_bias(c, functional._positions(c, query.device), key_bias, None, b)
+        for c in local
+    ]
+    span_biases = [_span_bias(sp, key_bias, is_causal, query) for sp in spans]
 
-    def problems() -> Iterator[GatheredProblem]:
-        yield from functional._local_problems(
-            query, key, value, key_bias, None, local, is_causal, segment_offset=rank * shard
-        )
-        yield from _spanning_problems(
-            query, key, value, key_bias, spanning, is_causal, rank, group_ranks, shard
-        )
+    if method == "gather" or dropout_p > 0.0:
 
-    return functional.run_gathered(query, problems(), pattern, scale, dropout_p)
+        def problems() -> Iterator[GatheredProblem]:
+            for c, bias in zip(local, local_biases):
+                q, k, v = (
+                    functional._as_problem(functional._strided(x, c)).contiguous()
+                    for x in (query, key, value)
+                )
+                positions = functional._positions(c, query.device).reshape(-1)
+                yield GatheredProblem(c, positions, q, k, v, bias, is_causal)
+            for sp, bias in zip(spans, span_biases):
+                q = functional._as_problem(functional._strided(query, sp.local))
+                k, v = (
+                    _GatherRows.apply(functional._strided(x, sp.local)[:, 0], sp.keys).transpose(1, 2)
+                    for x in (key, value)
+                )
+                positions = functional._positions(sp.local, query.device).reshape(-1)
+                yield GatheredProblem(sp.local, positions, q, k, v, bias, False)
+
+        return functional.run_gathered(query, problems(), pattern, scale, dropout_p)
+
+    problem_calls = local + [sp.local for sp in spans]
+    biases = local_biases + span_biases
+    backends = functional.select_backends(query, problem_calls, [x is not None for x in biases], backend)
+    problems = [
+        functional.FusedProblem(c, be, bias, is_causal) for c, be, bias in zip(local, backends, local_biases)
+    ] + [
+        functional.FusedProblem(sp.local, be, bias, False, sp.keys)
+        for sp, be, bias in zip(spans, backends[len(local) :], span_biases)
+    ]
+    return functional.run_fused(query, key, value, problems, pattern.head_mode == "all", scale)

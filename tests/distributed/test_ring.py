@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dilated_attention_pytorch import RingDilatedAttention
+from dilated_attention_pytorch import DilatedPattern, RingDilatedAttention
+from dilated_attention_pytorch.distributed import ring_dilated_attention
 from dilated_attention_pytorch.reference import dilated_attention_reference as reference
 
 from ..conftest import TOLERANCES, relative_error
@@ -52,23 +53,22 @@ def _run_cases(rank: int, world: int, init_file: str, results: dict) -> None:
                         exp_grads = torch.autograd.grad(exp, (q, k, v), grad)
                         part = slice(rank * shard, (rank + 1) * shard)
                         ql, kl, vl = (x.detach()[:, part].clone().requires_grad_() for x in (q, k, v))
-                        module = RingDilatedAttention(seg, dil, head_mode=head_mode)
-                        out = module(
-                            ql,
-                            kl,
-                            vl,
-                            is_causal=causal,
-                            key_padding_mask=None if kpm is None else kpm[:, part],
-                        )
-                        out.backward(grad[:, part])
-                        errors = [relative_error(out, exp[:, part])]
-                        errors += [
-                            relative_error(a.grad, b[:, part]) for a, b in zip((ql, kl, vl), exp_grads)
-                        ]
-                        if not torch.isfinite(out).all() or max(errors) > TOLERANCES[torch.float64]:
-                            failures.append(
-                                f"{seq} {seg} {dil} {head_mode} causal={causal} mask={with_mask}: {errors}"
-                            )
+                        for method in ("fused", "gather"):
+                            for x in (ql, kl, vl):
+                                x.grad = None
+                            out = ring_dilated_attention(
+                                ql, kl, vl, DilatedPattern(seg, dil, head_mode), is_causal=causal,
+                                key_padding_mask=None if kpm is None else kpm[:, part], method=method,
+                            )  # fmt: skip
+                            out.backward(grad[:, part])
+                            errors = [relative_error(out, exp[:, part])]
+                            errors += [
+                                relative_error(a.grad, b[:, part]) for a, b in zip((ql, kl, vl), exp_grads)
+                            ]
+                            if not torch.isfinite(out).all() or max(errors) > TOLERANCES[torch.float64]:
+                                failures.append(
+                                    f"{method} {seq} {seg} {dil} {head_mode} {causal} {with_mask}: {errors}"
+                                )
         results[rank] = failures
     finally:
         dist.destroy_process_group()
