@@ -50,7 +50,7 @@ def _worker(rank: int, world: int, init_file: str, results: dict) -> None:
                         single_err = (s.float()[:, part] - e[:, part]).abs().max().item()
                         if not ring_err <= 2 * single_err + 1e-6:
                             report.append(
-                                f"{seq} {seg} {head_mode} {causal} {name}: ring {ring_err} single {single_err}"
+                                f"{seq} {seg} {head_mode} {causal} {name}: {ring_err} vs {single_err}"
                             )
         results[rank] = report
     finally:
