@@ -174,3 +174,20 @@ def test_ring_multihead_matches_single_device(tmp_path):
         assert max_error <= TOLERANCES[torch.float64]
         assert factory_type == "RingMultiheadDilatedAttention"
         assert "need_weights=True is not supported" in need_weights_error
+
+
+def test_torchrun_example_matches_single_device():
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         str(root / "examples/ring_torchrun.py"), "--seq", "2048"],
+        capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    match = re.search(r"2 ranks, seq 2048: max \|ring - single device\| = (\S+)", result.stdout)
+    assert match, result.stdout + result.stderr
+    assert float(match.group(1)) < 1e-5
