@@ -191,3 +191,32 @@ def test_torchrun_example_matches_single_device():
     match = re.search(r"2 ranks, seq 2048: max \|ring - single device\| = (\S+)", result.stdout)
     assert match, result.stdout + result.stderr
     assert float(match.group(1)) < 1e-5
+
+
+def _run_stack(rank: int, world: int, init_file: str, results: dict) -> None:
+    from dilated_attention_pytorch import MultiheadDilatedAttention, RingMultiheadDilatedAttention
+
+    from .stack import loss_and_grad_norm, stack
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        kw = {"segment_lengths": [8, 16, 64], "dilation_rates": [1, 2, 4], "dtype": torch.float64}
+        x = torch.randn(2, 64, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+        single = loss_and_grad_norm(stack(MultiheadDilatedAttention, **kw), x, x.numel())
+        shard = 64 // world
+        ring = loss_and_grad_norm(
+            stack(RingMultiheadDilatedAttention, **kw),
+            x[:, rank * shard : (rank + 1) * shard],
+            x.numel(),
+            group=dist.group.WORLD,
+        )
+        results[rank] = (single, ring)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_eight_layer_stack_matches_single_device(tmp_path):
+    results = _spawn(_run_stack, 4, tmp_path)
+    for (loss, norm), (ring_loss, ring_norm) in results.values():
+        assert abs(ring_loss - loss) <= 1e-10 * abs(loss)
+        assert abs(ring_norm - norm) <= 1e-10 * abs(norm)

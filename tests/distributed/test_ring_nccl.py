@@ -63,3 +63,41 @@ def test_ring_nccl_bf16(tmp_path):
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), results), nprocs=2, join=True)
     assert sorted(results) == [0, 1]
     assert all(not r for r in results.values()), dict(results)
+
+
+def _stack_worker(rank: int, world: int, init_file: str, results: dict) -> None:
+    from dilated_attention_pytorch import ImprovedMultiheadDilatedAttention, RingMultiheadDilatedAttention
+
+    from .stack import loss_and_grad_norm, stack
+
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        kw = {"segment_lengths": [256, 512, 2048], "dilation_rates": [1, 2, 4], "device": "cuda"}
+        x = torch.randn(2, 2048, 256, device="cuda", generator=torch.Generator(device="cuda").manual_seed(3))
+        ref = loss_and_grad_norm(
+            stack(ImprovedMultiheadDilatedAttention, dim=256, heads=8, **kw), x, x.numel()
+        )
+        single = loss_and_grad_norm(
+            stack(ImprovedMultiheadDilatedAttention, dim=256, heads=8, **kw).bfloat16(),
+            x.bfloat16(),
+            x.numel(),
+        )
+        shard = x.shape[1] // world
+        ring_model = stack(RingMultiheadDilatedAttention, dim=256, heads=8, **kw).bfloat16()
+        x_local = x.bfloat16()[:, rank * shard : (rank + 1) * shard]
+        ring = loss_and_grad_norm(ring_model, x_local, x.numel(), group=dist.group.WORLD)
+        results[rank] = (ref, single, ring)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_ring_nccl_eight_layer_stack(tmp_path):
+    results = mp.Manager().dict()
+    mp.spawn(_stack_worker, args=(2, str(tmp_path / "init"), results), nprocs=2, join=True)
+    for ref, single, ring in results.values():
+        for i, what in enumerate(("loss", "grad norm")):
+            single_err = abs(single[i] - ref[i]) / abs(ref[i])
+            ring_err = abs(ring[i] - ref[i]) / abs(ref[i])
+            assert ring_err <= max(2 * single_err, 1e-2), (what, ref[i], single[i], ring[i])
