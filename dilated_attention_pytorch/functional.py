@@ -24,7 +24,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import kernels
 from .kernels import math as math_kernel
@@ -325,6 +327,7 @@ class _FusedDilatedAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         query, key, value, out, lse = ctx.saved_tensors
         b = query.shape[0]
@@ -467,9 +470,12 @@ def run_gathered(
     pattern: DilatedPattern,
     scale: float,
     dropout_p: float,
+    sdpa: bool = False,
 ) -> Tensor:
-    """Attention of every problem under autograd (plain torch), scattered into a
-    ``query``-shaped output; "all"-mode branches merge by lse."""
+    """Attention of every problem under autograd, scattered into a ``query``-shaped
+    output; "all"-mode branches merge by lse. Plain torch, or with ``sdpa`` and
+    where no lse and no mask is needed (grouped heads), PyTorch's fused SDPA
+    kernels, which also do dropout without O(length²) memory."""
     b, n, h, d = query.shape
     merge = pattern.head_mode == "all"
     lse_dtype = _bias_dtype(query.dtype)
@@ -478,7 +484,12 @@ def run_gathered(
     branch_outs = [query.new_zeros(b, n, h, d) for _ in range(k)] if merge else []
     branch_lses = [query.new_full((b, n, h), -math.inf, dtype=lse_dtype) for _ in range(k)] if merge else []
     for p in problems:
-        part_out, part_lse = math_kernel.attention_lse(p.q, p.k, p.v, p.bias, p.causal, scale, dropout_p)
+        if sdpa and not merge and p.bias is None:
+            part_out = F.scaled_dot_product_attention(
+                p.q, p.k, p.v, dropout_p=dropout_p, is_causal=p.causal, scale=scale
+            )
+        else:
+            part_out, part_lse = math_kernel.attention_lse(p.q, p.k, p.v, p.bias, p.causal, scale, dropout_p)
         heads = torch.tensor(p.call.heads(), device=query.device)[None, :]
         index = (p.positions[:, None], heads)
         part_out = part_out.transpose(1, 2).reshape(b, -1, p.call.num_heads, d)
@@ -526,7 +537,8 @@ def dilated_attention(
         dropout_p: dropout on the attention probabilities (pass 0 in eval).
         softmax_scale: defaults to ``1 / sqrt(head_dim)``.
         method: ``"fused"`` (strided views, fused kernels) or ``"gather"``
-            (copy-gather, plain torch). Dropout always takes the gather path.
+            (copy-gather, plain torch). With dropout, "fused" copy-gathers and
+            runs PyTorch's SDPA (grouped heads, no mask) or plain torch.
         backend: kernel for the fused path (see :mod:`.kernels`); None picks the
             fastest that can run the call. A named backend runs every branch
             problem it accepts; the few it refuses by length (cuDNN at length 1)
@@ -548,5 +560,5 @@ def dilated_attention(
     if method == "gather" or dropout_p > 0.0:
         calls = pattern.calls(shape[1], shape[2])
         problems = _local_problems(query, key, value, key_bias, attn_bias, calls, is_causal)
-        return run_gathered(query, problems, pattern, scale, dropout_p)
+        return run_gathered(query, problems, pattern, scale, dropout_p, sdpa=method == "fused")
     return _fused(query, key, value, key_bias, attn_bias, pattern, is_causal, scale, backend)

@@ -126,28 +126,30 @@ def test_softmax_scale():
         assert_close(out, reference(q, k, v, (4,), (2,), softmax_scale=0.3), torch.float64, impl.name)
 
 
-def test_dropout_is_unbiased_and_seeded():
+@pytest.mark.parametrize("head_mode", ["grouped", "all"])
+@pytest.mark.parametrize("method", ["gather", "fused"])
+def test_dropout_is_unbiased_and_seeded(method, head_mode):
     q, k, v = make_qkv(1, 8, 2, requires_grad=False)
-    clean = reference(q, k, v, (4, 8), (1, 2), head_mode="all")
-    for method in ("gather", "fused"):
-        torch.manual_seed(3)
-        a = functional.dilated_attention(
-            q, k, v, (4, 8), (1, 2), head_mode="all", dropout_p=0.5, method=method
-        )
-        torch.manual_seed(3)
-        b = functional.dilated_attention(
-            q, k, v, (4, 8), (1, 2), head_mode="all", dropout_p=0.5, method=method
-        )
-        assert torch.equal(a, b)
-        assert not torch.allclose(a, clean)
+    kw = {"head_mode": head_mode, "is_causal": True, "method": method}
+    clean = reference(q, k, v, (4, 8), (1, 2), head_mode=head_mode, is_causal=True)
+    torch.manual_seed(3)
+    a = functional.dilated_attention(q, k, v, (4, 8), (1, 2), dropout_p=0.5, **kw)
+    torch.manual_seed(3)
+    b = functional.dilated_attention(q, k, v, (4, 8), (1, 2), dropout_p=0.5, **kw)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, clean)
     torch.manual_seed(0)
-    mean = torch.stack(
-        [
-            functional.dilated_attention(q, k, v, (4, 8), (1, 2), head_mode="all", dropout_p=0.3)
-            for _ in range(3000)
-        ]
-    ).mean(0)
+    runs = [functional.dilated_attention(q, k, v, (4, 8), (1, 2), dropout_p=0.3, **kw) for _ in range(3000)]
+    mean = torch.stack(runs).mean(0)
     assert (mean - clean).abs().max() < 0.1 * clean.abs().max()
+
+
+def test_fused_backward_is_once_differentiable():
+    q, k, v = make_qkv(1, 8, 2)
+    out = functional.dilated_attention(q, k, v, (4,), (2,))
+    (g,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        g.sum().backward()
 
 
 def test_merge_by_lse_all_empty_is_zero_with_finite_grads():

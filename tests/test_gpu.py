@@ -123,3 +123,27 @@ def test_triton_merge_matches_torch_merge(head_dim):
     mask = torch.ones_like(acc, dtype=torch.bool)
     mask[:, 1::3].unflatten(1, (5, 2))[:, :, :, 0::2] = False
     assert torch.equal(acc[mask], untouched[mask])
+
+
+def test_dropout_grouped_uses_fused_kernels_and_is_unbiased():
+    from dilated_attention_pytorch import functional
+
+    q, k, v = make_qkv(1, 256, 4, 64, dtype=torch.bfloat16, device="cuda", requires_grad=False)
+    kw = {"is_causal": True}
+    clean = functional.dilated_attention(q, k, v, (64, 128), (1, 2), **kw).float()
+    torch.manual_seed(0)
+    runs = [
+        functional.dilated_attention(q, k, v, (64, 128), (1, 2), dropout_p=0.2, **kw).float()
+        for _ in range(2000)
+    ]
+    mean = torch.stack(runs).mean(0)
+    assert torch.isfinite(mean).all()
+    assert (mean - clean).abs().max() < 0.1 * clean.abs().max()
+    # 32K positions, segments of 2048 at r=1: plain attention would hold 2048² scores per segment
+    q, k, v = make_qkv(1, 32768, 4, 64, dtype=torch.bfloat16, device="cuda")
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = functional.dilated_attention(q, k, v, (2048, 4096), (1, 2), dropout_p=0.1, **kw)
+    out.backward(torch.ones_like(out))
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak < 20 * q.numel() * q.element_size(), peak

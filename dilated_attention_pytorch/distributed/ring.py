@@ -259,7 +259,7 @@ def ring_dilated_attention(
                 positions = functional._positions(sp.local, query.device).reshape(-1)
                 yield GatheredProblem(sp.local, positions, q, k, v, bias, False)
 
-        return functional.run_gathered(query, problems(), pattern, scale, dropout_p)
+        return functional.run_gathered(query, problems(), pattern, scale, dropout_p, sdpa=method == "fused")
 
     problem_calls = local + [sp.local for sp in spans]
     biases = local_biases + span_biases
