@@ -60,7 +60,7 @@ class _DilatedAttentionBase(nn.Module):
         ``(seq, seq)`` or ``(batch | 1, heads | 1, seq, seq)``, bool True = not
         allowed (as in ``nn.MultiheadAttention``) or additive float.
         """
-        return dilated_attention(
+        return self._attend(
             query,
             key,
             value,
@@ -73,6 +73,9 @@ class _DilatedAttentionBase(nn.Module):
             method=self.method,
             backend=self.backend,
         )
+
+    def _attend(self, *args: Any, **kwargs: Any) -> Tensor:
+        return dilated_attention(*args, **kwargs)
 
     def extra_repr(self) -> str:
         return (
@@ -109,49 +112,13 @@ class RingDilatedAttention(_DilatedAttentionBase):
     supported (use ``key_padding_mask`` shards and ``is_causal``).
     """
 
-    method = "gather"
+    method = "fused"
 
-    def __init__(
-        self,
-        segment_lengths: Sequence[int],
-        dilation_rates: Sequence[int],
-        *,
-        head_mode: HeadMode = "grouped",
-        softmax_scale: float | None = None,
-        attention_dropout: float = 0.0,
-        backend: str | None = None,
-        process_group: Any = None,
-    ) -> None:
-        super().__init__(
-            segment_lengths,
-            dilation_rates,
-            head_mode=head_mode,
-            softmax_scale=softmax_scale,
-            attention_dropout=attention_dropout,
-            backend=backend,
-        )
+    def __init__(self, *args: Any, process_group: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.process_group = process_group
 
-    def forward(
-        self,
-        query: Tensor,
-        key: Tensor,
-        value: Tensor,
-        is_causal: bool = False,
-        key_padding_mask: Tensor | None = None,
-        attn_mask: Tensor | None = None,
-    ) -> Tensor:
+    def _attend(self, *args: Any, **kwargs: Any) -> Tensor:
         from .distributed import ring_dilated_attention
 
-        return ring_dilated_attention(
-            query,
-            key,
-            value,
-            self.pattern,
-            is_causal=is_causal,
-            key_padding_mask=key_padding_mask,
-            attn_mask=attn_mask,
-            dropout_p=self.attention_dropout if self.training else 0.0,
-            softmax_scale=self.softmax_scale,
-            process_group=self.process_group,
-        )
+        return ring_dilated_attention(*args, process_group=self.process_group, **kwargs)

@@ -3,6 +3,9 @@ max|ring - ref| <= 2 * max|single_gpu - ref| for outputs and input gradients."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -17,10 +20,18 @@ pytestmark = pytest.mark.gpu
 CASES = [(1024, (256, 512, 1024, 2048), (1, 2, 4, 8), 8), (1024, (128, 1024), (1, 3), 4)]
 
 
-def _worker(rank: int, world: int, init_file: str, results: dict) -> None:
+@contextlib.contextmanager
+def _nccl(rank: int, world: int, init_file: str) -> Iterator[None]:
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _worker(rank: int, world: int, init_file: str, results: dict) -> None:
+    with _nccl(rank, world, init_file):
         report = []
         for seq, seg, dil, heads in CASES:
             for head_mode in ("grouped", "all"):
@@ -53,8 +64,6 @@ def _worker(rank: int, world: int, init_file: str, results: dict) -> None:
                                 f"{seq} {seg} {head_mode} {causal} {name}: {ring_err} vs {single_err}"
                             )
         results[rank] = report
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
@@ -70,9 +79,7 @@ def _stack_worker(rank: int, world: int, init_file: str, results: dict) -> None:
 
     from .stack import loss_and_grad_norm, stack
 
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with _nccl(rank, world, init_file):
         kw = {"segment_lengths": [256, 512, 2048], "dilation_rates": [1, 2, 4], "device": "cuda"}
         x = torch.randn(2, 2048, 256, device="cuda", generator=torch.Generator(device="cuda").manual_seed(3))
         ref = loss_and_grad_norm(
@@ -88,8 +95,6 @@ def _stack_worker(rank: int, world: int, init_file: str, results: dict) -> None:
         x_local = x.bfloat16()[:, rank * shard : (rank + 1) * shard]
         ring = loss_and_grad_norm(ring_model, x_local, x.numel(), group=dist.group.WORLD)
         results[rank] = (ref, single, ring)
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
