@@ -442,17 +442,11 @@ def _local_problems(
     attn_bias: Tensor | None,
     calls: Sequence[BranchCall],
     is_causal: bool,
-    segment_offset: int = 0,
 ) -> Iterator[GatheredProblem]:
-    """Copy-gather each call whose segments lie in this sequence; ``segment_offset``
-    is the global position of local position 0 (sequence parallelism)."""
-    b, n, _, d = query.shape
+    """Copy-gather each call's queries, keys and values from this sequence."""
+    b, _, _, d = query.shape
     for call in calls:
-        positions = _positions(call, query.device) - segment_offset
-        inside = (positions[:, 0] >= 0) & (positions[:, -1] < n)
-        positions = positions[inside]
-        if positions.numel() == 0:
-            continue
+        positions = _positions(call, query.device)
         s, m = positions.shape
         flat = positions.reshape(-1, 1)
         heads = torch.tensor(call.heads(), device=query.device)[None, :]

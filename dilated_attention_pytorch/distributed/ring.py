@@ -232,24 +232,12 @@ def ring_dilated_attention(
     calls = pattern.calls(seq, h)
     local = _local_calls([c for c in calls if c.segment_length <= shard], rank, shard)
     spans = _spans([c for c in calls if c.segment_length > shard], rank, _group_ranks(process_group), shard)
-    local_biases = [
-        None
-        if key_bias is None
-        else functional._call_bias(c, functional._positions(c, query.device), key_bias, None, b)
-        for c in local
-    ]
     span_biases = [_span_bias(sp, key_bias, is_causal, query) for sp in spans]
 
     if method == "gather" or dropout_p > 0.0:
 
         def problems() -> Iterator[GatheredProblem]:
-            for c, bias in zip(local, local_biases):
-                q, k, v = (
-                    functional._as_problem(functional._strided(x, c)).contiguous()
-                    for x in (query, key, value)
-                )
-                positions = functional._positions(c, query.device).reshape(-1)
-                yield GatheredProblem(c, positions, q, k, v, bias, is_causal)
+            yield from functional._local_problems(query, key, value, key_bias, None, local, is_causal)
             for sp, bias in zip(spans, span_biases):
                 q = functional._as_problem(functional._strided(query, sp.local))
                 k, v = (
@@ -261,6 +249,12 @@ def ring_dilated_attention(
 
         return functional.run_gathered(query, problems(), pattern, scale, dropout_p, sdpa=method == "fused")
 
+    local_biases = [
+        None
+        if key_bias is None
+        else functional._call_bias(c, functional._positions(c, query.device), key_bias, None, b)
+        for c in local
+    ]
     problem_calls = local + [sp.local for sp in spans]
     biases = local_biases + span_biases
     backends = functional.select_backends(query, problem_calls, [x is not None for x in biases], backend)
