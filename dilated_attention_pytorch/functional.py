@@ -141,6 +141,31 @@ def prepare_masks(
     return key_bias, attn_bias
 
 
+def validate_call(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    is_causal: bool,
+    key_padding_mask: Tensor | None,
+    attn_mask: Tensor | None,
+    dropout_p: float,
+    softmax_scale: float | None,
+    method: str,
+) -> tuple[tuple[int, int, int, int], Tensor | None, Tensor | None, float]:
+    """Check every argument of a call; returns the shape, the mask biases
+    (see :func:`prepare_masks`) and the softmax scale."""
+    shape = _check_inputs(query, key, value)
+    _check_scale(softmax_scale)
+    _check_dropout(dropout_p)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    key_bias, attn_bias = prepare_masks(key_padding_mask, attn_mask, shape, query.dtype, query.device)
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(shape[3])
+    return shape, key_bias, attn_bias, scale
+
+
 # --------------------------------------------------------------------------
 # geometry of one call
 
@@ -176,12 +201,17 @@ def _from_problem(x: Tensor, batch: int) -> Tensor:
 
 def _call_bias(
     call: BranchCall,
-    positions: Tensor,
     key_bias: Tensor | None,
     attn_bias: Tensor | None,
     batch: int,
+    positions: Tensor | None = None,
 ) -> Tensor | None:
-    """The masks restricted to ``call``: ``(batch·segments, 1 | heads, 1 | length, length)``."""
+    """The masks restricted to ``call``: ``(batch·segments, 1 | heads, 1 | length, length)``,
+    or None without masks. ``positions``: the call's, if already computed."""
+    if key_bias is None and attn_bias is None:
+        return None
+    if positions is None:
+        positions = _positions(call, key_bias.device if key_bias is not None else attn_bias.device)
     s, m = positions.shape
     bias = None
     if key_bias is not None:
@@ -403,12 +433,7 @@ def _fused(
 ) -> Tensor:
     b, n, h, _ = query.shape
     calls = pattern.calls(n, h)
-    biases = [
-        _call_bias(c, _positions(c, query.device), key_bias, attn_bias, b)
-        if key_bias is not None or attn_bias is not None
-        else None
-        for c in calls
-    ]
+    biases = [_call_bias(c, key_bias, attn_bias, b) for c in calls]
     backends = select_backends(query, calls, [x is not None for x in biases], backend)
     problems = [FusedProblem(c, be, bias, is_causal) for c, be, bias in zip(calls, backends, biases)]
     return run_fused(query, key, value, problems, pattern.head_mode == "all", scale)
@@ -454,7 +479,7 @@ def _local_problems(
             x[:, flat, heads].reshape(b * s, m, call.num_heads, d).transpose(1, 2)
             for x in (query, key, value)
         )
-        bias = _call_bias(call, positions, key_bias, attn_bias, b)
+        bias = _call_bias(call, key_bias, attn_bias, b, positions)
         yield GatheredProblem(call, positions.reshape(-1), q, k, v, bias, is_causal)
 
 
@@ -542,15 +567,9 @@ def dilated_attention(
         ``(batch, seq, heads, head_dim)``; a (position, head) with no key is 0.
     """
     pattern = as_pattern(segment_lengths, dilation_rates, head_mode)
-    shape = _check_inputs(query, key, value)
-    _check_scale(softmax_scale)
-    _check_dropout(dropout_p)
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if not isinstance(is_causal, bool):
-        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
-    key_bias, attn_bias = prepare_masks(key_padding_mask, attn_mask, shape, query.dtype, query.device)
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(shape[3])
+    shape, key_bias, attn_bias, scale = validate_call(
+        query, key, value, is_causal, key_padding_mask, attn_mask, dropout_p, softmax_scale, method
+    )
     if method == "gather" or dropout_p > 0.0:
         calls = pattern.calls(shape[1], shape[2])
         problems = _local_problems(query, key, value, key_bias, attn_bias, calls, is_causal)

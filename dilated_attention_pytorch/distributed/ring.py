@@ -211,24 +211,20 @@ def ring_dilated_attention(
             "RingDilatedAttention needs torch.distributed initialized (torchrun, then "
             "torch.distributed.init_process_group)"
         )
-    shape = functional._check_inputs(query, key, value)
-    functional._check_scale(softmax_scale)
-    functional._check_dropout(dropout_p)
-    if method not in functional.METHODS:
-        raise ValueError(f"method must be one of {functional.METHODS}, got {method!r}")
     if attn_mask is not None:
         raise ValueError(
             "attn_mask is not supported by the sequence-parallel implementation; use "
             "key_padding_mask and is_causal"
         )
+    shape, key_bias, _, scale = functional.validate_call(
+        query, key, value, is_causal, key_padding_mask, None, dropout_p, softmax_scale, method
+    )
     check_shards(query, process_group)
     world = dist.get_world_size(process_group)
     rank = dist.get_rank(process_group)
-    b, shard, h, d = shape
+    b, shard, h, _ = shape
     seq = shard * world
     _check_geometry(pattern, seq, shard)
-    key_bias, _ = functional.prepare_masks(key_padding_mask, None, shape, query.dtype, query.device)
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     calls = pattern.calls(seq, h)
     local = _local_calls([c for c in calls if c.segment_length <= shard], rank, shard)
     spans = _spans([c for c in calls if c.segment_length > shard], rank, _group_ranks(process_group), shard)
@@ -249,12 +245,7 @@ def ring_dilated_attention(
 
         return functional.run_gathered(query, problems(), pattern, scale, dropout_p, sdpa=method == "fused")
 
-    local_biases = [
-        None
-        if key_bias is None
-        else functional._call_bias(c, functional._positions(c, query.device), key_bias, None, b)
-        for c in local
-    ]
+    local_biases = [functional._call_bias(c, key_bias, None, b) for c in local]
     problem_calls = local + [sp.local for sp in spans]
     biases = local_biases + span_biases
     backends = functional.select_backends(query, problem_calls, [x is not None for x in biases], backend)

@@ -92,6 +92,10 @@ def _run_errors(rank: int, world: int, init_file: str, results: dict) -> None:
             RingDilatedAttention([8], [1])(q, q, q, attn_mask=torch.zeros(8, 8, dtype=torch.bool))
         except ValueError as e:
             messages.append(str(e))
+        try:
+            RingDilatedAttention([8], [1])(q, q, q, is_causal=1)
+        except TypeError as e:
+            messages.append(str(e))
         results[rank] = messages
     finally:
         dist.destroy_process_group()
@@ -113,10 +117,11 @@ def test_ring_matches_reference(world, tmp_path):
 def test_ring_errors_on_every_rank(tmp_path):
     results = _spawn(_run_errors, 2, tmp_path)
     for messages in results.values():
-        assert len(messages) == 3
+        assert len(messages) == 4
         assert "every rank must pass a shard of the same shape" in messages[0]
         assert "segment_lengths[0]=12" in messages[1] and "shard length 8" in messages[1]
         assert "attn_mask is not supported" in messages[2]
+        assert "is_causal must be a bool" in messages[3]
 
 
 def test_ring_needs_initialized_distributed():
