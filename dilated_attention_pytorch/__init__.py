@@ -7,13 +7,21 @@ __version__ = "0.1.0"
 from .factory import (
     ATTENTION_TYPES,
     AutoChoice,
+    create_block_sparse_attention,
     create_dilated_attention,
     create_multihead_dilated_attention,
     explain_auto,
 )
 from .functional import dilated_attention, merge_by_lse
-from .modules import DilatedAttention, ImprovedDilatedAttention, RingDilatedAttention
+from .modules import (
+    BlockSparseAdaptive,
+    BlockSparseRingDilatedAttention,
+    DilatedAttention,
+    ImprovedDilatedAttention,
+    RingDilatedAttention,
+)
 from .multihead import (
+    BlockSparseRingMultiheadDilatedAttention,
     ImprovedMultiheadDilatedAttention,
     MultiheadDilatedAttention,
     RingMultiheadDilatedAttention,
@@ -24,6 +32,9 @@ from .reference import dilated_attention_reference
 __all__ = [
     "ATTENTION_TYPES",
     "AutoChoice",
+    "BlockSparseAdaptive",
+    "BlockSparseRingDilatedAttention",
+    "BlockSparseRingMultiheadDilatedAttention",
     "DilatedAttention",
     "DilatedPattern",
     "ImprovedDilatedAttention",
@@ -32,6 +43,7 @@ __all__ = [
     "RingDilatedAttention",
     "RingMultiheadDilatedAttention",
     "__version__",
+    "create_block_sparse_attention",
     "create_dilated_attention",
     "create_multihead_dilated_attention",
     "dilated_attention",

@@ -9,25 +9,34 @@ import torch
 from torch import nn
 
 from . import kernels
-from .modules import DilatedAttention, ImprovedDilatedAttention, RingDilatedAttention
+from .modules import (
+    BlockSparseAdaptive,
+    BlockSparseRingDilatedAttention,
+    DilatedAttention,
+    ImprovedDilatedAttention,
+    RingDilatedAttention,
+)
 from .multihead import (
+    BlockSparseRingMultiheadDilatedAttention,
     ImprovedMultiheadDilatedAttention,
     MultiheadDilatedAttention,
     RingMultiheadDilatedAttention,
 )
 from .pattern import LONGNET_DILATION_RATES, LONGNET_SEGMENT_LENGTHS
 
-ATTENTION_TYPES: tuple[str, ...] = ("auto", "standard", "improved", "ring")
+ATTENTION_TYPES: tuple[str, ...] = ("auto", "standard", "improved", "ring", "block_sparse_ring")
 
 _CORE: dict[str, type[nn.Module]] = {
     "standard": DilatedAttention,
     "improved": ImprovedDilatedAttention,
     "ring": RingDilatedAttention,
+    "block_sparse_ring": BlockSparseRingDilatedAttention,
 }
 _MULTIHEAD: dict[str, type[nn.Module]] = {
     "standard": MultiheadDilatedAttention,
     "improved": ImprovedMultiheadDilatedAttention,
     "ring": RingMultiheadDilatedAttention,
+    "block_sparse_ring": BlockSparseRingMultiheadDilatedAttention,
 }
 
 #: Defaults of a bare ``create_multihead_dilated_attention("auto")``: LongNet's base setting.
@@ -112,7 +121,8 @@ def explain_auto(
             + (f" (torch.distributed world size is {world})" if world > 1 else "")
         ],
         "block_sparse_ring": [
-            "not implemented in this version; computes a sparser function, never chosen by 'auto'"
+            "computes a sparser function (dilated attention restricted to a block layout), so "
+            "'auto' never substitutes it; ask for it by name"
         ],
     }
     return AutoChoice("improved", backend, spec, rejected_types, rejected_backends)
@@ -130,8 +140,9 @@ def _resolve(attention_type: str) -> tuple[str, AutoChoice | None]:
 def create_dilated_attention(attention_type: str = "auto", **kwargs: Any) -> nn.Module:
     """A core module (``(batch, seq, heads, head_dim)`` in and out).
 
-    ``attention_type``: "auto", "standard", "improved" or "ring" (sequence shards
-    over ``torch.distributed``; takes ``process_group``). ``kwargs`` go to the
+    ``attention_type``: "auto", "standard", "improved", "ring" (sequence shards
+    over ``torch.distributed``; takes ``process_group``) or "block_sparse_ring"
+    (restricted to a block layout; see :func:`create_block_sparse_attention`). ``kwargs`` go to the
     module; ``segment_lengths``/``dilation_rates`` default to LongNet's base
     setting. With "auto" the module's ``auto_choice`` says what was picked and why.
     """
@@ -156,3 +167,37 @@ def create_multihead_dilated_attention(attention_type: str = "auto", **kwargs: A
     module = _MULTIHEAD[name](**kwargs)
     module.auto_choice = choice
     return module
+
+
+def create_block_sparse_attention(
+    pattern: Any = "dilated_sparse", *, multihead: bool = False, **kwargs: Any
+) -> nn.Module:
+    """A block-sparse module: dilated attention restricted to a block layout.
+
+    ``pattern``: "local_window", "dilated_sparse", "global_local", "random",
+    "hilbert" (with ``spatial_shape``), a callable ``fn(n_blocks) -> bool layout``
+    (:class:`BlockSparseRingDilatedAttention`), or "adaptive" (key blocks chosen
+    from the content, :class:`BlockSparseAdaptive`; core module only).
+    ``multihead=True`` gives the ``nn.MultiheadAttention`` drop-in
+    (:class:`BlockSparseRingMultiheadDilatedAttention`). Other ``kwargs``
+    (``sparsity``, ``block_size``, ``seed``, pattern arguments, ...) go to the
+    module; missing pattern arguments take LongNet's base setting.
+    """
+    if pattern == "adaptive":
+        if multihead:
+            raise ValueError("pattern='adaptive' has no multihead module; use multihead=False")
+        cls: type[nn.Module] = BlockSparseAdaptive
+    else:
+        cls = BlockSparseRingMultiheadDilatedAttention if multihead else BlockSparseRingDilatedAttention
+        kwargs["pattern"] = pattern
+    defaults = (
+        MULTIHEAD_DEFAULTS
+        if multihead
+        else {
+            "segment_lengths": list(LONGNET_SEGMENT_LENGTHS),
+            "dilation_rates": list(LONGNET_DILATION_RATES),
+        }
+    )
+    for key, value in defaults.items():
+        kwargs.setdefault(key, value)
+    return cls(**kwargs)

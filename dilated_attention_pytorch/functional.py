@@ -29,12 +29,13 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import kernels
+from .kernels import flex as flex_kernel
 from .kernels import math as math_kernel
 from .kernels import triton_merge
 from .pattern import BranchCall, DilatedPattern, HeadMode, as_pattern
 
-Method = Literal["fused", "gather"]
-METHODS: tuple[str, ...] = ("fused", "gather")
+Method = Literal["fused", "gather", "flex"]
+METHODS: tuple[str, ...] = ("fused", "gather", "flex")
 
 
 # --------------------------------------------------------------------------
@@ -199,31 +200,96 @@ def _from_problem(x: Tensor, batch: int) -> Tensor:
     return x.reshape(batch, x.shape[0] // batch, *x.shape[1:])
 
 
+@dataclasses.dataclass(frozen=True)
+class BlockLayout:
+    """A block layout of validated shape: ``blocks`` bool ``(batch | 1, heads | 1, nb, nb)``
+    over blocks of ``block_size`` positions, True = allowed; ``offset`` is the
+    sequence position of local position 0 (a rank's shard start), ``bias_dtype``
+    the dtype of the additive biases built from it."""
+
+    blocks: Tensor
+    block_size: int
+    bias_dtype: torch.dtype
+    offset: int = 0
+
+
 def _call_bias(
     call: BranchCall,
     key_bias: Tensor | None,
     attn_bias: Tensor | None,
     batch: int,
     positions: Tensor | None = None,
+    layout: BlockLayout | None = None,
 ) -> Tensor | None:
-    """The masks restricted to ``call``: ``(batch·segments, 1 | heads, 1 | length, length)``,
-    or None without masks. ``positions``: the call's, if already computed."""
-    if key_bias is None and attn_bias is None:
+    """The masks and block layout restricted to ``call``:
+    ``(batch·segments, 1 | heads, 1 | length, length)``, or None without any.
+    ``positions``: the call's, if already computed."""
+    if key_bias is None and attn_bias is None and layout is None:
         return None
     if positions is None:
-        positions = _positions(call, key_bias.device if key_bias is not None else attn_bias.device)
+        ref = next(x for x in (key_bias, attn_bias, layout and layout.blocks) if x is not None)
+        positions = _positions(call, ref.device)
     s, m = positions.shape
-    bias = None
+
+    def pairs(x: Tensor, index: Tensor) -> Tensor:
+        """``(B', H', ., .)`` at index pairs -> ``(batch·segments, 1 | heads, m, m)``."""
+        if x.shape[1] > 1:
+            x = x[:, torch.tensor(call.heads(), device=x.device)]
+        x = x[:, :, index[:, :, None], index[:, None, :]]  # (B', H', s, m, m)
+        return x.transpose(1, 2).expand(batch, s, x.shape[1], m, m).reshape(batch * s, -1, m, m)
+
+    parts = []
     if key_bias is not None:
-        bias = key_bias[:, positions].reshape(batch * s, 1, 1, m)
+        parts.append(key_bias[:, positions].reshape(batch * s, 1, 1, m))
     if attn_bias is not None:
-        ab = attn_bias
-        if ab.shape[1] > 1:
-            ab = ab[:, torch.tensor(call.heads(), device=ab.device)]
-        ab = ab[:, :, positions[:, :, None], positions[:, None, :]]  # (B', H', s, m, m)
-        ab = ab.transpose(1, 2).expand(batch, s, *ab.shape[1:2], m, m).reshape(batch * s, -1, m, m)
-        bias = ab if bias is None else bias + ab
+        parts.append(pairs(attn_bias, positions))
+    if layout is not None:
+        allowed = pairs(layout.blocks, (positions + layout.offset) // layout.block_size)
+        parts.append(torch.zeros(allowed.shape, dtype=layout.bias_dtype, device=allowed.device))
+        parts[-1].masked_fill_(~allowed, -math.inf)
+    bias = parts[0]
+    for part in parts[1:]:
+        bias = bias + part
     return bias
+
+
+def prepare_layout(
+    block_layout: Tensor,
+    block_size: int,
+    shape: tuple[int, int, int, int],
+    dtype: torch.dtype,
+    device: torch.device,
+    seq_len: int | None = None,
+) -> BlockLayout:
+    """Validate a block layout for inputs of ``shape`` (``seq_len``: of the whole
+    sequence, when ``shape`` is a shard) and bring it to 4-D."""
+    b, n, h, _ = shape
+    n = seq_len if seq_len is not None else n
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    if not isinstance(block_layout, Tensor):
+        raise TypeError(f"block_layout must be a bool Tensor, got {type(block_layout).__name__}")
+    if block_layout.dtype != torch.bool:
+        raise ValueError(f"block_layout must be a bool tensor (True = allowed), got {block_layout.dtype}")
+    nb = -(-n // block_size)
+    layout = block_layout
+    while layout.dim() < 4:
+        layout = layout[None]
+    ok = (
+        block_layout.dim() in (2, 3, 4)
+        and layout.shape[0] in (1, b)
+        and layout.shape[1] in (1, h)
+        and layout.shape[2:] == (nb, nb)
+    )
+    if not ok:
+        raise ValueError(
+            "block_layout must have shape (n_blocks, n_blocks), (heads | 1, n_blocks, n_blocks) or "
+            f"(batch | 1, heads | 1, n_blocks, n_blocks) with n_blocks = ceil({n} / block_size {block_size}) "
+            f"= {nb}, heads = {h}, batch = {b}; got {tuple(block_layout.shape)}"
+        )
+    if layout.device != device:
+        raise ValueError(f"block_layout must be on {device}, got {layout.device}")
+    return BlockLayout(layout, block_size, _bias_dtype(dtype))
 
 
 # --------------------------------------------------------------------------
@@ -440,6 +506,57 @@ def _fused(
 
 
 # --------------------------------------------------------------------------
+# block-sparse path (FlexAttention)
+
+
+def _flex(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_bias: Tensor | None,
+    attn_bias: Tensor | None,
+    pattern: DilatedPattern,
+    layout: BlockLayout,
+    is_causal: bool,
+    scale: float,
+) -> Tensor:
+    """Each branch problem through FlexAttention under autograd, its strided views
+    as inputs and a block mask built from the layout; outputs copied into place
+    (grouped) or merged by lse ("all", differentiating through the lse)."""
+    reasons = flex_kernel.not_supported_reasons(
+        query.device.type, torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value))
+    )
+    if reasons:
+        raise ValueError(f"method='flex' cannot run this call: {'; '.join(reasons)}")
+    b, n, h, d = query.shape
+    merge = pattern.head_mode == "all"
+    # grouped: calls are disjoint in (position, head), so one buffer takes them all;
+    # "all": one buffer per branch, merged by lse at the end
+    outs = [query.new_zeros(b, n, h, d) for _ in range(pattern.num_branches if merge else 1)]
+    lse_dtype = _bias_dtype(query.dtype)
+    lses = [query.new_full((b, n, h), -math.inf, dtype=lse_dtype) for _ in outs] if merge else []
+    masked = key_bias is not None or attn_bias is not None
+    for call in pattern.calls(n, h):
+
+        def build(call: BranchCall = call) -> Any:
+            return flex_kernel.block_mask(
+                call, layout.blocks, layout.block_size, is_causal, b, key_bias, attn_bias
+            )
+
+        cache_key = (call, layout.block_size, is_causal, b)
+        mask, score_mod = build() if masked else flex_kernel.CACHE.get(layout.blocks, cache_key, build)
+        q, k, v = (_as_problem(_strided(x, call)) for x in (query, key, value))
+        part_out, part_lse = flex_kernel.attention(q, k, v, mask, score_mod, scale)
+        slot = call.branch if merge else 0
+        _strided(outs[slot], call).copy_(_from_problem(part_out, b))
+        if merge:
+            _strided(lses[slot], call).copy_(_from_problem(part_lse, b))
+    if merge:
+        return merge_by_lse(outs, lses)[0].to(query.dtype)
+    return outs[0]
+
+
+# --------------------------------------------------------------------------
 # gather path
 
 
@@ -467,6 +584,7 @@ def _local_problems(
     attn_bias: Tensor | None,
     calls: Sequence[BranchCall],
     is_causal: bool,
+    layout: BlockLayout | None = None,
 ) -> Iterator[GatheredProblem]:
     """Copy-gather each call's queries, keys and values from this sequence."""
     b, _, _, d = query.shape
@@ -479,7 +597,7 @@ def _local_problems(
             x[:, flat, heads].reshape(b * s, m, call.num_heads, d).transpose(1, 2)
             for x in (query, key, value)
         )
-        bias = _call_bias(call, key_bias, attn_bias, b, positions)
+        bias = _call_bias(call, key_bias, attn_bias, b, positions, layout)
         yield GatheredProblem(call, positions.reshape(-1), q, k, v, bias, is_causal)
 
 
@@ -542,6 +660,8 @@ def dilated_attention(
     softmax_scale: float | None = None,
     method: Method = "fused",
     backend: str | None = None,
+    block_layout: Tensor | None = None,
+    block_size: int = 128,
 ) -> Tensor:
     """Dilated attention (DESIGN.md §1) of ``(batch, seq, heads, head_dim)`` inputs.
 
@@ -555,13 +675,21 @@ def dilated_attention(
             float (added to the scores). Applied on top of the pattern.
         dropout_p: dropout on the attention probabilities (pass 0 in eval).
         softmax_scale: defaults to ``1 / sqrt(head_dim)``.
-        method: ``"fused"`` (strided views, fused kernels) or ``"gather"``
-            (copy-gather, plain torch). With dropout, "fused" copy-gathers and
-            runs PyTorch's SDPA (grouped heads, no mask) or plain torch.
+        method: ``"fused"`` (strided views, fused kernels), ``"gather"``
+            (copy-gather, plain torch) or ``"flex"`` (FlexAttention with a block
+            mask; CUDA, or CPU without gradients; no dropout). With dropout,
+            "fused" copy-gathers and runs PyTorch's SDPA (grouped heads, no
+            mask) or plain torch.
         backend: kernel for the fused path (see :mod:`.kernels`); None picks the
             fastest that can run the call. A named backend runs every branch
             problem it accepts; the few it refuses by length (cuDNN at length 1)
             run on the best backend that accepts them.
+        block_layout: bool ``(n_blocks, n_blocks)``, ``(heads | 1, n_blocks, n_blocks)``
+            or ``(batch | 1, heads | 1, n_blocks, n_blocks)`` with
+            ``n_blocks = ceil(seq / block_size)``: queries of block ``Q`` see keys
+            of block ``K`` only where it is True (on top of the pattern and masks).
+            Runs with ``method="flex"`` or ``"gather"``.
+        block_size: positions per block of ``block_layout``.
 
     Returns:
         ``(batch, seq, heads, head_dim)``; a (position, head) with no key is 0.
@@ -570,8 +698,31 @@ def dilated_attention(
     shape, key_bias, attn_bias, scale = validate_call(
         query, key, value, is_causal, key_padding_mask, attn_mask, dropout_p, softmax_scale, method
     )
+    layout = None
+    if block_layout is not None:
+        layout = prepare_layout(block_layout, block_size, shape, query.dtype, query.device)
+        if method == "fused":
+            raise ValueError(
+                "block_layout runs with method='flex' (FlexAttention) or method='gather', not 'fused'"
+            )
+    if method == "flex":
+        if dropout_p > 0.0:
+            raise ValueError(
+                "method='flex' has no dropout (FlexAttention); use method='gather' for dropout_p > 0"
+            )
+        if layout is None:  # one block: every pair the pattern allows
+            layout = prepare_layout(
+                torch.ones(1, 1, dtype=torch.bool, device=query.device),
+                shape[1],
+                shape,
+                query.dtype,
+                query.device,
+            )
+        return _flex(query, key, value, key_bias, attn_bias, pattern, layout, is_causal, scale)
     if method == "gather" or dropout_p > 0.0:
         calls = pattern.calls(shape[1], shape[2])
-        problems = _local_problems(query, key, value, key_bias, attn_bias, calls, is_causal)
-        return run_gathered(query, problems, pattern, scale, dropout_p, sdpa=method == "fused")
+        problems = _local_problems(query, key, value, key_bias, attn_bias, calls, is_causal, layout)
+        return run_gathered(
+            query, problems, pattern, scale, dropout_p, sdpa=method == "fused" and layout is None
+        )
     return _fused(query, key, value, key_bias, attn_bias, pattern, is_causal, scale, backend)

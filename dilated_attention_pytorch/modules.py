@@ -3,13 +3,18 @@ over :func:`dilated_attention_pytorch.functional.dilated_attention`."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
-from .functional import Method, _check_dropout, _check_scale, dilated_attention
+from .functional import Method, _check_dropout, _check_scale, _mask_to_bias, dilated_attention, validate_call
+from .kernels import flex as flex_kernel
 from .pattern import DilatedPattern, HeadMode
+from .reference import dilated_attention_reference
+from .sparse import layouts
 
 
 class _DilatedAttentionBase(nn.Module):
@@ -77,6 +82,31 @@ class _DilatedAttentionBase(nn.Module):
     def _attend(self, *args: Any, **kwargs: Any) -> Tensor:
         return dilated_attention(*args, **kwargs)
 
+    def dense_weights(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        is_causal: bool = False,
+        key_padding_mask: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """The output and the exact dense weights ``(batch, heads, seq, seq)`` of the
+        function this module computes (no dropout), from the O(seq²) reference."""
+        return dilated_attention_reference(  # type: ignore[return-value]
+            query,
+            key,
+            value,
+            self.segment_lengths,
+            self.dilation_rates,
+            head_mode=self.head_mode,
+            is_causal=is_causal,
+            key_padding_mask=key_padding_mask,
+            attn_mask=attn_mask,
+            softmax_scale=self.softmax_scale,
+            return_weights=True,
+        )
+
     def extra_repr(self) -> str:
         return (
             f"segment_lengths={list(self.segment_lengths)}, dilation_rates={list(self.dilation_rates)}, "
@@ -122,3 +152,300 @@ class RingDilatedAttention(_DilatedAttentionBase):
         from .distributed import ring_dilated_attention
 
         return ring_dilated_attention(*args, process_group=self.process_group, **kwargs)
+
+
+class _BlockSparseBase(_DilatedAttentionBase):
+    """Dilated attention further restricted to a block layout (see
+    :mod:`dilated_attention_pytorch.sparse.layouts`). Runs on FlexAttention on
+    CUDA (``backend="flex"``) and on the exact copy-gather path elsewhere, or
+    with dropout in training (``backend="gather"``); ``backend=None`` picks."""
+
+    method = "flex"
+
+    def __init__(
+        self,
+        segment_lengths: Sequence[int],
+        dilation_rates: Sequence[int],
+        *,
+        block_size: int = 128,
+        sparsity: float = 0.9,
+        head_mode: HeadMode = "grouped",
+        softmax_scale: float | None = None,
+        attention_dropout: float = 0.0,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__(
+            segment_lengths,
+            dilation_rates,
+            head_mode=head_mode,
+            softmax_scale=softmax_scale,
+            attention_dropout=attention_dropout,
+        )
+        layouts.check_block_size(block_size)
+        layouts.check_sparsity(sparsity)
+        if backend not in (None, "flex", "gather"):
+            raise ValueError(
+                f"backend of a block-sparse module must be None, 'flex' or 'gather', got {backend!r}"
+            )
+        self._block_size = block_size
+        self._sparsity = float(sparsity)
+        self.backend = backend
+
+    @property
+    def block_size(self) -> int:
+        return self._block_size
+
+    @property
+    def sparsity(self) -> float:
+        return self._sparsity
+
+    def _method(self, query: Tensor, key: Tensor, value: Tensor, dropout_p: float) -> Method:
+        if self.backend is not None:
+            return self.backend  # type: ignore[return-value]
+        if dropout_p > 0.0 or query.device.type != "cuda":
+            return "gather"
+        requires_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value))
+        cc = torch.cuda.get_device_capability(query.device)
+        return "gather" if flex_kernel.not_supported_reasons("cuda", requires_grad, cc) else "flex"
+
+    def _layout_for(self, query: Tensor, key: Tensor, is_causal: bool) -> Tensor:
+        raise NotImplementedError
+
+    def _order(self, seq_len: int, device: torch.device) -> Tensor | None:
+        """A permutation of positions to run in (None: the caller's order)."""
+        return None
+
+    def _permuted(
+        self,
+        order: Tensor,
+        tensors: Sequence[Tensor],
+        key_padding_mask: Tensor | None,
+        attn_mask: Tensor | None,
+    ) -> tuple[list[Tensor], Tensor | None, Tensor | None]:
+        tensors = [x[:, order] for x in tensors]
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask[:, order]
+        if attn_mask is not None:
+            attn_mask = attn_mask[..., order, :][..., order]
+        return tensors, key_padding_mask, attn_mask
+
+    def _attend(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        pattern: DilatedPattern,
+        *,
+        is_causal: bool,
+        key_padding_mask: Tensor | None,
+        attn_mask: Tensor | None,
+        dropout_p: float,
+        softmax_scale: float | None,
+        method: Method,
+        backend: str | None,
+    ) -> Tensor:
+        # check before permuting, so errors name the caller's arguments
+        validate_call(
+            query, key, value, is_causal, key_padding_mask, attn_mask, dropout_p, softmax_scale, "flex"
+        )
+        order = self._order(query.shape[1], query.device)
+        if order is not None:
+            (query, key, value), key_padding_mask, attn_mask = self._permuted(
+                order, (query, key, value), key_padding_mask, attn_mask
+            )
+        out = dilated_attention(
+            query,
+            key,
+            value,
+            pattern,
+            is_causal=is_causal,
+            key_padding_mask=key_padding_mask,
+            attn_mask=attn_mask,
+            dropout_p=dropout_p,
+            softmax_scale=softmax_scale,
+            method=self._method(query, key, value, dropout_p),
+            block_layout=self._layout_for(query, key, is_causal),
+            block_size=self.block_size,
+        )
+        return out if order is None else out[:, torch.argsort(order)]
+
+    def dense_weights(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        is_causal: bool = False,
+        key_padding_mask: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        n = query.shape[1]
+        order = self._order(n, query.device)
+        if order is not None:
+            (query, key, value), key_padding_mask, attn_mask = self._permuted(
+                order, (query, key, value), key_padding_mask, attn_mask
+            )
+        layout = self._layout_for(query, key, is_causal)
+        blocked = ~layouts.expand_layout(layout, self.block_size, n)
+        bias = torch.zeros(
+            blocked.shape, dtype=torch.float64 if query.dtype == torch.float64 else torch.float32
+        )
+        bias = bias.to(query.device).masked_fill_(blocked, -math.inf)
+        if attn_mask is not None:
+            bias = bias + _mask_to_bias(attn_mask, bias.dtype)
+        out, weights = super().dense_weights(query, key, value, is_causal, key_padding_mask, bias)
+        if order is not None:
+            inverse = torch.argsort(order)
+            out, weights = out[:, inverse], weights[:, :, inverse][..., inverse]
+        return out, weights
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, block_size={self.block_size}, sparsity={self.sparsity}"
+
+
+class BlockSparseRingDilatedAttention(_BlockSparseBase):
+    """Dilated attention restricted to a fixed block layout.
+
+    ``pattern``: "local_window", "dilated_sparse", "global_local", "random"
+    (reproducible from ``seed``), "hilbert" (2-D inputs of ``spatial_shape=(H, W)``,
+    positions taken along a Hilbert curve so blocks are 2-D neighbourhoods,
+    outputs in the caller's order) or a callable ``fn(n_blocks) -> bool layout``.
+    ``sparsity`` is the fraction of blocks skipped (of the causal half when
+    causal); the diagonal block is always kept. ``block_layout(seq_len)`` gives
+    the layout. With ``sparsity=0`` (and not "random") it equals dense dilated
+    attention.
+    """
+
+    def __init__(
+        self,
+        segment_lengths: Sequence[int],
+        dilation_rates: Sequence[int],
+        *,
+        block_size: int = 128,
+        pattern: str | layouts.LayoutFn = "dilated_sparse",
+        sparsity: float = 0.9,
+        seed: int = 0,
+        spatial_shape: tuple[int, int] | None = None,
+        head_mode: HeadMode = "grouped",
+        softmax_scale: float | None = None,
+        attention_dropout: float = 0.0,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__(
+            segment_lengths,
+            dilation_rates,
+            block_size=block_size,
+            sparsity=sparsity,
+            head_mode=head_mode,
+            softmax_scale=softmax_scale,
+            attention_dropout=attention_dropout,
+            backend=backend,
+        )
+        if not callable(pattern) and pattern not in layouts.LAYOUT_PATTERNS:
+            raise ValueError(
+                f"pattern must be one of {layouts.LAYOUT_PATTERNS} or a callable, got {pattern!r}"
+            )
+        if (pattern == "hilbert") != (spatial_shape is not None):
+            raise ValueError(
+                "spatial_shape=(height, width) is required by pattern='hilbert' and only used by it, "
+                f"got pattern={pattern!r}, spatial_shape={spatial_shape!r}"
+            )
+        if spatial_shape is not None:
+            if not (isinstance(spatial_shape, (tuple, list)) and len(spatial_shape) == 2):
+                raise ValueError(f"spatial_shape must be (height, width), got {spatial_shape!r}")
+            layouts.hilbert_order(*spatial_shape)  # validates
+            spatial_shape = (spatial_shape[0], spatial_shape[1])
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an int, got {seed!r}")
+        self._pattern_name = pattern
+        self._seed = seed
+        self._spatial_shape = spatial_shape
+        self._layouts: dict[tuple[int, bool, torch.device], Tensor] = {}
+        self._orders: dict[torch.device, Tensor] = {}
+
+    @property
+    def layout_pattern(self) -> str | layouts.LayoutFn:
+        return self._pattern_name
+
+    @property
+    def spatial_shape(self) -> tuple[int, int] | None:
+        return self._spatial_shape
+
+    def block_layout(
+        self, seq_len: int, is_causal: bool = False, device: torch.device | str | None = None
+    ) -> Tensor:
+        """Bool ``(n_blocks, n_blocks)`` (or per head) layout used for ``seq_len``
+        positions, ``n_blocks = ceil(seq_len / block_size)``; for "hilbert" over
+        positions in curve order. Cached per length, causality and device."""
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        cache_key = (seq_len, is_causal, device)
+        if cache_key not in self._layouts:
+            n = layouts.num_blocks(seq_len, self.block_size)
+            self._layouts[cache_key] = layouts.make_layout(
+                self._pattern_name, n, self.sparsity, causal=is_causal, seed=self._seed, device=device
+            )
+        return self._layouts[cache_key]
+
+    def _layout_for(self, query: Tensor, key: Tensor, is_causal: bool) -> Tensor:
+        return self.block_layout(query.shape[1], is_causal, query.device)
+
+    def _order(self, seq_len: int, device: torch.device) -> Tensor | None:
+        if self._spatial_shape is None:
+            return None
+        height, width = self._spatial_shape
+        if seq_len != height * width:
+            raise ValueError(
+                f"pattern='hilbert' with spatial_shape={self._spatial_shape} needs "
+                f"seq = {height * width}, got {seq_len}"
+            )
+        if device not in self._orders:
+            self._orders[device] = layouts.hilbert_order(height, width, device)
+        return self._orders[device]
+
+    def extra_repr(self) -> str:
+        name = self._pattern_name if isinstance(self._pattern_name, str) else "callable"
+        return f"{super().extra_repr()}, pattern={name!r}"
+
+
+class BlockSparseAdaptive(_BlockSparseBase):
+    """Dilated attention over key blocks chosen from the content.
+
+    Per batch, head and query block, the key blocks with the highest
+    mean-pooled ``q · k`` score are kept (a ``1 - sparsity`` share of the
+    candidates, of those at or before the query block when causal), the
+    diagonal block always. The choice is not differentiated; attention over the
+    chosen blocks is exact and differentiable. ``last_layout()`` gives the
+    ``(batch, heads, n_blocks, n_blocks)`` layout of the last forward.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._last_layout: Tensor | None = None
+
+    def last_layout(self) -> Tensor | None:
+        return self._last_layout
+
+    @torch.no_grad()
+    def _layout_for(self, query: Tensor, key: Tensor, is_causal: bool) -> Tensor:
+        n = query.shape[1]
+        bs = self.block_size
+        nb = layouts.num_blocks(n, bs)
+
+        def pooled(x: Tensor) -> Tensor:  # (b, n, h, d) -> (b, h, nb, d), mean over each block
+            padded = torch.nn.functional.pad(x.float(), (0, 0, 0, 0, 0, nb * bs - n))
+            counts = torch.full((nb,), float(bs), device=x.device)
+            counts[-1] = n - (nb - 1) * bs
+            return (padded.unflatten(1, (nb, bs)).sum(2) / counts[:, None, None]).transpose(1, 2)
+
+        scores = pooled(query) @ pooled(key).transpose(-1, -2)  # (b, h, nb, nb)
+        idx = torch.arange(nb, device=query.device)
+        candidates = torch.full((nb,), nb, device=query.device)
+        if is_causal:
+            scores = scores.masked_fill(idx[None, :] > idx[:, None], -math.inf)
+            candidates = idx + 1
+        keep = torch.clamp(torch.ceil((1.0 - self.sparsity) * candidates), min=1)
+        rank = scores.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
+        layout = (rank < keep[:, None]) | torch.eye(nb, dtype=torch.bool, device=query.device)
+        if is_causal:
+            layout &= idx[None, :] <= idx[:, None]
+        self._last_layout = layout
+        return layout

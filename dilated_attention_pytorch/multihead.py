@@ -11,9 +11,14 @@ from torch import Tensor, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .functional import _check_dropout
-from .modules import DilatedAttention, ImprovedDilatedAttention, RingDilatedAttention, _DilatedAttentionBase
+from .modules import (
+    BlockSparseRingDilatedAttention,
+    DilatedAttention,
+    ImprovedDilatedAttention,
+    RingDilatedAttention,
+    _DilatedAttentionBase,
+)
 from .pattern import LONGNET_DILATION_RATES, LONGNET_SEGMENT_LENGTHS, HeadMode
-from .reference import dilated_attention_reference
 
 
 def _keep_transformer_layers_off_fast_path(module: nn.Module, args: Any) -> None:
@@ -193,18 +198,8 @@ class _MultiheadDilatedAttentionBase(nn.Module):
 
         weights = None
         if need_weights:
-            att = self.attention
-            out, weights = dilated_attention_reference(
-                q,
-                k,
-                v,
-                att.segment_lengths,
-                att.dilation_rates,
-                head_mode=att.head_mode,
-                is_causal=is_causal,
-                key_padding_mask=key_padding_mask,
-                attn_mask=attn_mask,
-                return_weights=True,
+            out, weights = self.attention.dense_weights(
+                q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask
             )
             if self.training and self.dropout > 0.0:
                 weights = F.dropout(weights, self.dropout)
@@ -289,4 +284,45 @@ class RingMultiheadDilatedAttention(_MultiheadDilatedAttentionBase):
         return super().forward(query, key, value, *args, **kwargs)
 
 
-__all__ = ["ImprovedMultiheadDilatedAttention", "MultiheadDilatedAttention", "RingMultiheadDilatedAttention"]
+class BlockSparseRingMultiheadDilatedAttention(_MultiheadDilatedAttentionBase):
+    """:class:`MultiheadDilatedAttention` on :class:`BlockSparseRingDilatedAttention`:
+    dilated attention restricted to a block layout. Takes that module's
+    ``block_size``, ``pattern``, ``sparsity``, ``seed`` and ``spatial_shape``
+    (keyword only). ``need_weights=True`` returns the exact dense weights of the
+    restricted function; ``self.attention.block_layout(seq_len)`` gives the layout.
+    """
+
+    attention_class = BlockSparseRingDilatedAttention
+
+    def __init__(
+        self,
+        *args: Any,
+        block_size: int = 128,
+        pattern: Any = "dilated_sparse",
+        sparsity: float = 0.9,
+        seed: int = 0,
+        spatial_shape: tuple[int, int] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        base = self.attention
+        self.attention = BlockSparseRingDilatedAttention(
+            base.segment_lengths,
+            base.dilation_rates,
+            block_size=block_size,
+            pattern=pattern,
+            sparsity=sparsity,
+            seed=seed,
+            spatial_shape=spatial_shape,
+            head_mode=base.head_mode,
+            attention_dropout=base.attention_dropout,
+            backend=kwargs.get("backend"),
+        )
+
+
+__all__ = [
+    "BlockSparseRingMultiheadDilatedAttention",
+    "ImprovedMultiheadDilatedAttention",
+    "MultiheadDilatedAttention",
+    "RingMultiheadDilatedAttention",
+]

@@ -45,7 +45,9 @@ def test_every_argument_can_be_overridden():
 @pytest.mark.parametrize("fn", [create_dilated_attention, create_multihead_dilated_attention])
 def test_unknown_type_lists_the_valid_ones(fn):
     with pytest.raises(
-        ValueError, match=r"attention_type must be one of \['auto', 'standard', 'improved', 'ring'\]"
+        ValueError,
+        match=r"attention_type must be one of \['auto', 'standard', 'improved', 'ring', "
+        r"'block_sparse_ring'\]",
     ):
         fn("fastest")
 

@@ -1,0 +1,322 @@
+"""FlexAttention for block-sparse dilated attention.
+
+Not a :class:`~.base.Backend` of the fused path: FlexAttention offers no
+backward that takes a given (merged) output and lse, only autograd. It runs
+the block-sparse path (``method="flex"`` of :func:`functional.dilated_attention`),
+which differentiates through FlexAttention (and its lse, for ``head_mode="all"``).
+
+Each branch problem runs in its compact layout (the dilated positions next to
+each other), so a tile of the kernel is 128 dilated queries × 128 dilated keys,
+never a mostly masked tile of the natural layout (DESIGN.md §6: 13 vs 260
+TFLOP/s). The :class:`BlockMask` is built analytically from the block layout:
+a tile is skipped when no block pair it covers is allowed, run without a mask
+when all are (and no mask or causal diagonal cuts it), and masked exactly by
+``mask_mod`` otherwise.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..pattern import BranchCall
+
+try:  # FlexAttention appeared in torch 2.5
+    from torch.nn.attention import flex_attention as _flex_module
+except ImportError:  # pragma: no cover - torch < 2.5
+    _flex_module = None
+
+#: FlexAttention's tile (rows and columns of the compact layout)
+TILE = 128
+#: each distinct problem shape compiles once; dilated patterns have a few per branch
+_RECOMPILE_LIMIT = 64
+
+
+def not_supported_reasons(
+    device_type: str,
+    requires_grad: bool,
+    compute_capability: tuple[int, int] | None = None,
+    triton_available: bool | None = None,
+) -> list[str]:
+    """Why the FlexAttention path cannot run (empty: it can)."""
+    reasons = []
+    if _flex_module is None:
+        reasons.append("torch.nn.attention.flex_attention is missing (needs torch >= 2.5)")
+    if device_type == "cuda":
+        if compute_capability is not None and compute_capability < (8, 0):
+            reasons.append(f"needs compute capability >= 8.0, got {compute_capability}")
+        if triton_available is None:
+            triton_available = _has_triton()
+        if not triton_available:
+            reasons.append("Triton is not installed (FlexAttention compiles Triton kernels)")
+    elif device_type == "cpu":
+        if requires_grad:
+            reasons.append("FlexAttention on CPU is forward-only (inputs require grad)")
+    else:
+        reasons.append(f"runs on cuda and (forward only) cpu, got {device_type}")
+    return reasons
+
+
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_compiled: Callable[..., Any] | None = None
+
+
+def _flex_attention(device_type: str) -> Callable[..., Any]:
+    """Compiled FlexAttention on CUDA (eager FlexAttention materialises the scores)."""
+    global _compiled
+    if device_type != "cuda":
+        return _flex_module.flex_attention
+    if _compiled is None:
+        _compiled = torch.compile(_flex_module.flex_attention, dynamic=False)
+    return _compiled
+
+
+# --------------------------------------------------------------------------
+# which tiles to run
+
+
+def _tile_blocks(call: BranchCall, block_size: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """First and last natural block of each compact tile: two ``(segments, tiles)``."""
+    first = torch.arange(0, call.length, TILE, device=device)
+    last = torch.clamp(first + TILE, max=call.length) - 1
+    base = call.start + call.offset + torch.arange(call.num_segments, device=device) * call.segment_length
+    lo = (base[:, None] + call.dilation * first) // block_size
+    hi = (base[:, None] + call.dilation * last) // block_size
+    return lo, hi
+
+
+def _call_layout(layout4: Tensor, call: BranchCall) -> Tensor:
+    """The layout's heads of ``call``: ``(batch | 1, heads_of_call | 1, nb, nb)``."""
+    if layout4.shape[1] == 1:
+        return layout4
+    return layout4[:, call.head_start :: call.head_step][:, : call.num_heads]
+
+
+def tile_masks(
+    call: BranchCall, layout4: Tensor, block_size: int, causal: bool, masked: bool
+) -> tuple[Tensor, Tensor]:
+    """Which compact tiles to run, and which of them need no ``mask_mod``:
+    two bool ``(batch | 1, segments, heads | 1, tiles, tiles)``.
+
+    A tile covers the natural blocks ``lo..hi`` of its rows and columns; counting
+    the allowed block pairs of that rectangle (2-D prefix sums of each
+    segment's part of the layout) tells empty, full and partial tiles apart.
+    """
+    device = layout4.device
+    lo, hi = _tile_blocks(call, block_size, device)
+    seg_lo = lo[:, :1]
+    span = int((hi[:, -1:] - seg_lo).max()) + 1
+    nb = layout4.shape[-1]
+    idx = torch.clamp(seg_lo + torch.arange(span, device=device), max=nb - 1)  # (S, span)
+    sub = _call_layout(layout4, call)[:, :, idx[:, :, None], idx[:, None, :]]  # (B', H', S, span, span)
+    a, b = lo - seg_lo, hi - seg_lo + 1  # half-open block ranges of each tile, per segment
+    s = torch.arange(call.num_segments, device=device)[:, None, None]
+    aq, bq, ak, bk = a[:, :, None], b[:, :, None], a[:, None, :], b[:, None, :]
+
+    def rectangle_counts(x: Tensor) -> Tensor:
+        prefix = torch.nn.functional.pad(x.to(torch.int32).cumsum(-1).cumsum(-2), (1, 0, 1, 0))
+        return (
+            prefix[..., s, bq, bk] - prefix[..., s, aq, bk] - prefix[..., s, bq, ak] + prefix[..., s, aq, ak]
+        )
+
+    count = rectangle_counts(sub)
+    area = (bq - aq) * (bk - ak)
+    need, full = count > 0, (count == area) & (not masked)
+    if causal:
+        tiles = lo.shape[1]
+        tq, tk = torch.arange(tiles, device=device)[:, None], torch.arange(tiles, device=device)[None, :]
+        # a diagonal tile runs only if a block pair on or below the diagonal is allowed
+        diagonal_need = (
+            rectangle_counts(sub & torch.ones(span, span, dtype=torch.bool, device=device).tril()) > 0
+        )
+        need = torch.where(tq == tk, diagonal_need, need & (tq > tk))
+        full = full & (tq > tk)
+    return need.transpose(1, 2), full.transpose(1, 2)
+
+
+def _to_kv_blocks(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Bool ``(B, H, tiles, tiles)`` -> (kv_num_blocks, kv_indices), int32."""
+    num = mask.sum(-1, dtype=torch.int32)
+    order = torch.argsort(mask.to(torch.int8), dim=-1, descending=True, stable=True)
+    return num, order.to(torch.int32)
+
+
+def _problem_batch(x: Tensor, batch: int) -> Tensor:
+    """``(batch | 1, segments, ...)`` -> ``(batch·segments | segments, ...)``: the
+    problem's batch is batch-major over segments. A one-batch layout broadcasts,
+    but the block mask's batch must then equal the problem's."""
+    if x.shape[0] == 1 and batch > 1:
+        x = x.expand(batch, *x.shape[1:])
+    return x.flatten(0, 1)
+
+
+def block_mask(
+    call: BranchCall,
+    layout4: Tensor,
+    block_size: int,
+    causal: bool,
+    batch: int,
+    key_bias: Tensor | None = None,
+    attn_bias: Tensor | None = None,
+) -> tuple[Any, Callable[..., Tensor] | None]:
+    """The BlockMask (and score_mod, for finite float masks) of one branch problem.
+
+    ``layout4``: bool ``(batch | 1, heads | 1, nb, nb)`` over natural blocks;
+    ``key_bias`` ``(batch, seq)`` and ``attn_bias`` ``(batch | 1, heads | 1, seq, seq)``
+    additive (``-inf`` removes a key). Positions are recomputed from the compact
+    indices inside ``mask_mod``, so nothing ``(length, length)`` is materialised.
+    """
+    masked = key_bias is not None or attn_bias is not None
+    need, full = tile_masks(call, layout4, block_size, causal, masked)
+    partial = _problem_batch(need & ~full, batch)
+    kv_num, kv_idx = _to_kv_blocks(partial)
+    full_num, full_idx = _to_kv_blocks(_problem_batch(full, batch))
+
+    device = layout4.device
+    layout = layout4.expand(batch, -1, -1, -1)
+    # geometry as a tensor, so compiled kernels do not specialise on each branch's numbers
+    geom = torch.tensor(
+        [
+            call.num_segments,
+            call.segment_length,
+            call.start + call.offset,
+            call.dilation,
+            block_size,
+            call.head_start,
+            call.head_step,
+        ],
+        device=device,
+    )
+    layout_heads = layout4.shape[1]
+    attn_full = None if attn_bias is None else attn_bias.expand(batch, -1, -1, -1)
+    attn_heads = 0 if attn_bias is None else attn_bias.shape[1]
+
+    def place(b: Tensor, h: Tensor, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(batch, head, position) of compact index ``idx`` of problem row ``b``."""
+        segments = geom[0]
+        pos = geom[2] + (b % segments) * geom[1] + geom[3] * idx
+        head = geom[5] + geom[6] * h
+        return b // segments, head, pos
+
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        bo, head, pq = place(b, h, q_idx)
+        pk = geom[2] + (b % geom[0]) * geom[1] + geom[3] * kv_idx
+        layout_head = head if layout_heads > 1 else h * 0
+        ok = layout[bo, layout_head, pq // geom[4], pk // geom[4]]
+        if causal:
+            ok = ok & (q_idx >= kv_idx)
+        if key_bias is not None:
+            ok = ok & (key_bias[bo, pk] > -math.inf)
+        if attn_bias is not None:
+            attn_head = head if attn_heads > 1 else h * 0
+            ok = ok & (attn_full[bo, attn_head, pq, pk] > -math.inf)
+        return ok
+
+    score_mod = None
+    key_add = key_bias if _has_finite_bias(key_bias) else None
+    attn_add = attn_full if _has_finite_bias(attn_bias) else None
+    if key_add is not None or attn_add is not None:
+
+        def score_mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            bo, head, pq = place(b, h, q_idx)
+            pk = geom[2] + (b % geom[0]) * geom[1] + geom[3] * kv_idx
+            if key_add is not None:
+                score = score + key_add[bo, pk].to(score.dtype)
+            if attn_add is not None:
+                attn_head = head if attn_heads > 1 else h * 0
+                score = score + attn_add[bo, attn_head, pq, pk].to(score.dtype)
+            return score
+
+    mask = _flex_module.BlockMask.from_kv_blocks(
+        kv_num,
+        kv_idx,
+        full_num,
+        full_idx,
+        BLOCK_SIZE=TILE,
+        mask_mod=mask_mod,
+        seq_lengths=(call.length, call.length),
+    )
+    return mask, score_mod
+
+
+def _has_finite_bias(bias: Tensor | None) -> bool:
+    """Whether an additive mask adds anything besides removing keys (-inf)."""
+    return bias is not None and bool((torch.isfinite(bias) & (bias != 0)).any())
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Any,
+    score_mod: Callable[..., Tensor] | None,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    """``(out, lse)`` of ``(batch, heads, len, head_dim)`` problems; lse float32
+    ``(batch, heads, len)``, differentiable. Rows with no key: out 0, lse -inf."""
+    fn = _flex_attention(q.device.type)
+    with torch._dynamo.config.patch(
+        recompile_limit=max(_RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
+    ):
+        if hasattr(_flex_module, "AuxRequest"):  # torch >= 2.9
+            out, aux = fn(
+                q,
+                k,
+                v,
+                score_mod=score_mod,
+                block_mask=mask,
+                scale=scale,
+                return_aux=_flex_module.AuxRequest(lse=True),
+            )
+            lse = aux.lse
+        else:
+            out, lse = fn(q, k, v, score_mod=score_mod, block_mask=mask, scale=scale, return_lse=True)
+    has_key = torch.isfinite(lse)
+    out = torch.where(has_key[..., None], out, 0.0)
+    lse = torch.where(has_key, lse, -math.inf)
+    return out, lse
+
+
+class BlockMaskCache:
+    """A small LRU of block masks keyed by the layout object and the geometry.
+
+    Holds a reference to each layout, so a cached entry can never be matched by a
+    new tensor at a recycled address; the layout's version counter catches
+    in-place edits.
+    """
+
+    def __init__(self, size: int = 64) -> None:
+        self.size = size
+        self._entries: collections.OrderedDict[tuple[Any, ...], tuple[Tensor, int, Any]] = (
+            collections.OrderedDict()
+        )
+
+    def get(self, layout: Tensor, key: tuple[Any, ...], build: Callable[[], Any]) -> Any:
+        full_key = (id(layout), *key)
+        hit = self._entries.get(full_key)
+        if hit is not None and hit[0] is layout and hit[1] == layout._version:
+            self._entries.move_to_end(full_key)
+            return hit[2]
+        value = build()
+        self._entries[full_key] = (layout, layout._version, value)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+CACHE = BlockMaskCache()
