@@ -123,7 +123,7 @@ def _dense(seq: int, args: argparse.Namespace, device, dtype, timer: Timer) -> d
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    device = torch.device(args.device)
+    device = torch.empty(0, device=args.device).device  # with its index
     dtype = getattr(torch, args.dtype)
     timer = Timer(device, args.warmup, args.repeats)
     records = []

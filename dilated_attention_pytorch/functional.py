@@ -211,6 +211,8 @@ class BlockLayout:
     block_size: int
     bias_dtype: torch.dtype
     offset: int = 0
+    #: the tensor the caller passed (block masks are cached on it)
+    source: Tensor | None = None
 
 
 def _call_bias(
@@ -289,7 +291,7 @@ def prepare_layout(
         )
     if layout.device != device:
         raise ValueError(f"block_layout must be on {device}, got {layout.device}")
-    return BlockLayout(layout, block_size, _bias_dtype(dtype))
+    return BlockLayout(layout, block_size, _bias_dtype(dtype), source=block_layout)
 
 
 # --------------------------------------------------------------------------
@@ -544,7 +546,8 @@ def _flex(
             )
 
         cache_key = (call, layout.block_size, is_causal, b)
-        mask, score_mod = build() if masked else flex_kernel.CACHE.get(layout.blocks, cache_key, build)
+        source = layout.source if layout.source is not None else layout.blocks
+        mask, score_mod = build() if masked else flex_kernel.CACHE.get(source, cache_key, build)
         q, k, v = (_as_problem(_strided(x, call)) for x in (query, key, value))
         part_out, part_lse = flex_kernel.attention(q, k, v, mask, score_mod, scale)
         slot = call.branch if merge else 0

@@ -376,7 +376,8 @@ class BlockSparseRingDilatedAttention(_BlockSparseBase):
         """Bool ``(n_blocks, n_blocks)`` (or per head) layout used for ``seq_len``
         positions, ``n_blocks = ceil(seq_len / block_size)``; for "hilbert" over
         positions in curve order. Cached per length, causality and device."""
-        device = torch.device(device) if device is not None else torch.device("cpu")
+        # "cuda" -> "cuda:0", so keys match the devices of tensors
+        device = torch.empty(0, device=device if device is not None else "cpu").device
         cache_key = (seq_len, is_causal, device)
         if cache_key not in self._layouts:
             n = layouts.num_blocks(seq_len, self.block_size)

@@ -355,7 +355,7 @@ def test_factories():
 GPU_SEG, GPU_DIL = (512, 1024, 2048), (1, 2, 4)
 
 
-def _gpu_case(dtype, pattern, causal, head_mode, module_cls=BlockSparseRingDilatedAttention, **kw):
+def _gpu_case(dtype, label, causal, head_mode, module_cls=BlockSparseRingDilatedAttention, **kw):
     n, heads, d, block = 2048 + 320, 6, 64, 64  # partial last segments, several tiles per problem
     module = module_cls(
         GPU_SEG, GPU_DIL, block_size=block, sparsity=0.7, head_mode=head_mode, backend="flex", **kw
@@ -371,10 +371,10 @@ def _gpu_case(dtype, pattern, causal, head_mode, module_cls=BlockSparseRingDilat
     blocked = ~layouts.expand_layout(layout, block, n)
     expected = reference(q, k, v, GPU_SEG, GPU_DIL, head_mode=head_mode, is_causal=causal, attn_mask=blocked)
     assert out.dtype == dtype
-    assert_close(out, expected, dtype, f"{pattern} {dtype} output")
+    assert_close(out, expected, dtype, f"{label} {dtype} output")
     g = torch.randn_like(expected)
     for name, a, b in zip("qkv", grads(out, (qd, kd, vd), g.to(dtype)), grads(expected, (q, k, v), g)):
-        assert_close(a, b, dtype, f"{pattern} {dtype} d{name}")
+        assert_close(a, b, dtype, f"{label} {dtype} d{name}")
 
 
 GPU_DTYPES = [torch.bfloat16, torch.float16, torch.float32]

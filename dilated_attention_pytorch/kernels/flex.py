@@ -33,7 +33,6 @@ except ImportError:  # pragma: no cover - torch < 2.5
 
 #: FlexAttention's tile (rows and columns of the compact layout)
 TILE = 128
-#: each distinct problem shape compiles once; dilated patterns have a few per branch
 _RECOMPILE_LIMIT = 64
 
 
@@ -79,7 +78,9 @@ def _flex_attention(device_type: str) -> Callable[..., Any]:
     if device_type != "cuda":
         return _flex_module.flex_attention
     if _compiled is None:
-        _compiled = torch.compile(_flex_module.flex_attention, dynamic=False)
+        # automatic dynamic shapes: the first problem shape compiles static, the
+        # second recompiles with dynamic lengths, which then serves every branch
+        _compiled = torch.compile(_flex_module.flex_attention)
     return _compiled
 
 
@@ -196,6 +197,7 @@ def block_mask(
             block_size,
             call.head_start,
             call.head_step,
+            call.length - 1,
         ],
         device=device,
     )
@@ -203,16 +205,17 @@ def block_mask(
     attn_full = None if attn_bias is None else attn_bias.expand(batch, -1, -1, -1)
     attn_heads = 0 if attn_bias is None else attn_bias.shape[1]
 
-    def place(b: Tensor, h: Tensor, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(batch, head, position) of compact index ``idx`` of problem row ``b``."""
-        segments = geom[0]
-        pos = geom[2] + (b % segments) * geom[1] + geom[3] * idx
-        head = geom[5] + geom[6] * h
-        return b // segments, head, pos
+    def place(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> tuple[Tensor, ...]:
+        """Batch, head, query and key positions of problem row ``b``, head ``h``.
+        Indices of the padded last tile are clamped: the kernel may evaluate
+        them (and drops their result), but they must not index out of bounds."""
+        row = geom[2] + (b % geom[0]) * geom[1]
+        pq = row + geom[3] * torch.minimum(q_idx, geom[7])
+        pk = row + geom[3] * torch.minimum(kv_idx, geom[7])
+        return b // geom[0], geom[5] + geom[6] * h, pq, pk
 
     def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        bo, head, pq = place(b, h, q_idx)
-        pk = geom[2] + (b % geom[0]) * geom[1] + geom[3] * kv_idx
+        bo, head, pq, pk = place(b, h, q_idx, kv_idx)
         layout_head = head if layout_heads > 1 else h * 0
         ok = layout[bo, layout_head, pq // geom[4], pk // geom[4]]
         if causal:
@@ -230,8 +233,7 @@ def block_mask(
     if key_add is not None or attn_add is not None:
 
         def score_mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-            bo, head, pq = place(b, h, q_idx)
-            pk = geom[2] + (b % geom[0]) * geom[1] + geom[3] * kv_idx
+            bo, head, pq, pk = place(b, h, q_idx, kv_idx)
             if key_add is not None:
                 score = score + key_add[bo, pk].to(score.dtype)
             if attn_add is not None:
@@ -267,19 +269,13 @@ def attention(
     """``(out, lse)`` of ``(batch, heads, len, head_dim)`` problems; lse float32
     ``(batch, heads, len)``, differentiable. Rows with no key: out 0, lse -inf."""
     fn = _flex_attention(q.device.type)
-    with torch._dynamo.config.patch(
-        recompile_limit=max(_RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
-    ):
+    # causal or not, masks or not, dtypes, layouts per head: each a compiled variant;
+    # past dynamo's default limit of 8 FlexAttention would silently run unfused
+    limit = max(_RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
+    with torch._dynamo.config.patch(recompile_limit=limit):
         if hasattr(_flex_module, "AuxRequest"):  # torch >= 2.9
-            out, aux = fn(
-                q,
-                k,
-                v,
-                score_mod=score_mod,
-                block_mask=mask,
-                scale=scale,
-                return_aux=_flex_module.AuxRequest(lse=True),
-            )
+            request = _flex_module.AuxRequest(lse=True)
+            out, aux = fn(q, k, v, score_mod=score_mod, block_mask=mask, scale=scale, return_aux=request)
             lse = aux.lse
         else:
             out, lse = fn(q, k, v, score_mod=score_mod, block_mask=mask, scale=scale, return_lse=True)
