@@ -118,8 +118,9 @@ def tile_masks(
     device = layout4.device
     lo, hi = _tile_blocks(call, block_size, device)
     seg_lo = lo[:, :1]
-    span = int((hi[:, -1:] - seg_lo).max()) + 1
     nb = layout4.shape[-1]
+    # blocks a segment's selected positions can touch, bounded on the host (no sync)
+    span = min(nb, (call.dilation * (call.length - 1) + block_size - 1) // block_size + 2)
     idx = torch.clamp(seg_lo + torch.arange(span, device=device), max=nb - 1)  # (S, span)
     sub = _call_layout(layout4, call)[:, :, idx[:, :, None], idx[:, None, :]]  # (B', H', S, span, span)
     a, b = lo - seg_lo, hi - seg_lo + 1  # half-open block ranges of each tile, per segment
@@ -127,7 +128,8 @@ def tile_masks(
     aq, bq, ak, bk = a[:, :, None], b[:, :, None], a[:, None, :], b[:, None, :]
 
     def rectangle_counts(x: Tensor) -> Tensor:
-        prefix = torch.nn.functional.pad(x.to(torch.int32).cumsum(-1).cumsum(-2), (1, 0, 1, 0))
+        counts = x.to(torch.int32).cumsum(-1, dtype=torch.int32).cumsum(-2, dtype=torch.int32)
+        prefix = torch.nn.functional.pad(counts, (1, 0, 1, 0))
         return (
             prefix[..., s, bq, bk] - prefix[..., s, aq, bk] - prefix[..., s, bq, ak] + prefix[..., s, aq, ak]
         )
