@@ -188,7 +188,6 @@ def block_mask(
     full_num, full_idx = _to_kv_blocks(_problem_batch(full, batch))
 
     device = layout4.device
-    layout = layout4.expand(batch, -1, -1, -1)
     # geometry as a tensor, so compiled kernels do not specialise on each branch's numbers
     geom = torch.tensor(
         [
@@ -203,14 +202,34 @@ def block_mask(
         ],
         device=device,
     )
-    layout_heads = layout4.shape[1]
-    attn_full = None if attn_bias is None else attn_bias.expand(batch, -1, -1, -1)
-    attn_heads = 0 if attn_bias is None else attn_bias.shape[1]
+
+    def flat(x: Tensor | None) -> tuple[Tensor, Tensor] | None:
+        """A tensor as 1-D storage plus its dims, for clamped linear indexing."""
+        if x is None:
+            return None
+        return x.contiguous().reshape(-1), torch.tensor(x.shape, device=device)
+
+    layout_flat = flat(layout4)
+    key_flat = flat(key_bias)
+    attn_flat = flat(attn_bias)
+
+    def at(
+        storage: tuple[Tensor, Tensor], bo: Tensor, head: Tensor, i: Tensor, j: Tensor | None = None
+    ) -> Tensor:
+        """``x[bo, head, i, j]`` (``x[bo, i]`` for 2-D ``x``) with size-1 dims
+        broadcast and every index clamped into range: the kernel evaluates mods on
+        padded rows and tiles too (it drops those results), which must not read
+        out of bounds."""
+        data, dims = storage
+        if j is None:  # (batch, seq)
+            return data[torch.minimum(bo, dims[0] - 1) * dims[1] + torch.minimum(i, dims[1] - 1)]
+        bi = torch.minimum(bo, dims[0] - 1)
+        hi = torch.minimum(head, dims[1] - 1)
+        ii, jj = torch.minimum(i, dims[2] - 1), torch.minimum(j, dims[3] - 1)
+        return data[((bi * dims[1] + hi) * dims[2] + ii) * dims[3] + jj]
 
     def place(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> tuple[Tensor, ...]:
-        """Batch, head, query and key positions of problem row ``b``, head ``h``.
-        Indices of the padded last tile are clamped: the kernel may evaluate
-        them (and drops their result), but they must not index out of bounds."""
+        """Batch, head, query and key positions of problem row ``b``, head ``h``."""
         row = geom[2] + (b % geom[0]) * geom[1]
         pq = row + geom[3] * torch.minimum(q_idx, geom[7])
         pk = row + geom[3] * torch.minimum(kv_idx, geom[7])
@@ -218,29 +237,26 @@ def block_mask(
 
     def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         bo, head, pq, pk = place(b, h, q_idx, kv_idx)
-        layout_head = head if layout_heads > 1 else h * 0
-        ok = layout[bo, layout_head, pq // geom[4], pk // geom[4]]
+        ok = at(layout_flat, bo, head, pq // geom[4], pk // geom[4])
         if causal:
             ok = ok & (q_idx >= kv_idx)
-        if key_bias is not None:
-            ok = ok & (key_bias[bo, pk] > -math.inf)
-        if attn_bias is not None:
-            attn_head = head if attn_heads > 1 else h * 0
-            ok = ok & (attn_full[bo, attn_head, pq, pk] > -math.inf)
+        if key_flat is not None:
+            ok = ok & (at(key_flat, bo, head, pk) > -math.inf)
+        if attn_flat is not None:
+            ok = ok & (at(attn_flat, bo, head, pq, pk) > -math.inf)
         return ok
 
     score_mod = None
-    key_add = key_bias if _has_finite_bias(key_bias) else None
-    attn_add = attn_full if _has_finite_bias(attn_bias) else None
+    key_add = key_flat if _has_finite_bias(key_bias) else None
+    attn_add = attn_flat if _has_finite_bias(attn_bias) else None
     if key_add is not None or attn_add is not None:
 
         def score_mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
             bo, head, pq, pk = place(b, h, q_idx, kv_idx)
             if key_add is not None:
-                score = score + key_add[bo, pk].to(score.dtype)
+                score = score + at(key_add, bo, head, pk).to(score.dtype)
             if attn_add is not None:
-                attn_head = head if attn_heads > 1 else h * 0
-                score = score + attn_add[bo, attn_head, pq, pk].to(score.dtype)
+                score = score + at(attn_add, bo, head, pq, pk).to(score.dtype)
             return score
 
     mask = _flex_module.BlockMask.from_kv_blocks(
