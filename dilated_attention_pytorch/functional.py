@@ -511,6 +511,18 @@ def _fused(
 # block-sparse path (FlexAttention)
 
 
+def flex_unverified(layout: BlockLayout | None, masked: bool) -> list[str]:
+    """Inputs the FlexAttention path refuses: on the lent H100 (torch 2.11) they
+    crashed FlexAttention's forward kernel with an illegal memory access, cause
+    not yet found (docs/implementations.md). The exact gather path runs them."""
+    reasons = []
+    if layout is not None and (layout.blocks.shape[0] > 1 or layout.blocks.shape[1] > 1):
+        reasons.append("per-batch or per-head block layouts are not verified on FlexAttention yet")
+    if masked:
+        reasons.append("key_padding_mask / attn_mask are not verified on FlexAttention yet")
+    return reasons
+
+
 def _flex(
     query: Tensor,
     key: Tensor,
@@ -528,8 +540,9 @@ def _flex(
     reasons = flex_kernel.not_supported_reasons(
         query.device.type, torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value))
     )
+    reasons += flex_unverified(layout, key_bias is not None or attn_bias is not None)
     if reasons:
-        raise ValueError(f"method='flex' cannot run this call: {'; '.join(reasons)}")
+        raise ValueError(f"method='flex' cannot run this call: {'; '.join(reasons)}; use method='gather'")
     b, n, h, d = query.shape
     merge = pattern.head_mode == "all"
     # grouped: calls are disjoint in (position, head), so one buffer takes them all;

@@ -199,11 +199,21 @@ class _BlockSparseBase(_DilatedAttentionBase):
     def sparsity(self) -> float:
         return self._sparsity
 
-    def _method(self, query: Tensor, key: Tensor, value: Tensor, dropout_p: float) -> Method:
+    def _method(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        dropout_p: float,
+        layout: Tensor | None = None,
+        masked: bool = False,
+    ) -> Method:
         if self.backend is not None:
             return self.backend  # type: ignore[return-value]
         if dropout_p > 0.0 or query.device.type != "cuda":
             return "gather"
+        if masked or (layout is not None and layout.dim() > 2):
+            return "gather"  # see functional.flex_unverified
         requires_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value))
         cc = torch.cuda.get_device_capability(query.device)
         return "gather" if flex_kernel.not_supported_reasons("cuda", requires_grad, cc) else "flex"
@@ -253,6 +263,8 @@ class _BlockSparseBase(_DilatedAttentionBase):
             (query, key, value), key_padding_mask, attn_mask = self._permuted(
                 order, (query, key, value), key_padding_mask, attn_mask
             )
+        layout = self._layout_for(query, key, is_causal)
+        masked = key_padding_mask is not None or attn_mask is not None
         out = dilated_attention(
             query,
             key,
@@ -263,8 +275,8 @@ class _BlockSparseBase(_DilatedAttentionBase):
             attn_mask=attn_mask,
             dropout_p=dropout_p,
             softmax_scale=softmax_scale,
-            method=self._method(query, key, value, dropout_p),
-            block_layout=self._layout_for(query, key, is_causal),
+            method=self._method(query, key, value, dropout_p, layout, masked),
+            block_layout=layout,
             block_size=self.block_size,
         )
         return out if order is None else out[:, torch.argsort(order)]

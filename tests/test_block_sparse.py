@@ -69,6 +69,10 @@ def test_functional_layouts_of_every_shape(method, layout_shape):
     g = torch.Generator().manual_seed(4)
     shape = {"2d": (10, 10), "heads": (HEADS, 10, 10), "batch_heads": (2, HEADS, 10, 10)}[layout_shape]
     layout = (torch.rand(shape, generator=g) < 0.5) | torch.eye(10, dtype=torch.bool)
+    if method == "flex" and layout_shape != "2d":
+        with pytest.raises(ValueError, match="per-batch or per-head block layouts are not verified"):
+            dilated_attention(q, k, v, SEG, DIL, block_layout=layout, block_size=BLOCK, method=method)
+        return
     out = dilated_attention(
         q, k, v, SEG, DIL, head_mode="all", block_layout=layout, block_size=BLOCK, method=method
     )
@@ -114,6 +118,12 @@ def test_masks_on_top_of_the_layout(backend, kind):
     )
     attn_ref = blocked + (attn if kind == "float" else torch.zeros_like(blocked).masked_fill(attn, -math.inf))
     expected = reference(q, k, v, SEG, DIL, key_padding_mask=kpm, attn_mask=attn_ref)
+    if backend == "flex":
+        with pytest.raises(
+            ValueError, match="key_padding_mask / attn_mask are not verified on FlexAttention"
+        ):
+            module(q, k, v, key_padding_mask=kpm, attn_mask=attn)
+        module.backend = None  # auto: the exact gather path takes masks
     out = module(q, k, v, key_padding_mask=kpm, attn_mask=attn)
     assert_close(out, expected, torch.float64, f"{backend} {kind} masks")
     if backend == "gather":
@@ -357,8 +367,9 @@ GPU_SEG, GPU_DIL = (512, 1024, 2048), (1, 2, 4)
 
 def _gpu_case(dtype, label, causal, head_mode, module_cls=BlockSparseRingDilatedAttention, **kw):
     n, heads, d, block = 2048 + 320, 6, 64, 64  # partial last segments, several tiles per problem
+    backend = "flex" if module_cls is BlockSparseRingDilatedAttention else None  # adaptive: gather
     module = module_cls(
-        GPU_SEG, GPU_DIL, block_size=block, sparsity=0.7, head_mode=head_mode, backend="flex", **kw
+        GPU_SEG, GPU_DIL, block_size=block, sparsity=0.7, head_mode=head_mode, backend=backend, **kw
     )
     if module_cls is BlockSparseRingDilatedAttention:
         module.block_layout(n, causal, "cuda")
@@ -408,7 +419,11 @@ def test_gpu_adaptive_matches_reference(head_mode):
 def test_gpu_flex_masks_and_empty_rows(kind):
     n, heads, d = 1024, 4, 64
     module = BlockSparseRingDilatedAttention(
-        (256, 1024), (1, 2), block_size=64, sparsity=0.5, backend="flex", head_mode="all"
+        (256, 1024),
+        (1, 2),
+        block_size=64,
+        sparsity=0.5,
+        head_mode="all",  # masks: gather path
     )
     q, k, v = make_qkv(2, n, heads, d, device="cuda")
     kpm = torch.rand(2, n, device="cuda") < 0.3
