@@ -323,8 +323,11 @@ class BlockSparseRingDilatedAttention(_BlockSparseBase):
     outputs in the caller's order) or a callable ``fn(n_blocks) -> bool layout``.
     ``sparsity`` is the fraction of blocks skipped (of the causal half when
     causal); the diagonal block is always kept. ``block_layout(seq_len)`` gives
-    the layout. With ``sparsity=0`` (and not "random") it equals dense dilated
-    attention.
+    the layout. With ``sparsity=0`` it equals dense dilated attention.
+
+    Each call attends over the sequence it is given; sharding it over a
+    ``process_group`` (the "ring" part of the name) is not implemented yet and
+    raises ``NotImplementedError`` for a group of world size > 1.
     """
 
     def __init__(
@@ -341,7 +344,14 @@ class BlockSparseRingDilatedAttention(_BlockSparseBase):
         softmax_scale: float | None = None,
         attention_dropout: float = 0.0,
         backend: str | None = None,
+        process_group: Any = None,
     ) -> None:
+        if process_group is not None and torch.distributed.get_world_size(process_group) > 1:
+            raise NotImplementedError(
+                "BlockSparseRingDilatedAttention does not shard sequences over process groups yet "
+                "(process_group has world size > 1); use RingDilatedAttention for sequence "
+                "parallelism, or process_group=None to attend over each rank's full local sequence"
+            )
         super().__init__(
             segment_lengths,
             dilation_rates,

@@ -77,3 +77,29 @@ def test_baseline_matches_reference_in_grouped_mode():
         out = baseline_dilated_attention(q, k, v, (6, 16, 5), (1, 3, 2), causal)
         exp = dilated_attention_reference(q, k, v, (6, 16, 5), (1, 3, 2), is_causal=causal)
         torch.testing.assert_close(out, exp)
+
+
+def test_block_sparse_quick_cpu_run(tmp_path):
+    out = tmp_path / "bs.json"
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks/block_sparse.py"),
+            "--quick",
+            "--device",
+            "cpu",
+            "--output",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    records = json.loads(out.read_text())
+    assert [r["seq_len"] for r in records] == [512, 1024]
+    for r in records:
+        assert r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 and r["dense_best_fwd_ms"] > 0
+        # the layout keeps about 10% of the pairs, and the tiles cover at least those
+        assert 0.85 < r["layout_sparsity"] < 0.95
+        assert r["tile_pairs"] >= r["allowed_pairs"] > 0
