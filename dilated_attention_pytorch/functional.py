@@ -98,6 +98,13 @@ def _mask_to_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return mask.to(dtype)
 
 
+def _fits_4d(x: Tensor, batch: int, heads: int, size: int) -> bool:
+    """Whether ``x`` is ``(batch | 1, heads | 1, size, size)``."""
+    return (
+        x.dim() == 4 and x.shape[0] in (1, batch) and x.shape[1] in (1, heads) and x.shape[2:] == (size, size)
+    )
+
+
 def prepare_masks(
     key_padding_mask: Tensor | None,
     attn_mask: Tensor | None,
@@ -125,13 +132,7 @@ def prepare_masks(
             raise TypeError(f"attn_mask must be a Tensor, got {type(attn_mask).__name__}")
         if attn_mask.dim() == 2:
             attn_mask = attn_mask[None, None]
-        ok = (
-            attn_mask.dim() == 4
-            and attn_mask.shape[0] in (1, b)
-            and attn_mask.shape[1] in (1, h)
-            and attn_mask.shape[2:] == (n, n)
-        )
-        if not ok:
+        if not _fits_4d(attn_mask, b, h, n):
             raise ValueError(
                 "attn_mask must have shape (seq, seq) or (batch | 1, heads | 1, seq, seq) = "
                 f"({b} | 1, {h} | 1, {n}, {n}), got {tuple(attn_mask.shape)}"
@@ -277,13 +278,7 @@ def prepare_layout(
     layout = block_layout
     while layout.dim() < 4:
         layout = layout[None]
-    ok = (
-        block_layout.dim() in (2, 3, 4)
-        and layout.shape[0] in (1, b)
-        and layout.shape[1] in (1, h)
-        and layout.shape[2:] == (nb, nb)
-    )
-    if not ok:
+    if block_layout.dim() < 2 or not _fits_4d(layout, b, h, nb):
         raise ValueError(
             "block_layout must have shape (n_blocks, n_blocks), (heads | 1, n_blocks, n_blocks) or "
             f"(batch | 1, heads | 1, n_blocks, n_blocks) with n_blocks = ceil({n} / block_size {block_size}) "
