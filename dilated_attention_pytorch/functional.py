@@ -506,12 +506,23 @@ def _fused(
 # block-sparse path (FlexAttention)
 
 
-def flex_unverified(layout: BlockLayout | None, masked: bool) -> list[str]:
+_ONE_BLOCK: dict[torch.device, Tensor] = {}
+
+
+def _one_block(device: torch.device) -> Tensor:
+    """A one-block layout per device: one tensor, so its block masks stay cached."""
+    if device not in _ONE_BLOCK:
+        _ONE_BLOCK[device] = torch.ones(1, 1, dtype=torch.bool, device=device)
+    return _ONE_BLOCK[device]
+
+
+def flex_unverified(block_layout: Tensor | None, masked: bool) -> list[str]:
     """Inputs the FlexAttention path refuses: on the lent H100 (torch 2.11) they
     crashed FlexAttention's forward kernel with an illegal memory access, cause
-    not yet found (docs/implementations.md). The exact gather path runs them."""
+    not yet found (docs/implementations.md). The exact gather path runs them.
+    ``block_layout``: as passed, or 4-D."""
     reasons = []
-    if layout is not None and (layout.blocks.shape[0] > 1 or layout.blocks.shape[1] > 1):
+    if block_layout is not None and any(size > 1 for size in block_layout.shape[:-2]):
         reasons.append("per-batch or per-head block layouts are not verified on FlexAttention yet")
     if masked:
         reasons.append("key_padding_mask / attn_mask are not verified on FlexAttention yet")
@@ -535,7 +546,7 @@ def _flex(
     reasons = flex_kernel.not_supported_reasons(
         query.device.type, torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value))
     )
-    reasons += flex_unverified(layout, key_bias is not None or attn_bias is not None)
+    reasons += flex_unverified(layout.blocks, key_bias is not None or attn_bias is not None)
     if reasons:
         raise ValueError(f"method='flex' cannot run this call: {'; '.join(reasons)}; use method='gather'")
     b, n, h, d = query.shape
@@ -722,13 +733,7 @@ def dilated_attention(
                 "method='flex' has no dropout (FlexAttention); use method='gather' for dropout_p > 0"
             )
         if layout is None:  # one block: every pair the pattern allows
-            layout = prepare_layout(
-                torch.ones(1, 1, dtype=torch.bool, device=query.device),
-                shape[1],
-                shape,
-                query.dtype,
-                query.device,
-            )
+            layout = prepare_layout(_one_block(query.device), shape[1], shape, query.dtype, query.device)
         return _flex(query, key, value, key_bias, attn_bias, pattern, layout, is_causal, scale)
     if method == "gather" or dropout_p > 0.0:
         calls = pattern.calls(shape[1], shape[2])

@@ -10,7 +10,16 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .functional import Method, _check_dropout, _check_scale, _mask_to_bias, dilated_attention, validate_call
+from .functional import (
+    Method,
+    _bias_dtype,
+    _check_dropout,
+    _check_scale,
+    _mask_to_bias,
+    dilated_attention,
+    flex_unverified,
+    validate_call,
+)
 from .kernels import flex as flex_kernel
 from .pattern import DilatedPattern, HeadMode
 from .reference import dilated_attention_reference
@@ -212,14 +221,19 @@ class _BlockSparseBase(_DilatedAttentionBase):
             return self.backend  # type: ignore[return-value]
         if dropout_p > 0.0 or query.device.type != "cuda":
             return "gather"
-        if masked or (layout is not None and layout.dim() > 2):
-            return "gather"  # see functional.flex_unverified
+        if flex_unverified(layout, masked):
+            return "gather"
         requires_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value))
         cc = torch.cuda.get_device_capability(query.device)
         return "gather" if flex_kernel.not_supported_reasons("cuda", requires_grad, cc) else "flex"
 
     def _layout_for(self, query: Tensor, key: Tensor, is_causal: bool) -> Tensor:
         raise NotImplementedError
+
+    @property
+    def permutes(self) -> bool:
+        """Whether positions run in another order than the caller's (see ``_order``)."""
+        return False
 
     def _order(self, seq_len: int, device: torch.device) -> Tensor | None:
         """A permutation of positions to run in (None: the caller's order)."""
@@ -254,11 +268,12 @@ class _BlockSparseBase(_DilatedAttentionBase):
         method: Method,
         backend: str | None,
     ) -> Tensor:
-        # check before permuting, so errors name the caller's arguments
-        validate_call(
-            query, key, value, is_causal, key_padding_mask, attn_mask, dropout_p, softmax_scale, "flex"
-        )
-        order = self._order(query.shape[1], query.device)
+        order = None
+        if self.permutes:  # check before permuting, so errors name the caller's arguments
+            validate_call(
+                query, key, value, is_causal, key_padding_mask, attn_mask, dropout_p, softmax_scale, "flex"
+            )
+            order = self._order(query.shape[1], query.device)
         if order is not None:
             (query, key, value), key_padding_mask, attn_mask = self._permuted(
                 order, (query, key, value), key_padding_mask, attn_mask
@@ -298,10 +313,7 @@ class _BlockSparseBase(_DilatedAttentionBase):
             )
         layout = self._layout_for(query, key, is_causal)
         blocked = ~layouts.expand_layout(layout, self.block_size, n)
-        bias = torch.zeros(
-            blocked.shape, dtype=torch.float64 if query.dtype == torch.float64 else torch.float32
-        )
-        bias = bias.to(query.device).masked_fill_(blocked, -math.inf)
+        bias = _mask_to_bias(blocked, _bias_dtype(query.dtype))
         if attn_mask is not None:
             bias = bias + _mask_to_bias(attn_mask, bias.dtype)
         out, weights = super().dense_weights(query, key, value, is_causal, key_padding_mask, bias)
@@ -410,6 +422,10 @@ class BlockSparseRingDilatedAttention(_BlockSparseBase):
 
     def _layout_for(self, query: Tensor, key: Tensor, is_causal: bool) -> Tensor:
         return self.block_layout(query.shape[1], is_causal, query.device)
+
+    @property
+    def permutes(self) -> bool:
+        return self._spatial_shape is not None
 
     def _order(self, seq_len: int, device: torch.device) -> Tensor | None:
         if self._spatial_shape is None:
