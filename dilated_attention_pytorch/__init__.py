@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .decoding import DilatedKVCache, LayerKVCache
 from .factory import (
     ATTENTION_TYPES,
     AutoChoice,
@@ -27,7 +28,14 @@ from .multihead import (
     RingMultiheadDilatedAttention,
 )
 from .pattern import DilatedPattern
+from .positions import RotaryEmbedding, XPos
 from .reference import dilated_attention_reference
+from .transformer import (
+    DilatedTransformerDecoderLayer,
+    DilatedTransformerEncoderLayer,
+    LongNet,
+    LongNetLM,
+)
 
 __all__ = [
     "ATTENTION_TYPES",
@@ -36,12 +44,20 @@ __all__ = [
     "BlockSparseRingDilatedAttention",
     "BlockSparseRingMultiheadDilatedAttention",
     "DilatedAttention",
+    "DilatedKVCache",
     "DilatedPattern",
+    "DilatedTransformerDecoderLayer",
+    "DilatedTransformerEncoderLayer",
     "ImprovedDilatedAttention",
     "ImprovedMultiheadDilatedAttention",
+    "LayerKVCache",
+    "LongNet",
+    "LongNetLM",
     "MultiheadDilatedAttention",
     "RingDilatedAttention",
     "RingMultiheadDilatedAttention",
+    "RotaryEmbedding",
+    "XPos",
     "__version__",
     "create_block_sparse_attention",
     "create_dilated_attention",

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
+from .decoding import LayerKVCache
 from .functional import _check_dropout
 from .modules import (
     BlockSparseRingDilatedAttention,
@@ -19,6 +20,7 @@ from .modules import (
     _DilatedAttentionBase,
 )
 from .pattern import LONGNET_DILATION_RATES, LONGNET_SEGMENT_LENGTHS, HeadMode
+from .positions import PositionKind, make_position_embedding
 
 
 def _keep_transformer_layers_off_fast_path(module: nn.Module, args: Any) -> None:
@@ -52,6 +54,7 @@ class _MultiheadDilatedAttentionBase(nn.Module):
         dilation_rates: Sequence[int] = LONGNET_DILATION_RATES,
         head_mode: HeadMode = "grouped",
         layer_norm: bool = False,
+        position_embedding: PositionKind | nn.Module | None = None,
         backend: str | None = None,
     ) -> None:
         super().__init__()
@@ -102,6 +105,10 @@ class _MultiheadDilatedAttentionBase(nn.Module):
         self.attention = self.attention_class(
             segment_lengths, dilation_rates, head_mode=head_mode, attention_dropout=dropout, backend=backend
         )
+        # rotary/xPos on the projected queries and keys, at absolute positions
+        self.position_embedding = make_position_embedding(
+            position_embedding, self.head_dim, tuple(segment_lengths)
+        )
         self._reset_parameters()
         self.register_forward_pre_hook(_keep_transformer_layers_off_fast_path)
 
@@ -145,6 +152,8 @@ class _MultiheadDilatedAttentionBase(nn.Module):
         attn_mask: Tensor | None = None,
         average_attn_weights: bool = True,
         is_causal: bool = False,
+        *,
+        kv_cache: LayerKVCache | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Arguments and return value as ``nn.MultiheadAttention.forward``.
 
@@ -155,6 +164,9 @@ class _MultiheadDilatedAttentionBase(nn.Module):
         ``is_causal`` applies a causal mask, on top of ``attn_mask`` if both are
         given. ``need_weights=True`` computes the output and the exact dense
         weights of the dilated pattern with the O(seq²) reference.
+
+        ``kv_cache`` (self-attention, causal, empty cache): also store the keys and
+        values that later :meth:`decode_step` calls can still read (prefill).
         """
         for name, x in (("query", query), ("key", key), ("value", value)):
             if not isinstance(x, Tensor):
@@ -195,6 +207,16 @@ class _MultiheadDilatedAttentionBase(nn.Module):
             )
         attn_mask = self._attn_mask_4d(attn_mask, batch, seq, unbatched)
         q, k, v = self._project(query, key, value)
+        if self.position_embedding is not None:
+            q, k = self.position_embedding(q, k, offset=self._position_offset(seq))
+        if kv_cache is not None:
+            self._check_decoding(kv_cache, is_causal)
+            if kv_cache.length:
+                raise ValueError(
+                    f"kv_cache already holds {kv_cache.length} positions: a full forward only "
+                    "fills an empty cache (prefill); continue with decode_step"
+                )
+            kv_cache.append(k, v)
 
         weights = None
         if need_weights:
@@ -212,15 +234,58 @@ class _MultiheadDilatedAttentionBase(nn.Module):
             out = self.attention(
                 q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask
             )
-        out = out.flatten(-2)
-        if self.norm is not None:
-            out = self.norm(out)
-        out = self.out_proj(out)
+        out = self._output(out)
         if unbatched:
             out = out[0]
         elif not self.batch_first:
             out = out.transpose(0, 1)
         return out, weights
+
+    def _output(self, out: Tensor) -> Tensor:
+        """Heads ``(batch, seq, heads, head_dim)`` -> ``(batch, seq, embed)``."""
+        out = out.flatten(-2)
+        if self.norm is not None:
+            out = self.norm(out)
+        return self.out_proj(out)
+
+    def _position_offset(self, seq: int) -> int:
+        """Absolute position of this call's first query."""
+        return 0
+
+    def new_kv_cache(self) -> LayerKVCache:
+        """An empty decoding cache for this module (see :meth:`decode_step`)."""
+        return LayerKVCache(self.attention.pattern, self.num_heads)
+
+    def _check_decoding(self, kv_cache: LayerKVCache, is_causal: bool) -> None:
+        if type(self.attention) not in (DilatedAttention, ImprovedDilatedAttention):
+            raise NotImplementedError(
+                f"incremental decoding needs the plain dilated function; {type(self).__name__} "
+                "computes another (block-sparse) or a sharded one (ring)"
+            )
+        if not is_causal:
+            raise ValueError("kv_cache needs is_causal=True: decoding attends to past positions only")
+        if kv_cache.pattern != self.attention.pattern or kv_cache.num_heads != self.num_heads:
+            raise ValueError("kv_cache was made for another pattern or number of heads")
+
+    def decode_step(self, query: Tensor, kv_cache: LayerKVCache) -> Tensor:
+        """Causal self-attention of one new position, ``query`` ``(batch, 1, embed)``
+        (batch first, whatever ``batch_first`` says), at position ``kv_cache.length``.
+
+        Appends the position's key and value to ``kv_cache`` and attends over what
+        the cache holds; equal to the last row of a causal full forward over all
+        positions so far. Returns ``(batch, 1, embed)``. Eval only: no dropout.
+        """
+        self._check_decoding(kv_cache, is_causal=True)
+        if query.dim() != 3 or query.shape[1] != 1 or query.shape[2] != self.embed_dim:
+            raise ValueError(f"query must have shape (batch, 1, {self.embed_dim}), got {tuple(query.shape)}")
+        if self.training and self.dropout > 0.0:
+            raise ValueError("decode_step runs without dropout: call model.eval() first")
+        q, k, v = self._project(query, query, query)
+        if self.position_embedding is not None:
+            q, k = self.position_embedding(q, k, offset=kv_cache.length)
+        kv_cache.append(k, v)
+        out = kv_cache.attend(q, self.attention.softmax_scale)
+        return self._output(out)
 
     def _attn_mask_4d(self, attn_mask: Tensor | None, batch: int, seq: int, unbatched: bool) -> Tensor | None:
         """``(L, S)`` or ``(batch·heads, L, S)`` (nn.MultiheadAttention) -> 4-D."""
@@ -276,6 +341,12 @@ class RingMultiheadDilatedAttention(_MultiheadDilatedAttentionBase):
     def __init__(self, *args: Any, process_group: Any = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.attention.process_group = process_group
+
+    def _position_offset(self, seq: int) -> int:
+        group = self.attention.process_group
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(group) * seq
+        return 0
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, *args: Any, **kwargs: Any):  # type: ignore[override]
         need_weights = kwargs.get("need_weights", args[1] if len(args) > 1 else False)

@@ -1,0 +1,160 @@
+"""Incremental decoding: a key/value cache that keeps only what dilated
+attention can still read, and the attention of one new query over it.
+
+A causal query at position ``p`` reads, in branch ``i``, only keys of its own
+segment ``[s·w_i, p]`` whose index in the segment has the query's residue
+``o = (p - s·w_i) mod r_i``, and only heads with offset ``o`` take part. So
+branch ``i`` keeps, per head, one slot per selected position of a segment:
+``ceil(w_i / r_i)`` slots, slot ``t // r_i`` holding the key at index ``t``.
+A slot is overwritten by the next segment before any query can read it (a
+query at index ``t`` reads slots ``0 .. t // r_i``, all written in its own
+segment), so nothing is ever cleared and the cache never grows: per layer it
+holds ``Σ_i ceil(w_i / r_i)`` slots per head of the branch, and one decoding
+step costs the same whatever the number of tokens already generated.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .functional import merge_by_lse
+from .pattern import DilatedPattern
+
+
+class LayerKVCache:
+    """Keys and values of one attention layer, per branch ``(batch, slots, heads_i, head_dim)``.
+
+    ``length`` is the number of positions written so far (the next position).
+    Buffers are allocated on the first :meth:`append`, with its batch, device and dtype.
+    """
+
+    def __init__(self, pattern: DilatedPattern, num_heads: int) -> None:
+        self.pattern = pattern
+        self.num_heads = num_heads
+        self.length = 0
+        # per branch: heads using it (all heads in "all" mode, the group in "grouped" mode)
+        self._heads: list[range] = []
+        for i in range(pattern.num_branches):
+            if pattern.head_mode == "all":
+                self._heads.append(range(num_heads))
+            else:
+                self._heads.append(pattern.head_groups(num_heads)[i])
+        self.keys: list[Tensor] = []
+        self.values: list[Tensor] = []
+
+    def _allocate(self, key: Tensor, value: Tensor) -> None:
+        b, _, h, d = key.shape
+        if h != self.num_heads:
+            raise ValueError(f"key must have {self.num_heads} heads, got {h}")
+        for (w, r), heads in zip(zip(self.pattern.segment_lengths, self.pattern.dilation_rates), self._heads):
+            slots = math.ceil(w / r)
+            self.keys.append(key.new_zeros(b, slots, len(heads), d))
+            self.values.append(value.new_zeros(b, slots, len(heads), value.shape[-1]))
+
+    def _offsets(self, branch: int, residue: int) -> range:
+        """Heads of ``branch`` (indices into its buffer) whose offset is ``residue``."""
+        r = self.pattern.dilation_rates[branch]
+        heads = self._heads[branch]
+        if self.pattern.head_mode == "all":
+            return range(residue, len(heads), r)
+        return range(len(heads)) if branch % r == residue else range(0)
+
+    def append(self, key: Tensor, value: Tensor) -> None:
+        """Write ``key``/``value`` ``(batch, m, heads, head_dim)`` at positions
+        ``length .. length + m - 1``. Only the last segment of each branch is kept."""
+        if not self.keys:
+            self._allocate(key, value)
+        elif key.shape[0] != self.keys[0].shape[0]:
+            raise ValueError(f"key has batch {key.shape[0]}, the cache holds batch {self.keys[0].shape[0]}")
+        start, m = self.length, key.shape[1]
+        end = start + m
+        for i, (w, r) in enumerate(zip(self.pattern.segment_lengths, self.pattern.dilation_rates)):
+            heads = self._heads[i]
+            if not len(heads):
+                continue
+            segment_start = ((end - 1) // w) * w
+            first = max(start, segment_start)
+            for residue in range(r):
+                local = self._offsets(i, residue)
+                if not len(local):
+                    continue
+                # positions of the last segment with this residue, inside [first, end)
+                t0 = first - segment_start
+                t0 += (residue - t0) % r
+                if t0 >= end - segment_start:
+                    continue
+                index = torch.arange(t0, end - segment_start, r, device=key.device)
+                slots = index // r
+                rows = index + segment_start - start
+                layer_heads = [heads[j] for j in local]
+                src_k = key[:, rows][:, :, layer_heads]
+                src_v = value[:, rows][:, :, layer_heads]
+                self.keys[i][:, slots, local.start : local.stop : local.step] = src_k
+                self.values[i][:, slots, local.start : local.stop : local.step] = src_v
+        self.length = end
+
+    def attend(self, query: Tensor, softmax_scale: float | None = None) -> Tensor:
+        """Causal dilated attention of ``query`` ``(batch, 1, heads, head_dim)`` at
+        position ``length - 1`` over the cached keys; returns ``(batch, 1, heads, head_dim)``."""
+        if self.length == 0:
+            raise ValueError("the cache is empty: append the query's own key and value first")
+        b, m, h, d = query.shape
+        if m != 1 or h != self.num_heads:
+            raise ValueError(
+                f"query must have shape (batch, 1, {self.num_heads}, head_dim), got {tuple(query.shape)}"
+            )
+        p = self.length - 1
+        scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+        compute = torch.float64 if query.dtype == torch.float64 else torch.float32
+        q = query[:, 0].to(compute) * scale
+        outs, lses = [], []
+        for i, (w, r) in enumerate(zip(self.pattern.segment_lengths, self.pattern.dilation_rates)):
+            heads = self._heads[i]
+            out = q.new_zeros(b, h, self.values[i].shape[-1] if self.values else d)
+            lse = q.new_full((b, h), -math.inf)
+            t = p % w
+            local = self._offsets(i, t % r)
+            if len(heads) and len(local):
+                sel = slice(local.start, local.stop, local.step)
+                layer_heads = torch.tensor([heads[j] for j in local], device=query.device)
+                k = self.keys[i][:, : t // r + 1, sel].to(compute)  # (b, slots, hs, d)
+                v = self.values[i][:, : t // r + 1, sel].to(compute)
+                scores = torch.einsum("bhd,bshd->bhs", q[:, layer_heads], k)
+                branch_lse = torch.logsumexp(scores, dim=-1)
+                probs = torch.exp(scores - branch_lse[..., None])
+                out[:, layer_heads] = torch.einsum("bhs,bshd->bhd", probs, v)
+                lse[:, layer_heads] = branch_lse
+            outs.append(out)
+            lses.append(lse)
+        merged, _ = merge_by_lse(outs, lses)
+        return merged[:, None].to(query.dtype)
+
+    def nbytes(self) -> int:
+        """Bytes held by the cache buffers (constant once allocated)."""
+        return sum(x.numel() * x.element_size() for x in (*self.keys, *self.values))
+
+
+class DilatedKVCache:
+    """One :class:`LayerKVCache` per layer of a model; ``length`` tokens seen."""
+
+    def __init__(self, pattern: DilatedPattern, num_heads: int, num_layers: int) -> None:
+        self.layers = [LayerKVCache(pattern, num_heads) for _ in range(num_layers)]
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
+
+    def __getitem__(self, layer: int) -> LayerKVCache:
+        return self.layers[layer]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)
+
+
+__all__ = ["DilatedKVCache", "LayerKVCache"]
