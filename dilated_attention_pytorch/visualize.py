@@ -93,7 +93,9 @@ def plot_pattern(
         _show(axes[j][k], union, "all branches" if j == 0 else f"head {j}")
     for i in range(k):
         axes[0][i].set_title(
-            f"branch {i}: w={segment_lengths[i]}, r={dilation_rates[i]}", fontsize=8, color=BRANCH_COLOURS[i % 8]
+            f"branch {i}: w={segment_lengths[i]}, r={dilation_rates[i]}",
+            fontsize=8,
+            color=BRANCH_COLOURS[i % 8],
         )
     fig.suptitle(
         f"head_mode={head_mode!r}, seq_len={seq_len}, {num_heads} heads" + (", causal" if is_causal else ""),

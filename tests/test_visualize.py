@@ -34,5 +34,18 @@ def test_plot_pattern_writes_a_png(tmp_path) -> None:
     assert len(fig.axes) == 2 * 3  # 2 heads x (2 branches + union)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     cli = tmp_path / "cli.png"
-    main(["--segment-lengths", "4", "--dilation-rates", "2", "--seq-len", "8", "--num-heads", "2", "--output", str(cli)])
+    main(
+        [
+            "--segment-lengths",
+            "4",
+            "--dilation-rates",
+            "2",
+            "--seq-len",
+            "8",
+            "--num-heads",
+            "2",
+            "--output",
+            str(cli),
+        ]
+    )
     assert cli.stat().st_size > 0
