@@ -205,7 +205,7 @@ def measure_step(
     except torch.OutOfMemoryError:
         return {"oom": True}
     finally:
-        model = ids = None  # noqa: F841
+        model = ids = None
 
 
 def plot(result: dict, path: Path) -> None:
