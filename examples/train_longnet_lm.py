@@ -1,12 +1,17 @@
 """Train a small LongNetLM on long-range recall and compare it with dense attention.
 
-The task: a sequence of random filler tokens hides one *value* token (one of
-``--num-values``) somewhere in its first quarter; the sequence ends with
-``--num-queries`` QUERY tokens, and at each of them the model must output the
-hidden value. The answer sits at least 3/4 of the sequence back (thousands of
-tokens at GPU size), so the model has to route it through the dilated
-branches: a local branch moves it to nearby positions, a dilated branch reads
-every r-th of those from far away. Chance accuracy is 1 / num_values.
+The task: a sequence of random filler tokens hides a *value* (one of 16 value
+tokens, written ``--needle-length`` times in a row) somewhere in its first
+quarter; the sequence ends with ``--num-queries`` QUERY tokens, and at each of
+them the model must output the hidden value. The answer sits at least 3/4 of
+the sequence back (thousands of tokens at GPU size). Chance accuracy is 1/16.
+
+A query reads, in a branch with dilation r, only every r-th position (those of
+its own residue mod r). With a needle of at least max(dilation_rates) tokens
+one copy always lies on a query's residue, so one dilated read finds it. With a
+one-token needle most queries must learn a two-hop route (a local branch
+spreads the value to neighbours, a dilated branch reads one of them), which
+takes far longer to learn: see docs/models.md for what we measured.
 
 CPU, small (a few minutes)::
 
@@ -54,10 +59,17 @@ def progress(iterable: Iterable[int], total: int, desc: str) -> Iterator[int]:
 class RecallTask:
     """Token ids: filler ``[0, num_filler)``, values ``[num_filler, num_filler + num_values)``, QUERY last."""
 
-    def __init__(self, seq_len: int, num_queries: int, num_filler: int = 32, num_values: int = 16) -> None:
-        if seq_len < 4 * (num_queries + 1):
-            raise ValueError(f"seq_len must be at least 4 * (num_queries + 1), got {seq_len}")
-        self.seq_len, self.num_queries = seq_len, num_queries
+    def __init__(
+        self,
+        seq_len: int,
+        num_queries: int,
+        needle_length: int = 1,
+        num_filler: int = 32,
+        num_values: int = 16,
+    ) -> None:
+        if seq_len < 4 * (num_queries + needle_length):
+            raise ValueError(f"seq_len must be at least 4 * (num_queries + needle_length), got {seq_len}")
+        self.seq_len, self.num_queries, self.needle_length = seq_len, num_queries, needle_length
         self.num_filler, self.num_values = num_filler, num_values
         self.query = num_filler + num_values
         self.vocab_size = self.query + 1
@@ -68,8 +80,9 @@ class RecallTask:
         """``(ids (size, seq_len), answers (size,))``."""
         ids = torch.randint(0, self.num_filler, (size, self.seq_len), generator=generator)
         answer = torch.randint(0, self.num_values, (size,), generator=generator) + self.num_filler
-        where = torch.randint(0, self.seq_len // 4, (size,), generator=generator)
-        ids[torch.arange(size), where] = answer
+        where = torch.randint(0, self.seq_len // 4 - self.needle_length, (size,), generator=generator)
+        for i in range(self.needle_length):
+            ids[torch.arange(size), where + i] = answer
         ids[:, -self.num_queries :] = self.query
         return ids.to(device), answer.to(device)
 
@@ -85,7 +98,8 @@ def loss_and_accuracy(model: LongNetLM, task: RecallTask, ids: torch.Tensor, ans
 
 def train(args: argparse.Namespace, device: torch.device) -> dict:
     torch.manual_seed(args.seed)
-    task = RecallTask(args.seq_len, args.num_queries)
+    needle = args.needle_length if args.needle_length is not None else max(args.dilation_rates)
+    task = RecallTask(args.seq_len, args.num_queries, needle)
     model = LongNetLM(
         task.vocab_size,
         d_model=args.d_model,
@@ -95,6 +109,7 @@ def train(args: argparse.Namespace, device: torch.device) -> dict:
         segment_lengths=args.segment_lengths,
         dilation_rates=args.dilation_rates,
         head_mode=args.head_mode,
+        attention_type=args.attention_type,
         device=device,
     )
     amp = device.type == "cuda" and not args.fp32
@@ -241,6 +256,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--num-queries", type=int, default=16)
+    parser.add_argument(
+        "--needle-length",
+        type=int,
+        default=None,
+        help="copies of the value in a row (default: max dilation rate)",
+    )
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--d-model", type=int, default=64)
@@ -248,7 +269,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--segment-lengths", type=int, nargs="+", default=[32, 128, 512])
     parser.add_argument("--dilation-rates", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--head-mode", choices=("grouped", "all"), default="all")
+    parser.add_argument("--head-mode", choices=("grouped", "all"), default="grouped")
+    parser.add_argument("--attention-type", default="auto")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--eval-batches", type=int, default=8)

@@ -157,3 +157,29 @@ def test_decoding_errors() -> None:
     )
     with pytest.raises(NotImplementedError, match="block-sparse"):
         sparse.decode_step(torch.randn(1, 1, 16), sparse.new_kv_cache())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_mode", ["grouped", "all"])
+def test_stepwise_logits_equal_full_forward_on_gpu(dtype: torch.dtype, head_mode: str) -> None:
+    torch.manual_seed(0)
+    position = "rotary" if dtype == torch.float16 else "xpos"
+    model = LongNetLM(40, d_model=64, nhead=4, num_layers=2, dim_feedforward=128,
+                      segment_lengths=(16, 32, 64), dilation_rates=(1, 2, 4), head_mode=head_mode,
+                      position_embedding=position, device="cuda", dtype=dtype).eval()  # fmt: skip
+    ids = torch.randint(0, 40, (2, 150), device="cuda")
+    with torch.no_grad():
+        full = model(ids).float()
+        cache = model.new_cache()
+        steps = torch.cat([model(ids[:, :70], kv_cache=cache), model(ids[:, 70:], kv_cache=cache)], 1).float()
+    # float64 on CPU is the truth; each GPU path is within the dtype's tolerance of it
+    truth = _to_cpu64(model)(ids.cpu())
+    assert_close(full, truth, dtype, "full forward")
+    assert_close(steps, truth, dtype, "stepwise")
+
+
+def _to_cpu64(model: LongNetLM) -> LongNetLM:
+    import copy
+
+    return copy.deepcopy(model).to("cpu", torch.float64)

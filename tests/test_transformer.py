@@ -230,3 +230,24 @@ def test_longnet_lm_torch_compile_matches_eager(attention_type: str, fullgraph: 
     assert_close(loss, eager_loss, torch.float32, "compiled loss")
     for g, g_eager in zip(grads, eager_grads):
         assert_close(g, g_eager, torch.float32, "compiled gradient")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_mode", ["grouped", "all"])
+def test_longnet_lm_under_cuda_autocast(amp_dtype: torch.dtype, head_mode: str) -> None:
+    torch.manual_seed(0)
+    model = LongNetLM(64, d_model=128, nhead=4, num_layers=2, dim_feedforward=256,
+                      segment_lengths=(64, 128, 256), dilation_rates=(1, 2, 4), head_mode=head_mode,
+                      position_embedding="rotary", device="cuda")  # fmt: skip
+    ids = torch.randint(0, 64, (2, 600), device="cuda")
+    expected = model(ids)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    with torch.autocast("cuda", dtype=amp_dtype):
+        logits = model(ids)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), ids.flatten())
+    scaler.scale(loss).backward()
+    assert logits.dtype == amp_dtype
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    err = (logits.float() - expected).abs().max() / expected.abs().max()
+    assert err < 5e-2, err

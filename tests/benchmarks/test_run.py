@@ -103,3 +103,17 @@ def test_block_sparse_quick_cpu_run(tmp_path):
         # the layout keeps about 10% of the pairs, and the tiles cover at least those
         assert 0.85 < r["layout_sparsity"] < 0.95
         assert r["tile_pairs"] >= r["allowed_pairs"] > 0
+
+
+def test_decode_benchmark_runs_on_cpu(tmp_path) -> None:
+    from benchmarks.decode import main
+
+    out = tmp_path / "decode.json"
+    main(["--device", "cpu", "--contexts", "16", "40", "--steps", "3", "--d-model", "32", "--heads", "4",
+          "--layers", "1", "--output", str(out)])  # fmt: skip
+    result = json.loads(out.read_text())
+    rows = {(r["pattern"], r["context"]): r for r in result["rows"]}
+    assert set(rows) == {("dilated", 16), ("dilated", 40), ("dense", 16), ("dense", 40)}
+    assert all(r["ms_per_token"] > 0 for r in rows.values())
+    # the dilated cache has a fixed size; the dense one is a full-window cache
+    assert rows["dilated", 16]["cache_mib"] == rows["dilated", 40]["cache_mib"]
