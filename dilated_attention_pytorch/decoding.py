@@ -54,13 +54,21 @@ class LayerKVCache:
             self.keys.append(key.new_zeros(b, slots, len(heads), d))
             self.values.append(value.new_zeros(b, slots, len(heads), value.shape[-1]))
 
-    def _offsets(self, branch: int, residue: int) -> range:
-        """Heads of ``branch`` (indices into its buffer) whose offset is ``residue``."""
+    def _selected(self, branch: int, residue: int) -> tuple[slice, slice] | None:
+        """Heads of ``branch`` whose offset is ``residue``, as a slice into the
+        branch's buffer and a slice into the layer's heads (None if none)."""
         r = self.pattern.dilation_rates[branch]
         heads = self._heads[branch]
         if self.pattern.head_mode == "all":
-            return range(residue, len(heads), r)
-        return range(len(heads)) if branch % r == residue else range(0)
+            local = range(residue, len(heads), r)
+        else:
+            local = range(len(heads)) if branch % r == residue else range(0)
+        if not len(local):
+            return None
+        return (
+            slice(local.start, local.stop, local.step),
+            slice(heads.start + local.start, heads.start + local.stop, local.step),
+        )
 
     def append(self, key: Tensor, value: Tensor) -> None:
         """Write ``key``/``value`` ``(batch, m, heads, head_dim)`` at positions
@@ -72,28 +80,22 @@ class LayerKVCache:
         start, m = self.length, key.shape[1]
         end = start + m
         for i, (w, r) in enumerate(zip(self.pattern.segment_lengths, self.pattern.dilation_rates)):
-            heads = self._heads[i]
-            if not len(heads):
-                continue
             segment_start = ((end - 1) // w) * w
-            first = max(start, segment_start)
-            for residue in range(r):
-                local = self._offsets(i, residue)
-                if not len(local):
+            first = max(start, segment_start) - segment_start
+            stop = end - segment_start
+            # one step writes one residue; a prefill every residue of the last segment
+            residues = [first % r] if m == 1 else range(r)
+            for residue in residues:
+                selected = self._selected(i, residue)
+                t0 = first + (residue - first) % r  # first index >= first with this residue
+                if selected is None or t0 >= stop:
                     continue
-                # positions of the last segment with this residue, inside [first, end)
-                t0 = first - segment_start
-                t0 += (residue - t0) % r
-                if t0 >= end - segment_start:
-                    continue
-                index = torch.arange(t0, end - segment_start, r, device=key.device)
-                slots = index // r
-                rows = index + segment_start - start
-                layer_heads = [heads[j] for j in local]
-                src_k = key[:, rows][:, :, layer_heads]
-                src_v = value[:, rows][:, :, layer_heads]
-                self.keys[i][:, slots, local.start : local.stop : local.step] = src_k
-                self.values[i][:, slots, local.start : local.stop : local.step] = src_v
+                local, layer = selected
+                count = len(range(t0, stop, r))
+                slots = slice(t0 // r, t0 // r + count)
+                rows = slice(t0 + segment_start - start, stop + segment_start - start, r)
+                self.keys[i][:, slots, local] = key[:, rows, layer]
+                self.values[i][:, slots, local] = value[:, rows, layer]
         self.length = end
 
     def attend(self, query: Tensor, softmax_scale: float | None = None) -> Tensor:
@@ -112,21 +114,18 @@ class LayerKVCache:
         q = query[:, 0].to(compute) * scale
         outs, lses = [], []
         for i, (w, r) in enumerate(zip(self.pattern.segment_lengths, self.pattern.dilation_rates)):
-            heads = self._heads[i]
-            out = q.new_zeros(b, h, self.values[i].shape[-1] if self.values else d)
+            out = q.new_zeros(b, h, self.values[i].shape[-1])
             lse = q.new_full((b, h), -math.inf)
             t = p % w
-            local = self._offsets(i, t % r)
-            if len(heads) and len(local):
-                sel = slice(local.start, local.stop, local.step)
-                layer_heads = torch.tensor([heads[j] for j in local], device=query.device)
-                k = self.keys[i][:, : t // r + 1, sel].to(compute)  # (b, slots, hs, d)
-                v = self.values[i][:, : t // r + 1, sel].to(compute)
-                scores = torch.einsum("bhd,bshd->bhs", q[:, layer_heads], k)
+            selected = self._selected(i, t % r)
+            if selected is not None:
+                local, layer = selected
+                k = self.keys[i][:, : t // r + 1, local].to(compute)  # (b, slots, heads, d)
+                v = self.values[i][:, : t // r + 1, local].to(compute)
+                scores = torch.einsum("bhd,bshd->bhs", q[:, layer], k)
                 branch_lse = torch.logsumexp(scores, dim=-1)
-                probs = torch.exp(scores - branch_lse[..., None])
-                out[:, layer_heads] = torch.einsum("bhs,bshd->bhd", probs, v)
-                lse[:, layer_heads] = branch_lse
+                out[:, layer] = torch.einsum("bhs,bshd->bhd", torch.exp(scores - branch_lse[..., None]), v)
+                lse[:, layer] = branch_lse
             outs.append(out)
             lses.append(lse)
         merged, _ = merge_by_lse(outs, lses)

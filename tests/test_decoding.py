@@ -175,8 +175,8 @@ def test_stepwise_logits_equal_full_forward_on_gpu(dtype: torch.dtype, head_mode
         steps = torch.cat([model(ids[:, :70], kv_cache=cache), model(ids[:, 70:], kv_cache=cache)], 1).float()
     # float64 on CPU is the truth; each GPU path is within the dtype's tolerance of it
     truth = _to_cpu64(model)(ids.cpu())
-    assert_close(full, truth, dtype, "full forward")
-    assert_close(steps, truth, dtype, "stepwise")
+    assert_close(full.cpu(), truth, dtype, "full forward")
+    assert_close(steps.cpu(), truth, dtype, "stepwise")
 
 
 def _to_cpu64(model: LongNetLM) -> LongNetLM:
