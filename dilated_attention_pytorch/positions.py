@@ -137,7 +137,7 @@ class XPos(RotaryEmbedding):
                 raise ValueError(
                     f"xpos scales keys by up to {self.max_scale():.3g} with segment_length "
                     f"{self.segment_length} and scale_base {self.scale_base:g}, which overflows {dtype}; "
-                    "use bfloat16 or float32, or a larger scale_base"
+                    "use a wider dtype, a larger scale_base, shorter segments or rotary positions"
                 )
 
     def extra_repr(self) -> str:

@@ -110,6 +110,7 @@ def train(args: argparse.Namespace, device: torch.device) -> dict:
         dilation_rates=args.dilation_rates,
         head_mode=args.head_mode,
         attention_type=args.attention_type,
+        position_embedding=args.position_embedding,
         device=device,
     )
     amp = device.type == "cuda" and not args.fp32
@@ -152,7 +153,8 @@ def train(args: argparse.Namespace, device: torch.device) -> dict:
 def compare_dense(args: argparse.Namespace, device: torch.device) -> list[dict]:
     """Time one training step (batch 1) of the same model with the dilated pattern
     and with dense causal attention (one segment of n, no dilation: SDPA's fused
-    kernels) at each length, until dense runs out of memory or past a time budget."""
+    kernels) at each length, until dense runs out of memory or past a time budget.
+    Both use rotary positions: xPos over one dense segment of n overflows for large n."""
     results = []
     dense_too_slow = False
     for n in args.compare_dense:
@@ -189,6 +191,7 @@ def measure_step(
             segment_lengths=segment_lengths,
             dilation_rates=dilation_rates,
             head_mode=args.head_mode,
+            position_embedding="rotary",
             device=device,
         )
         ids = torch.randint(0, 64, (1, n), device=device)
@@ -262,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help="copies of the value in a row (default: max dilation rate)",
     )
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--d-model", type=int, default=64)
     parser.add_argument("--heads", type=int, default=8)
@@ -271,6 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dilation-rates", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--head-mode", choices=("grouped", "all"), default="grouped")
     parser.add_argument("--attention-type", default="auto")
+    parser.add_argument("--position-embedding", choices=("xpos", "rotary"), default="xpos")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--eval-batches", type=int, default=8)
@@ -294,9 +298,10 @@ def main(argv: list[str] | None = None) -> dict:
             f"after {args.steps} steps, {result['train_seconds']:.0f} s"
         )
         plot(result, args.output_dir / "loss.png")
+    (args.output_dir / "results.json").write_text(json.dumps(result, indent=1))
     if args.compare_dense:
         result["dense_comparison"] = compare_dense(args, device)
-    (args.output_dir / "results.json").write_text(json.dumps(result, indent=1))
+        (args.output_dir / "results.json").write_text(json.dumps(result, indent=1))
     return result
 
 
