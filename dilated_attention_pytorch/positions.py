@@ -70,7 +70,7 @@ class RotaryEmbedding(nn.Module):
         compute = torch.float64 if query.dtype == torch.float64 else torch.float32
         positions = torch.arange(offset, offset + query.shape[1], device=query.device)
         cos, sin, scale = self._factors(positions, compute)
-        self._check_range(scale, query.dtype)
+        self._check_range(query.dtype)
 
         def encode(x: Tensor, factor: Tensor | None) -> Tensor:
             y = x.to(compute)
@@ -81,8 +81,8 @@ class RotaryEmbedding(nn.Module):
 
         return encode(query, scale), encode(key, None if scale is None else scale.reciprocal())
 
-    def _check_range(self, scale: Tensor | None, dtype: torch.dtype) -> None:
-        return None
+    def _check_range(self, dtype: torch.dtype) -> None:
+        """Raise if the encoding cannot be represented in ``dtype`` (rotary always can)."""
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, base={self.base:g}"
@@ -125,20 +125,21 @@ class XPos(RotaryEmbedding):
         scale = zeta ** exponent[:, None]
         return cos, sin, torch.cat((scale, scale), dim=-1)[:, None, :]
 
-    def max_scale(self) -> float:
-        """The largest factor applied (to keys at the start of a segment)."""
-        zeta_min = 0.4 / 1.4
-        return zeta_min ** (-(self.segment_length / 2) / self.scale_base)
+    def log_max_scale(self) -> float:
+        """Natural log of the largest factor applied (to keys at a segment's start)."""
+        return (self.segment_length / 2) / self.scale_base * -math.log(0.4 / 1.4)
 
-    def _check_range(self, scale: Tensor | None, dtype: torch.dtype) -> None:
-        if dtype in (torch.float16, torch.bfloat16):
-            limit = torch.finfo(dtype).max / 2**8  # headroom for |q|, |k| up to 256
-            if self.max_scale() > limit:
-                raise ValueError(
-                    f"xpos scales keys by up to {self.max_scale():.3g} with segment_length "
-                    f"{self.segment_length} and scale_base {self.scale_base:g}, which overflows {dtype}; "
-                    "use a wider dtype, a larger scale_base, shorter segments or rotary positions"
-                )
+    def _check_range(self, dtype: torch.dtype) -> None:
+        if dtype == torch.float64:
+            return
+        # factors are made in float32 and applied in dtype; keep headroom for |q|, |k| up to 256
+        limit = min(torch.finfo(dtype).max, torch.finfo(torch.float32).max) / 2**8
+        if self.log_max_scale() > math.log(limit):
+            raise ValueError(
+                f"xpos scales keys by up to exp({self.log_max_scale():.1f}) with segment_length "
+                f"{self.segment_length} and scale_base {self.scale_base:g}, which overflows {dtype}; "
+                "use a wider dtype, a larger scale_base, shorter segments or rotary positions"
+            )
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, segment_length={self.segment_length}, scale_base={self.scale_base:g}"

@@ -23,75 +23,23 @@ from torch import Tensor, nn
 
 from .decoding import DilatedKVCache, LayerKVCache
 from .factory import create_multihead_dilated_attention
-from .pattern import LONGNET_DILATION_RATES, LONGNET_SEGMENT_LENGTHS, DilatedPattern, HeadMode
+from .pattern import LONGNET_DILATION_RATES, LONGNET_SEGMENT_LENGTHS, HeadMode
 from .positions import PositionKind
 
 Activation = str | Callable[[Tensor], Tensor]
 
 
-def _check_sub_layernorm(sub_layernorm: bool, norm_first: bool) -> None:
-    if sub_layernorm and not norm_first:
-        raise ValueError(
-            "sub_layernorm=True needs norm_first=True: MAGNETO's sub-LayerNorm is a pre-LayerNorm layout"
-        )
+class _DilatedLayer(nn.Module):
+    """Mixin before ``nn.TransformerEncoderLayer`` / ``nn.TransformerDecoderLayer``:
+    their constructor, then dilated self-attention in ``self_attn`` and MAGNETO's
+    extra LayerNorm before ``linear2`` when ``sub_layernorm``."""
 
-
-class _SubLayerNormFeedForward:
-    """Mixin: the feed-forward block with MAGNETO's extra LayerNorm before ``linear2``."""
-
-    ffn_norm: nn.LayerNorm | None
     linear1: nn.Linear
     linear2: nn.Linear
     dropout: nn.Dropout
     activation: Callable[[Tensor], Tensor]
-    #: the dropout after the block (nn's encoder layer: dropout2, decoder layer: dropout3)
+    #: the dropout after the feed-forward block (nn's encoder layer: dropout2, decoder layer: dropout3)
     _ff_output_dropout: str
-
-    def _ff_block(self, x: Tensor) -> Tensor:
-        x = self.dropout(self.activation(self.linear1(x)))
-        if self.ffn_norm is not None:
-            x = self.ffn_norm(x)
-        return getattr(self, self._ff_output_dropout)(self.linear2(x))
-
-
-def _dilated_self_attention(
-    d_model: int,
-    nhead: int,
-    dropout: float,
-    bias: bool,
-    batch_first: bool,
-    factory_kwargs: dict[str, Any],
-    attention_type: str,
-    sub_layernorm: bool,
-    attention_kwargs: dict[str, Any],
-) -> nn.Module:
-    return create_multihead_dilated_attention(
-        attention_type,
-        embed_dim=d_model,
-        num_heads=nhead,
-        dropout=dropout,
-        bias=bias,
-        batch_first=batch_first,
-        layer_norm=sub_layernorm,
-        **factory_kwargs,
-        **attention_kwargs,
-    )
-
-
-class DilatedTransformerEncoderLayer(_SubLayerNormFeedForward, nn.TransformerEncoderLayer):
-    """``nn.TransformerEncoderLayer`` with dilated self-attention.
-
-    Positional arguments and defaults as ``nn.TransformerEncoderLayer``. Keyword
-    only: ``segment_lengths``, ``dilation_rates``, ``head_mode`` (the pattern),
-    ``attention_type`` (a factory type, default "auto"), ``position_embedding``
-    (None, "rotary" or "xpos", applied to queries and keys), ``sub_layernorm``
-    (MAGNETO: a LayerNorm before the attention's ``out_proj`` and before
-    ``linear2``; needs ``norm_first=True``) and further attention arguments
-    (``backend``, ...). ``forward`` as ``nn.TransformerEncoderLayer``: pass
-    ``is_causal=True`` for a causal layer.
-    """
-
-    _ff_output_dropout = "dropout2"
 
     def __init__(
         self,
@@ -115,9 +63,12 @@ class DilatedTransformerEncoderLayer(_SubLayerNormFeedForward, nn.TransformerEnc
         sub_layernorm: bool = False,
         **attention_kwargs: Any,
     ) -> None:
-        _check_sub_layernorm(sub_layernorm, norm_first)
+        if sub_layernorm and not norm_first:
+            raise ValueError(
+                "sub_layernorm=True needs norm_first=True: MAGNETO's sub-LayerNorm is a pre-LayerNorm layout"
+            )
         factory_kwargs: dict[str, Any] = {"device": device, "dtype": dtype}
-        super().__init__(
+        super().__init__(  # type: ignore[call-arg]
             d_model,
             nhead,
             dim_feedforward,
@@ -129,22 +80,20 @@ class DilatedTransformerEncoderLayer(_SubLayerNormFeedForward, nn.TransformerEnc
             bias,
             **factory_kwargs,
         )
-        attention_kwargs.update(
+        self.self_attn = create_multihead_dilated_attention(
+            attention_type,
+            embed_dim=d_model,
+            num_heads=nhead,
+            dropout=dropout,
+            bias=bias,
+            batch_first=batch_first,
+            layer_norm=sub_layernorm,
             segment_lengths=segment_lengths,
             dilation_rates=dilation_rates,
             head_mode=head_mode,
             position_embedding=position_embedding,
-        )
-        self.self_attn = _dilated_self_attention(
-            d_model,
-            nhead,
-            dropout,
-            bias,
-            batch_first,
-            factory_kwargs,
-            attention_type,
-            sub_layernorm,
-            attention_kwargs,
+            **factory_kwargs,
+            **attention_kwargs,
         )
         self.ffn_norm = (
             nn.LayerNorm(dim_feedforward, eps=layer_norm_eps, bias=bias, **factory_kwargs)
@@ -154,6 +103,28 @@ class DilatedTransformerEncoderLayer(_SubLayerNormFeedForward, nn.TransformerEnc
         # nn.TransformerEncoder's nested-tensor path and the fused encoder kernel read
         # self_attn's weights directly (dense attention); this keeps both off
         self.activation_relu_or_gelu = 0
+
+    def _ff_block(self, x: Tensor) -> Tensor:
+        x = self.dropout(self.activation(self.linear1(x)))
+        if self.ffn_norm is not None:
+            x = self.ffn_norm(x)
+        return getattr(self, self._ff_output_dropout)(self.linear2(x))
+
+
+class DilatedTransformerEncoderLayer(_DilatedLayer, nn.TransformerEncoderLayer):
+    """``nn.TransformerEncoderLayer`` with dilated self-attention.
+
+    Positional arguments and defaults as ``nn.TransformerEncoderLayer``. Keyword
+    only: ``segment_lengths``, ``dilation_rates``, ``head_mode`` (the pattern),
+    ``attention_type`` (a factory type, default "auto"), ``position_embedding``
+    (None, "rotary" or "xpos", applied to queries and keys), ``sub_layernorm``
+    (MAGNETO: a LayerNorm before the attention's ``out_proj`` and before
+    ``linear2``; needs ``norm_first=True``) and further attention arguments
+    (``backend``, ...). ``forward`` as ``nn.TransformerEncoderLayer``: pass
+    ``is_causal=True`` for a causal layer.
+    """
+
+    _ff_output_dropout = "dropout2"
 
     def forward(
         self,
@@ -205,7 +176,7 @@ class DilatedTransformerEncoderLayer(_SubLayerNormFeedForward, nn.TransformerEnc
         return self.norm2(x + self._ff_block(x))
 
 
-class DilatedTransformerDecoderLayer(_SubLayerNormFeedForward, nn.TransformerDecoderLayer):
+class DilatedTransformerDecoderLayer(_DilatedLayer, nn.TransformerDecoderLayer):
     """``nn.TransformerDecoderLayer`` with dilated self-attention; the
     cross-attention over the encoder output (``multihead_attn``) stays dense
     ``nn.MultiheadAttention``, since target and source lengths differ.
@@ -216,65 +187,6 @@ class DilatedTransformerDecoderLayer(_SubLayerNormFeedForward, nn.TransformerDec
     """
 
     _ff_output_dropout = "dropout3"
-
-    def __init__(
-        self,
-        d_model: int,
-        nhead: int,
-        dim_feedforward: int = 2048,
-        dropout: float = 0.1,
-        activation: Activation = F.relu,
-        layer_norm_eps: float = 1e-5,
-        batch_first: bool = False,
-        norm_first: bool = False,
-        bias: bool = True,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        *,
-        segment_lengths: Sequence[int] = LONGNET_SEGMENT_LENGTHS,
-        dilation_rates: Sequence[int] = LONGNET_DILATION_RATES,
-        head_mode: HeadMode = "grouped",
-        attention_type: str = "auto",
-        position_embedding: PositionKind | None = None,
-        sub_layernorm: bool = False,
-        **attention_kwargs: Any,
-    ) -> None:
-        _check_sub_layernorm(sub_layernorm, norm_first)
-        factory_kwargs: dict[str, Any] = {"device": device, "dtype": dtype}
-        super().__init__(
-            d_model,
-            nhead,
-            dim_feedforward,
-            dropout,
-            activation,
-            layer_norm_eps,
-            batch_first,
-            norm_first,
-            bias,
-            **factory_kwargs,
-        )
-        attention_kwargs.update(
-            segment_lengths=segment_lengths,
-            dilation_rates=dilation_rates,
-            head_mode=head_mode,
-            position_embedding=position_embedding,
-        )
-        self.self_attn = _dilated_self_attention(
-            d_model,
-            nhead,
-            dropout,
-            bias,
-            batch_first,
-            factory_kwargs,
-            attention_type,
-            sub_layernorm,
-            attention_kwargs,
-        )
-        self.ffn_norm = (
-            nn.LayerNorm(dim_feedforward, eps=layer_norm_eps, bias=bias, **factory_kwargs)
-            if sub_layernorm
-            else None
-        )
 
 
 def magneto_gain_(layers: Iterable[nn.Module], gain: float) -> None:
@@ -429,7 +341,6 @@ class LongNetLM(nn.Module):
         self.vocab_size = vocab_size
         self.d_model = d_model
         self.num_heads = nhead
-        self.pattern = DilatedPattern(segment_lengths, dilation_rates, head_mode)
         self.embed = nn.Embedding(vocab_size, d_model, **factory_kwargs)
         self.layers = nn.ModuleList(
             DilatedTransformerEncoderLayer(
@@ -463,7 +374,7 @@ class LongNetLM(nn.Module):
 
     def new_cache(self) -> DilatedKVCache:
         """An empty decoding cache for :meth:`forward` / :meth:`generate`."""
-        return DilatedKVCache(self.pattern, self.num_heads, len(self.layers))
+        return DilatedKVCache(self.layers[0].self_attn.attention.pattern, self.num_heads, len(self.layers))
 
     def _check_ids(self, input_ids: Tensor) -> None:
         if (
@@ -555,7 +466,8 @@ class LongNetLM(nn.Module):
                 next_token = next_token.masked_fill(done[:, None], eos_token_id)
                 done |= next_token[:, 0] == eos_token_id
             tokens.append(next_token.to(input_ids.dtype))
-            if step + 1 == max_new_tokens or bool(done.all()):
+            # done.all() syncs with the GPU: only ask when there is an eos to stop at
+            if step + 1 == max_new_tokens or (eos_token_id is not None and bool(done.all())):
                 break
             logits = self._step(next_token[:, 0], cache)[:, -1]
         return torch.cat(tokens, 1)

@@ -70,6 +70,11 @@ def test_xpos_needs_nested_segments_and_refuses_fp16_overflow() -> None:
     with pytest.raises(ValueError, match=r"overflows torch\.float16"):
         xpos(q, q)
     xpos(q.bfloat16(), q.bfloat16())  # bf16 has the range
+    # a dense segment of 256K positions overflows even float32 (factor ~e^320): refused, not inf
+    long = make_position_embedding("xpos", 8, (262144,))
+    with pytest.raises(ValueError, match=r"overflows torch\.float32"):
+        long(q.float(), q.float())
+    long(q.double(), q.double())
 
 
 @pytest.mark.parametrize(
