@@ -222,8 +222,6 @@ def measure_step(
         return out
     except torch.OutOfMemoryError:
         return {"oom": True}
-    finally:
-        model = ids = None
 
 
 def plot(result: dict, path: Path) -> None:

@@ -107,7 +107,6 @@ def test_layers_stack_in_nn_transformer_encoder_with_nested_tensor_default() -> 
     pad = torch.zeros(2, 8, dtype=torch.bool)
     pad[0, 6:] = True
     out = encoder(x, src_key_padding_mask=pad)
-    expected = layer.eval()(layer.eval()(x, src_key_padding_mask=pad), src_key_padding_mask=pad)
     # nn.TransformerEncoder deep-copies the layer: compare with its own copies
     expected = encoder.layers[1](encoder.layers[0](x, src_key_padding_mask=pad), src_key_padding_mask=pad)
     assert_close(out, expected, torch.float32, "stacked")
@@ -180,19 +179,18 @@ def test_longnet_lm_tied_weights_and_errors() -> None:
         model(torch.zeros(1, 0, dtype=torch.long))
 
 
+def _small_lm(**kwargs) -> LongNetLM:
+    """A seeded two-layer LongNetLM over 32 tokens with two branches."""
+    torch.manual_seed(0)
+    return LongNetLM(
+        32, d_model=32, nhead=4, num_layers=2, dim_feedforward=64,
+        segment_lengths=(8, 16), dilation_rates=(1, 2), **kwargs,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("head_mode", ["grouped", "all"])
 def test_longnet_lm_under_cpu_autocast_bf16(head_mode: str) -> None:
-    torch.manual_seed(0)
-    model = LongNetLM(
-        32,
-        d_model=32,
-        nhead=4,
-        num_layers=2,
-        dim_feedforward=64,
-        segment_lengths=(8, 16),
-        dilation_rates=(1, 2),
-        head_mode=head_mode,
-    )
+    model = _small_lm(head_mode=head_mode)
     ids = torch.randint(0, 32, (2, 40))
     expected = model(ids)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -210,17 +208,7 @@ def test_longnet_lm_under_cpu_autocast_bf16(head_mode: str) -> None:
 def test_longnet_lm_torch_compile_matches_eager(attention_type: str, fullgraph: bool) -> None:
     """The gather path compiles into one graph; the fused path is kept out of
     graphs (docs/implementations.md), so the model compiles around it."""
-    torch.manual_seed(0)
-    model = LongNetLM(
-        32,
-        d_model=32,
-        nhead=4,
-        num_layers=2,
-        dim_feedforward=64,
-        segment_lengths=(8, 16),
-        dilation_rates=(1, 2),
-        attention_type=attention_type,
-    )
+    model = _small_lm(attention_type=attention_type)
     ids = torch.randint(0, 32, (2, 40))
     compiled = torch.compile(model, fullgraph=fullgraph)
     eager_loss = F.cross_entropy(model(ids).flatten(0, 1), ids.flatten())
