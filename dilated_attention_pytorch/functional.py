@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal, Protocol
 
 import torch
@@ -529,6 +529,55 @@ def flex_unverified(block_layout: Tensor | None, masked: bool) -> list[str]:
     return reasons
 
 
+@dataclasses.dataclass
+class FlexProblem:
+    """One branch problem for FlexAttention: rows ``call`` of the local sequence;
+    ``q`` ``(batch·segments, heads, len_q, d)``, ``k``/``v`` ``(batch·segments, heads,
+    len_k, d)``; ``mask`` None for a problem without queries or keys, which runs
+    in plain torch (it must still be in the autograd graph: its keys may have
+    come from other ranks, which wait for their gradients)."""
+
+    call: BranchCall
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    mask: Any
+    score_mod: Callable[..., Tensor] | None = None
+
+
+def check_flex(query: Tensor, key: Tensor, value: Tensor, layout: Tensor, masked: bool) -> None:
+    """Raise if ``method="flex"`` cannot run this call (``layout`` as passed or 4-D)."""
+    requires_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value))
+    reasons = flex_kernel.not_supported_reasons(query.device.type, requires_grad)
+    reasons += flex_unverified(layout, masked)
+    if reasons:
+        raise ValueError(f"method='flex' cannot run this call: {'; '.join(reasons)}; use method='gather'")
+
+
+def run_flex(query: Tensor, problems: Iterable[FlexProblem], pattern: DilatedPattern, scale: float) -> Tensor:
+    """Each problem through FlexAttention under autograd, outputs copied into
+    place (grouped) or merged by lse ("all", differentiating through the lse)."""
+    b, n, h, d = query.shape
+    merge = pattern.head_mode == "all"
+    # grouped: calls are disjoint in (position, head), so one buffer takes them all;
+    # "all": one buffer per branch, merged by lse at the end
+    outs = [query.new_zeros(b, n, h, d) for _ in range(pattern.num_branches if merge else 1)]
+    lse_dtype = _bias_dtype(query.dtype)
+    lses = [query.new_full((b, n, h), -math.inf, dtype=lse_dtype) for _ in outs] if merge else []
+    for p in problems:
+        if p.mask is None:
+            part_out, part_lse = math_kernel.attention_lse(p.q, p.k, p.v, None, False, scale, 0.0)
+        else:
+            part_out, part_lse = flex_kernel.attention(p.q, p.k, p.v, p.mask, p.score_mod, scale)
+        slot = p.call.branch if merge else 0
+        _strided(outs[slot], p.call).copy_(_from_problem(part_out.to(query.dtype), b))
+        if merge:
+            _strided(lses[slot], p.call).copy_(_from_problem(part_lse, b))
+    if merge:
+        return merge_by_lse(outs, lses)[0].to(query.dtype)
+    return outs[0]
+
+
 def _flex(
     query: Tensor,
     key: Tensor,
@@ -540,42 +589,45 @@ def _flex(
     is_causal: bool,
     scale: float,
 ) -> Tensor:
-    """Each branch problem through FlexAttention under autograd, its strided views
-    as inputs and a block mask built from the layout; outputs copied into place
-    (grouped) or merged by lse ("all", differentiating through the lse)."""
-    reasons = flex_kernel.not_supported_reasons(
-        query.device.type, torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value))
-    )
-    reasons += flex_unverified(layout.blocks, key_bias is not None or attn_bias is not None)
-    if reasons:
-        raise ValueError(f"method='flex' cannot run this call: {'; '.join(reasons)}; use method='gather'")
-    b, n, h, d = query.shape
-    merge = pattern.head_mode == "all"
-    # grouped: calls are disjoint in (position, head), so one buffer takes them all;
-    # "all": one buffer per branch, merged by lse at the end
-    outs = [query.new_zeros(b, n, h, d) for _ in range(pattern.num_branches if merge else 1)]
-    lse_dtype = _bias_dtype(query.dtype)
-    lses = [query.new_full((b, n, h), -math.inf, dtype=lse_dtype) for _ in outs] if merge else []
+    """Each branch problem through FlexAttention, its strided views as inputs and
+    a block mask built from the layout (cached per layout and geometry)."""
     masked = key_bias is not None or attn_bias is not None
-    for call in pattern.calls(n, h):
+    check_flex(query, key, value, layout.blocks, masked)
+    return run_flex(
+        query,
+        flex_problems(
+            query, key, value, key_bias, attn_bias, pattern.calls(*query.shape[1:3]), layout, is_causal
+        ),
+        pattern,
+        scale,
+    )
+
+
+def flex_problems(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_bias: Tensor | None,
+    attn_bias: Tensor | None,
+    calls: Sequence[BranchCall],
+    layout: BlockLayout,
+    is_causal: bool,
+) -> Iterator[FlexProblem]:
+    """Each call on strided views with its block mask (cached unless masks are given)."""
+    b = query.shape[0]
+    masked = key_bias is not None or attn_bias is not None
+    for call in calls:
 
         def build(call: BranchCall = call) -> Any:
             return flex_kernel.block_mask(
-                call, layout.blocks, layout.block_size, is_causal, b, key_bias, attn_bias
+                call, layout.blocks, layout.block_size, is_causal, b, key_bias, attn_bias, layout.offset
             )
 
-        cache_key = (call, layout.block_size, is_causal, b)
+        cache_key = (call, layout.block_size, is_causal, b, layout.offset)
         source = layout.source if layout.source is not None else layout.blocks
         mask, score_mod = build() if masked else flex_kernel.CACHE.get(source, cache_key, build)
         q, k, v = (_as_problem(_strided(x, call)) for x in (query, key, value))
-        part_out, part_lse = flex_kernel.attention(q, k, v, mask, score_mod, scale)
-        slot = call.branch if merge else 0
-        _strided(outs[slot], call).copy_(_from_problem(part_out, b))
-        if merge:
-            _strided(lses[slot], call).copy_(_from_problem(part_lse, b))
-    if merge:
-        return merge_by_lse(outs, lses)[0].to(query.dtype)
-    return outs[0]
+        yield FlexProblem(call, q, k, v, mask, score_mod)
 
 
 # --------------------------------------------------------------------------

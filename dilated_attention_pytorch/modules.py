@@ -157,6 +157,11 @@ class RingDilatedAttention(_DilatedAttentionBase):
         super().__init__(*args, **kwargs)
         self.process_group = process_group
 
+    @property
+    def sharded(self) -> bool:
+        """Whether each rank holds a shard of the sequence (torch.distributed is up)."""
+        return torch.distributed.is_available() and torch.distributed.is_initialized()
+
     def _attend(self, *args: Any, **kwargs: Any) -> Tensor:
         from .distributed import ring_dilated_attention
 
@@ -337,9 +342,14 @@ class BlockSparseRingDilatedAttention(_BlockSparseBase):
     causal); the diagonal block is always kept. ``block_layout(seq_len)`` gives
     the layout. With ``sparsity=0`` it equals dense dilated attention.
 
-    Each call attends over the sequence it is given; sharding it over a
-    ``process_group`` (the "ring" part of the name) is not implemented yet and
-    raises ``NotImplementedError`` for a group of world size > 1.
+    ``process_group``: None (default) attends over the sequence each rank is
+    given. A group of world size > 1 shards the sequence over it as
+    :class:`RingDilatedAttention` does (each rank passes its contiguous shard and
+    gets its shard of the output; the layout is over the whole sequence); a
+    segment spanning ranks sends each rank only the key/value rows of the blocks
+    its queries may see. The default is not the world group, so that data-parallel
+    jobs keep their per-rank sequences. Sharded: no "hilbert" pattern (the curve
+    order is global) and no ``dense_weights``.
     """
 
     def __init__(
@@ -358,11 +368,10 @@ class BlockSparseRingDilatedAttention(_BlockSparseBase):
         backend: str | None = None,
         process_group: Any = None,
     ) -> None:
-        if process_group is not None and torch.distributed.get_world_size(process_group) > 1:
-            raise NotImplementedError(
-                "BlockSparseRingDilatedAttention does not shard sequences over process groups yet "
-                "(process_group has world size > 1); use RingDilatedAttention for sequence "
-                "parallelism, or process_group=None to attend over each rank's full local sequence"
+        if process_group is not None and pattern == "hilbert":
+            raise ValueError(
+                "pattern='hilbert' cannot shard the sequence over a process_group (its curve order "
+                "mixes positions of every shard); pass process_group=None"
             )
         super().__init__(
             segment_lengths,
@@ -395,6 +404,43 @@ class BlockSparseRingDilatedAttention(_BlockSparseBase):
         self._spatial_shape = spatial_shape
         self._layouts: dict[tuple[int, bool, torch.device], Tensor] = {}
         self._orders: dict[torch.device, Tensor] = {}
+        self.process_group = process_group
+
+    @property
+    def sharded(self) -> bool:
+        """Whether each rank holds a shard of the sequence (a ``process_group`` of size > 1)."""
+        return self.process_group is not None and torch.distributed.get_world_size(self.process_group) > 1
+
+    def _attend(
+        self, query: Tensor, key: Tensor, value: Tensor, pattern: DilatedPattern, **kwargs: Any
+    ) -> Tensor:
+        if not self.sharded:
+            return super()._attend(query, key, value, pattern, **kwargs)
+        from .distributed import ring_dilated_attention
+
+        seq = query.shape[1] * torch.distributed.get_world_size(self.process_group)
+        layout = self.block_layout(seq, kwargs["is_causal"], query.device)
+        masked = kwargs["key_padding_mask"] is not None or kwargs["attn_mask"] is not None
+        kwargs["method"] = self._method(query, key, value, kwargs["dropout_p"], layout, masked)
+        kwargs["backend"] = None
+        return ring_dilated_attention(
+            query,
+            key,
+            value,
+            pattern,
+            process_group=self.process_group,
+            block_layout=layout,
+            block_size=self.block_size,
+            **kwargs,
+        )
+
+    def dense_weights(self, query: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        if self.sharded:
+            raise ValueError(
+                "dense_weights (need_weights=True) is not available when the sequence is sharded over a "
+                "process_group: the weights of one query live on several ranks"
+            )
+        return super().dense_weights(query, *args, **kwargs)
 
     @property
     def layout_pattern(self) -> str | layouts.LayoutFn:

@@ -249,7 +249,10 @@ class _MultiheadDilatedAttentionBase(nn.Module):
         return self.out_proj(out)
 
     def _position_offset(self, seq: int) -> int:
-        """Absolute position of this call's first query."""
+        """Absolute position of this call's first query (a shard's start when the
+        attention shards the sequence over a process group)."""
+        if getattr(self.attention, "sharded", False):
+            return torch.distributed.get_rank(self.attention.process_group) * seq
         return 0
 
     def new_kv_cache(self) -> LayerKVCache:
@@ -342,12 +345,6 @@ class RingMultiheadDilatedAttention(_MultiheadDilatedAttentionBase):
         super().__init__(*args, **kwargs)
         self.attention.process_group = process_group
 
-    def _position_offset(self, seq: int) -> int:
-        group = self.attention.process_group
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank(group) * seq
-        return 0
-
     def forward(self, query: Tensor, key: Tensor, value: Tensor, *args: Any, **kwargs: Any):  # type: ignore[override]
         need_weights = kwargs.get("need_weights", args[1] if len(args) > 1 else False)
         if need_weights:
@@ -359,8 +356,9 @@ class BlockSparseRingMultiheadDilatedAttention(_MultiheadDilatedAttentionBase):
     """:class:`MultiheadDilatedAttention` on :class:`BlockSparseRingDilatedAttention`:
     dilated attention restricted to a block layout. Takes that module's
     ``block_size``, ``pattern``, ``sparsity``, ``seed`` and ``spatial_shape``
-    (keyword only). ``need_weights=True`` returns the exact dense weights of the
-    restricted function; ``self.attention.block_layout(seq_len)`` gives the layout.
+    and ``process_group`` (keyword only). ``need_weights=True`` returns the exact
+    dense weights of the restricted function (not when sharded over a process
+    group); ``self.attention.block_layout(seq_len)`` gives the layout.
     """
 
     attention_class = BlockSparseRingDilatedAttention
@@ -373,6 +371,7 @@ class BlockSparseRingMultiheadDilatedAttention(_MultiheadDilatedAttentionBase):
         sparsity: float = 0.9,
         seed: int = 0,
         spatial_shape: tuple[int, int] | None = None,
+        process_group: Any = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -385,6 +384,7 @@ class BlockSparseRingMultiheadDilatedAttention(_MultiheadDilatedAttentionBase):
             sparsity=sparsity,
             seed=seed,
             spatial_shape=spatial_shape,
+            process_group=process_group,
             head_mode=base.head_mode,
             attention_dropout=base.attention_dropout,
             backend=kwargs.get("backend"),

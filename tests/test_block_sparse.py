@@ -448,9 +448,3 @@ def test_gpu_auto_path_is_flex_and_matches_gather():
     module.backend = "gather"
     assert_close(out, module(q, k, v), torch.bfloat16, "flex vs gather")
     assert TOLERANCES[torch.bfloat16] == 2e-2
-
-
-def test_process_group_of_several_ranks_is_refused_not_ignored(monkeypatch):
-    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
-    with pytest.raises(NotImplementedError, match="does not shard sequences over process groups yet"):
-        BlockSparseRingDilatedAttention(SEG, DIL, process_group=object())

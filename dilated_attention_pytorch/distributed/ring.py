@@ -8,6 +8,13 @@ backward of the gather sums the key/value gradients back onto their owners,
 so gradients are exact and distributed. Attention runs as plain torch
 (``kernels/math.py``) under autograd, like ``DilatedAttention``.
 
+With a block layout (block-sparse dilated attention) a spanning segment
+exchanges rows point to point instead: member ``j`` receives from member ``i``
+only the selected rows whose blocks some query of ``j`` may see (none from
+later members when causal), so blocks that no rank needs never travel. Every
+rank derives the same exchange plan from the layout, which must therefore be
+the same on every rank.
+
 Supported geometry: for every branch, ``min(w, n)`` divides the shard length
 ``L`` or is a multiple of it (every power-of-two pattern with ``L`` a power
 of two). Anything else raises a ``ValueError`` naming the branch.
@@ -16,18 +23,23 @@ of two). Anything else raises a ``ValueError`` naming the branch.
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
+import itertools
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from .. import functional
-from ..functional import GatheredProblem
+from ..functional import BlockLayout, FlexProblem, GatheredProblem
+from ..kernels import flex as flex_kernel
 from ..pattern import BranchCall, DilatedPattern
 
 _SUBGROUPS: dict[tuple[int, ...], dist.ProcessGroup] = {}
+#: exchange plans of block-sparse spans, keyed by layout and geometry
+_PLANS = flex_kernel.BlockMaskCache()
 
 
 @dataclasses.dataclass
@@ -39,6 +51,7 @@ class _SegmentKeys:
     group: dist.ProcessGroup
     index: int  # this rank's place among the members
     counts: list[int]  # selected rows per member, in sequence order
+    positions: Tensor  # sequence positions of the gathered rows
 
     def gather(self, local: Tensor) -> Tensor:
         width = max(self.counts)
@@ -60,6 +73,55 @@ class _SegmentKeys:
             dist.all_reduce(stacked, group=self.group)
             mine = stacked[self.index]
         return mine[:, : self.counts[self.index]]
+
+
+@dataclasses.dataclass
+class _SparseRows:
+    """The selected rows of one segment that block-sparse queries need, sent point
+    to point (implements :class:`functional.RemoteKeys`): member ``j`` gets from
+    this rank only ``send[j]``, and this rank takes ``recv[j]`` of member ``j``'s
+    rows. Every member derives the same plan, so sends and receives pair up;
+    ranks with nothing to compute still post theirs."""
+
+    group: dist.ProcessGroup | None
+    peers: list[int]  # global ranks of the members, in sequence order
+    index: int  # this rank's place among the members
+    count: int  # this rank's selected rows
+    send: list[Tensor]  # per member: indices of this rank's rows it needs ([index]: those used here)
+    recv: list[Tensor]  # per member: indices of its rows this rank needs ([index] = send[index])
+    positions: Tensor  # sequence positions of the gathered rows, sorted
+    tag: int  # tells the exchanges of different segments apart (gloo matches by tag)
+
+    def _exchange(self, outgoing: dict[int, Tensor], incoming: dict[int, Tensor]) -> None:
+        ops = [dist.P2POp(dist.isend, t, self.peers[j], self.group, self.tag) for j, t in outgoing.items()]
+        ops += [dist.P2POp(dist.irecv, t, self.peers[j], self.group, self.tag) for j, t in incoming.items()]
+        if ops:
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+
+    def _others(self, index: list[Tensor]) -> list[tuple[int, Tensor]]:
+        return [(j, i) for j, i in enumerate(index) if j != self.index and i.numel()]
+
+    def gather(self, local: Tensor) -> Tensor:
+        rest = local.shape[2:]
+        outgoing = {j: local[:, i].contiguous() for j, i in self._others(self.send)}
+        incoming = {j: local.new_empty(local.shape[0], i.numel(), *rest) for j, i in self._others(self.recv)}
+        self._exchange(outgoing, incoming)
+        parts = [local[:, i] if j == self.index else incoming.get(j) for j, i in enumerate(self.recv)]
+        return torch.cat([p for p in parts if p is not None], 1)
+
+    def reduce(self, grad: Tensor) -> Tensor:
+        pieces = grad.split([i.numel() for i in self.recv], dim=1)
+        outgoing = {j: pieces[j].contiguous() for j, _ in self._others(self.recv)}
+        incoming = {
+            j: grad.new_empty(grad.shape[0], i.numel(), *grad.shape[2:]) for j, i in self._others(self.send)
+        }
+        self._exchange(outgoing, incoming)
+        mine = grad.new_zeros(grad.shape[0], self.count, *grad.shape[2:])
+        mine.index_add_(1, self.recv[self.index], pieces[self.index])
+        for j, received in incoming.items():
+            mine.index_add_(1, self.send[j], received)
+        return mine
 
 
 class _GatherRows(torch.autograd.Function):
@@ -125,13 +187,51 @@ class _Span:
 
     call: BranchCall  # the global call
     local: BranchCall  # this rank's selected queries, as a call on the shard
-    keys: _SegmentKeys
+    keys: _SegmentKeys | _SparseRows
+    query_start: int  # sequence position of the first selected query
 
 
-def _spans(calls: list[BranchCall], rank: int, group_ranks: list[int], shard: int) -> list[_Span]:
+def _row_positions(call: BranchCall, segment: int, member: int, shard: int, device: torch.device) -> Tensor:
+    """Sequence positions of ``member``'s selected rows of one segment."""
+    first, count = _selection(call, segment, member, shard)
+    return member * shard + first + call.dilation * torch.arange(count, device=device)
+
+
+def _sparse_plan(
+    call: BranchCall, segment: int, members: list[int], me: int, shard: int, layout: BlockLayout, causal: bool
+) -> tuple[list[Tensor], list[Tensor], Tensor]:
+    """(send, recv, gathered positions) of :class:`_SparseRows`: a member needs a
+    row of another when some block of its queries may see the row's block, for
+    any batch element or head of the call, and (causal) the row is not later."""
+    device = layout.blocks.device
+    positions = [_row_positions(call, segment, j, shard, device) for j in members]
+    blocks = flex_kernel._call_layout(layout.blocks, call).any(0).any(0)  # (nb, nb)
+    sees = [blocks[torch.unique(p // layout.block_size)].any(0) for p in positions]
+
+    def needed(receiver: int, sender: int) -> Tensor:
+        if causal and sender > receiver:
+            return torch.empty(0, dtype=torch.int64, device=device)
+        return torch.nonzero(sees[receiver][positions[sender] // layout.block_size]).flatten()
+
+    send = [needed(j, me) for j in range(len(members))]
+    recv = [needed(me, j) for j in range(len(members))]
+    gathered = torch.cat([positions[j][recv[j]] for j in range(len(members))])
+    return send, recv, gathered
+
+
+def _spans(
+    calls: list[BranchCall],
+    rank: int,
+    group: dist.ProcessGroup | None,
+    shard: int,
+    device: torch.device,
+    layout: BlockLayout | None = None,
+    causal: bool = False,
+) -> list[_Span]:
     """Every member of a segment meets it at the same call, so collectives match."""
+    group_ranks = _group_ranks(group)
     spans = []
-    for call in calls:
+    for tag, call in enumerate(calls):
         w = call.segment_length
         my_start = rank * shard
         if not (call.start <= my_start < call.start + call.num_segments * w):
@@ -139,32 +239,53 @@ def _spans(calls: list[BranchCall], rank: int, group_ranks: list[int], shard: in
         segment = (my_start - call.start) // w
         first_member = (call.start + segment * w) // shard
         members = list(range(first_member, first_member + w // shard))
-        counts = [_selection(call, segment, j, shard)[1] for j in members]
         first, count = _selection(call, segment, rank, shard)
         local = dataclasses.replace(
             call, start=0, offset=first, segment_length=shard, num_segments=1, length=count
         )
-        group = _subgroup(tuple(group_ranks[j] for j in members))
-        spans.append(_Span(call, local, _SegmentKeys(group, members.index(rank), counts)))
+        me = members.index(rank)
+        keys: _SegmentKeys | _SparseRows
+        if layout is None:
+            counts = [_selection(call, segment, j, shard)[1] for j in members]
+            positions = torch.cat([_row_positions(call, segment, j, shard, device) for j in members])
+            keys = _SegmentKeys(_subgroup(tuple(group_ranks[j] for j in members)), me, counts, positions)
+        else:
+            source = layout.source if layout.source is not None else layout.blocks
+            plan_key = (call, segment, rank, shard, causal, layout.block_size)
+            send, recv, positions = _PLANS.get(
+                source,
+                plan_key,
+                functools.partial(_sparse_plan, call, segment, members, me, shard, layout, causal),
+            )
+            peers = [group_ranks[j] for j in members]
+            keys = _SparseRows(group, peers, me, count, send, recv, positions, tag)
+        spans.append(_Span(call, local, keys, my_start + first))
     return spans
 
 
-def _span_bias(span: _Span, key_bias: Tensor | None, is_causal: bool, query: Tensor) -> Tensor | None:
-    """Padding of the gathered keys and, if causal, each query's place among them:
-    ``(batch | 1, 1, count, total)``."""
-    keys = span.keys
-    total = sum(keys.counts)
-    bias = None
+def _span_bias(
+    span: _Span, key_bias: Tensor | None, is_causal: bool, query: Tensor, layout: BlockLayout | None
+) -> Tensor | None:
+    """Padding of the gathered keys, causality and the block layout between this
+    rank's queries and them: ``(batch | 1, heads | 1, count, total)``, or None."""
+    keys, local = span.keys, span.local
+    parts = []
     if key_bias is not None:
-        local_keys = key_bias[:, span.local.offset :: span.local.dilation]
-        bias = keys.gather(local_keys)[:, None, None, :]
+        parts.append(keys.gather(key_bias[:, local.offset :: local.dilation])[:, None, None, :])
+    q_pos = span.query_start + local.dilation * torch.arange(local.length, device=query.device)
+    bias_dtype = functional._bias_dtype(query.dtype)
     if is_causal:
-        count = span.local.length
-        q_index = sum(keys.counts[: keys.index]) + torch.arange(count, device=query.device)
-        allowed = torch.arange(total, device=query.device)[None, :] <= q_index[:, None]
-        causal = torch.zeros(count, total, device=query.device, dtype=functional._bias_dtype(query.dtype))
-        causal = causal.masked_fill(~allowed, -math.inf)[None, None]
-        bias = causal if bias is None else bias + causal
+        parts.append(
+            functional._mask_to_bias(q_pos[:, None] < keys.positions[None, :], bias_dtype)[None, None]
+        )
+    if layout is not None:
+        blocks = flex_kernel._call_layout(layout.blocks, span.call)
+        size = layout.block_size
+        allowed = blocks[:, :, (q_pos // size)[:, None], (keys.positions // size)[None, :]]
+        parts.append(functional._mask_to_bias(~allowed, bias_dtype))
+    bias = None
+    for part in parts:
+        bias = part if bias is None else bias + part
     return bias
 
 
@@ -198,6 +319,8 @@ def ring_dilated_attention(
     process_group: dist.ProcessGroup | None = None,
     method: functional.Method = "fused",
     backend: str | None = None,
+    block_layout: Tensor | None = None,
+    block_size: int = 128,
 ) -> Tensor:
     """Dilated attention of a sequence sharded over ``process_group``.
 
@@ -205,6 +328,9 @@ def ring_dilated_attention(
     ``key_padding_mask``: its shard ``(batch, seq / P)``. Returns this rank's shard
     of the output of DESIGN.md §1 on the whole sequence. ``method``/``backend``
     as in :func:`functional.dilated_attention` (dropout takes the gather path).
+    ``block_layout`` (the same on every rank) is over blocks of the *whole*
+    sequence, ``n_blocks = ceil(seq / block_size)``, and runs with ``method="flex"``
+    or ``"gather"``; ``method="flex"`` without one uses a single block.
     """
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
@@ -225,34 +351,98 @@ def ring_dilated_attention(
     b, shard, h, _ = shape
     seq = shard * world
     _check_geometry(pattern, seq, shard)
+    layout = None
+    if method == "flex" and block_layout is None:
+        block_layout, block_size = functional._one_block(query.device), seq
+    if block_layout is not None:
+        if method == "fused":
+            raise ValueError(
+                "block_layout runs with method='flex' (FlexAttention) or method='gather', not 'fused'"
+            )
+        layout = functional.prepare_layout(block_layout, block_size, shape, query.dtype, query.device, seq)
+        layout = dataclasses.replace(layout, offset=rank * shard)
     calls = pattern.calls(seq, h)
     local = _local_calls([c for c in calls if c.segment_length <= shard], rank, shard)
-    spans = _spans([c for c in calls if c.segment_length > shard], rank, _group_ranks(process_group), shard)
-    span_biases = [_span_bias(sp, key_bias, is_causal, query) for sp in spans]
+    spanning = [c for c in calls if c.segment_length > shard]
+    spans = _spans(spanning, rank, process_group, shard, query.device, layout, is_causal)
 
+    if method == "flex":
+        assert layout is not None
+        functional.check_flex(query, key, value, layout.blocks, key_bias is not None)
+        problems = functional.flex_problems(query, key, value, key_bias, None, local, layout, is_causal)
+        return functional.run_flex(
+            query,
+            itertools.chain(
+                problems, _flex_span_problems(query, key, value, key_bias, spans, layout, is_causal)
+            ),
+            pattern,
+            scale,
+        )
+
+    span_biases = [_span_bias(sp, key_bias, is_causal, query, layout) for sp in spans]
     if method == "gather" or dropout_p > 0.0:
 
         def problems() -> Iterator[GatheredProblem]:
-            yield from functional._local_problems(query, key, value, key_bias, None, local, is_causal)
+            yield from functional._local_problems(query, key, value, key_bias, None, local, is_causal, layout)
             for sp, bias in zip(spans, span_biases):
                 q = functional._as_problem(functional._strided(query, sp.local))
-                k, v = (
-                    _GatherRows.apply(functional._strided(x, sp.local)[:, 0], sp.keys).transpose(1, 2)
-                    for x in (key, value)
-                )
+                k, v = _gathered_keys(key, value, sp)
                 positions = functional._positions(sp.local, query.device).reshape(-1)
                 yield GatheredProblem(sp.local, positions, q, k, v, bias, False)
 
-        return functional.run_gathered(query, problems(), pattern, scale, dropout_p, sdpa=method == "fused")
+        sdpa = method == "fused" and layout is None
+        return functional.run_gathered(query, problems(), pattern, scale, dropout_p, sdpa=sdpa)
 
     local_biases = [functional._call_bias(c, key_bias, None, b) for c in local]
     problem_calls = local + [sp.local for sp in spans]
     biases = local_biases + span_biases
     backends = functional.select_backends(query, problem_calls, [x is not None for x in biases], backend)
-    problems = [
+    fused = [
         functional.FusedProblem(c, be, bias, is_causal) for c, be, bias in zip(local, backends, local_biases)
     ] + [
         functional.FusedProblem(sp.local, be, bias, False, sp.keys)
         for sp, be, bias in zip(spans, backends[len(local) :], span_biases)
     ]
-    return functional.run_fused(query, key, value, problems, pattern.head_mode == "all", scale)
+    return functional.run_fused(query, key, value, fused, pattern.head_mode == "all", scale)
+
+
+def _gathered_keys(key: Tensor, value: Tensor, span: _Span) -> tuple[Tensor, Tensor]:
+    """The span's keys and values from its members, ``(batch, heads, total, head_dim)``."""
+    k, v = (_GatherRows.apply(functional._strided(x, span.local)[:, 0], span.keys) for x in (key, value))
+    return k.transpose(1, 2), v.transpose(1, 2)
+
+
+def _flex_span_problems(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_bias: Tensor | None,
+    spans: list[_Span],
+    layout: BlockLayout,
+    is_causal: bool,
+) -> Iterator[FlexProblem]:
+    """This rank's queries of each spanning segment against the keys gathered for
+    them, with a block mask over those keys (cached per layout and geometry
+    unless a key padding mask, which changes with the inputs, is given)."""
+    source = layout.source if layout.source is not None else layout.blocks
+    batch = query.shape[0]
+    for sp in spans:
+        q = functional._as_problem(functional._strided(query, sp.local))
+        k, v = _gathered_keys(key, value, sp)
+        keys_bias = None
+        if key_bias is not None:
+            keys_bias = sp.keys.gather(key_bias[:, sp.local.offset :: sp.local.dilation])
+
+        def build(sp: _Span = sp, keys_bias: Tensor | None = keys_bias) -> Any:
+            return flex_kernel.gathered_block_mask(
+                sp.local, sp.query_start, sp.keys.positions, layout.blocks, layout.block_size,
+                is_causal, batch, keys_bias,
+            )  # fmt: skip
+
+        mask, score_mod = None, None
+        if q.shape[2] and k.shape[2]:
+            cache_key = ("span", sp.call, sp.local, sp.query_start, layout.block_size, is_causal, batch)
+            mask, score_mod = (
+                build() if keys_bias is not None else flex_kernel.CACHE.get(source, cache_key, build)
+            )
+        yield FlexProblem(sp.local, q, k, v, mask, score_mod)

@@ -88,11 +88,14 @@ def _flex_attention(device_type: str) -> Callable[..., Any]:
 # which tiles to run
 
 
-def _tile_blocks(call: BranchCall, block_size: int, device: torch.device) -> tuple[Tensor, Tensor]:
+def _tile_blocks(
+    call: BranchCall, block_size: int, device: torch.device, layout_offset: int = 0
+) -> tuple[Tensor, Tensor]:
     """First and last natural block of each compact tile: two ``(segments, tiles)``."""
     first = torch.arange(0, call.length, TILE, device=device)
     last = torch.clamp(first + TILE, max=call.length) - 1
-    base = call.start + call.offset + torch.arange(call.num_segments, device=device) * call.segment_length
+    segments = torch.arange(call.num_segments, device=device) * call.segment_length
+    base = layout_offset + call.start + call.offset + segments
     lo = (base[:, None] + call.dilation * first) // block_size
     hi = (base[:, None] + call.dilation * last) // block_size
     return lo, hi
@@ -106,7 +109,7 @@ def _call_layout(layout4: Tensor, call: BranchCall) -> Tensor:
 
 
 def tile_masks(
-    call: BranchCall, layout4: Tensor, block_size: int, causal: bool, masked: bool
+    call: BranchCall, layout4: Tensor, block_size: int, causal: bool, masked: bool, layout_offset: int = 0
 ) -> tuple[Tensor, Tensor]:
     """Which compact tiles to run, and which of them need no ``mask_mod``:
     two bool ``(batch | 1, segments, heads | 1, tiles, tiles)``.
@@ -114,9 +117,10 @@ def tile_masks(
     A tile covers the natural blocks ``lo..hi`` of its rows and columns; counting
     the allowed block pairs of that rectangle (2-D prefix sums of each
     segment's part of the layout) tells empty, full and partial tiles apart.
+    ``layout_offset``: the layout's position of the call's position 0 (a shard's start).
     """
     device = layout4.device
-    lo, hi = _tile_blocks(call, block_size, device)
+    lo, hi = _tile_blocks(call, block_size, device, layout_offset)
     seg_lo = lo[:, :1]
     nb = layout4.shape[-1]
     # blocks a segment's selected positions can touch, bounded on the host (no sync)
@@ -165,6 +169,51 @@ def _problem_batch(x: Tensor, batch: int) -> Tensor:
     return x.flatten(0, 1)
 
 
+def _flat(x: Tensor | None) -> tuple[Tensor, Tensor] | None:
+    """A tensor as 1-D storage plus its dims, for clamped linear indexing in mods."""
+    if x is None:
+        return None
+    return x.contiguous().reshape(-1), torch.tensor(x.shape, device=x.device)
+
+
+def _at(
+    storage: tuple[Tensor, Tensor], bo: Tensor, head: Tensor, i: Tensor, j: Tensor | None = None
+) -> Tensor:
+    """``x[bo, head, i, j]`` (``x[bo, i]`` for 2-D ``x``) with size-1 dims broadcast
+    and every index clamped into range: the kernel evaluates mods on padded rows
+    and tiles too (it drops those results), which must not read out of bounds."""
+    data, dims = storage
+    if j is None:  # (batch, seq)
+        return data[torch.minimum(bo, dims[0] - 1) * dims[1] + torch.minimum(i, dims[1] - 1)]
+    bi = torch.minimum(bo, dims[0] - 1)
+    hi = torch.minimum(head, dims[1] - 1)
+    ii, jj = torch.minimum(i, dims[2] - 1), torch.minimum(j, dims[3] - 1)
+    return data[((bi * dims[1] + hi) * dims[2] + ii) * dims[3] + jj]
+
+
+def _key_score_mod(
+    key_bias: Tensor | None,
+    attn_bias: Tensor | None,
+    place: Callable[[Tensor, Tensor, Tensor, Tensor], tuple[Tensor, ...]],
+) -> Callable[..., Tensor] | None:
+    """The score_mod adding finite float masks (None when they only remove keys).
+    ``place(b, h, q_idx, kv_idx)`` -> (batch, head, query index, key index) into them."""
+    key_add = _flat(key_bias) if _has_finite_bias(key_bias) else None
+    attn_add = _flat(attn_bias) if _has_finite_bias(attn_bias) else None
+    if key_add is None and attn_add is None:
+        return None
+
+    def score_mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        bo, head, pq, pk = place(b, h, q_idx, kv_idx)
+        if key_add is not None:
+            score = score + _at(key_add, bo, head, pk).to(score.dtype)
+        if attn_add is not None:
+            score = score + _at(attn_add, bo, head, pq, pk).to(score.dtype)
+        return score
+
+    return score_mod
+
+
 def block_mask(
     call: BranchCall,
     layout4: Tensor,
@@ -173,21 +222,22 @@ def block_mask(
     batch: int,
     key_bias: Tensor | None = None,
     attn_bias: Tensor | None = None,
+    layout_offset: int = 0,
 ) -> tuple[Any, Callable[..., Tensor] | None]:
     """The BlockMask (and score_mod, for finite float masks) of one branch problem.
 
-    ``layout4``: bool ``(batch | 1, heads | 1, nb, nb)`` over natural blocks;
-    ``key_bias`` ``(batch, seq)`` and ``attn_bias`` ``(batch | 1, heads | 1, seq, seq)``
-    additive (``-inf`` removes a key). Positions are recomputed from the compact
-    indices inside ``mask_mod``, so nothing ``(length, length)`` is materialised.
+    ``layout4``: bool ``(batch | 1, heads | 1, nb, nb)`` over natural blocks, whose
+    position ``layout_offset`` is the call's position 0; ``key_bias`` ``(batch, seq)``
+    and ``attn_bias`` ``(batch | 1, heads | 1, seq, seq)`` additive (``-inf``
+    removes a key). Positions are recomputed from the compact indices inside
+    ``mask_mod``, so nothing ``(length, length)`` is materialised.
     """
     masked = key_bias is not None or attn_bias is not None
-    need, full = tile_masks(call, layout4, block_size, causal, masked)
+    need, full = tile_masks(call, layout4, block_size, causal, masked, layout_offset)
     partial = _problem_batch(need & ~full, batch)
     kv_num, kv_idx = _to_kv_blocks(partial)
     full_num, full_idx = _to_kv_blocks(_problem_batch(full, batch))
 
-    device = layout4.device
     # geometry as a tensor, so compiled kernels do not specialise on each branch's numbers
     geom = torch.tensor(
         [
@@ -199,34 +249,11 @@ def block_mask(
             call.head_start,
             call.head_step,
             call.length - 1,
+            layout_offset,
         ],
-        device=device,
+        device=layout4.device,
     )
-
-    def flat(x: Tensor | None) -> tuple[Tensor, Tensor] | None:
-        """A tensor as 1-D storage plus its dims, for clamped linear indexing."""
-        if x is None:
-            return None
-        return x.contiguous().reshape(-1), torch.tensor(x.shape, device=device)
-
-    layout_flat = flat(layout4)
-    key_flat = flat(key_bias)
-    attn_flat = flat(attn_bias)
-
-    def at(
-        storage: tuple[Tensor, Tensor], bo: Tensor, head: Tensor, i: Tensor, j: Tensor | None = None
-    ) -> Tensor:
-        """``x[bo, head, i, j]`` (``x[bo, i]`` for 2-D ``x``) with size-1 dims
-        broadcast and every index clamped into range: the kernel evaluates mods on
-        padded rows and tiles too (it drops those results), which must not read
-        out of bounds."""
-        data, dims = storage
-        if j is None:  # (batch, seq)
-            return data[torch.minimum(bo, dims[0] - 1) * dims[1] + torch.minimum(i, dims[1] - 1)]
-        bi = torch.minimum(bo, dims[0] - 1)
-        hi = torch.minimum(head, dims[1] - 1)
-        ii, jj = torch.minimum(i, dims[2] - 1), torch.minimum(j, dims[3] - 1)
-        return data[((bi * dims[1] + hi) * dims[2] + ii) * dims[3] + jj]
+    layout_flat, key_flat, attn_flat = _flat(layout4), _flat(key_bias), _flat(attn_bias)
 
     def place(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> tuple[Tensor, ...]:
         """Batch, head, query and key positions of problem row ``b``, head ``h``."""
@@ -237,27 +264,14 @@ def block_mask(
 
     def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         bo, head, pq, pk = place(b, h, q_idx, kv_idx)
-        ok = at(layout_flat, bo, head, pq // geom[4], pk // geom[4])
+        ok = _at(layout_flat, bo, head, (pq + geom[8]) // geom[4], (pk + geom[8]) // geom[4])
         if causal:
             ok = ok & (q_idx >= kv_idx)
         if key_flat is not None:
-            ok = ok & (at(key_flat, bo, head, pk) > -math.inf)
+            ok = ok & (_at(key_flat, bo, head, pk) > -math.inf)
         if attn_flat is not None:
-            ok = ok & (at(attn_flat, bo, head, pq, pk) > -math.inf)
+            ok = ok & (_at(attn_flat, bo, head, pq, pk) > -math.inf)
         return ok
-
-    score_mod = None
-    key_add = key_flat if _has_finite_bias(key_bias) else None
-    attn_add = attn_flat if _has_finite_bias(attn_bias) else None
-    if key_add is not None or attn_add is not None:
-
-        def score_mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-            bo, head, pq, pk = place(b, h, q_idx, kv_idx)
-            if key_add is not None:
-                score = score + at(key_add, bo, head, pk).to(score.dtype)
-            if attn_add is not None:
-                score = score + at(attn_add, bo, head, pq, pk).to(score.dtype)
-            return score
 
     mask = _flex_module.BlockMask.from_kv_blocks(
         kv_num,
@@ -268,7 +282,106 @@ def block_mask(
         mask_mod=mask_mod,
         seq_lengths=(call.length, call.length),
     )
-    return mask, score_mod
+    return mask, _key_score_mod(key_bias, attn_bias, place)
+
+
+def gathered_tile_masks(
+    call: BranchCall,
+    query_start: int,
+    key_positions: Tensor,
+    layout4: Tensor,
+    block_size: int,
+    causal: bool,
+    masked: bool,
+) -> tuple[Tensor, Tensor]:
+    """:func:`tile_masks` of queries ``query_start + dilation · i`` (``i < call.length``)
+    against keys at the sorted positions ``key_positions`` (gathered from other
+    ranks, not evenly spaced): two bool ``(batch | 1, heads | 1, q tiles, k tiles)``.
+
+    Exact at block level: per query tile, how many of its blocks allow each key
+    block (prefix sums over query blocks), then per key tile a product with the
+    tile's block incidence (its keys' blocks) tells whether any pair is allowed
+    and whether all are.
+    """
+    device = layout4.device
+    first = torch.arange(0, call.length, TILE, device=device)
+    q_lo = query_start + call.dilation * first
+    q_hi = query_start + call.dilation * (torch.clamp(first + TILE, max=call.length) - 1)
+    blocks_lo, blocks_hi = q_lo // block_size, q_hi // block_size
+    layout = _call_layout(layout4, call).to(torch.int32)
+    prefix = torch.nn.functional.pad(layout.cumsum(-2, dtype=torch.int32), (0, 0, 1, 0))
+    allowed_rows = prefix[..., blocks_hi + 1, :] - prefix[..., blocks_lo, :]  # (B', H', tq, nb)
+    area = (blocks_hi - blocks_lo + 1)[:, None]
+
+    total = key_positions.shape[0]
+    k_tiles = -(-total // TILE)
+    # 0/1 products only tested for > 0, which rounding cannot change: bf16 on GPUs
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    incidence = torch.zeros(k_tiles, layout.shape[-1], device=device, dtype=dtype)
+    tile_of_key = torch.arange(total, device=device) // TILE
+    incidence[tile_of_key, key_positions // block_size] = 1.0
+    need = ((allowed_rows > 0).to(dtype) @ incidence.T) > 0
+    full = ~(((allowed_rows < area).to(dtype) @ incidence.T) > 0) & (not masked)
+    if causal:
+        starts = torch.arange(0, total, TILE, device=device)
+        k_first = key_positions[starts]
+        k_last = key_positions[torch.clamp(starts + TILE, max=total) - 1]
+        need = need & (q_hi[:, None] >= k_first[None, :])
+        full = full & (q_lo[:, None] >= k_last[None, :])
+    return need, full
+
+
+def gathered_block_mask(
+    call: BranchCall,
+    query_start: int,
+    key_positions: Tensor,
+    layout4: Tensor,
+    block_size: int,
+    causal: bool,
+    batch: int,
+    key_bias: Tensor | None = None,
+) -> tuple[Any, Callable[..., Tensor] | None]:
+    """The BlockMask (and score_mod) of one rank's queries of a segment spanning
+    ranks, ``query_start + call.dilation · i`` in the layout's positions, against
+    the keys gathered for them at the sorted ``key_positions`` ``(total,)``;
+    ``key_bias``: ``(batch, total)`` additive, of the gathered keys."""
+    masked = key_bias is not None
+    need, full = gathered_tile_masks(call, query_start, key_positions, layout4, block_size, causal, masked)
+    expand = (batch, *need.shape[1:])
+    kv_num, kv_idx = _to_kv_blocks((need & ~full).expand(expand))
+    full_num, full_idx = _to_kv_blocks(full.expand(expand))
+    total = key_positions.shape[0]
+    geom = torch.tensor(
+        [query_start, call.dilation, call.length - 1, block_size, call.head_start, call.head_step, total - 1],
+        device=layout4.device,
+    )
+    layout_flat, key_flat = _flat(layout4), _flat(key_bias)
+    positions = key_positions.contiguous()
+
+    def place(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> tuple[Tensor, ...]:
+        """Batch, head, query position and gathered key index."""
+        return b, geom[4] + geom[5] * h, geom[0] + geom[1] * torch.minimum(q_idx, geom[2]), kv_idx
+
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        bo, head, pq, k_index = place(b, h, q_idx, kv_idx)
+        pk = positions[torch.minimum(k_index, geom[6])]
+        ok = _at(layout_flat, bo, head, pq // geom[3], pk // geom[3])
+        if causal:
+            ok = ok & (pq >= pk)
+        if key_flat is not None:
+            ok = ok & (_at(key_flat, bo, head, k_index) > -math.inf)
+        return ok
+
+    mask = _flex_module.BlockMask.from_kv_blocks(
+        kv_num,
+        kv_idx,
+        full_num,
+        full_idx,
+        BLOCK_SIZE=TILE,
+        mask_mod=mask_mod,
+        seq_lengths=(call.length, total),
+    )
+    return mask, _key_score_mod(key_bias, None, place)
 
 
 def _has_finite_bias(bias: Tensor | None) -> bool:

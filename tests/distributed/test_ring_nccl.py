@@ -30,40 +30,91 @@ def _nccl(rank: int, world: int, init_file: str) -> Iterator[None]:
         dist.destroy_process_group()
 
 
+def _compare(run, q, k, v, grad, part: slice, label: str, report: list[str]) -> None:
+    """``run(q, k, v, method)`` in fp32 on one GPU (the reference), in bf16 on one
+    GPU and sharded in bf16 (``method=None``: the ring); outputs and input gradients
+    of the ring must be within 2x the single-GPU error of the reference."""
+    inputs = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref = run(*inputs, "reference")
+    ref_grads = torch.autograd.grad(ref, inputs, grad)
+    low = [x.bfloat16().requires_grad_() for x in (q, k, v)]
+    single = run(*low, "single")
+    single_grads = torch.autograd.grad(single, low, grad.bfloat16())
+    shards = [x.bfloat16()[:, part].clone().requires_grad_() for x in (q, k, v)]
+    out = run(*shards, None)
+    ring_grads = torch.autograd.grad(out, shards, grad.bfloat16()[:, part])
+    for name, r, s, e in zip(
+        ("out", "dq", "dk", "dv"), (out, *ring_grads), (single, *single_grads), (ref, *ref_grads)
+    ):
+        ring_err = (r.float() - e[:, part]).abs().max().item()
+        single_err = (s.float()[:, part] - e[:, part]).abs().max().item()
+        if not ring_err <= 2 * single_err + 1e-6:
+            report.append(f"{label} {name}: {ring_err} vs {single_err}")
+
+
+def _inputs(seq: int, heads: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    return [torch.randn(1, seq, heads, 64, device="cuda", generator=g) for _ in range(4)]
+
+
 def _worker(rank: int, world: int, init_file: str, results: dict) -> None:
     with _nccl(rank, world, init_file):
-        report = []
+        report: list[str] = []
         for seq, seg, dil, heads in CASES:
             for head_mode in ("grouped", "all"):
                 for causal in (False, True):
                     pattern = DilatedPattern(seg, dil, head_mode)
-                    g = torch.Generator(device="cuda").manual_seed(seq + len(seg))
-                    q, k, v, grad = (
-                        torch.randn(1, seq, heads, 64, device="cuda", generator=g) for _ in range(4)
-                    )
-                    inputs = [x.clone().requires_grad_() for x in (q, k, v)]
-                    ref = functional.dilated_attention(*inputs, pattern, is_causal=causal, backend="math")
-                    ref_grads = torch.autograd.grad(ref, inputs, grad)
-                    low = [x.bfloat16().requires_grad_() for x in (q, k, v)]
-                    single = functional.dilated_attention(*low, pattern, is_causal=causal)
-                    single_grads = torch.autograd.grad(single, low, grad.bfloat16())
+
+                    def run(q, k, v, which, pattern=pattern, causal=causal):
+                        if which is None:
+                            return ring_dilated_attention(q, k, v, pattern, is_causal=causal)
+                        backend = "math" if which == "reference" else None
+                        return functional.dilated_attention(
+                            q, k, v, pattern, is_causal=causal, backend=backend
+                        )
+
                     part = slice(rank * seq // world, (rank + 1) * seq // world)
-                    shards = [x.bfloat16()[:, part].clone().requires_grad_() for x in (q, k, v)]
-                    out = ring_dilated_attention(*shards, pattern, is_causal=causal)
-                    ring_grads = torch.autograd.grad(out, shards, grad.bfloat16()[:, part])
-                    for name, r, s, e in zip(
-                        ("out", "dq", "dk", "dv"),
-                        (out, *ring_grads),
-                        (single, *single_grads),
-                        (ref, *ref_grads),
-                    ):
-                        ring_err = (r.float() - e[:, part]).abs().max().item()
-                        single_err = (s.float()[:, part] - e[:, part]).abs().max().item()
-                        if not ring_err <= 2 * single_err + 1e-6:
-                            report.append(
-                                f"{seq} {seg} {head_mode} {causal} {name}: {ring_err} vs {single_err}"
-                            )
+                    label = f"{seq} {seg} {head_mode} {causal}"
+                    _compare(run, *_inputs(seq, heads, seq + len(seg)), part, label, report)
         results[rank] = report
+
+
+# (seq, segment_lengths, dilation_rates, heads): block_size 128, shard 2048 on 2 GPUs
+SPARSE_CASES = [(4096, (4096,), (1,), 4), (4096, (1024, 4096), (1, 2), 4)]
+
+
+def _block_sparse_worker(rank: int, world: int, init_file: str, results: dict) -> None:
+    from dilated_attention_pytorch.sparse import layouts
+
+    with _nccl(rank, world, init_file):
+        report: list[str] = []
+        for seq, seg, dil, heads in SPARSE_CASES:
+            for head_mode in ("grouped", "all"):
+                for causal in (False, True):
+                    pattern = DilatedPattern(seg, dil, head_mode)
+                    layout = layouts.make_layout(
+                        "dilated_sparse", seq // 128, 0.8, causal=causal, device="cuda"
+                    )
+
+                    def run(q, k, v, which, pattern=pattern, causal=causal, layout=layout):
+                        kw = {"is_causal": causal, "block_layout": layout, "block_size": 128}
+                        if which is None:
+                            return ring_dilated_attention(q, k, v, pattern, method="flex", **kw)
+                        method = "gather" if which == "reference" else "flex"
+                        return functional.dilated_attention(q, k, v, pattern, method=method, **kw)
+
+                    part = slice(rank * seq // world, (rank + 1) * seq // world)
+                    label = f"block-sparse {seq} {seg} {head_mode} {causal}"
+                    _compare(run, *_inputs(seq, heads, seq + len(seg)), part, label, report)
+        results[rank] = report
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_block_sparse_ring_nccl_bf16(tmp_path):
+    results = mp.Manager().dict()
+    mp.spawn(_block_sparse_worker, args=(2, str(tmp_path / "init"), results), nprocs=2, join=True)
+    assert sorted(results) == [0, 1]
+    assert all(not r for r in results.values()), dict(results)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
