@@ -45,12 +45,13 @@ def received_rows(
     dense exchange (every selected row of the other members) would send."""
     world, rank = dist.get_world_size(), dist.get_rank()
     shard = seq // world
+    device = torch.device("cuda", torch.cuda.current_device())
     layout = prepare_layout(
-        module.block_layout(seq, causal, "cuda"), module.block_size, (1, shard, heads, 1),
-        torch.bfloat16, torch.device("cuda"), seq,
+        module.block_layout(seq, causal, device), module.block_size, (1, shard, heads, 1),
+        torch.bfloat16, device, seq,
     )  # fmt: skip
     calls = [c for c in module.pattern.calls(seq, heads) if c.segment_length > shard]
-    spans = _spans(calls, rank, None, shard, torch.device("cuda"), layout, causal)
+    spans = _spans(calls, rank, None, shard, device, layout, causal)
     sparse = sum(int(i.numel()) for sp in spans for j, i in enumerate(sp.keys.recv) if j != sp.keys.index)
     dense = 0
     for sp in spans:
