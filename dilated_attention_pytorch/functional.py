@@ -516,19 +516,6 @@ def _one_block(device: torch.device) -> Tensor:
     return _ONE_BLOCK[device]
 
 
-def flex_unverified(block_layout: Tensor | None, masked: bool) -> list[str]:
-    """Inputs the FlexAttention path refuses: on the lent H100 (torch 2.11) they
-    crashed FlexAttention's forward kernel with an illegal memory access, cause
-    not yet found (docs/implementations.md). The exact gather path runs them.
-    ``block_layout``: as passed, or 4-D."""
-    reasons = []
-    if block_layout is not None and any(size > 1 for size in block_layout.shape[:-2]):
-        reasons.append("per-batch or per-head block layouts are not verified on FlexAttention yet")
-    if masked:
-        reasons.append("key_padding_mask / attn_mask are not verified on FlexAttention yet")
-    return reasons
-
-
 @dataclasses.dataclass
 class FlexProblem:
     """One branch problem for FlexAttention: rows ``call`` of the local sequence;
@@ -545,11 +532,10 @@ class FlexProblem:
     score_mod: Callable[..., Tensor] | None = None
 
 
-def check_flex(query: Tensor, key: Tensor, value: Tensor, layout: Tensor, masked: bool) -> None:
-    """Raise if ``method="flex"`` cannot run this call (``layout`` as passed or 4-D)."""
+def check_flex(query: Tensor, key: Tensor, value: Tensor, attn_masked: bool = False) -> None:
+    """Raise if ``method="flex"`` cannot run this call."""
     requires_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value))
-    reasons = flex_kernel.not_supported_reasons(query.device.type, requires_grad)
-    reasons += flex_unverified(layout, masked)
+    reasons = flex_kernel.not_supported_reasons(query.device.type, requires_grad, attn_masked=attn_masked)
     if reasons:
         raise ValueError(f"method='flex' cannot run this call: {'; '.join(reasons)}; use method='gather'")
 
@@ -591,8 +577,7 @@ def _flex(
 ) -> Tensor:
     """Each branch problem through FlexAttention, its strided views as inputs and
     a block mask built from the layout (cached per layout and geometry)."""
-    masked = key_bias is not None or attn_bias is not None
-    check_flex(query, key, value, layout.blocks, masked)
+    check_flex(query, key, value, attn_bias is not None)
     return run_flex(
         query,
         flex_problems(

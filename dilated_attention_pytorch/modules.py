@@ -17,7 +17,6 @@ from .functional import (
     _check_scale,
     _mask_to_bias,
     dilated_attention,
-    flex_unverified,
     validate_call,
 )
 from .kernels import flex as flex_kernel
@@ -214,23 +213,16 @@ class _BlockSparseBase(_DilatedAttentionBase):
         return self._sparsity
 
     def _method(
-        self,
-        query: Tensor,
-        key: Tensor,
-        value: Tensor,
-        dropout_p: float,
-        layout: Tensor | None = None,
-        masked: bool = False,
+        self, query: Tensor, key: Tensor, value: Tensor, dropout_p: float, attn_masked: bool = False
     ) -> Method:
         if self.backend is not None:
             return self.backend  # type: ignore[return-value]
         if dropout_p > 0.0 or query.device.type != "cuda":
             return "gather"
-        if flex_unverified(layout, masked):
-            return "gather"
         requires_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value))
         cc = torch.cuda.get_device_capability(query.device)
-        return "gather" if flex_kernel.not_supported_reasons("cuda", requires_grad, cc) else "flex"
+        reasons = flex_kernel.not_supported_reasons("cuda", requires_grad, cc, attn_masked=attn_masked)
+        return "gather" if reasons else "flex"
 
     def _layout_for(self, query: Tensor, key: Tensor, is_causal: bool) -> Tensor:
         raise NotImplementedError
@@ -284,7 +276,6 @@ class _BlockSparseBase(_DilatedAttentionBase):
                 order, (query, key, value), key_padding_mask, attn_mask
             )
         layout = self._layout_for(query, key, is_causal)
-        masked = key_padding_mask is not None or attn_mask is not None
         out = dilated_attention(
             query,
             key,
@@ -295,7 +286,7 @@ class _BlockSparseBase(_DilatedAttentionBase):
             attn_mask=attn_mask,
             dropout_p=dropout_p,
             softmax_scale=softmax_scale,
-            method=self._method(query, key, value, dropout_p, layout, masked),
+            method=self._method(query, key, value, dropout_p, attn_mask is not None),
             block_layout=layout,
             block_size=self.block_size,
         )
@@ -420,8 +411,7 @@ class BlockSparseRingDilatedAttention(_BlockSparseBase):
 
         seq = query.shape[1] * torch.distributed.get_world_size(self.process_group)
         layout = self.block_layout(seq, kwargs["is_causal"], query.device)
-        masked = kwargs["key_padding_mask"] is not None or kwargs["attn_mask"] is not None
-        kwargs["method"] = self._method(query, key, value, kwargs["dropout_p"], layout, masked)
+        kwargs["method"] = self._method(query, key, value, kwargs["dropout_p"])
         kwargs["backend"] = None
         return ring_dilated_attention(
             query,

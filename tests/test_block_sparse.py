@@ -69,10 +69,6 @@ def test_functional_layouts_of_every_shape(method, layout_shape):
     g = torch.Generator().manual_seed(4)
     shape = {"2d": (10, 10), "heads": (HEADS, 10, 10), "batch_heads": (2, HEADS, 10, 10)}[layout_shape]
     layout = (torch.rand(shape, generator=g) < 0.5) | torch.eye(10, dtype=torch.bool)
-    if method == "flex" and layout_shape != "2d":
-        with pytest.raises(ValueError, match="per-batch or per-head block layouts are not verified"):
-            dilated_attention(q, k, v, SEG, DIL, block_layout=layout, block_size=BLOCK, method=method)
-        return
     out = dilated_attention(
         q, k, v, SEG, DIL, head_mode="all", block_layout=layout, block_size=BLOCK, method=method
     )
@@ -118,12 +114,6 @@ def test_masks_on_top_of_the_layout(backend, kind):
     )
     attn_ref = blocked + (attn if kind == "float" else torch.zeros_like(blocked).masked_fill(attn, -math.inf))
     expected = reference(q, k, v, SEG, DIL, key_padding_mask=kpm, attn_mask=attn_ref)
-    if backend == "flex":
-        with pytest.raises(
-            ValueError, match="key_padding_mask / attn_mask are not verified on FlexAttention"
-        ):
-            module(q, k, v, key_padding_mask=kpm, attn_mask=attn)
-        module.backend = None  # auto: the exact gather path takes masks
     out = module(q, k, v, key_padding_mask=kpm, attn_mask=attn)
     assert_close(out, expected, torch.float64, f"{backend} {kind} masks")
     if backend == "gather":
@@ -367,7 +357,7 @@ GPU_SEG, GPU_DIL = (512, 1024, 2048), (1, 2, 4)
 
 def _gpu_case(dtype, label, causal, head_mode, module_cls=BlockSparseRingDilatedAttention, **kw):
     n, heads, d, block = 2048 + 320, 6, 64, 64  # partial last segments, several tiles per problem
-    backend = "flex" if module_cls is BlockSparseRingDilatedAttention else None  # adaptive: gather
+    backend = "flex" if module_cls is BlockSparseRingDilatedAttention else None  # adaptive: auto
     module = module_cls(
         GPU_SEG, GPU_DIL, block_size=block, sparsity=0.7, head_mode=head_mode, backend=backend, **kw
     )
@@ -375,6 +365,7 @@ def _gpu_case(dtype, label, causal, head_mode, module_cls=BlockSparseRingDilated
         module.block_layout(n, causal, "cuda")
     q, k, v = make_qkv(1, n, heads, d, device="cuda")
     qd, kd, vd = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
+    assert module._method(qd, kd, vd, 0.0) == "flex"  # per-head layouts too (adaptive)
     out = module(qd, kd, vd, is_causal=causal)
     layout = (
         module.last_layout() if module_cls is BlockSparseAdaptive else module.block_layout(n, causal, "cuda")
@@ -418,8 +409,7 @@ def test_gpu_adaptive_matches_reference(head_mode):
 @pytest.mark.parametrize("kind", ["bool", "float"])
 def test_gpu_flex_masks_and_empty_rows(kind):
     n, heads, d = 1024, 4, 64
-    # grouped heads, so the first group's rows of batch 1 lose every key;
-    # masks take the exact gather path (functional.flex_unverified)
+    # grouped heads, so the first group's rows of batch 1 lose every key; FlexAttention
     module = BlockSparseRingDilatedAttention((256, 1024), (1, 2), block_size=64, sparsity=0.5)
     q, k, v = make_qkv(2, n, heads, d, device="cuda")
     kpm = torch.rand(2, n, device="cuda") < 0.3
@@ -428,6 +418,8 @@ def test_gpu_flex_masks_and_empty_rows(kind):
         kpm = torch.zeros(2, n, device="cuda", dtype=torch.float64).masked_fill(kpm, -math.inf)
         kpm[0, ::5] += 0.25
     qd, kd, vd = (x.detach().to(torch.bfloat16).requires_grad_() for x in (q, k, v))
+    assert module._method(qd, kd, vd, 0.0) == "flex"
+    assert module._method(qd, kd, vd, 0.0, attn_masked=True) == "gather"  # no Triton config fits
     out = module(qd, kd, vd, key_padding_mask=kpm.float() if kind == "float" else kpm)
     blocked = ~layouts.expand_layout(module.block_layout(n, False, "cuda"), 64, n)
     expected = reference(q, k, v, (256, 1024), (1, 2), key_padding_mask=kpm, attn_mask=blocked)

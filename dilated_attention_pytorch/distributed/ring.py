@@ -368,7 +368,7 @@ def ring_dilated_attention(
 
     if method == "flex":
         assert layout is not None
-        functional.check_flex(query, key, value, layout.blocks, key_bias is not None)
+        functional.check_flex(query, key, value)
         problems = functional.flex_problems(query, key, value, key_bias, None, local, layout, is_causal)
         return functional.run_flex(
             query,

@@ -41,8 +41,10 @@ def not_supported_reasons(
     requires_grad: bool,
     compute_capability: tuple[int, int] | None = None,
     triton_available: bool | None = None,
+    attn_masked: bool = False,
 ) -> list[str]:
-    """Why the FlexAttention path cannot run (empty: it can)."""
+    """Why the FlexAttention path cannot run (empty: it can). ``attn_masked``: a
+    ``(seq, seq)`` ``attn_mask`` is given."""
     reasons = []
     if _flex_module is None:
         reasons.append("torch.nn.attention.flex_attention is missing (needs torch >= 2.5)")
@@ -53,6 +55,11 @@ def not_supported_reasons(
             triton_available = _has_triton()
         if not triton_available:
             reasons.append("Triton is not installed (FlexAttention compiles Triton kernels)")
+        if attn_masked:  # measured on the H100 with torch 2.11 (docs/implementations.md)
+            reasons.append(
+                "attn_mask: the FlexAttention kernel reading a (seq, seq) mask in mask_mod found no "
+                "Triton config within the GPU's shared memory"
+            )
     elif device_type == "cpu":
         if requires_grad:
             reasons.append("FlexAttention on CPU is forward-only (inputs require grad)")
@@ -154,10 +161,14 @@ def tile_masks(
 
 
 def _to_kv_blocks(mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Bool ``(B, H, tiles, tiles)`` -> (kv_num_blocks, kv_indices), int32."""
+    """Bool ``(B, H, tiles, tiles)`` -> (kv_num_blocks, kv_indices), int32 and
+    contiguous: FlexAttention's kernels address them as ``(B·H, ...)`` with one
+    stride, so a batch-head layout left over from a transpose (per-head
+    layouts) made them read out of bounds (the illegal memory access)."""
+    mask = mask.contiguous()
     num = mask.sum(-1, dtype=torch.int32)
     order = torch.argsort(mask.to(torch.int8), dim=-1, descending=True, stable=True)
-    return num, order.to(torch.int32)
+    return num.contiguous(), order.to(torch.int32).contiguous()
 
 
 def _problem_batch(x: Tensor, batch: int) -> Tensor:

@@ -93,6 +93,8 @@ def test_not_supported_reasons():
     assert "compute capability >= 8.0" in flex.not_supported_reasons("cuda", True, (7, 5), True)[0]
     assert "Triton" in flex.not_supported_reasons("cuda", True, (9, 0), triton_available=False)[0]
     assert "runs on cuda" in flex.not_supported_reasons("mps", False)[0]
+    assert "attn_mask" in flex.not_supported_reasons("cuda", True, (9, 0), True, attn_masked=True)[0]
+    assert flex.not_supported_reasons("cpu", False, attn_masked=True) == []
 
 
 def test_cache_hits_only_the_same_unmodified_layout():
@@ -112,3 +114,50 @@ def test_cache_hits_only_the_same_unmodified_layout():
     assert cache.get(layout, ("b",), build) == 4
     assert cache.get(layout, ("c",), build) == 5
     assert cache.get(layout, ("a",), build) == 6  # evicted (size 2)
+
+
+def test_block_mask_tensors_are_contiguous_for_per_head_layouts():
+    # kernels address kv_num_blocks / kv_indices as (batch·heads, ...) with one stride:
+    # non-mergeable strides (from the segment/head transpose) read out of bounds on GPUs
+    call = DilatedPattern((512,), (2,), "all").calls(2048, 3)[0]  # heads 0 and 2 (offset 0)
+    layout = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(2)) < 0.5
+    mask, _ = flex.block_mask(call, layout, 128, False, batch=2)
+    for t in (mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices):
+        assert t.is_contiguous() and t.shape[:2] == (2 * call.num_segments, call.num_heads)
+
+
+@pytest.mark.parametrize("dilation,block_size", [(1, 16), (3, 16), (2, 64)])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gathered_tile_masks_match_the_position_mask(dilation, block_size, causal):
+    # queries of one rank (positions 1024 + r·i) against keys gathered from a
+    # segment: sorted, unevenly spaced (whole members and single rows skipped)
+    seq, heads, count = 2048, 2, 300
+    call = DilatedPattern((2048,), (dilation,), "all").calls(seq, heads)[0]
+    call = type(call)(**{**call.__dict__, "length": count})
+    q_pos = 1024 + dilation * torch.arange(count)
+    g = torch.Generator().manual_seed(dilation)
+    candidates = torch.arange(0, seq, dilation)
+    keys = candidates[(torch.rand(candidates.shape[0], generator=g) < 0.6) & (candidates // 256 != 2)]
+    nb = seq // block_size
+    layout4 = (torch.rand(1, heads, nb, nb, generator=g) < 0.3) | torch.eye(nb, dtype=torch.bool)
+    layout4[..., : nb // 2, : nb // 2] = True  # some full tiles
+    need, full = flex.gathered_tile_masks(call, 1024, keys, layout4, block_size, causal, masked=False)
+
+    layout = flex._call_layout(layout4, call)
+    allowed = layout[:, :, (q_pos // block_size)[:, None], (keys // block_size)[None, :]]
+    if causal:
+        allowed = allowed & (q_pos[:, None] >= keys[None, :])
+    tq, tk = math.ceil(count / T), math.ceil(keys.shape[0] / T)
+    pad = (0, tk * T - keys.shape[0], 0, tq * T - count)
+    t = torch.nn.functional.pad(allowed.int(), pad, value=-1)
+    t = t.unflatten(-2, (tq, T)).unflatten(-1, (tk, T)).transpose(-3, -2)
+    want_need = ((t == 1) & (t >= 0)).flatten(-2).any(-1)
+    want_full = ((t == 1) | (t < 0)).flatten(-2).all(-1)
+    assert need.shape == want_need.shape == (1, call.num_heads, tq, tk)
+    assert not (want_need & ~need).any(), "a tile with allowed pairs would be skipped"
+    assert not (full & ~want_full).any(), "a tile marked full is not"
+    if not causal and dilation <= block_size:  # block-exact, so exact here
+        assert torch.equal(need, want_need)
+        assert torch.equal(full, want_full & want_need)
+    masked_need, masked_full = flex.gathered_tile_masks(call, 1024, keys, layout4, block_size, causal, True)
+    assert torch.equal(masked_need, need) and not masked_full.any()
