@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -184,7 +185,8 @@ def _flat(x: Tensor | None) -> tuple[Tensor, Tensor] | None:
     """A tensor as 1-D storage plus its dims, for clamped linear indexing in mods."""
     if x is None:
         return None
-    return x.contiguous().reshape(-1), torch.tensor(x.shape, device=x.device)
+    # detached: a view would keep the layout's Python object alive (see BlockMaskCache)
+    return x.contiguous().reshape(-1).detach(), torch.tensor(x.shape, device=x.device)
 
 
 def _at(
@@ -428,30 +430,44 @@ def attention(
 
 
 class BlockMaskCache:
-    """A small LRU of block masks keyed by the layout object and the geometry.
+    """A small LRU of values built from a layout (block masks, exchange plans),
+    keyed by the layout tensor and the geometry.
 
-    Holds a reference to each layout, so a cached entry can never be matched by a
-    new tensor at a recycled address; the layout's version counter catches
-    in-place edits.
+    Holds only a weak reference to each layout: its entries go when it is freed,
+    so layouts made per forward (``BlockSparseAdaptive``) do not pile up, and
+    before a new tensor could take its id; the version counter catches in-place
+    edits. Cached values must not keep the layout alive (``_flat`` detaches).
     """
 
     def __init__(self, size: int = 64) -> None:
         self.size = size
-        self._entries: collections.OrderedDict[tuple[Any, ...], tuple[Tensor, int, Any]] = (
+        self._entries: collections.OrderedDict[tuple[Any, ...], tuple[weakref.ref, int, Any]] = (
             collections.OrderedDict()
         )
 
     def get(self, layout: Tensor, key: tuple[Any, ...], build: Callable[[], Any]) -> Any:
         full_key = (id(layout), *key)
         hit = self._entries.get(full_key)
-        if hit is not None and hit[0] is layout and hit[1] == layout._version:
+        if hit is not None and hit[0]() is layout and hit[1] == layout._version:
             self._entries.move_to_end(full_key)
             return hit[2]
         value = build()
-        self._entries[full_key] = (layout, layout._version, value)
+        self._entries[full_key] = (weakref.ref(layout, self._forget(id(layout))), layout._version, value)
         while len(self._entries) > self.size:
             self._entries.popitem(last=False)
         return value
+
+    def _forget(self, layout_id: int) -> Callable[[weakref.ref], None]:
+        entries = self._entries
+
+        def drop(_: weakref.ref) -> None:
+            for key in [key for key in entries if key[0] == layout_id]:
+                entries.pop(key, None)
+
+        return drop
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
     def clear(self) -> None:
         self._entries.clear()

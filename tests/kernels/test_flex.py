@@ -1,6 +1,7 @@
 """The FlexAttention block masks: which tiles run, and which need no mask_mod,
 checked against the position-level mask on CPU; the why-not reasons; the cache."""
 
+import gc
 import math
 
 import pytest
@@ -114,6 +115,19 @@ def test_cache_hits_only_the_same_unmodified_layout():
     assert cache.get(layout, ("b",), build) == 4
     assert cache.get(layout, ("c",), build) == 5
     assert cache.get(layout, ("a",), build) == 6  # evicted (size 2)
+
+
+def test_cache_entries_go_with_their_layout():
+    # layouts made per forward (BlockSparseAdaptive) must not pile up in the cache
+    cache = flex.BlockMaskCache()
+    call = DilatedPattern((256,), (1,)).calls(256, 1)[0]
+    for _ in range(3):
+        layout = torch.ones(1, 1, 2, 2, dtype=torch.bool)
+        cache.get(layout, ("mask",), lambda layout=layout: flex.block_mask(call, layout, 128, False, 1))
+        assert len(cache) == 1  # the previous layout was freed, and its entry with it
+    del layout
+    gc.collect()
+    assert len(cache) == 0
 
 
 def test_block_mask_tensors_are_contiguous_for_per_head_layouts():
