@@ -186,6 +186,7 @@ class _BlockSparseBase(_DilatedAttentionBase):
         softmax_scale: float | None = None,
         attention_dropout: float = 0.0,
         backend: str | None = None,
+        process_group: Any = None,
     ) -> None:
         super().__init__(
             segment_lengths,
@@ -203,6 +204,39 @@ class _BlockSparseBase(_DilatedAttentionBase):
         self._block_size = block_size
         self._sparsity = float(sparsity)
         self.backend = backend
+        self.process_group = process_group
+
+    @property
+    def sharded(self) -> bool:
+        """Whether each rank holds a shard of the sequence (a ``process_group`` of size > 1)."""
+        return self._world_size > 1
+
+    @property
+    def _world_size(self) -> int:
+        if self.process_group is None:
+            return 1
+        return torch.distributed.get_world_size(self.process_group)
+
+    def _attend(
+        self, query: Tensor, key: Tensor, value: Tensor, pattern: DilatedPattern, **kwargs: Any
+    ) -> Tensor:
+        if not self.sharded:
+            return self._attend_local(query, key, value, pattern, **kwargs)
+        from .distributed import ring_dilated_attention
+
+        layout = self._layout_for(query, key, kwargs["is_causal"])
+        kwargs["method"] = self._method(query, key, value, kwargs["dropout_p"])
+        kwargs["backend"] = None
+        return ring_dilated_attention(
+            query,
+            key,
+            value,
+            pattern,
+            process_group=self.process_group,
+            block_layout=layout,
+            block_size=self.block_size,
+            **kwargs,
+        )
 
     @property
     def block_size(self) -> int:
@@ -250,7 +284,7 @@ class _BlockSparseBase(_DilatedAttentionBase):
             attn_mask = attn_mask[..., order, :][..., order]
         return tensors, key_padding_mask, attn_mask
 
-    def _attend(
+    def _attend_local(
         self,
         query: Tensor,
         key: Tensor,
@@ -301,6 +335,11 @@ class _BlockSparseBase(_DilatedAttentionBase):
         key_padding_mask: Tensor | None = None,
         attn_mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
+        if self.sharded:
+            raise ValueError(
+                "dense_weights (need_weights=True) is not available when the sequence is sharded over a "
+                "process_group: the weights of one query live on several ranks"
+            )
         n = query.shape[1]
         order = self._order(n, query.device)
         if order is not None:
@@ -373,6 +412,7 @@ class BlockSparseRingDilatedAttention(_BlockSparseBase):
             softmax_scale=softmax_scale,
             attention_dropout=attention_dropout,
             backend=backend,
+            process_group=process_group,
         )
         if not callable(pattern) and pattern not in layouts.LAYOUT_PATTERNS:
             raise ValueError(
@@ -395,42 +435,6 @@ class BlockSparseRingDilatedAttention(_BlockSparseBase):
         self._spatial_shape = spatial_shape
         self._layouts: dict[tuple[int, bool, torch.device], Tensor] = {}
         self._orders: dict[torch.device, Tensor] = {}
-        self.process_group = process_group
-
-    @property
-    def sharded(self) -> bool:
-        """Whether each rank holds a shard of the sequence (a ``process_group`` of size > 1)."""
-        return self.process_group is not None and torch.distributed.get_world_size(self.process_group) > 1
-
-    def _attend(
-        self, query: Tensor, key: Tensor, value: Tensor, pattern: DilatedPattern, **kwargs: Any
-    ) -> Tensor:
-        if not self.sharded:
-            return super()._attend(query, key, value, pattern, **kwargs)
-        from .distributed import ring_dilated_attention
-
-        seq = query.shape[1] * torch.distributed.get_world_size(self.process_group)
-        layout = self.block_layout(seq, kwargs["is_causal"], query.device)
-        kwargs["method"] = self._method(query, key, value, kwargs["dropout_p"])
-        kwargs["backend"] = None
-        return ring_dilated_attention(
-            query,
-            key,
-            value,
-            pattern,
-            process_group=self.process_group,
-            block_layout=layout,
-            block_size=self.block_size,
-            **kwargs,
-        )
-
-    def dense_weights(self, query: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
-        if self.sharded:
-            raise ValueError(
-                "dense_weights (need_weights=True) is not available when the sequence is sharded over a "
-                "process_group: the weights of one query live on several ranks"
-            )
-        return super().dense_weights(query, *args, **kwargs)
 
     @property
     def layout_pattern(self) -> str | layouts.LayoutFn:
@@ -457,7 +461,7 @@ class BlockSparseRingDilatedAttention(_BlockSparseBase):
         return self._layouts[cache_key]
 
     def _layout_for(self, query: Tensor, key: Tensor, is_causal: bool) -> Tensor:
-        return self.block_layout(query.shape[1], is_causal, query.device)
+        return self.block_layout(query.shape[1] * self._world_size, is_causal, query.device)
 
     @property
     def permutes(self) -> bool:
@@ -490,6 +494,12 @@ class BlockSparseAdaptive(_BlockSparseBase):
     diagonal block always. The choice is not differentiated; attention over the
     chosen blocks is exact and differentiable. ``last_layout()`` gives the
     ``(batch, heads, n_blocks, n_blocks)`` layout of the last forward.
+
+    ``process_group`` shards the sequence as in :class:`BlockSparseRingDilatedAttention`:
+    each rank pools its own blocks, scores its query blocks against the pooled
+    key blocks of every rank (one all-gather of ``(batch, heads, n_blocks,
+    head_dim)``), and the rows are all-gathered so every rank holds the same
+    layout (the exchange plan needs it); ``block_size`` must divide the shard.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -501,26 +511,42 @@ class BlockSparseAdaptive(_BlockSparseBase):
 
     @torch.no_grad()
     def _layout_for(self, query: Tensor, key: Tensor, is_causal: bool) -> Tensor:
-        n = query.shape[1]
-        bs = self.block_size
-        nb = layouts.num_blocks(n, bs)
+        shard, bs, world = query.shape[1], self.block_size, self._world_size
+        if world > 1:
+            from .distributed.ring import all_gather_cat, check_shards
+
+            check_shards(query, self.process_group)
+            if shard % bs:
+                raise ValueError(
+                    f"block_size ({bs}) must divide the shard length ({shard}) when the sequence is "
+                    "sharded over a process_group, so that no block straddles two ranks"
+                )
+        nb_local, nb = layouts.num_blocks(shard, bs), layouts.num_blocks(shard * world, bs)
 
         def pooled(x: Tensor) -> Tensor:  # (b, n, h, d) -> (b, h, nb, d), mean over each block
-            padded = torch.nn.functional.pad(x.float(), (0, 0, 0, 0, 0, nb * bs - n))
-            counts = torch.full((nb,), float(bs), device=x.device)
-            counts[-1] = n - (nb - 1) * bs
-            return (padded.unflatten(1, (nb, bs)).sum(2) / counts[:, None, None]).transpose(1, 2)
+            padded = torch.nn.functional.pad(x.float(), (0, 0, 0, 0, 0, nb_local * bs - shard))
+            counts = torch.full((nb_local,), float(bs), device=x.device)
+            counts[-1] = shard - (nb_local - 1) * bs
+            return (padded.unflatten(1, (nb_local, bs)).sum(2) / counts[:, None, None]).transpose(1, 2)
 
-        scores = pooled(query) @ pooled(key).transpose(-1, -2)  # (b, h, nb, nb)
-        idx = torch.arange(nb, device=query.device)
-        candidates = torch.full((nb,), nb, device=query.device)
+        keys = pooled(key)
+        first = 0
+        if world > 1:  # every rank scores its query blocks against every key block
+            keys = all_gather_cat(keys, 2, self.process_group)
+            first = torch.distributed.get_rank(self.process_group) * nb_local
+        scores = pooled(query) @ keys.transpose(-1, -2)  # (b, h, nb_local, nb)
+        q_idx = first + torch.arange(nb_local, device=query.device)
+        k_idx = torch.arange(nb, device=query.device)
+        candidates = torch.full((nb_local,), nb, device=query.device)
         if is_causal:
-            scores = scores.masked_fill(idx[None, :] > idx[:, None], -math.inf)
-            candidates = idx + 1
+            scores = scores.masked_fill(k_idx[None, :] > q_idx[:, None], -math.inf)
+            candidates = q_idx + 1
         keep = torch.clamp(torch.ceil((1.0 - self.sparsity) * candidates), min=1)
         rank = scores.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
-        layout = (rank < keep[:, None]) | torch.eye(nb, dtype=torch.bool, device=query.device)
+        layout = (rank < keep[:, None]) | (k_idx[None, :] == q_idx[:, None])
         if is_causal:
-            layout &= idx[None, :] <= idx[:, None]
+            layout &= k_idx[None, :] <= q_idx[:, None]
+        if world > 1:  # the same whole layout on every rank, for the exchange plan
+            layout = all_gather_cat(layout.to(torch.uint8), 2, self.process_group).bool()
         self._last_layout = layout
         return layout

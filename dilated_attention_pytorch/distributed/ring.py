@@ -151,6 +151,13 @@ def _subgroup(ranks: tuple[int, ...]) -> dist.ProcessGroup:
     return _SUBGROUPS[ranks]
 
 
+def all_gather_cat(x: Tensor, dim: int, group: dist.ProcessGroup | None) -> Tensor:
+    """Every rank's ``x`` (same shape on all) concatenated along ``dim`` in rank order."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim)
+
+
 def check_shards(query: Tensor, group: dist.ProcessGroup | None) -> None:
     """Every rank must hold a shard of the same shape; a mismatch raises on every rank."""
     shape = torch.tensor(query.shape, dtype=torch.int64, device=query.device)

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from dilated_attention_pytorch import (
+    BlockSparseAdaptive,
     BlockSparseRingDilatedAttention,
     BlockSparseRingMultiheadDilatedAttention,
     DilatedPattern,
@@ -155,6 +156,27 @@ def _run_modules(rank: int, world: int, init_file: str, results: dict) -> None:
         out.backward(grad[:, part])
         errors = [relative_error(out, exp[:, part])]
         errors += [relative_error(a.grad, b[:, part]) for a, b in zip((ql, kl, vl), exp_grads)]
+        messages = []
+        for causal in (False, True):  # content-chosen blocks: the same layout as one process
+            adaptive_kw = {"block_size": 8, "sparsity": 0.5, "head_mode": "all"}
+            single_adaptive = BlockSparseAdaptive([16, 64], [1, 2], **adaptive_kw)
+            sharded_adaptive = BlockSparseAdaptive(
+                [16, 64], [1, 2], process_group=dist.group.WORLD, **adaptive_kw
+            )
+            exp = single_adaptive(q, k, v, is_causal=causal)
+            exp_grads = torch.autograd.grad(exp, (q, k, v), grad)
+            ql, kl, vl = (x.detach()[:, part].clone().requires_grad_() for x in (q, k, v))
+            out = sharded_adaptive(ql, kl, vl, is_causal=causal)
+            out.backward(grad[:, part])
+            layout = sharded_adaptive.last_layout()
+            assert torch.equal(layout, single_adaptive.last_layout()), "sharded adaptive layout differs"
+            assert layouts.layout_sparsity(layout[0, 0], causal) > 0.2
+            errors.append(relative_error(out, exp[:, part]))
+            errors += [relative_error(a.grad, b[:, part]) for a, b in zip((ql, kl, vl), exp_grads)]
+        try:
+            BlockSparseAdaptive([16], [1], block_size=12, process_group=dist.group.WORLD)(ql, kl, vl)
+        except ValueError as e:
+            messages.append(str(e))
 
         mkw = {
             "batch_first": True,
@@ -175,7 +197,6 @@ def _run_modules(rank: int, world: int, init_file: str, results: dict) -> None:
         exp = mh_single(x, x, x, is_causal=True)[0]
         out = mh_sharded(x[:, part], x[:, part], x[:, part], is_causal=True)[0]
         errors.append(relative_error(out, exp[:, part]))
-        messages = []
         try:
             mh_sharded(x[:, part], x[:, part], x[:, part], need_weights=True)
         except ValueError as e:
@@ -189,7 +210,9 @@ def test_sharded_modules_match_one_process(tmp_path):
     results = _spawn(_run_modules, 2, tmp_path)
     for max_error, messages, sharded, single in results.values():
         assert max_error <= TOLERANCES[torch.float64]
-        assert messages and "not available when the sequence is sharded" in messages[0]
+        assert len(messages) == 2
+        assert "block_size (12) must divide the shard length (32)" in messages[0]
+        assert "not available when the sequence is sharded" in messages[1]
         assert sharded and not single
 
 
