@@ -32,6 +32,7 @@ CASES = [
     (4, 32, (8, 16, 32), (2, 1, 3), 3, 4),  # spanning 2 and 4, uneven counts
     (4, 32, (32,), (12,), 2, 8),  # one rank has no selected row (r > shard)
     (4, 32, (8, 24, 64), (2, 3, 5), 4, 8),  # partial last segment, w > seq
+    (8, 64, (8, 32, 64), (1, 3, 2), 3, 4),  # 8 ranks: local, spanning 4 and 8
 ]
 
 
@@ -96,7 +97,7 @@ def _run_cases(rank: int, world: int, init_file: str, results: dict) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, 4, 8])
 def test_block_sparse_ring_matches_reference(world, tmp_path):
     results = _spawn(_run_cases, world, tmp_path)
     assert sorted(results) == list(range(world))

@@ -23,6 +23,7 @@ CASES = [
     (4, 32, (8, 24, 64), (2, 3, 5), 4),  # partial last segment (24 | 8 local), w > seq
     (4, 32, (16,), (6,), 2),  # one branch, r > heads, uneven counts
     (2, 32, (4, 8, 16, 32), (1, 2, 3, 4), 2),  # heads < branches
+    (8, 64, (8, 16, 32, 64), (1, 2, 3, 4), 4),  # 8 ranks: local, spanning 2, 4 and 8
 ]
 
 
@@ -107,7 +108,7 @@ def _spawn(fn, world: int, tmp_path) -> dict:
     return dict(results)
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, 4, 8])
 def test_ring_matches_reference(world, tmp_path):
     results = _spawn(_run_cases, world, tmp_path)
     assert sorted(results) == list(range(world))
