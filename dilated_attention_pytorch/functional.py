@@ -215,6 +215,11 @@ class BlockLayout:
     #: the tensor the caller passed (block masks are cached on it)
     source: Tensor | None = None
 
+    @property
+    def cache_owner(self) -> Tensor:
+        """The tensor that cached block masks and exchange plans are keyed by."""
+        return self.source if self.source is not None else self.blocks
+
 
 def _call_bias(
     call: BranchCall,
@@ -609,8 +614,7 @@ def flex_problems(
             )
 
         cache_key = (call, layout.block_size, is_causal, b, layout.offset)
-        source = layout.source if layout.source is not None else layout.blocks
-        mask, score_mod = build() if masked else flex_kernel.CACHE.get(source, cache_key, build)
+        mask, score_mod = build() if masked else flex_kernel.CACHE.get(layout.cache_owner, cache_key, build)
         q, k, v = (_as_problem(_strided(x, call)) for x in (query, key, value))
         yield FlexProblem(call, q, k, v, mask, score_mod)
 

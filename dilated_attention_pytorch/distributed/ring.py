@@ -257,10 +257,9 @@ def _spans(
             positions = torch.cat([_row_positions(call, segment, j, shard, device) for j in members])
             keys = _SegmentKeys(_subgroup(tuple(group_ranks[j] for j in members)), me, counts, positions)
         else:
-            source = layout.source if layout.source is not None else layout.blocks
             plan_key = (call, segment, rank, shard, causal, layout.block_size)
             send, recv, positions = _PLANS.get(
-                source,
+                layout.cache_owner,
                 plan_key,
                 functools.partial(_sparse_plan, call, segment, members, me, shard, layout, causal),
             )
@@ -278,7 +277,7 @@ def _span_bias(
     keys, local = span.keys, span.local
     parts = []
     if key_bias is not None:
-        parts.append(keys.gather(key_bias[:, local.offset :: local.dilation])[:, None, None, :])
+        parts.append(_gathered_key_bias(span, key_bias)[:, None, None, :])
     q_pos = span.query_start + local.dilation * torch.arange(local.length, device=query.device)
     bias_dtype = functional._bias_dtype(query.dtype)
     if is_causal:
@@ -413,6 +412,11 @@ def ring_dilated_attention(
     return functional.run_fused(query, key, value, fused, pattern.head_mode == "all", scale)
 
 
+def _gathered_key_bias(span: _Span, key_bias: Tensor) -> Tensor:
+    """The padding bias ``(batch, total)`` of the span's gathered keys."""
+    return span.keys.gather(key_bias[:, span.local.offset :: span.local.dilation])
+
+
 def _gathered_keys(key: Tensor, value: Tensor, span: _Span) -> tuple[Tensor, Tensor]:
     """The span's keys and values from its members, ``(batch, heads, total, head_dim)``."""
     k, v = (_GatherRows.apply(functional._strided(x, span.local)[:, 0], span.keys) for x in (key, value))
@@ -431,14 +435,11 @@ def _flex_span_problems(
     """This rank's queries of each spanning segment against the keys gathered for
     them, with a block mask over those keys (cached per layout and geometry
     unless a key padding mask, which changes with the inputs, is given)."""
-    source = layout.source if layout.source is not None else layout.blocks
     batch = query.shape[0]
     for sp in spans:
         q = functional._as_problem(functional._strided(query, sp.local))
         k, v = _gathered_keys(key, value, sp)
-        keys_bias = None
-        if key_bias is not None:
-            keys_bias = sp.keys.gather(key_bias[:, sp.local.offset :: sp.local.dilation])
+        keys_bias = None if key_bias is None else _gathered_key_bias(sp, key_bias)
 
         def build(sp: _Span = sp, keys_bias: Tensor | None = keys_bias) -> Any:
             return flex_kernel.gathered_block_mask(
@@ -450,6 +451,8 @@ def _flex_span_problems(
         if q.shape[2] and k.shape[2]:
             cache_key = ("span", sp.call, sp.local, sp.query_start, layout.block_size, is_causal, batch)
             mask, score_mod = (
-                build() if keys_bias is not None else flex_kernel.CACHE.get(source, cache_key, build)
+                build()
+                if keys_bias is not None
+                else flex_kernel.CACHE.get(layout.cache_owner, cache_key, build)
             )
         yield FlexProblem(sp.local, q, k, v, mask, score_mod)
