@@ -85,7 +85,7 @@ def _run_cases(rank: int, world: int, init_file: str, results: dict) -> None:
                         errors += [
                             relative_error(a.grad, b[:, part]) for a, b in zip((ql, kl, vl), exp_grads)
                         ]
-                        if not per_head and kpm is None:  # FlexAttention on CPU: forward only
+                        if world < 8:  # FlexAttention on CPU (forward only); 8 slow processes on CI's cores
                             flex = ring_dilated_attention(
                                 *(x.detach() for x in (ql, kl, vl)), pattern, method="flex", **kw
                             )
