@@ -172,6 +172,18 @@ def _to_kv_blocks(mask: Tensor) -> tuple[Tensor, Tensor]:
     return num.contiguous(), order.to(torch.int32).contiguous()
 
 
+def _from_tiles(
+    need: Tensor, full: Tensor, mask_mod: Callable[..., Tensor], seq_lengths: tuple[int, int]
+) -> Any:
+    """The BlockMask running ``need`` tiles, those in ``full`` without ``mask_mod``;
+    both bool ``(batch, heads | 1, q tiles, k tiles)``."""
+    kv_num, kv_idx = _to_kv_blocks(need & ~full)
+    full_num, full_idx = _to_kv_blocks(full)
+    return _flex_module.BlockMask.from_kv_blocks(
+        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=TILE, mask_mod=mask_mod, seq_lengths=seq_lengths
+    )
+
+
 def _problem_batch(x: Tensor, batch: int) -> Tensor:
     """``(batch | 1, segments, ...)`` -> ``(batch·segments | segments, ...)``: the
     problem's batch is batch-major over segments. A one-batch layout broadcasts,
@@ -247,9 +259,7 @@ def block_mask(
     """
     masked = key_bias is not None or attn_bias is not None
     need, full = tile_masks(call, layout4, block_size, causal, masked, layout_offset)
-    partial = _problem_batch(need & ~full, batch)
-    kv_num, kv_idx = _to_kv_blocks(partial)
-    full_num, full_idx = _to_kv_blocks(_problem_batch(full, batch))
+    need, full = _problem_batch(need, batch), _problem_batch(full, batch)
 
     # geometry as a tensor, so compiled kernels do not specialise on each branch's numbers
     geom = torch.tensor(
@@ -286,15 +296,7 @@ def block_mask(
             ok = ok & (_at(attn_flat, bo, head, pq, pk) > -math.inf)
         return ok
 
-    mask = _flex_module.BlockMask.from_kv_blocks(
-        kv_num,
-        kv_idx,
-        full_num,
-        full_idx,
-        BLOCK_SIZE=TILE,
-        mask_mod=mask_mod,
-        seq_lengths=(call.length, call.length),
-    )
+    mask = _from_tiles(need, full, mask_mod, (call.length, call.length))
     return mask, _key_score_mod(key_bias, attn_bias, place)
 
 
@@ -360,9 +362,7 @@ def gathered_block_mask(
     ``key_bias``: ``(batch, total)`` additive, of the gathered keys."""
     masked = key_bias is not None
     need, full = gathered_tile_masks(call, query_start, key_positions, layout4, block_size, causal, masked)
-    expand = (batch, *need.shape[1:])
-    kv_num, kv_idx = _to_kv_blocks((need & ~full).expand(expand))
-    full_num, full_idx = _to_kv_blocks(full.expand(expand))
+    need, full = (x.expand(batch, *x.shape[1:]) for x in (need, full))
     total = key_positions.shape[0]
     geom = torch.tensor(
         [query_start, call.dilation, call.length - 1, block_size, call.head_start, call.head_step, total - 1],
@@ -385,15 +385,7 @@ def gathered_block_mask(
             ok = ok & (_at(key_flat, bo, head, k_index) > -math.inf)
         return ok
 
-    mask = _flex_module.BlockMask.from_kv_blocks(
-        kv_num,
-        kv_idx,
-        full_num,
-        full_idx,
-        BLOCK_SIZE=TILE,
-        mask_mod=mask_mod,
-        seq_lengths=(call.length, total),
-    )
+    mask = _from_tiles(need, full, mask_mod, (call.length, total))
     return mask, _key_score_mod(key_bias, None, place)
 
 
