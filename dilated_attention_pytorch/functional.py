@@ -355,16 +355,33 @@ def _sanitize(out: Tensor, lse: Tensor, has_key: Tensor) -> tuple[Tensor, Tensor
 
 
 class RemoteKeys(Protocol):
-    """Keys/values of a problem that live on several ranks (sequence parallelism)."""
+    """Keys/values of a problem that live on several ranks, gathered whole
+    (LongNet's all-gather). Each call starts the communication and returns a
+    ``wait`` function, so compute issued before waiting overlaps it."""
 
-    def gather(self, local: Tensor) -> Tensor:
+    def start_gather(self, local: Tensor) -> Callable[[], Tensor]:
         """This rank's selected rows ``(batch, count, ...)`` -> every member's rows
         ``(batch, total, ...)`` in sequence order."""
         ...
 
-    def reduce(self, grad: Tensor) -> Tensor:
+    def start_reduce(self, grad: Tensor) -> Callable[[], Tensor]:
         """Gradient ``(batch, total, ...)`` of the gathered rows -> this rank's rows,
         summed over the members."""
+        ...
+
+
+class RingKeys(Protocol):
+    """Keys/values of a problem that rotate among the ranks sharing a segment:
+    at step ``t`` this rank holds member ``(index - t) % len(counts)``'s rows.
+    Two blocks of rows are held at a time instead of the whole segment's."""
+
+    index: int  # this rank's place among the members
+    counts: list[int]  # selected rows per member, in sequence order
+
+    def start_shift(self, tensors: list[Tensor], member: int, channel: int = 0) -> Callable[[], list[Tensor]]:
+        """Send ``tensors`` ``(batch, heads, counts[member], ...)`` (``member``'s rows)
+        to the next member; ``wait`` returns the previous member's, of member
+        ``member - 1``. Shifts on different channels (0 or 1) may be in flight at once."""
         ...
 
 
@@ -372,13 +389,122 @@ class RemoteKeys(Protocol):
 class FusedProblem:
     """One branch problem of the fused path. ``call`` places the queries (and
     the output) in the local sequence; keys and values are the same positions,
-    or, with ``remote``, gathered from the ranks that share the segment."""
+    or, with ``remote``/``ring``, those of every rank that shares the segment
+    (one segment per problem; ``bias`` then covers all of their keys)."""
 
     call: BranchCall
     backend: kernels.Backend
     bias: Tensor | None = None
     causal: bool = False
     remote: RemoteKeys | None = None
+    #: with ``ring``, ``causal`` means: no key of later members, causal among this rank's rows
+    ring: RingKeys | None = None
+
+
+def _ring_columns(ring: RingKeys, member: int) -> slice:
+    start = sum(ring.counts[:member])
+    return slice(start, start + ring.counts[member])
+
+
+def _ring_step(p: FusedProblem, member: int) -> tuple[Tensor | None, bool] | None:
+    """(bias, causal) of this rank's queries against ``member``'s rows, or None
+    when no query may see them."""
+    assert p.ring is not None
+    if p.call.length == 0 or (p.causal and member > p.ring.index):
+        return None
+    bias = None if p.bias is None else p.bias[..., _ring_columns(p.ring, member)]
+    return bias, p.causal and member == p.ring.index
+
+
+def _ring_forward(
+    p: FusedProblem, q: Tensor, k: Tensor, v: Tensor, scale: float
+) -> tuple[Tensor | None, Tensor | None, dict[int, Any]]:
+    """One problem over rotating keys: each step's kernel runs while the next
+    block travels; partial results merge by lse in float32. Returns
+    ``(out, lse, kernel state per member)``, None outputs without queries."""
+    assert p.ring is not None
+    size = len(p.ring.counts)
+    out = lse = None
+    states: dict[int, Any] = {}
+    for t in range(size):
+        member = (p.ring.index - t) % size
+        wait = p.ring.start_shift([k, v], member) if t < size - 1 else None
+        step = _ring_step(p, member)
+        if step is not None:
+            bias, causal = step
+            part_out, part_lse, states[member] = p.backend.forward(q, k, v, bias, causal, scale)
+            if bias is not None:
+                part_out, part_lse = _sanitize(part_out, part_lse, _rows_with_keys(bias, causal))
+            if out is None:
+                out, lse = part_out.to(_bias_dtype(q.dtype)), part_lse.to(_bias_dtype(q.dtype))
+            else:
+                _merge_into_torch(out, lse, part_out.to(out.dtype), part_lse.to(lse.dtype))
+        if wait is not None:
+            k, v = wait()
+    return out, lse, states
+
+
+def _ring_backward(
+    p: FusedProblem,
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    scale: float,
+    states: dict[int, Any],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The keys rotate again (nothing of other ranks was kept); each block's
+    key/value gradients travel with it, summed in float32, and arrive at their
+    owner after the last step."""
+    assert p.ring is not None
+    size = len(p.ring.counts)
+    acc = _bias_dtype(q.dtype)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    incoming: Callable[[], list[Tensor]] | None = None
+    for t in range(size):
+        member = (p.ring.index - t) % size
+        wait = p.ring.start_shift([k, v], member) if t < size - 1 else None
+        step = _ring_step(p, member)
+        if step is not None and member in states:
+            bias, causal = step
+            part_dq, part_dk, part_dv = p.backend.backward(
+                grad_out, q, k, v, out, lse, bias, causal, scale, states[member]
+            )
+            dq += part_dq
+            grads = [part_dk.to(acc), part_dv.to(acc)]
+        else:
+            grads = [k.new_zeros(k.shape, dtype=acc), v.new_zeros(v.shape, dtype=acc)]
+        if incoming is not None:  # what the members before this one added to this block
+            for grad, received in zip(grads, incoming()):
+                grad += received
+        incoming = p.ring.start_shift(grads, member, channel=1)
+        if wait is not None:
+            k, v = wait()
+    assert incoming is not None
+    dk, dv = incoming()  # this rank's own rows, summed over every member
+    return dq, dk, dv
+
+
+def _stacked_rows(key: Tensor, value: Tensor, call: BranchCall) -> Tensor:
+    """This rank's selected keys and values of a one-segment call, ``(batch, count, 2·heads, d)``:
+    one message for both."""
+    return torch.cat([_strided(key, call)[:, 0], _strided(value, call)[:, 0]], 2)
+
+
+def _unstack_rows(rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Inverse of :func:`_stacked_rows` in problem layout ``(batch, heads, total, d)``."""
+    k, v = rows.chunk(2, dim=2)
+    return k.transpose(1, 2), v.transpose(1, 2)
+
+
+def _write(grad: Tensor, call: BranchCall, part5: Tensor, merge: bool) -> None:
+    view = _strided(grad, call)
+    if merge:
+        view.add_(part5)
+    else:  # grouped: problems are disjoint in (position, head)
+        view.copy_(part5)
 
 
 class _FusedDilatedAttention(torch.autograd.Function):
@@ -396,20 +522,32 @@ class _FusedDilatedAttention(torch.autograd.Function):
         acc_dtype = _bias_dtype(query.dtype) if merge else query.dtype
         out = query.new_zeros(b, n, h, d, dtype=acc_dtype)
         lse = query.new_full((b, n, h), -math.inf, dtype=_bias_dtype(query.dtype))
-        states, remote_kv = [], []
-        for p in problems:
+        # every gather starts first, and its problem runs last: the rest hides it
+        gathers = {
+            i: p.remote.start_gather(_stacked_rows(key, value, p.call))
+            for i, p in enumerate(problems)
+            if p.remote is not None
+        }
+        states: list[Any] = [None] * len(problems)
+        remote_kv: list[tuple[Tensor, Tensor] | None] = [None] * len(problems)
+        for i in sorted(range(len(problems)), key=lambda i: i in gathers):
+            p = problems[i]
             q = _as_problem(_strided(query, p.call))
-            if p.remote is None:
+            if p.ring is not None:
                 k, v = (_as_problem(_strided(x, p.call)) for x in (key, value))
-            else:  # one segment per problem: (batch, total, heads, d) -> (batch, heads, total, d)
-                k, v = (p.remote.gather(_strided(x, p.call)[:, 0]).transpose(1, 2) for x in (key, value))
-            remote_kv.append((k, v) if p.remote is not None else None)
-            if p.call.length == 0:  # no local query; the gather above still had to be posted
-                states.append(None)
-                continue
-            part_out, part_lse, state = p.backend.forward(q, k, v, p.bias, p.causal, scale)
-            if p.bias is not None:
-                part_out, part_lse = _sanitize(part_out, part_lse, _rows_with_keys(p.bias, p.causal))
+                part_out, part_lse, states[i] = _ring_forward(p, q, k, v, scale)
+                if part_out is None or part_lse is None:
+                    continue
+            else:
+                if i in gathers:
+                    k, v = remote_kv[i] = _unstack_rows(gathers[i]())
+                else:
+                    k, v = (_as_problem(_strided(x, p.call)) for x in (key, value))
+                if p.call.length == 0:  # no local query; the gather above still had to be posted
+                    continue
+                part_out, part_lse, states[i] = p.backend.forward(q, k, v, p.bias, p.causal, scale)
+                if p.bias is not None:
+                    part_out, part_lse = _sanitize(part_out, part_lse, _rows_with_keys(p.bias, p.causal))
             out5, lse4 = _strided(out, p.call), _strided(lse, p.call)
             part_out, part_lse = _from_problem(part_out, b), _from_problem(part_lse, b)
             if merge:
@@ -417,7 +555,6 @@ class _FusedDilatedAttention(torch.autograd.Function):
             else:
                 out5.copy_(part_out)
                 lse4.copy_(part_lse)
-            states.append(state)
         out = out.to(query.dtype)
         ctx.save_for_backward(query, key, value, out, lse)
         ctx.problems, ctx.states, ctx.remote_kv = problems, states, remote_kv
@@ -433,29 +570,37 @@ class _FusedDilatedAttention(torch.autograd.Function):
         # "all": every branch adds to each position, so accumulate in float32
         acc_dtype = _bias_dtype(query.dtype) if ctx.merge else query.dtype
         grads = [torch.zeros(query.shape, dtype=acc_dtype, device=query.device) for _ in range(3)]
-        for p, state, kv in zip(ctx.problems, ctx.states, ctx.remote_kv):
+        problems: list[FusedProblem] = ctx.problems
+        reductions: dict[int, Callable[[], Tensor]] = {}
+        # gathered problems first: their reductions overlap the rest
+        for i in sorted(range(len(problems)), key=lambda i: problems[i].remote is None):
+            p, kv = problems[i], ctx.remote_kv[i]
             q, o, do = (_as_problem(_strided(x, p.call)) for x in (query, out, grad_out))
             k, v = kv if kv is not None else (_as_problem(_strided(x, p.call)) for x in (key, value))
-            if p.call.length == 0:
+            part_lse = _as_problem(_strided(lse, p.call))
+            if p.bias is not None:
+                # no key in any branch: every key is masked, so any finite lse gives p = 0
+                part_lse = torch.where(part_lse == -math.inf, 0.0, part_lse)
+            part_grads: tuple[Tensor | None, ...]
+            if p.ring is not None:
+                part_grads = _ring_backward(p, do, q, k, v, o, part_lse, ctx.scale, ctx.states[i])
+            elif p.call.length == 0:
                 part_grads = (None, torch.zeros_like(k), torch.zeros_like(v))
             else:
-                part_lse = _as_problem(_strided(lse, p.call))
-                if p.bias is not None:
-                    # no key in any branch: every key is masked, so any finite lse gives p = 0
-                    part_lse = torch.where(part_lse == -math.inf, 0.0, part_lse)
-                part_grads = p.backend.backward(do, q, k, v, o, part_lse, p.bias, p.causal, ctx.scale, state)
-            for i, (grad, part) in enumerate(zip(grads, part_grads)):
-                if part is None:
-                    continue
-                view = _strided(grad, p.call)
-                if i > 0 and p.remote is not None:  # dk, dv of gathered keys go home
-                    part = p.remote.reduce(part.transpose(1, 2))[:, None]
-                else:
-                    part = _from_problem(part, b)
-                if ctx.merge:
-                    view.add_(part)
-                else:  # grouped: problems are disjoint in (position, head)
-                    view.copy_(part)
+                part_grads = p.backend.backward(
+                    do, q, k, v, o, part_lse, p.bias, p.causal, ctx.scale, ctx.states[i]
+                )
+            if p.remote is not None:  # dk, dv of gathered keys go home
+                dk, dv = part_grads[1:]
+                assert dk is not None and dv is not None
+                reductions[i] = p.remote.start_reduce(torch.cat([dk.transpose(1, 2), dv.transpose(1, 2)], 2))
+                part_grads = part_grads[:1]
+            for grad, part in zip(grads, part_grads):
+                if part is not None:
+                    _write(grad, p.call, _from_problem(part, b), ctx.merge)
+        for i, wait in reductions.items():
+            for grad, part in zip(grads[1:], wait().chunk(2, dim=2)):
+                _write(grad, problems[i].call, part[:, None], ctx.merge)
         dq, dk, dv = (g.to(query.dtype) for g in grads)
         return dq, dk, dv, None, None, None
 

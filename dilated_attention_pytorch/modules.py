@@ -146,15 +146,23 @@ class RingDilatedAttention(_DilatedAttentionBase):
     (rank ``i`` holds positions ``[i·seq/P, (i+1)·seq/P)``) and gets its shard of
     the output. Branches whose segments fit in a shard run locally; a segment
     spanning shards gathers only its dilated keys/values, among the ranks that
-    share it. ``process_group`` defaults to the world. ``attn_mask`` is not
-    supported (use ``key_padding_mask`` shards and ``is_causal``).
+    share it. ``process_group`` defaults to the world. ``exchange``: how those
+    ranks bring the keys together, ``"all_gather"`` or ``"ring"`` (rotation
+    with ``batch_isend_irecv``, two blocks held at a time; see
+    :func:`~dilated_attention_pytorch.distributed.ring_dilated_attention`).
+    ``attn_mask`` is not supported (use ``key_padding_mask`` shards and ``is_causal``).
     """
 
     method = "fused"
 
-    def __init__(self, *args: Any, process_group: Any = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, process_group: Any = None, exchange: str = "all_gather", **kwargs: Any
+    ) -> None:
+        from .distributed.ring import check_exchange
+
         super().__init__(*args, **kwargs)
         self.process_group = process_group
+        self.exchange = check_exchange(exchange)
 
     @property
     def sharded(self) -> bool:
@@ -164,7 +172,9 @@ class RingDilatedAttention(_DilatedAttentionBase):
     def _attend(self, *args: Any, **kwargs: Any) -> Tensor:
         from .distributed import ring_dilated_attention
 
-        return ring_dilated_attention(*args, process_group=self.process_group, **kwargs)
+        return ring_dilated_attention(
+            *args, process_group=self.process_group, exchange=self.exchange, **kwargs
+        )
 
 
 class _BlockSparseBase(_DilatedAttentionBase):

@@ -341,9 +341,14 @@ class RingMultiheadDilatedAttention(_MultiheadDilatedAttentionBase):
 
     attention_class = RingDilatedAttention
 
-    def __init__(self, *args: Any, process_group: Any = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, process_group: Any = None, exchange: str = "all_gather", **kwargs: Any
+    ) -> None:
+        from .distributed.ring import check_exchange
+
         super().__init__(*args, **kwargs)
         self.attention.process_group = process_group
+        self.attention.exchange = check_exchange(exchange)
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, *args: Any, **kwargs: Any):  # type: ignore[override]
         need_weights = kwargs.get("need_weights", args[1] if len(args) > 1 else False)

@@ -25,8 +25,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -37,9 +37,20 @@ from ..functional import BlockLayout, FlexProblem, GatheredProblem
 from ..kernels import flex as flex_kernel
 from ..pattern import BranchCall, DilatedPattern
 
+Exchange = Literal["all_gather", "ring"]
+EXCHANGES: tuple[str, ...] = ("all_gather", "ring")
 _SUBGROUPS: dict[tuple[int, ...], dist.ProcessGroup] = {}
 #: exchange plans of block-sparse spans, keyed by layout and geometry
 _PLANS = flex_kernel.BlockMaskCache()
+
+
+def _waiter(works: list[Any], result: Callable[[], Any]) -> Callable[[], Any]:
+    def wait() -> Any:
+        for work in works:
+            work.wait()
+        return result()
+
+    return wait
 
 
 @dataclasses.dataclass
@@ -53,26 +64,69 @@ class _SegmentKeys:
     counts: list[int]  # selected rows per member, in sequence order
     positions: Tensor  # sequence positions of the gathered rows
 
-    def gather(self, local: Tensor) -> Tensor:
+    def start_gather(self, local: Tensor) -> Callable[[], Tensor]:
         width = max(self.counts)
         padded = local.new_zeros(local.shape[0], width, *local.shape[2:])
         padded[:, : local.shape[1]] = local
         parts = [torch.empty_like(padded) for _ in self.counts]
-        dist.all_gather(parts, padded, group=self.group)
-        return torch.cat([part[:, :c] for part, c in zip(parts, self.counts)], 1)
+        work = dist.all_gather(parts, padded, group=self.group, async_op=True)
+        return _waiter([work], lambda: torch.cat([part[:, :c] for part, c in zip(parts, self.counts)], 1))
 
-    def reduce(self, grad: Tensor) -> Tensor:
+    def start_reduce(self, grad: Tensor) -> Callable[[], Tensor]:
         width = max(self.counts)
         stacked = grad.new_zeros(len(self.counts), grad.shape[0], width, *grad.shape[2:])
         for j, piece in enumerate(grad.split(self.counts, dim=1)):
             stacked[j, :, : piece.shape[1]] = piece
         if dist.get_backend(self.group) == dist.Backend.NCCL:
             mine = torch.empty_like(stacked[0])
-            dist.reduce_scatter_tensor(mine, stacked, group=self.group)
+            work = dist.reduce_scatter_tensor(mine, stacked, group=self.group, async_op=True)
         else:  # gloo has no reduce-scatter: all-reduce and keep this rank's slice
-            dist.all_reduce(stacked, group=self.group)
             mine = stacked[self.index]
-        return mine[:, : self.counts[self.index]]
+            work = dist.all_reduce(stacked, group=self.group, async_op=True)
+        return _waiter([work], lambda: mine[:, : self.counts[self.index]])
+
+    def gather(self, local: Tensor) -> Tensor:
+        return self.start_gather(local)()
+
+    def reduce(self, grad: Tensor) -> Tensor:
+        return self.start_reduce(grad)()
+
+
+@dataclasses.dataclass
+class _RingRows:
+    """The selected rows of one segment, rotated among its members with
+    ``batch_isend_irecv`` (implements :class:`functional.RingKeys`); ``rows``
+    gathers what is small enough to gather whole (the key padding)."""
+
+    rows: _SegmentKeys
+    group: dist.ProcessGroup | None
+    peers: list[int]  # global ranks of the members, in sequence order
+    tag: int  # tells the exchanges apart (gloo matches by tag); 2·tag + channel
+
+    @property
+    def index(self) -> int:
+        return self.rows.index
+
+    @property
+    def counts(self) -> list[int]:
+        return self.rows.counts
+
+    @property
+    def positions(self) -> Tensor:
+        return self.rows.positions
+
+    def gather(self, local: Tensor) -> Tensor:
+        return self.rows.gather(local)
+
+    def start_shift(self, tensors: list[Tensor], member: int, channel: int = 0) -> Callable[[], list[Tensor]]:
+        size = len(self.peers)
+        after, before = self.peers[(self.index + 1) % size], self.peers[(self.index - 1) % size]
+        rows = self.counts[(member - 1) % size]
+        incoming = [x.new_empty(*x.shape[:2], rows, *x.shape[3:]) for x in tensors]
+        tag = 2 * self.tag + channel
+        ops = [dist.P2POp(dist.isend, x.contiguous(), after, self.group, tag) for x in tensors]
+        ops += [dist.P2POp(dist.irecv, x, before, self.group, tag) for x in incoming]
+        return _waiter(dist.batch_isend_irecv(ops), lambda: incoming)
 
 
 @dataclasses.dataclass
@@ -171,6 +225,12 @@ def check_shards(query: Tensor, group: dist.ProcessGroup | None) -> None:
         )
 
 
+def check_exchange(exchange: str) -> Exchange:
+    if exchange not in EXCHANGES:
+        raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
+    return exchange  # type: ignore[return-value]
+
+
 def _check_geometry(pattern: DilatedPattern, seq: int, shard: int) -> None:
     for i, w in enumerate(pattern.segment_lengths):
         w_eff = min(w, seq)
@@ -194,7 +254,7 @@ class _Span:
 
     call: BranchCall  # the global call
     local: BranchCall  # this rank's selected queries, as a call on the shard
-    keys: _SegmentKeys | _SparseRows
+    keys: _SegmentKeys | _SparseRows | _RingRows
     query_start: int  # sequence position of the first selected query
 
 
@@ -234,8 +294,10 @@ def _spans(
     device: torch.device,
     layout: BlockLayout | None = None,
     causal: bool = False,
+    rotate: bool = False,
 ) -> list[_Span]:
-    """Every member of a segment meets it at the same call, so collectives match."""
+    """Every member of a segment meets it at the same call, so collectives match.
+    ``rotate``: the keys rotate among the members instead of being gathered."""
     group_ranks = _group_ranks(group)
     spans = []
     for tag, call in enumerate(calls):
@@ -251,11 +313,14 @@ def _spans(
             call, start=0, offset=first, segment_length=shard, num_segments=1, length=count
         )
         me = members.index(rank)
-        keys: _SegmentKeys | _SparseRows
+        keys: _SegmentKeys | _SparseRows | _RingRows
+        peers = [group_ranks[j] for j in members]
         if layout is None:
             counts = [_selection(call, segment, j, shard)[1] for j in members]
             positions = torch.cat([_row_positions(call, segment, j, shard, device) for j in members])
-            keys = _SegmentKeys(_subgroup(tuple(group_ranks[j] for j in members)), me, counts, positions)
+            keys = _SegmentKeys(_subgroup(tuple(peers)), me, counts, positions)
+            if rotate:
+                keys = _RingRows(keys, group, peers, tag)
         else:
             plan_key = (call, segment, rank, shard, causal, layout.block_size)
             send, recv, positions = _PLANS.get(
@@ -263,7 +328,6 @@ def _spans(
                 plan_key,
                 functools.partial(_sparse_plan, call, segment, members, me, shard, layout, causal),
             )
-            peers = [group_ranks[j] for j in members]
             keys = _SparseRows(group, peers, me, count, send, recv, positions, tag)
         spans.append(_Span(call, local, keys, my_start + first))
     return spans
@@ -327,6 +391,7 @@ def ring_dilated_attention(
     backend: str | None = None,
     block_layout: Tensor | None = None,
     block_size: int = 128,
+    exchange: Exchange = "all_gather",
 ) -> Tensor:
     """Dilated attention of a sequence sharded over ``process_group``.
 
@@ -337,7 +402,16 @@ def ring_dilated_attention(
     ``block_layout`` (the same on every rank) is over blocks of the *whole*
     sequence, ``n_blocks = ceil(seq / block_size)``, and runs with ``method="flex"``
     or ``"gather"``; ``method="flex"`` without one uses a single block.
+
+    ``exchange``: how a segment spanning shards brings its keys together on the
+    fused path. ``"all_gather"`` gathers the segment's selected rows on each of
+    its ranks (one collective, hidden behind the local branches); ``"ring"``
+    rotates them among those ranks with ``batch_isend_irecv``, each hop under
+    the previous block's kernel, and the backward rotates them again, so a rank
+    holds two blocks of rows instead of the segment's. The gather and flex paths
+    (dropout, ``block_layout``) always gather.
     """
+    check_exchange(exchange)
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
             "RingDilatedAttention needs torch.distributed initialized (torchrun, then "
@@ -370,7 +444,8 @@ def ring_dilated_attention(
     calls = pattern.calls(seq, h)
     local = _local_calls([c for c in calls if c.segment_length <= shard], rank, shard)
     spanning = [c for c in calls if c.segment_length > shard]
-    spans = _spans(spanning, rank, process_group, shard, query.device, layout, is_causal)
+    rotate = exchange == "ring" and method == "fused" and dropout_p == 0.0
+    spans = _spans(spanning, rank, process_group, shard, query.device, layout, is_causal, rotate)
 
     if method == "flex":
         assert layout is not None
@@ -385,7 +460,8 @@ def ring_dilated_attention(
             scale,
         )
 
-    span_biases = [_span_bias(sp, key_bias, is_causal, query, layout) for sp in spans]
+    # rotating keys: causality is the kernel's, per block (see FusedProblem.ring)
+    span_biases = [_span_bias(sp, key_bias, is_causal and not rotate, query, layout) for sp in spans]
     if method == "gather" or dropout_p > 0.0:
 
         def problems() -> Iterator[GatheredProblem]:
@@ -406,7 +482,9 @@ def ring_dilated_attention(
     fused = [
         functional.FusedProblem(c, be, bias, is_causal) for c, be, bias in zip(local, backends, local_biases)
     ] + [
-        functional.FusedProblem(sp.local, be, bias, False, sp.keys)
+        functional.FusedProblem(sp.local, be, bias, is_causal, ring=sp.keys)
+        if isinstance(sp.keys, _RingRows)
+        else functional.FusedProblem(sp.local, be, bias, False, sp.keys)
         for sp, be, bias in zip(spans, backends[len(local) :], span_biases)
     ]
     return functional.run_fused(query, key, value, fused, pattern.head_mode == "all", scale)

@@ -26,6 +26,9 @@ CASES = [
     (8, 64, (8, 16, 32, 64), (1, 2, 3, 4), 4),  # 8 ranks: local, spanning 2, 4 and 8
 ]
 
+# (method, exchange): the fused path gathers or rotates spanning keys; gather always gathers
+EXCHANGES = [("fused", "all_gather"), ("fused", "ring"), ("gather", "all_gather")]
+
 
 def _run_cases(rank: int, world: int, init_file: str, results: dict) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -54,12 +57,13 @@ def _run_cases(rank: int, world: int, init_file: str, results: dict) -> None:
                         exp_grads = torch.autograd.grad(exp, (q, k, v), grad)
                         part = slice(rank * shard, (rank + 1) * shard)
                         ql, kl, vl = (x.detach()[:, part].clone().requires_grad_() for x in (q, k, v))
-                        for method in ("fused", "gather"):
+                        for method, exchange in EXCHANGES:
                             for x in (ql, kl, vl):
                                 x.grad = None
                             out = ring_dilated_attention(
                                 ql, kl, vl, DilatedPattern(seg, dil, head_mode), is_causal=causal,
                                 key_padding_mask=None if kpm is None else kpm[:, part], method=method,
+                                exchange=exchange,
                             )  # fmt: skip
                             out.backward(grad[:, part])
                             errors = [relative_error(out, exp[:, part])]
@@ -67,9 +71,8 @@ def _run_cases(rank: int, world: int, init_file: str, results: dict) -> None:
                                 relative_error(a.grad, b[:, part]) for a, b in zip((ql, kl, vl), exp_grads)
                             ]
                             if not torch.isfinite(out).all() or max(errors) > TOLERANCES[torch.float64]:
-                                failures.append(
-                                    f"{method} {seq} {seg} {dil} {head_mode} {causal} {with_mask}: {errors}"
-                                )
+                                case = (method, exchange, seq, seg, dil, head_mode, causal, with_mask)
+                                failures.append(f"{case}: {errors}")
         results[rank] = failures
     finally:
         dist.destroy_process_group()
@@ -125,6 +128,17 @@ def test_ring_errors_on_every_rank(tmp_path):
         assert "is_causal must be a bool" in messages[3]
 
 
+def test_ring_exchange_is_checked():
+    from dilated_attention_pytorch import RingMultiheadDilatedAttention
+
+    for make in (
+        lambda: RingDilatedAttention([8], [1], exchange="rotate"),
+        lambda: RingMultiheadDilatedAttention(8, 2, segment_lengths=[8], dilation_rates=[1], exchange="x"),
+    ):
+        with pytest.raises(ValueError, match=r"exchange must be one of \('all_gather', 'ring'\)"):
+            make()
+
+
 def test_ring_needs_initialized_distributed():
     q = torch.randn(1, 8, 2, 4)
     with pytest.raises(RuntimeError, match=r"needs torch\.distributed initialized"):
@@ -148,21 +162,23 @@ def _run_multihead(rank: int, world: int, init_file: str, results: dict) -> None
         }
         torch.manual_seed(0)  # the same weights on every rank
         single = MultiheadDilatedAttention(16, 4, **kw)
-        ring = RingMultiheadDilatedAttention(16, 4, **kw)
-        ring.load_state_dict(single.state_dict())
         x = torch.randn(2, 32, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
         grad = torch.randn(2, 32, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
         exp = single(x, x, x, is_causal=True)[0]
         exp.backward(grad)
         part = slice(rank * 16, (rank + 1) * 16)
         xl = x[:, part]
-        out = ring(xl, xl, xl, is_causal=True)[0]
-        out.backward(grad[:, part])
-        errors = [relative_error(out, exp[:, part].detach())]
-        for p_ring, p_single in zip(ring.parameters(), single.parameters()):
-            summed = p_ring.grad.clone()
-            dist.all_reduce(summed)  # what data-parallel training does
-            errors.append(relative_error(summed, p_single.grad))
+        errors = []
+        for exchange in ("all_gather", "ring"):
+            ring = RingMultiheadDilatedAttention(16, 4, exchange=exchange, **kw)
+            ring.load_state_dict(single.state_dict())
+            out = ring(xl, xl, xl, is_causal=True)[0]
+            out.backward(grad[:, part])
+            errors.append(relative_error(out, exp[:, part].detach()))
+            for p_ring, p_single in zip(ring.parameters(), single.parameters()):
+                summed = p_ring.grad.clone()
+                dist.all_reduce(summed)  # what data-parallel training does
+                errors.append(relative_error(summed, p_single.grad))
         factory = create_multihead_dilated_attention("ring", embed_dim=16, num_heads=4, **kw)
         need_weights_error = ""
         try:

@@ -4,6 +4,7 @@ max|ring - ref| <= 2 * max|single_gpu - ref| for outputs and input gradients."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterator
 
 import pytest
@@ -60,21 +61,23 @@ def _inputs(seq: int, heads: int, seed: int) -> list[torch.Tensor]:
 def _worker(rank: int, world: int, init_file: str, results: dict) -> None:
     with _nccl(rank, world, init_file):
         report: list[str] = []
-        for seq, seg, dil, heads in CASES:
+        for (seq, seg, dil, heads), exchange in itertools.product(CASES, ("all_gather", "ring")):
             for head_mode in ("grouped", "all"):
                 for causal in (False, True):
                     pattern = DilatedPattern(seg, dil, head_mode)
 
-                    def run(q, k, v, which, pattern=pattern, causal=causal):
+                    def run(q, k, v, which, pattern=pattern, causal=causal, exchange=exchange):
                         if which is None:
-                            return ring_dilated_attention(q, k, v, pattern, is_causal=causal)
+                            return ring_dilated_attention(
+                                q, k, v, pattern, is_causal=causal, exchange=exchange
+                            )
                         backend = "math" if which == "reference" else None
                         return functional.dilated_attention(
                             q, k, v, pattern, is_causal=causal, backend=backend
                         )
 
                     part = slice(rank * seq // world, (rank + 1) * seq // world)
-                    label = f"{seq} {seg} {head_mode} {causal}"
+                    label = f"{exchange} {seq} {seg} {head_mode} {causal}"
                     _compare(run, *_inputs(seq, heads, seq + len(seg)), part, label, report)
         results[rank] = report
 
