@@ -60,7 +60,9 @@ def received_rows(
     return sparse, dense
 
 
-def measure(seq: int, args: argparse.Namespace, pattern: DilatedPattern, heads: int, head_dim: int) -> dict:
+def measure(
+    seq: int, args: argparse.Namespace, pattern: DilatedPattern, heads: int, head_dim: int, exchange: str
+) -> dict:
     world, rank = dist.get_world_size(), dist.get_rank()
     shard = seq // world
     attend = None
@@ -93,7 +95,7 @@ def measure(seq: int, args: argparse.Namespace, pattern: DilatedPattern, heads: 
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             if attend is None:
-                out = ring_dilated_attention(q, k, v, pattern, is_causal=args.causal)
+                out = ring_dilated_attention(q, k, v, pattern, is_causal=args.causal, exchange=exchange)
             else:
                 out = attend(q, k, v, is_causal=args.causal)
             out.backward(grad)
@@ -107,7 +109,7 @@ def measure(seq: int, args: argparse.Namespace, pattern: DilatedPattern, heads: 
     # every rank learns whether all fitted, the slowest time and the largest peak
     dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     if not ok.item():
-        return {"world": world, "seq_len": seq, "fits": False}
+        return {"world": world, "seq_len": seq, "exchange": exchange, "fits": False}
     stats = torch.tensor([statistics.median(times), torch.cuda.max_memory_allocated() / 2**20], device="cuda")
     dist.all_reduce(stats, op=dist.ReduceOp.MAX)
     ms, peak = stats.tolist()
@@ -115,6 +117,7 @@ def measure(seq: int, args: argparse.Namespace, pattern: DilatedPattern, heads: 
         "world": world,
         "seq_len": seq,
         "tokens_per_gpu": shard,
+        "exchange": None if args.block_sparse else exchange,
         "fits": True,
         "fwdbwd_ms": ms,
         "tokens_per_s_per_gpu": shard / (ms / 1e3),
@@ -142,6 +145,13 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, help="overrides the workload's")
     p.add_argument("--segment-lengths", type=int, nargs="+", help="overrides the workload's")
     p.add_argument("--dilation-rates", type=int, nargs="+", help="overrides the workload's")
+    p.add_argument(
+        "--exchange",
+        nargs="+",
+        choices=["all_gather", "ring"],
+        default=["all_gather"],
+        help="how spanning segments bring keys together (each one measured in turn)",
+    )
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--output", type=Path)
@@ -152,12 +162,14 @@ def main() -> None:
     heads, head_dim = args.heads or heads, args.head_dim or head_dim
     seg, dil = args.segment_lengths or seg, args.dilation_rates or dil
     pattern = DilatedPattern(seg, dil, args.head_mode)
-    records = [measure(n, args, pattern, heads, head_dim) for n in args.seq_lens]
+    records = [measure(n, args, pattern, heads, head_dim, x) for n in args.seq_lens for x in args.exchange]
     if args.find_max:
-        n = args.seq_lens[-1]
-        while records[-1]["fits"]:
-            n *= 2
-            records.append(measure(n, args, pattern, heads, head_dim))
+        for x in args.exchange:
+            n, fits = args.seq_lens[-1], True
+            while fits:
+                n *= 2
+                records.append(measure(n, args, pattern, heads, head_dim, x))
+                fits = records[-1]["fits"]
     if dist.get_rank() == 0:
         for r in records:
             print(json.dumps(r), flush=True)
