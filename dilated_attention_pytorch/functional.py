@@ -354,10 +354,17 @@ def _sanitize(out: Tensor, lse: Tensor, has_key: Tensor) -> tuple[Tensor, Tensor
     return out.masked_fill(~has_key[..., None], 0.0), lse.masked_fill(~has_key, -math.inf)
 
 
-class RemoteKeys(Protocol):
-    """Keys/values of a problem that live on several ranks, gathered whole
-    (LongNet's all-gather). Each call starts the communication and returns a
-    ``wait`` function, so compute issued before waiting overlaps it."""
+class SpanKeys(Protocol):
+    """Keys/values of a problem that live on the several ranks sharing a segment,
+    in blocks of rows, one per member (sequence parallelism)."""
+
+    index: int  # this rank's place among the members
+    counts: list[int]  # selected rows per member, in sequence order
+
+
+class RemoteKeys(SpanKeys, Protocol):
+    """Gathered whole (LongNet's all-gather). Each call starts the communication
+    and returns a ``wait`` function, so compute issued before waiting overlaps it."""
 
     def start_gather(self, local: Tensor) -> Callable[[], Tensor]:
         """This rank's selected rows ``(batch, count, ...)`` -> every member's rows
@@ -370,13 +377,10 @@ class RemoteKeys(Protocol):
         ...
 
 
-class RingKeys(Protocol):
-    """Keys/values of a problem that rotate among the ranks sharing a segment:
-    at step ``t`` this rank holds member ``(index - t) % len(counts)``'s rows.
-    Two blocks of rows are held at a time instead of the whole segment's."""
-
-    index: int  # this rank's place among the members
-    counts: list[int]  # selected rows per member, in sequence order
+class RingKeys(SpanKeys, Protocol):
+    """Rotated among the members: at step ``t`` this rank holds member
+    ``(index - t) % len(counts)``'s rows, so it holds two blocks at a time
+    instead of the whole segment's."""
 
     def start_shift(self, tensors: list[Tensor], member: int, channel: int = 0) -> Callable[[], list[Tensor]]:
         """Send ``tensors`` ``(batch, heads, counts[member], ...)`` (``member``'s rows)
@@ -385,106 +389,242 @@ class RingKeys(Protocol):
         ...
 
 
+class Balance(Protocol):
+    """Causal work of a spanning segment evened out between members ``j`` and
+    ``size - 1 - j``: under causality a later member's queries see more blocks,
+    so the later one (the lender) hands its last ``rows`` query rows, from row
+    ``first`` on, to the earlier one (the borrower), which computes them and
+    sends their results back (zigzag balancing without moving the shards)."""
+
+    lender: bool
+    partner: int  # the other member's place among the members
+    first: int  # first lent row of the lender's block
+    rows: int  # lent rows
+
+    def start_swap(self, outgoing: list[Tensor], incoming: list[Tensor]) -> Callable[[], list[Tensor]]:
+        """Send ``outgoing`` to the partner and receive into ``incoming`` (allocated by the caller)."""
+        ...
+
+
 @dataclasses.dataclass
 class FusedProblem:
     """One branch problem of the fused path. ``call`` places the queries (and
     the output) in the local sequence; keys and values are the same positions,
-    or, with ``remote``/``ring``, those of every rank that shares the segment
-    (one segment per problem; ``bias`` then covers all of their keys)."""
+    or, with ``remote``/``ring``, the segment's rows on every rank that shares
+    it (one segment per problem). Those run block by block, one block per
+    member: ``bias`` (key padding only) covers all members' keys, and ``causal``
+    means no key of a later member and causal within a member's own block."""
 
     call: BranchCall
     backend: kernels.Backend
     bias: Tensor | None = None
     causal: bool = False
     remote: RemoteKeys | None = None
-    #: with ``ring``, ``causal`` means: no key of later members, causal among this rank's rows
     ring: RingKeys | None = None
+    balance: Balance | None = None
+
+    @property
+    def span(self) -> SpanKeys | None:
+        return self.ring if self.ring is not None else self.remote
 
 
-def _ring_columns(ring: RingKeys, member: int) -> slice:
-    start = sum(ring.counts[:member])
-    return slice(start, start + ring.counts[member])
+def _block_columns(span: SpanKeys, member: int) -> slice:
+    start = sum(span.counts[:member])
+    return slice(start, start + span.counts[member])
 
 
-def _ring_step(p: FusedProblem, member: int) -> tuple[Tensor | None, bool] | None:
-    """(bias, causal) of this rank's queries against ``member``'s rows, or None
-    when no query may see them."""
-    assert p.ring is not None
-    if p.call.length == 0 or (p.causal and member > p.ring.index):
-        return None
-    bias = None if p.bias is None else p.bias[..., _ring_columns(p.ring, member)]
-    return bias, p.causal and member == p.ring.index
+@dataclasses.dataclass
+class _Rows:
+    """Query rows ``[first, first + n)`` of ``owner``'s block, with what their
+    backward needs once known."""
+
+    owner: int
+    first: int
+    q: Tensor
+    grad_out: Tensor | None = None
+    out: Tensor | None = None
+    lse: Tensor | None = None
 
 
-def _ring_forward(
-    p: FusedProblem, q: Tensor, k: Tensor, v: Tensor, scale: float
-) -> tuple[Tensor | None, Tensor | None, dict[int, Any]]:
-    """One problem over rotating keys: each step's kernel runs while the next
-    block travels; partial results merge by lse in float32. Returns
-    ``(out, lse, kernel state per member)``, None outputs without queries."""
-    assert p.ring is not None
-    size = len(p.ring.counts)
-    out = lse = None
-    states: dict[int, Any] = {}
+def _pieces(p: FusedProblem, rows: _Rows, member: int) -> list[tuple[slice, Tensor | None, bool]]:
+    """``(keys of the block, bias, causal)`` of each kernel call of ``rows`` against
+    ``member``'s block. Causal calls are square, so no kernel's alignment of a
+    non-square causal mask matters: rows from ``first`` on see the keys before
+    ``first`` in full and the rest causally."""
+    span = p.span
+    assert span is not None
+    n = rows.q.shape[2]
+    if n == 0 or (p.causal and member > rows.owner):
+        return []
+    cols = _block_columns(span, member)
+    keys = [(slice(0, span.counts[member]), False)]
+    if p.causal and member == rows.owner:
+        keys = [(slice(0, rows.first), False)] if rows.first else []
+        keys.append((slice(rows.first, rows.first + n), True))
+    bias = None if p.bias is None else p.bias[..., cols]
+    return [(k, None if bias is None else bias[..., k], causal) for k, causal in keys]
+
+
+def _ring_blocks(ring: RingKeys, k: Tensor, v: Tensor) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """``(member, keys, values)`` as they come round; the next block travels while
+    the caller computes on this one."""
+    size = len(ring.counts)
     for t in range(size):
-        member = (p.ring.index - t) % size
-        wait = p.ring.start_shift([k, v], member) if t < size - 1 else None
-        step = _ring_step(p, member)
-        if step is not None:
-            bias, causal = step
-            part_out, part_lse, states[member] = p.backend.forward(q, k, v, bias, causal, scale)
-            if bias is not None:
-                part_out, part_lse = _sanitize(part_out, part_lse, _rows_with_keys(bias, causal))
-            if out is None:
-                out, lse = part_out.to(_bias_dtype(q.dtype)), part_lse.to(_bias_dtype(q.dtype))
-            else:
-                _merge_into_torch(out, lse, part_out.to(out.dtype), part_lse.to(lse.dtype))
+        member = (ring.index - t) % size
+        wait = ring.start_shift([k, v], member) if t < size - 1 else None
+        yield member, k, v
         if wait is not None:
             k, v = wait()
+
+
+def _gathered_blocks(span: SpanKeys, k: Tensor, v: Tensor) -> Iterator[tuple[int, Tensor, Tensor]]:
+    for member in range(len(span.counts)):
+        cols = _block_columns(span, member)
+        yield member, k[:, :, cols], v[:, :, cols]
+
+
+def _query_rows(p: FusedProblem, q: Tensor) -> list[_Rows]:
+    """This rank's rows to compute: its own, less what it lends, plus what it borrows."""
+    span, bal = p.span, p.balance
+    assert span is not None
+    if bal is None:
+        return [_Rows(span.index, 0, q)]
+    if bal.lender:
+        bal.start_swap([q[:, :, bal.first :].contiguous()], [])()
+        return [_Rows(span.index, 0, q[:, :, : bal.first])]
+    borrowed = q.new_empty(*q.shape[:2], bal.rows, q.shape[3])
+    bal.start_swap([], [borrowed])()
+    return [_Rows(span.index, 0, q), _Rows(bal.partner, bal.first, borrowed)]
+
+
+def _blockwise_forward(
+    p: FusedProblem, q: Tensor, blocks: Iterator[tuple[int, Tensor, Tensor]], scale: float
+) -> tuple[Tensor, Tensor, dict[Any, Any]]:
+    """One problem over keys in blocks, merged by lse in float32. Returns
+    ``(out, lse, kernel states)`` of this rank's own query rows."""
+    sets = _query_rows(p, q)
+    acc_dtype = _bias_dtype(q.dtype)
+    results = [
+        (r.q.new_zeros(r.q.shape, dtype=acc_dtype), r.q.new_full(r.q.shape[:3], -math.inf, dtype=acc_dtype))
+        for r in sets
+    ]
+    states: dict[Any, Any] = {"rows": sets}
+    for member, k, v in blocks:
+        for s, rows in enumerate(sets):
+            for piece, (keys, bias, causal) in enumerate(_pieces(p, rows, member)):
+                part_out, part_lse, states[s, member, piece] = p.backend.forward(
+                    rows.q, k[:, :, keys], v[:, :, keys], bias, causal, scale
+                )
+                if bias is not None:
+                    part_out, part_lse = _sanitize(part_out, part_lse, _rows_with_keys(bias, causal))
+                _merge_into_torch(*results[s], part_out.to(acc_dtype), part_lse.to(acc_dtype))
+    out, lse = results[0]
+    bal = p.balance
+    if bal is not None and bal.lender:  # the lent rows' results come back
+        lent_out, lent_lse = bal.start_swap([], [out.new_empty(*out.shape[:2], bal.rows, out.shape[3]),
+                                                 lse.new_empty(*lse.shape[:2], bal.rows)])()  # fmt: skip
+        out, lse = torch.cat([out, lent_out], 2), torch.cat([lse, lent_lse], 2)
+    elif bal is not None:
+        bal.start_swap(list(results[1]), [])()
     return out, lse, states
 
 
-def _ring_backward(
-    p: FusedProblem,
-    grad_out: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    scale: float,
-    states: dict[int, Any],
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The keys rotate again (nothing of other ranks was kept); each block's
-    key/value gradients travel with it, summed in float32, and arrive at their
-    owner after the last step."""
-    assert p.ring is not None
-    size = len(p.ring.counts)
-    acc = _bias_dtype(q.dtype)
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+@dataclasses.dataclass
+class _BlockBackward:
+    """What every block's backward shares; ``dq`` sums over the blocks in float32."""
+
+    p: FusedProblem
+    rows: list[_Rows]
+    scale: float
+    states: dict[Any, Any]
+    dq: list[Tensor]
+
+    @classmethod
+    def start(
+        cls, p: FusedProblem, grad_out: Tensor, out: Tensor, lse: Tensor, scale: float, states: dict[Any, Any]
+    ) -> _BlockBackward:
+        """Own rows get their gradient, output and lse; lent rows' go to the borrower."""
+        rows: list[_Rows] = states["rows"]
+        bal = p.balance
+        own = slice(0, bal.first) if bal is not None and bal.lender else slice(None)
+        rows[0].grad_out, rows[0].out, rows[0].lse = grad_out[:, :, own], out[:, :, own], lse[:, :, own]
+        if bal is not None and bal.lender:
+            bal.start_swap([x[:, :, bal.first :].contiguous() for x in (grad_out, out, lse)], [])()
+        elif bal is not None:
+            lent = rows[1]
+            shape = (*lent.q.shape[:2], bal.rows)
+            lent.grad_out, lent.out, lent.lse = bal.start_swap(
+                [], [grad_out.new_empty(*shape, grad_out.shape[3]), out.new_empty(*shape, out.shape[3]),
+                     lse.new_empty(shape)],
+            )()  # fmt: skip
+        dq = [torch.zeros(r.q.shape, dtype=_bias_dtype(r.q.dtype), device=r.q.device) for r in rows]
+        return cls(p, rows, scale, states, dq)
+
+    def __call__(self, member: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor] | None:
+        """``(dk, dv)`` of ``member``'s block in float32, None where no query sees it."""
+        grads: list[Tensor] | None = None
+        for s, rows in enumerate(self.rows):
+            for piece, (keys, bias, causal) in enumerate(_pieces(self.p, rows, member)):
+                dq, dk, dv = self.p.backend.backward(
+                    rows.grad_out, rows.q, k[:, :, keys], v[:, :, keys], rows.out, rows.lse,
+                    bias, causal, self.scale, self.states[s, member, piece],
+                )  # fmt: skip
+                self.dq[s] += dq
+                if grads is None:
+                    grads = [torch.zeros(x.shape, dtype=self.dq[s].dtype, device=x.device) for x in (k, v)]
+                grads[0][:, :, keys] += dk
+                grads[1][:, :, keys] += dv
+        return None if grads is None else (grads[0], grads[1])
+
+    def finish(self) -> Tensor:
+        """``dq`` of this rank's rows; the borrower's share of the lent rows comes home."""
+        bal = self.p.balance
+        if bal is None:
+            return self.dq[0]
+        if not bal.lender:
+            bal.start_swap([self.dq[1]], [])()
+            return self.dq[0]
+        (lent,) = bal.start_swap(
+            [], [self.dq[0].new_empty(*self.dq[0].shape[:2], bal.rows, self.dq[0].shape[3])]
+        )()
+        return torch.cat([self.dq[0], lent], 2)
+
+
+def _ring_backward(ring: RingKeys, block: _BlockBackward, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """The keys rotate again (no other rank's rows were kept); each block's
+    key/value gradients travel with it and reach their owner after the last step."""
     incoming: Callable[[], list[Tensor]] | None = None
-    for t in range(size):
-        member = (p.ring.index - t) % size
-        wait = p.ring.start_shift([k, v], member) if t < size - 1 else None
-        step = _ring_step(p, member)
-        if step is not None and member in states:
-            bias, causal = step
-            part_dq, part_dk, part_dv = p.backend.backward(
-                grad_out, q, k, v, out, lse, bias, causal, scale, states[member]
+    for member, k_block, v_block in _ring_blocks(ring, k, v):
+        grads = block(member, k_block, v_block)
+        received = incoming() if incoming is not None else None  # the earlier members' share
+        if grads is None:
+            grads = (
+                received if received is not None else (torch.zeros_like(k_block), torch.zeros_like(v_block))
             )
-            dq += part_dq
-            grads = [part_dk.to(acc), part_dv.to(acc)]
-        else:
-            grads = [k.new_zeros(k.shape, dtype=acc), v.new_zeros(v.shape, dtype=acc)]
-        if incoming is not None:  # what the members before this one added to this block
-            for grad, received in zip(grads, incoming()):
-                grad += received
-        incoming = p.ring.start_shift(grads, member, channel=1)
-        if wait is not None:
-            k, v = wait()
+        else:  # summed in float32, sent in the input dtype
+            if received is not None:
+                grads = tuple(g.add_(r) for g, r in zip(grads, received))
+            grads = tuple(g.to(k.dtype) for g in grads)
+        incoming = ring.start_shift(list(grads), member, channel=1)
     assert incoming is not None
     dk, dv = incoming()  # this rank's own rows, summed over every member
-    return dq, dk, dv
+    return dk, dv
+
+
+def _gathered_backward(
+    remote: RemoteKeys, block: _BlockBackward, k: Tensor, v: Tensor
+) -> Callable[[], Tensor]:
+    """Each block's key/value gradients written into one buffer ``(batch, total, 2·heads, d)``,
+    whose reduction home is started and returned."""
+    b, heads, total, d = k.shape
+    grads = k.new_zeros(b, total, 2 * heads, d)
+    for member, k_block, v_block in _gathered_blocks(remote, k, v):
+        part = block(member, k_block, v_block)
+        if part is not None:
+            cols = _block_columns(remote, member)
+            grads[:, cols, :heads] = part[0].transpose(1, 2).to(grads.dtype)
+            grads[:, cols, heads:] = part[1].transpose(1, 2).to(grads.dtype)
+    return remote.start_reduce(grads)
 
 
 def _stacked_rows(key: Tensor, value: Tensor, call: BranchCall) -> Tensor:
@@ -533,18 +673,20 @@ class _FusedDilatedAttention(torch.autograd.Function):
         for i in sorted(range(len(problems)), key=lambda i: i in gathers):
             p = problems[i]
             q = _as_problem(_strided(query, p.call))
-            if p.ring is not None:
-                k, v = (_as_problem(_strided(x, p.call)) for x in (key, value))
-                part_out, part_lse, states[i] = _ring_forward(p, q, k, v, scale)
-                if part_out is None or part_lse is None:
-                    continue
-            else:
+            if p.span is not None:
                 if i in gathers:
                     k, v = remote_kv[i] = _unstack_rows(gathers[i]())
+                    blocks = _gathered_blocks(p.span, k, v)
                 else:
+                    assert p.ring is not None
                     k, v = (_as_problem(_strided(x, p.call)) for x in (key, value))
-                if p.call.length == 0:  # no local query; the gather above still had to be posted
+                    blocks = _ring_blocks(p.ring, k, v)
+                # consumed even without local queries: the exchange must still happen
+                part_out, part_lse, states[i] = _blockwise_forward(p, q, blocks, scale)
+            else:
+                if p.call.length == 0:
                     continue
+                k, v = (_as_problem(_strided(x, p.call)) for x in (key, value))
                 part_out, part_lse, states[i] = p.backend.forward(q, k, v, p.bias, p.causal, scale)
                 if p.bias is not None:
                     part_out, part_lse = _sanitize(part_out, part_lse, _rows_with_keys(p.bias, p.causal))
@@ -575,29 +717,29 @@ class _FusedDilatedAttention(torch.autograd.Function):
         # gathered problems first: their reductions overlap the rest
         for i in sorted(range(len(problems)), key=lambda i: problems[i].remote is None):
             p, kv = problems[i], ctx.remote_kv[i]
+            if p.span is None and p.call.length == 0:
+                continue
             q, o, do = (_as_problem(_strided(x, p.call)) for x in (query, out, grad_out))
             k, v = kv if kv is not None else (_as_problem(_strided(x, p.call)) for x in (key, value))
             part_lse = _as_problem(_strided(lse, p.call))
             if p.bias is not None:
                 # no key in any branch: every key is masked, so any finite lse gives p = 0
                 part_lse = torch.where(part_lse == -math.inf, 0.0, part_lse)
-            part_grads: tuple[Tensor | None, ...]
-            if p.ring is not None:
-                part_grads = _ring_backward(p, do, q, k, v, o, part_lse, ctx.scale, ctx.states[i])
-            elif p.call.length == 0:
-                part_grads = (None, torch.zeros_like(k), torch.zeros_like(v))
-            else:
+            if p.span is None:
                 part_grads = p.backend.backward(
                     do, q, k, v, o, part_lse, p.bias, p.causal, ctx.scale, ctx.states[i]
                 )
-            if p.remote is not None:  # dk, dv of gathered keys go home
-                dk, dv = part_grads[1:]
-                assert dk is not None and dv is not None
-                reductions[i] = p.remote.start_reduce(torch.cat([dk.transpose(1, 2), dv.transpose(1, 2)], 2))
-                part_grads = part_grads[:1]
+            else:
+                block = _BlockBackward.start(p, do, o, part_lse, ctx.scale, ctx.states[i])
+                if p.remote is not None:  # dk, dv of gathered keys go home while the rest runs
+                    reductions[i] = _gathered_backward(p.remote, block, k, v)
+                    part_grads = (block.finish(),)
+                else:
+                    assert p.ring is not None
+                    dk, dv = _ring_backward(p.ring, block, k, v)
+                    part_grads = (block.finish(), dk, dv)
             for grad, part in zip(grads, part_grads):
-                if part is not None:
-                    _write(grad, p.call, _from_problem(part, b), ctx.merge)
+                _write(grad, p.call, _from_problem(part, b), ctx.merge)
         for i, wait in reductions.items():
             for grad, part in zip(grads[1:], wait().chunk(2, dim=2)):
                 _write(grad, problems[i].call, part[:, None], ctx.merge)

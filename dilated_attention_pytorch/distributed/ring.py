@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import math
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
@@ -101,7 +102,7 @@ class _RingRows:
     rows: _SegmentKeys
     group: dist.ProcessGroup | None
     peers: list[int]  # global ranks of the members, in sequence order
-    tag: int  # tells the exchanges apart (gloo matches by tag); 2·tag + channel
+    tag: int  # tells the exchanges apart (gloo matches by tag): 4·tag + channel
 
     @property
     def index(self) -> int:
@@ -123,10 +124,48 @@ class _RingRows:
         after, before = self.peers[(self.index + 1) % size], self.peers[(self.index - 1) % size]
         rows = self.counts[(member - 1) % size]
         incoming = [x.new_empty(*x.shape[:2], rows, *x.shape[3:]) for x in tensors]
-        tag = 2 * self.tag + channel
+        tag = 4 * self.tag + channel
         ops = [dist.P2POp(dist.isend, x.contiguous(), after, self.group, tag) for x in tensors]
         ops += [dist.P2POp(dist.irecv, x, before, self.group, tag) for x in incoming]
         return _waiter(dist.batch_isend_irecv(ops), lambda: incoming)
+
+
+@dataclasses.dataclass
+class _Balance:
+    """Causal load balancing between two members of a segment (implements
+    :class:`functional.Balance`)."""
+
+    group: dist.ProcessGroup | None
+    peer: int  # the partner's global rank
+    tag: int  # 4·tag + 2: apart from the ring's channels
+    lender: bool
+    partner: int
+    first: int
+    rows: int
+
+    def start_swap(self, outgoing: list[Tensor], incoming: list[Tensor]) -> Callable[[], list[Tensor]]:
+        tag = 4 * self.tag + 2
+        ops = [dist.P2POp(dist.isend, x, self.peer, self.group, tag) for x in outgoing]
+        ops += [dist.P2POp(dist.irecv, x, self.peer, self.group, tag) for x in incoming]
+        return _waiter(dist.batch_isend_irecv(ops), lambda: incoming)
+
+
+def _balance(
+    counts: list[int], me: int, peers: list[int], group: dist.ProcessGroup | None, tag: int
+) -> _Balance | None:
+    """Member ``j`` pairs with ``size - 1 - j``. With ``c`` rows per member, the
+    later one's row ``i`` sees ``j·c + i`` keys; keeping its first ``a`` rows with
+    ``a²/2 + j·c·a = size·c²/2`` leaves both with half the pair's work."""
+    size = len(counts)
+    partner = size - 1 - me
+    if partner == me:
+        return None
+    j = max(me, partner)
+    c = counts[j]
+    first = min(max(round(c * (math.sqrt(j * j + size) - j)), 0), c)
+    if first == c:
+        return None
+    return _Balance(group, peers[partner], tag, me == j, partner, first, c - first)
 
 
 @dataclasses.dataclass
@@ -256,6 +295,7 @@ class _Span:
     local: BranchCall  # this rank's selected queries, as a call on the shard
     keys: _SegmentKeys | _SparseRows | _RingRows
     query_start: int  # sequence position of the first selected query
+    balance: _Balance | None = None  # causal load balancing (fused path)
 
 
 def _row_positions(call: BranchCall, segment: int, member: int, shard: int, device: torch.device) -> Tensor:
@@ -315,12 +355,15 @@ def _spans(
         me = members.index(rank)
         keys: _SegmentKeys | _SparseRows | _RingRows
         peers = [group_ranks[j] for j in members]
+        balance = None
         if layout is None:
             counts = [_selection(call, segment, j, shard)[1] for j in members]
             positions = torch.cat([_row_positions(call, segment, j, shard, device) for j in members])
             keys = _SegmentKeys(_subgroup(tuple(peers)), me, counts, positions)
             if rotate:
                 keys = _RingRows(keys, group, peers, tag)
+            if causal:
+                balance = _balance(counts, me, peers, group, tag)
         else:
             plan_key = (call, segment, rank, shard, causal, layout.block_size)
             send, recv, positions = _PLANS.get(
@@ -329,7 +372,7 @@ def _spans(
                 functools.partial(_sparse_plan, call, segment, members, me, shard, layout, causal),
             )
             keys = _SparseRows(group, peers, me, count, send, recv, positions, tag)
-        spans.append(_Span(call, local, keys, my_start + first))
+        spans.append(_Span(call, local, keys, my_start + first, balance))
     return spans
 
 
@@ -460,9 +503,8 @@ def ring_dilated_attention(
             scale,
         )
 
-    # rotating keys: causality is the kernel's, per block (see FusedProblem.ring)
-    span_biases = [_span_bias(sp, key_bias, is_causal and not rotate, query, layout) for sp in spans]
     if method == "gather" or dropout_p > 0.0:
+        span_biases = [_span_bias(sp, key_bias, is_causal, query, layout) for sp in spans]
 
         def problems() -> Iterator[GatheredProblem]:
             yield from functional._local_problems(query, key, value, key_bias, None, local, is_causal, layout)
@@ -475,6 +517,8 @@ def ring_dilated_attention(
         sdpa = method == "fused" and layout is None
         return functional.run_gathered(query, problems(), pattern, scale, dropout_p, sdpa=sdpa)
 
+    # block by block, one block per member: causality is the kernels' (see FusedProblem)
+    span_biases = [_span_bias(sp, key_bias, False, query, None) for sp in spans]
     local_biases = [functional._call_bias(c, key_bias, None, b) for c in local]
     problem_calls = local + [sp.local for sp in spans]
     biases = local_biases + span_biases
@@ -482,9 +526,9 @@ def ring_dilated_attention(
     fused = [
         functional.FusedProblem(c, be, bias, is_causal) for c, be, bias in zip(local, backends, local_biases)
     ] + [
-        functional.FusedProblem(sp.local, be, bias, is_causal, ring=sp.keys)
+        functional.FusedProblem(sp.local, be, bias, is_causal, ring=sp.keys, balance=sp.balance)
         if isinstance(sp.keys, _RingRows)
-        else functional.FusedProblem(sp.local, be, bias, False, sp.keys)
+        else functional.FusedProblem(sp.local, be, bias, is_causal, remote=sp.keys, balance=sp.balance)
         for sp, be, bias in zip(spans, backends[len(local) :], span_biases)
     ]
     return functional.run_fused(query, key, value, fused, pattern.head_mode == "all", scale)
