@@ -544,7 +544,8 @@ class _BlockBackward:
         cls, p: FusedProblem, grad_out: Tensor, out: Tensor, lse: Tensor, scale: float, states: dict[Any, Any]
     ) -> _BlockBackward:
         """Own rows get their gradient, output and lse; lent rows' go to the borrower."""
-        rows: list[_Rows] = states["rows"]
+        # copies: rows holding the output in the node's own state would make a reference cycle
+        rows: list[_Rows] = [dataclasses.replace(r) for r in states["rows"]]
         bal = p.balance
         own = slice(0, bal.first) if bal is not None and bal.lender else slice(None)
         rows[0].grad_out, rows[0].out, rows[0].lse = grad_out[:, :, own], out[:, :, own], lse[:, :, own]

@@ -267,3 +267,31 @@ def test_causal_balance_evens_out_pairs(size):
         lent = sum(lender * c + i + 1 for i in range(plan.first, c))
         kept, borrower = work[lender] - lent, work[min(me, partner)] + lent
         assert max(kept, borrower) / min(kept, borrower) < 1.01, (kept, borrower)
+
+
+def _run_frees_graph(rank: int, world: int, init_file: str, results: dict) -> None:
+    import gc
+    import weakref
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    gc.disable()  # memory must come back by reference counting, not at the next collection
+    try:
+        freed = []
+        for exchange in ("all_gather", "ring"):
+            q, k, v = (torch.randn(1, 16, 2, 4, requires_grad=True) for _ in range(3))
+            out = RingDilatedAttention([4, 32], [1, 2], exchange=exchange)(q, k, v, is_causal=True)
+            out.backward(torch.ones_like(out))
+            probe = torch.empty(0)  # dies with the autograd node that holds it
+            out.grad_fn.probe = probe
+            ref = weakref.ref(probe)
+            del out, probe
+            freed.append(ref() is None)
+        results[rank] = freed
+    finally:
+        gc.enable()
+        dist.destroy_process_group()
+
+
+def test_ring_frees_its_graph_without_gc(tmp_path):
+    results = _spawn(_run_frees_graph, 2, tmp_path)
+    assert results == {0: [True, True], 1: [True, True]}
