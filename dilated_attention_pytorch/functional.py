@@ -428,9 +428,9 @@ class FusedProblem:
         return self.ring if self.ring is not None else self.remote
 
 
-def _block_columns(span: SpanKeys, member: int) -> slice:
-    start = sum(span.counts[:member])
-    return slice(start, start + span.counts[member])
+def _block_columns(span: SpanKeys, members: range) -> slice:
+    """Columns of ``members``' rows among all members' (sequence order)."""
+    return slice(sum(span.counts[: members.start]), sum(span.counts[: members.stop]))
 
 
 @dataclasses.dataclass
@@ -446,41 +446,47 @@ class _Rows:
     lse: Tensor | None = None
 
 
-def _pieces(p: FusedProblem, rows: _Rows, member: int) -> list[tuple[slice, Tensor | None, bool]]:
+def _pieces(p: FusedProblem, rows: _Rows, members: range) -> list[tuple[slice, Tensor | None, bool]]:
     """``(keys of the block, bias, causal)`` of each kernel call of ``rows`` against
-    ``member``'s block. Causal calls are square, so no kernel's alignment of a
-    non-square causal mask matters: rows from ``first`` on see the keys before
-    ``first`` in full and the rest causally."""
+    the block of ``members``' keys: one call without causality; under it, the
+    keys up to row ``first`` of ``owner`` in full and the owner's next ``n``
+    causally. Causal calls are square, so no kernel's alignment of a
+    non-square causal mask matters."""
     span = p.span
     assert span is not None
     n = rows.q.shape[2]
-    if n == 0 or (p.causal and member > rows.owner):
+    cols = _block_columns(span, members)
+    if n == 0 or (p.causal and rows.owner < members.start):
         return []
-    cols = _block_columns(span, member)
-    keys = [(slice(0, span.counts[member]), False)]
-    if p.causal and member == rows.owner:
-        keys = [(slice(0, rows.first), False)] if rows.first else []
-        keys.append((slice(rows.first, rows.first + n), True))
+    keys = [(slice(0, cols.stop - cols.start), False)]
+    if p.causal and rows.owner < members.stop:
+        own = _block_columns(span, range(members.start, rows.owner)).stop - cols.start + rows.first
+        keys = [(slice(0, own), False)] if own else []
+        keys.append((slice(own, own + n), True))
     bias = None if p.bias is None else p.bias[..., cols]
     return [(k, None if bias is None else bias[..., k], causal) for k, causal in keys]
 
 
-def _ring_blocks(ring: RingKeys, k: Tensor, v: Tensor) -> Iterator[tuple[int, Tensor, Tensor]]:
-    """``(member, keys, values)`` as they come round; the next block travels while
-    the caller computes on this one."""
+def _accumulate(total: Tensor | None, part: Tensor, dtype: torch.dtype) -> Tensor:
+    """``total + part``, in ``dtype`` once there are two terms."""
+    if total is None:
+        return part
+    return total.to(dtype).add_(part)
+
+
+Blocks = Iterator[tuple[range, Tensor, Tensor]]
+
+
+def _ring_blocks(ring: RingKeys, k: Tensor, v: Tensor) -> Blocks:
+    """``(members, keys, values)``, one member's block at a time as they come
+    round; the next block travels while the caller computes on this one."""
     size = len(ring.counts)
     for t in range(size):
         member = (ring.index - t) % size
         wait = ring.start_shift([k, v], member) if t < size - 1 else None
-        yield member, k, v
+        yield range(member, member + 1), k, v
         if wait is not None:
             k, v = wait()
-
-
-def _gathered_blocks(span: SpanKeys, k: Tensor, v: Tensor) -> Iterator[tuple[int, Tensor, Tensor]]:
-    for member in range(len(span.counts)):
-        cols = _block_columns(span, member)
-        yield member, k[:, :, cols], v[:, :, cols]
 
 
 def _query_rows(p: FusedProblem, q: Tensor) -> list[_Rows]:
@@ -498,34 +504,46 @@ def _query_rows(p: FusedProblem, q: Tensor) -> list[_Rows]:
 
 
 def _blockwise_forward(
-    p: FusedProblem, q: Tensor, blocks: Iterator[tuple[int, Tensor, Tensor]], scale: float
+    p: FusedProblem, q: Tensor, blocks: Blocks, scale: float
 ) -> tuple[Tensor, Tensor, dict[Any, Any]]:
     """One problem over keys in blocks, merged by lse in float32. Returns
     ``(out, lse, kernel states)`` of this rank's own query rows."""
     sets = _query_rows(p, q)
     acc_dtype = _bias_dtype(q.dtype)
-    results = [
-        (r.q.new_zeros(r.q.shape, dtype=acc_dtype), r.q.new_full(r.q.shape[:3], -math.inf, dtype=acc_dtype))
-        for r in sets
-    ]
+    results: list[tuple[Tensor, Tensor] | None] = [None] * len(sets)
     states: dict[Any, Any] = {"rows": sets}
-    for member, k, v in blocks:
+    for members, k, v in blocks:
         for s, rows in enumerate(sets):
-            for piece, (keys, bias, causal) in enumerate(_pieces(p, rows, member)):
-                part_out, part_lse, states[s, member, piece] = p.backend.forward(
+            for piece, (keys, bias, causal) in enumerate(_pieces(p, rows, members)):
+                part_out, part_lse, states[s, members.start, piece] = p.backend.forward(
                     rows.q, k[:, :, keys], v[:, :, keys], bias, causal, scale
                 )
                 if bias is not None:
                     part_out, part_lse = _sanitize(part_out, part_lse, _rows_with_keys(bias, causal))
-                _merge_into_torch(*results[s], part_out.to(acc_dtype), part_lse.to(acc_dtype))
+                if results[s] is None:  # one call (the common case) needs no merge
+                    results[s] = part_out, part_lse
+                else:
+                    out, lse = (x.to(acc_dtype) for x in results[s])  # type: ignore[union-attr]
+                    _merge_into_torch(out, lse, part_out.to(acc_dtype), part_lse.to(acc_dtype))
+                    results[s] = out, lse
+    if results[0] is None:  # no key for any row
+        results[0] = (
+            sets[0].q.new_zeros(sets[0].q.shape),
+            sets[0].q.new_full(sets[0].q.shape[:3], -math.inf, dtype=acc_dtype),
+        )
     out, lse = results[0]
     bal = p.balance
-    if bal is not None and bal.lender:  # the lent rows' results come back
-        lent_out, lent_lse = bal.start_swap([], [out.new_empty(*out.shape[:2], bal.rows, out.shape[3]),
-                                                 lse.new_empty(*lse.shape[:2], bal.rows)])()  # fmt: skip
-        out, lse = torch.cat([out, lent_out], 2), torch.cat([lse, lent_lse], 2)
+    if bal is not None and bal.lender:  # the lent rows' results come back, in float32
+        shape = (*out.shape[:2], bal.rows)
+        incoming = [
+            out.new_empty(*shape, out.shape[3], dtype=acc_dtype),
+            lse.new_empty(shape, dtype=acc_dtype),
+        ]
+        lent_out, lent_lse = bal.start_swap([], incoming)()
+        out, lse = torch.cat([out.to(acc_dtype), lent_out], 2), torch.cat([lse.to(acc_dtype), lent_lse], 2)
     elif bal is not None:
-        bal.start_swap(list(results[1]), [])()
+        assert results[1] is not None  # lent rows always see earlier keys
+        bal.start_swap([x.to(acc_dtype).contiguous() for x in results[1]], [])()
     return out, lse, states
 
 
@@ -537,7 +555,7 @@ class _BlockBackward:
     rows: list[_Rows]
     scale: float
     states: dict[Any, Any]
-    dq: list[Tensor]
+    dq: list[Tensor | None]
 
     @classmethod
     def start(
@@ -558,45 +576,54 @@ class _BlockBackward:
                 [], [grad_out.new_empty(*shape, grad_out.shape[3]), out.new_empty(*shape, out.shape[3]),
                      lse.new_empty(shape)],
             )()  # fmt: skip
-        dq = [torch.zeros(r.q.shape, dtype=_bias_dtype(r.q.dtype), device=r.q.device) for r in rows]
-        return cls(p, rows, scale, states, dq)
+        return cls(p, rows, scale, states, [None] * len(rows))
 
-    def __call__(self, member: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor] | None:
-        """``(dk, dv)`` of ``member``'s block in float32, None where no query sees it."""
+    def __call__(self, members: range, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor] | None:
+        """``(dk, dv)`` of the block of ``members``' keys, None where no query sees it."""
+        acc = _bias_dtype(k.dtype)
         grads: list[Tensor] | None = None
         for s, rows in enumerate(self.rows):
-            for piece, (keys, bias, causal) in enumerate(_pieces(self.p, rows, member)):
+            for piece, (keys, bias, causal) in enumerate(_pieces(self.p, rows, members)):
                 dq, dk, dv = self.p.backend.backward(
                     rows.grad_out, rows.q, k[:, :, keys], v[:, :, keys], rows.out, rows.lse,
-                    bias, causal, self.scale, self.states[s, member, piece],
+                    bias, causal, self.scale, self.states[s, members.start, piece],
                 )  # fmt: skip
-                self.dq[s] += dq
-                if grads is None:
-                    grads = [torch.zeros(x.shape, dtype=self.dq[s].dtype, device=x.device) for x in (k, v)]
+                self.dq[s] = _accumulate(self.dq[s], dq, acc)
+                if grads is None and dk.shape == k.shape:  # one call over the whole block
+                    grads = [dk, dv]
+                    continue
+                if grads is None or grads[0].dtype != acc:
+                    grads = (
+                        [x.to(acc) for x in grads]
+                        if grads
+                        else [k.new_zeros(k.shape, dtype=acc) for _ in "kv"]
+                    )
                 grads[0][:, :, keys] += dk
                 grads[1][:, :, keys] += dv
         return None if grads is None else (grads[0], grads[1])
 
     def finish(self) -> Tensor:
         """``dq`` of this rank's rows; the borrower's share of the lent rows comes home."""
+        acc = _bias_dtype(self.rows[0].q.dtype)
+        dq = [x if x is not None else r.q.new_zeros(r.q.shape) for x, r in zip(self.dq, self.rows)]
         bal = self.p.balance
         if bal is None:
-            return self.dq[0]
+            return dq[0]
         if not bal.lender:
-            bal.start_swap([self.dq[1]], [])()
-            return self.dq[0]
+            bal.start_swap([dq[1].to(acc).contiguous()], [])()
+            return dq[0]
         (lent,) = bal.start_swap(
-            [], [self.dq[0].new_empty(*self.dq[0].shape[:2], bal.rows, self.dq[0].shape[3])]
+            [], [dq[0].new_empty(*dq[0].shape[:2], bal.rows, dq[0].shape[3], dtype=acc)]
         )()
-        return torch.cat([self.dq[0], lent], 2)
+        return torch.cat([dq[0].to(acc), lent], 2)
 
 
 def _ring_backward(ring: RingKeys, block: _BlockBackward, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """The keys rotate again (no other rank's rows were kept); each block's
     key/value gradients travel with it and reach their owner after the last step."""
     incoming: Callable[[], list[Tensor]] | None = None
-    for member, k_block, v_block in _ring_blocks(ring, k, v):
-        grads = block(member, k_block, v_block)
+    for members, k_block, v_block in _ring_blocks(ring, k, v):
+        grads = block(members, k_block, v_block)
         received = incoming() if incoming is not None else None  # the earlier members' share
         if grads is None:
             grads = (
@@ -604,9 +631,9 @@ def _ring_backward(ring: RingKeys, block: _BlockBackward, k: Tensor, v: Tensor) 
             )
         else:  # summed in float32, sent in the input dtype
             if received is not None:
-                grads = tuple(g.add_(r) for g, r in zip(grads, received))
+                grads = tuple(_accumulate(g, r, _bias_dtype(k.dtype)) for g, r in zip(grads, received))
             grads = tuple(g.to(k.dtype) for g in grads)
-        incoming = ring.start_shift(list(grads), member, channel=1)
+        incoming = ring.start_shift(list(grads), members.start, channel=1)
     assert incoming is not None
     dk, dv = incoming()  # this rank's own rows, summed over every member
     return dk, dv
@@ -615,17 +642,10 @@ def _ring_backward(ring: RingKeys, block: _BlockBackward, k: Tensor, v: Tensor) 
 def _gathered_backward(
     remote: RemoteKeys, block: _BlockBackward, k: Tensor, v: Tensor
 ) -> Callable[[], Tensor]:
-    """Each block's key/value gradients written into one buffer ``(batch, total, 2·heads, d)``,
-    whose reduction home is started and returned."""
-    b, heads, total, d = k.shape
-    grads = k.new_zeros(b, total, 2 * heads, d)
-    for member, k_block, v_block in _gathered_blocks(remote, k, v):
-        part = block(member, k_block, v_block)
-        if part is not None:
-            cols = _block_columns(remote, member)
-            grads[:, cols, :heads] = part[0].transpose(1, 2).to(grads.dtype)
-            grads[:, cols, heads:] = part[1].transpose(1, 2).to(grads.dtype)
-    return remote.start_reduce(grads)
+    """The gathered keys' gradients ``(batch, total, 2·heads, d)``, whose reduction
+    home is started and returned."""
+    grads = block(range(len(remote.counts)), k, v) or (torch.zeros_like(k), torch.zeros_like(v))
+    return remote.start_reduce(torch.cat([g.to(k.dtype).transpose(1, 2) for g in grads], 2))
 
 
 def _stacked_rows(key: Tensor, value: Tensor, call: BranchCall) -> Tensor:
@@ -677,7 +697,7 @@ class _FusedDilatedAttention(torch.autograd.Function):
             if p.span is not None:
                 if i in gathers:
                     k, v = remote_kv[i] = _unstack_rows(gathers[i]())
-                    blocks = _gathered_blocks(p.span, k, v)
+                    blocks = iter([(range(len(p.span.counts)), k, v)])
                 else:
                     assert p.ring is not None
                     k, v = (_as_problem(_strided(x, p.call)) for x in (key, value))
