@@ -3,10 +3,16 @@
 Rank ``i`` of a group of ``P`` holds positions ``[i·L, (i+1)·L)`` of the
 sequence (``n = P·L``). A branch whose segments fit in a shard runs locally.
 A segment spanning ``m`` shards exchanges only its *dilated* keys and values
-(1/r of them), among those ``m`` ranks alone: LongNet's all-gather. The
-backward of the gather sums the key/value gradients back onto their owners,
-so gradients are exact and distributed. Attention runs as plain torch
-(``kernels/math.py``) under autograd, like ``DilatedAttention``.
+(1/r of them), among those ``m`` ranks alone: LongNet's all-gather (started
+before the local branches run, so they hide it), or with ``exchange="ring"``
+a rotation of one member's block at a time with ``batch_isend_irecv``. The
+backward sums the key/value gradients back onto their owners (reduce-scatter,
+or the gradients rotating with their blocks), so gradients are exact and
+distributed. Under causality members ``j`` and ``m - 1 - j`` share the work
+evenly: the later one lends its last query rows to the earlier one
+(:func:`_balance`). The fused path (``functional.FusedProblem``) runs all of
+this; the gather path (dropout) all-gathers and runs plain torch under
+autograd, like ``DilatedAttention``.
 
 With a block layout (block-sparse dilated attention) a spanning segment
 exchanges rows point to point instead: member ``j`` receives from member ``i``
