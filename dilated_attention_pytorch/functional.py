@@ -592,12 +592,10 @@ class _BlockBackward:
                 if grads is None and dk.shape == k.shape:  # one call over the whole block
                     grads = [dk, dv]
                     continue
-                if grads is None or grads[0].dtype != acc:
-                    grads = (
-                        [x.to(acc) for x in grads]
-                        if grads
-                        else [k.new_zeros(k.shape, dtype=acc) for _ in "kv"]
-                    )
+                if grads is None:
+                    grads = [k.new_zeros(k.shape, dtype=acc), v.new_zeros(v.shape, dtype=acc)]
+                elif grads[0].dtype != acc:
+                    grads = [x.to(acc) for x in grads]
                 grads[0][:, :, keys] += dk
                 grads[1][:, :, keys] += dv
         return None if grads is None else (grads[0], grads[1])
