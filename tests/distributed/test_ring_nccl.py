@@ -10,10 +10,11 @@ from collections.abc import Iterator
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from dilated_attention_pytorch import DilatedPattern, functional
 from dilated_attention_pytorch.distributed import ring_dilated_attention
+
+from .test_ring import _spawn
 
 pytestmark = pytest.mark.gpu
 
@@ -114,16 +115,14 @@ def _block_sparse_worker(rank: int, world: int, init_file: str, results: dict) -
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_block_sparse_ring_nccl_bf16(tmp_path):
-    results = mp.Manager().dict()
-    mp.spawn(_block_sparse_worker, args=(2, str(tmp_path / "init"), results), nprocs=2, join=True)
+    results = _spawn(_block_sparse_worker, 2, tmp_path)
     assert sorted(results) == [0, 1]
     assert all(not r for r in results.values()), dict(results)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_ring_nccl_bf16(tmp_path):
-    results = mp.Manager().dict()
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), results), nprocs=2, join=True)
+    results = _spawn(_worker, 2, tmp_path)
     assert sorted(results) == [0, 1]
     assert all(not r for r in results.values()), dict(results)
 
@@ -153,8 +152,7 @@ def _stack_worker(rank: int, world: int, init_file: str, results: dict) -> None:
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_ring_nccl_eight_layer_stack(tmp_path):
-    results = mp.Manager().dict()
-    mp.spawn(_stack_worker, args=(2, str(tmp_path / "init"), results), nprocs=2, join=True)
+    results = _spawn(_stack_worker, 2, tmp_path)
     for ref, single, ring in results.values():
         for i, what in enumerate(("loss", "grad norm")):
             single_err = abs(single[i] - ref[i]) / abs(ref[i])
