@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import Timer
 
 from dilated_attention_pytorch import BlockSparseRingDilatedAttention
-from dilated_attention_pytorch.functional import _as_problem, _strided
+from dilated_attention_pytorch.functional import _problem_view
 from dilated_attention_pytorch.kernels import flex as flex_kernel
 
 
@@ -38,7 +38,7 @@ def main() -> None:
     call = module.pattern.calls(n, h)[0]
     layout4 = module.block_layout(n, False, q.device)[None, None]
     mask, _ = flex_kernel.block_mask(call, layout4, 128, False, 1)
-    qp, kp, vp = (_as_problem(_strided(x, call)) for x in (q, k, v))
+    qp, kp, vp = (_problem_view(x, call) for x in (q, k, v))
     fn = flex_kernel._flex_attention("cuda")
     out["flex_strided_fwd_ms"] = timer(lambda: fn(qp, kp, vp, block_mask=mask))
     qc, kc, vc = (x.contiguous() for x in (qp, kp, vp))

@@ -32,7 +32,7 @@ from . import kernels
 from .kernels import flex as flex_kernel
 from .kernels import math as math_kernel
 from .kernels import triton_merge
-from .pattern import BranchCall, DilatedPattern, HeadMode, as_pattern
+from .pattern import BranchCall, DilatedPattern, HeadMode, as_pattern, split_heads
 
 Method = Literal["fused", "gather", "flex"]
 METHODS: tuple[str, ...] = ("fused", "gather", "flex")
@@ -179,24 +179,53 @@ def _positions(call: BranchCall, device: torch.device) -> Tensor:
     return call.start + call.offset + seg[:, None] + m[None, :]
 
 
-def _strided(x: Tensor, call: BranchCall) -> Tensor:
+def _strided(x: Tensor, call: BranchCall, first_head: int = 0) -> Tensor:
     """``x[:, positions, heads]`` as a view ``(batch, segments, length, heads, *rest)``
-    of a ``(batch, seq, heads, *rest)`` tensor: slicing only, so no copy for any
-    input strides, and nothing ``torch.compile`` cannot trace."""
-    end = call.start + call.num_segments * call.segment_length
-    segments = x[:, call.start : end].unflatten(1, (call.num_segments, call.segment_length))
-    selected = segments[:, :, call.offset :: call.dilation]
-    return selected[:, :, :, call.head_start :: call.head_step][:, :, :, : call.num_heads]
+    of a ``(batch, seq, heads, *rest)`` tensor, for any input strides; ``x`` may
+    hold only the heads from ``first_head`` on.
+
+    One ``as_strided`` rather than a chain of slices: it is called a dozen times
+    per problem and the slices' host time showed at small n."""
+    stride_b, stride_n, stride_h, *rest = x.stride()
+    return x.as_strided(
+        (x.shape[0], call.num_segments, call.length, call.num_heads, *x.shape[3:]),
+        (
+            stride_b,
+            call.segment_length * stride_n,
+            call.dilation * stride_n,
+            call.head_step * stride_h,
+            *rest,
+        ),
+        x.storage_offset()
+        + (call.start + call.offset) * stride_n
+        + (call.head_start - first_head) * stride_h,
+    )
 
 
-def _as_problem(x5: Tensor) -> Tensor:
-    """``(batch, segments, length, heads, ...)`` -> ``(batch·segments, heads, length, ...)``;
-    a view unless batch > 1 and the segments do not tile the sequence."""
-    return x5.flatten(0, 1).transpose(1, 2)
+def _problem_view(x: Tensor, call: BranchCall) -> Tensor:
+    """``x[:, positions, heads]`` in problem layout ``(batch·segments, heads, length, *rest)``:
+    one view unless batch > 1, the call has several segments and batch·segments is
+    not one dimension of ``x`` (segments that do not tile it, or an unusual batch
+    stride): then a copy."""
+    stride_b, stride_n, stride_h, *rest = x.stride()
+    batch, segments = x.shape[0], call.num_segments
+    stride_segment = call.segment_length * stride_n
+    if batch > 1 and segments > 1 and stride_b != segments * stride_segment:
+        return _strided(x, call).flatten(0, 1).transpose(1, 2)
+    return x.as_strided(
+        (batch * segments, call.num_heads, call.length, *x.shape[3:]),
+        (
+            stride_segment if segments > 1 else stride_b,
+            call.head_step * stride_h,
+            call.dilation * stride_n,
+            *rest,
+        ),
+        x.storage_offset() + (call.start + call.offset) * stride_n + call.head_start * stride_h,
+    )
 
 
 def _from_problem(x: Tensor, batch: int) -> Tensor:
-    """Inverse of :func:`_as_problem` (may copy)."""
+    """Inverse of :func:`_problem_view` (may copy)."""
     x = x.transpose(1, 2)
     return x.reshape(batch, x.shape[0] // batch, *x.shape[1:])
 
@@ -658,15 +687,48 @@ def _unstack_rows(rows: Tensor) -> tuple[Tensor, Tensor]:
     return k.transpose(1, 2), v.transpose(1, 2)
 
 
-def _write(grad: Tensor, call: BranchCall, part5: Tensor, merge: bool) -> None:
-    view = _strided(grad, call)
+def _write(grad: Tensor, call: BranchCall, first_head: int, part5: Tensor, merge: bool) -> None:
+    view = _strided(grad, call, first_head)
     if merge:
         view.add_(part5)
     else:  # grouped: problems are disjoint in (position, head)
         view.copy_(part5)
 
 
+def merge_head_chunk(num_heads: int, dtype: torch.dtype) -> int:
+    """Heads per chunk of the "all"-mode merge. A chunk of ``c`` heads keeps, in
+    units of one ``(batch, seq, heads, head_dim)`` tensor, float32 sums of dq, dk,
+    dv (6·c/h for bf16), one call's dq, dk, dv (3·c/h) and the kernel's float32
+    dq workspace (2·c/h, cuDNN and flash). Keeping that under 1.6 units holds the
+    forward+backward peak within 1.25× of q, k, v, out and their gradients
+    (measured on an H100: ``tests/test_gpu.py::test_peak_memory_within_target``);
+    the price is more, smaller kernel calls."""
+    acc_ratio = _bias_dtype(dtype).itemsize // dtype.itemsize
+    return max(1, int(1.6 * num_heads / (3 * acc_ratio + 5)))
+
+
+def _head_chunks(
+    problems: Sequence[FusedProblem], num_heads: int, chunk: int, later: Callable[[int], bool]
+) -> list[tuple[range, list[int]]]:
+    """Problem indices by chunk of ``chunk`` consecutive heads (each call lies in
+    one), within a chunk those with ``later(i)`` last."""
+    chunks: list[tuple[range, list[int]]] = [
+        (range(s, min(s + chunk, num_heads)), []) for s in range(0, num_heads, chunk)
+    ]
+    for i, p in enumerate(problems):
+        heads, indices = chunks[p.call.head_start // chunk]
+        assert p.call.head_start + p.call.head_step * (p.call.num_heads - 1) < heads.stop, p.call
+        indices.append(i)
+    for _, indices in chunks:
+        indices.sort(key=later)
+    return chunks
+
+
 class _FusedDilatedAttention(torch.autograd.Function):
+    """Grouped heads: problems are disjoint in (position, head) and write their
+    results straight into place. "all": each (position, head) sums one term per
+    branch, in float32, one chunk of ``head_chunk`` heads at a time."""
+
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any,
@@ -676,10 +738,10 @@ class _FusedDilatedAttention(torch.autograd.Function):
         problems: list[FusedProblem],
         merge: bool,
         scale: float,
+        head_chunk: int,
     ) -> Tensor:
         b, n, h, d = query.shape
-        acc_dtype = _bias_dtype(query.dtype) if merge else query.dtype
-        out = query.new_zeros(b, n, h, d, dtype=acc_dtype)
+        out = query.new_empty(b, n, h, d) if merge else query.new_zeros(b, n, h, d)
         lse = query.new_full((b, n, h), -math.inf, dtype=_bias_dtype(query.dtype))
         # every gather starts first, and its problem runs last: the rest hides it
         gathers = {
@@ -689,81 +751,90 @@ class _FusedDilatedAttention(torch.autograd.Function):
         }
         states: list[Any] = [None] * len(problems)
         remote_kv: list[tuple[Tensor, Tensor] | None] = [None] * len(problems)
-        for i in sorted(range(len(problems)), key=lambda i: i in gathers):
-            p = problems[i]
-            q = _as_problem(_strided(query, p.call))
-            if p.span is not None:
-                if i in gathers:
-                    k, v = remote_kv[i] = _unstack_rows(gathers[i]())
-                    blocks = iter([(range(len(p.span.counts)), k, v)])
+        for heads, indices in _head_chunks(problems, h, head_chunk, lambda i: i in gathers):
+            acc = query.new_zeros(b, n, len(heads), d, dtype=lse.dtype) if merge else out
+            for i in indices:
+                p = problems[i]
+                q = _problem_view(query, p.call)
+                if p.span is not None:
+                    if i in gathers:
+                        k, v = remote_kv[i] = _unstack_rows(gathers[i]())
+                        blocks = iter([(range(len(p.span.counts)), k, v)])
+                    else:
+                        assert p.ring is not None
+                        k, v = (_problem_view(x, p.call) for x in (key, value))
+                        blocks = _ring_blocks(p.ring, k, v)
+                    # consumed even without local queries: the exchange must still happen
+                    part_out, part_lse, states[i] = _blockwise_forward(p, q, blocks, scale)
                 else:
-                    assert p.ring is not None
-                    k, v = (_as_problem(_strided(x, p.call)) for x in (key, value))
-                    blocks = _ring_blocks(p.ring, k, v)
-                # consumed even without local queries: the exchange must still happen
-                part_out, part_lse, states[i] = _blockwise_forward(p, q, blocks, scale)
-            else:
-                if p.call.length == 0:
-                    continue
-                k, v = (_as_problem(_strided(x, p.call)) for x in (key, value))
-                part_out, part_lse, states[i] = p.backend.forward(q, k, v, p.bias, p.causal, scale)
-                if p.bias is not None:
-                    part_out, part_lse = _sanitize(part_out, part_lse, _rows_with_keys(p.bias, p.causal))
-            out5, lse4 = _strided(out, p.call), _strided(lse, p.call)
-            part_out, part_lse = _from_problem(part_out, b), _from_problem(part_lse, b)
+                    if p.call.length == 0:
+                        continue
+                    k, v = (_problem_view(x, p.call) for x in (key, value))
+                    part_out, part_lse, states[i] = p.backend.forward(q, k, v, p.bias, p.causal, scale)
+                    if p.bias is not None:
+                        part_out, part_lse = _sanitize(part_out, part_lse, _rows_with_keys(p.bias, p.causal))
+                out5, lse4 = _strided(acc, p.call, heads.start), _strided(lse, p.call)
+                part_out, part_lse = _from_problem(part_out, b), _from_problem(part_lse, b)
+                if merge:
+                    _merge_into(out5, lse4, part_out, part_lse)
+                else:
+                    out5.copy_(part_out)
+                    lse4.copy_(part_lse)
             if merge:
-                _merge_into(out5, lse4, part_out, part_lse)
-            else:
-                out5.copy_(part_out)
-                lse4.copy_(part_lse)
-        out = out.to(query.dtype)
+                out[:, :, heads.start : heads.stop].copy_(acc)
         ctx.save_for_backward(query, key, value, out, lse)
         ctx.problems, ctx.states, ctx.remote_kv = problems, states, remote_kv
-        ctx.merge, ctx.scale = merge, scale
+        ctx.merge, ctx.scale, ctx.head_chunk = merge, scale, head_chunk
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         query, key, value, out, lse = ctx.saved_tensors
-        b = query.shape[0]
+        b, n, h, d = query.shape
         grad_out = grad_out.contiguous()
-        # "all": every branch adds to each position, so accumulate in float32
-        acc_dtype = _bias_dtype(query.dtype) if ctx.merge else query.dtype
-        grads = [torch.zeros(query.shape, dtype=acc_dtype, device=query.device) for _ in range(3)]
+        new = torch.empty if ctx.merge else torch.zeros
+        grads = [new(query.shape, dtype=query.dtype, device=query.device) for _ in range(3)]
         problems: list[FusedProblem] = ctx.problems
-        reductions: dict[int, Callable[[], Tensor]] = {}
         # gathered problems first: their reductions overlap the rest
-        for i in sorted(range(len(problems)), key=lambda i: problems[i].remote is None):
-            p, kv = problems[i], ctx.remote_kv[i]
-            if p.span is None and p.call.length == 0:
-                continue
-            q, o, do = (_as_problem(_strided(x, p.call)) for x in (query, out, grad_out))
-            k, v = kv if kv is not None else (_as_problem(_strided(x, p.call)) for x in (key, value))
-            part_lse = _as_problem(_strided(lse, p.call))
-            if p.bias is not None:
-                # no key in any branch: every key is masked, so any finite lse gives p = 0
-                part_lse = torch.where(part_lse == -math.inf, 0.0, part_lse)
-            if p.span is None:
-                part_grads = p.backend.backward(
-                    do, q, k, v, o, part_lse, p.bias, p.causal, ctx.scale, ctx.states[i]
-                )
-            else:
-                block = _BlockBackward.start(p, do, o, part_lse, ctx.scale, ctx.states[i])
-                if p.remote is not None:  # dk, dv of gathered keys go home while the rest runs
-                    reductions[i] = _gathered_backward(p.remote, block, k, v)
-                    part_grads = (block.finish(),)
+        for heads, indices in _head_chunks(problems, h, ctx.head_chunk, lambda i: problems[i].remote is None):
+            accs = (
+                [query.new_zeros(b, n, len(heads), d, dtype=lse.dtype) for _ in grads] if ctx.merge else grads
+            )
+            reductions: dict[int, Callable[[], Tensor]] = {}
+            for i in indices:
+                p, kv = problems[i], ctx.remote_kv[i]
+                if p.span is None and p.call.length == 0:
+                    continue
+                q, o, do = (_problem_view(x, p.call) for x in (query, out, grad_out))
+                k, v = kv if kv is not None else (_problem_view(x, p.call) for x in (key, value))
+                part_lse = _problem_view(lse, p.call)
+                if p.bias is not None:
+                    # no key in any branch: every key is masked, so any finite lse gives p = 0
+                    part_lse = torch.where(part_lse == -math.inf, 0.0, part_lse)
+                if p.span is None:
+                    part_grads = p.backend.backward(
+                        do, q, k, v, o, part_lse, p.bias, p.causal, ctx.scale, ctx.states[i]
+                    )
                 else:
-                    assert p.ring is not None
-                    dk, dv = _ring_backward(p.ring, block, k, v)
-                    part_grads = (block.finish(), dk, dv)
-            for grad, part in zip(grads, part_grads):
-                _write(grad, p.call, _from_problem(part, b), ctx.merge)
-        for i, wait in reductions.items():
-            for grad, part in zip(grads[1:], wait().chunk(2, dim=2)):
-                _write(grad, problems[i].call, part[:, None], ctx.merge)
-        dq, dk, dv = (g.to(query.dtype) for g in grads)
-        return dq, dk, dv, None, None, None
+                    block = _BlockBackward.start(p, do, o, part_lse, ctx.scale, ctx.states[i])
+                    if p.remote is not None:  # dk, dv of gathered keys go home while the rest runs
+                        reductions[i] = _gathered_backward(p.remote, block, k, v)
+                        part_grads = (block.finish(),)
+                    else:
+                        assert p.ring is not None
+                        dk, dv = _ring_backward(p.ring, block, k, v)
+                        part_grads = (block.finish(), dk, dv)
+                for acc, part in zip(accs, part_grads):
+                    _write(acc, p.call, heads.start, _from_problem(part, b), ctx.merge)
+            for i, wait in reductions.items():
+                for acc, part in zip(accs[1:], wait().chunk(2, dim=2)):
+                    _write(acc, problems[i].call, heads.start, part[:, None], ctx.merge)
+            if ctx.merge:
+                for grad, acc in zip(grads, accs):
+                    grad[:, :, heads.start : heads.stop].copy_(acc)
+        dq, dk, dv = grads
+        return dq, dk, dv, None, None, None, None
 
 
 def select_backends(
@@ -787,11 +858,20 @@ def select_backends(
 
 @torch.compiler.disable
 def run_fused(
-    query: Tensor, key: Tensor, value: Tensor, problems: list[FusedProblem], merge: bool, scale: float
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    problems: list[FusedProblem],
+    merge: bool,
+    scale: float,
+    head_chunk: int | None = None,
 ) -> Tensor:
     """The fused path, kept out of ``torch.compile`` graphs: compiling through the
-    custom Function's in-place view writes gave wrong gradients on torch 2.11."""
-    return _FusedDilatedAttention.apply(query, key, value, problems, merge, scale)
+    custom Function's in-place view writes gave wrong gradients on torch 2.11.
+    ``head_chunk`` (default: all heads): see :func:`merge_head_chunk`; each
+    problem's heads must lie in one chunk."""
+    chunk = query.shape[2] if head_chunk is None else head_chunk
+    return _FusedDilatedAttention.apply(query, key, value, problems, merge, scale, chunk)
 
 
 def _fused(
@@ -806,11 +886,15 @@ def _fused(
     backend: str | None,
 ) -> Tensor:
     b, n, h, _ = query.shape
+    merge = pattern.head_mode == "all"
+    chunk = merge_head_chunk(h, query.dtype) if merge else h
     calls = pattern.calls(n, h)
+    if chunk < h:
+        calls = split_heads(calls, chunk)
     biases = [_call_bias(c, key_bias, attn_bias, b) for c in calls]
     backends = select_backends(query, calls, [x is not None for x in biases], backend)
     problems = [FusedProblem(c, be, bias, is_causal) for c, be, bias in zip(calls, backends, biases)]
-    return run_fused(query, key, value, problems, pattern.head_mode == "all", scale)
+    return run_fused(query, key, value, problems, merge, scale, chunk)
 
 
 # --------------------------------------------------------------------------
@@ -921,7 +1005,7 @@ def flex_problems(
 
         cache_key = (call, layout.block_size, is_causal, b, layout.offset)
         mask, score_mod = build() if masked else flex_kernel.CACHE.get(layout.cache_owner, cache_key, build)
-        q, k, v = (_as_problem(_strided(x, call)) for x in (query, key, value))
+        q, k, v = (_problem_view(x, call) for x in (query, key, value))
         yield FlexProblem(call, q, k, v, mask, score_mod)
 
 

@@ -3,6 +3,7 @@ offsets, segment geometry and FLOP counts. Pure Python, no tensors."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from collections.abc import Sequence
@@ -197,6 +198,22 @@ class DilatedPattern:
             pairs += per_segment * call.num_segments * call.num_heads
         fwd = 4 * pairs * head_dim * batch
         return fwd * 7 // 2 if backward else fwd
+
+
+def split_heads(calls: Sequence[BranchCall], chunk: int) -> list[BranchCall]:
+    """``calls`` cut so that each lies within one chunk of ``chunk`` consecutive
+    heads (``[0, chunk)``, ``[chunk, 2·chunk)``, ...)."""
+    _check_count("chunk", chunk)
+    pieces = []
+    for call in calls:
+        done = 0
+        while done < call.num_heads:
+            first = call.head_start + call.head_step * done
+            chunk_end = (first // chunk + 1) * chunk
+            count = min(call.num_heads - done, (chunk_end - 1 - first) // call.head_step + 1)
+            pieces.append(dataclasses.replace(call, head_start=first, num_heads=count))
+            done += count
+    return pieces
 
 
 def selected_count(segment_length: int, dilation: int, offset: int) -> int:

@@ -168,13 +168,26 @@ def test_merge_by_lse_all_empty_is_zero_with_finite_grads():
     assert all(torch.isfinite(t.grad).all() for t in outs + lses)
 
 
-def test_strided_views_do_not_copy():
-    x = torch.randn(1, 64, 4, 8)
-    pattern = functional.as_pattern((16,), (4,), "all")
-    for call in pattern.calls(64, 4):
-        view = functional._as_problem(functional._strided(x, call))
-        assert view.data_ptr() >= x.data_ptr()
-        assert view.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("layout", ["contiguous", "heads_first"])
+@pytest.mark.parametrize("head_mode", ["grouped", "all"])
+@pytest.mark.parametrize("n", [64, 70])  # 70: partial last segments
+def test_problem_views_select_the_calls_positions_and_heads(
+    batch: int, layout: str, head_mode: str, n: int
+) -> None:
+    h, d = 6, 8
+    x = torch.randn(batch, n, h, d, dtype=torch.float64)
+    if layout == "heads_first":  # same values, other strides
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    pattern = functional.as_pattern((16, 32), (1, 4), head_mode)
+    for call in pattern.calls(n, h):
+        view = functional._problem_view(x, call)
+        positions = torch.tensor(call.positions()).reshape(call.num_segments, call.length)
+        expected = x[:, positions][:, :, :, call.heads()]  # (batch, segments, length, heads, d)
+        expected = expected.flatten(0, 1).transpose(1, 2)
+        assert torch.equal(view, expected), call
+        if layout == "contiguous" and (batch == 1 or n % call.segment_length == 0):
+            assert view.untyped_storage().data_ptr() == x.untyped_storage().data_ptr(), call
 
 
 Q = torch.zeros(1, 8, 2, 4)

@@ -147,3 +147,22 @@ def test_dropout_grouped_uses_fused_kernels_and_is_unbiased():
     out.backward(torch.ones_like(out))
     peak = torch.cuda.max_memory_allocated() - base
     assert peak < 20 * q.numel() * q.element_size(), peak
+
+
+@pytest.mark.parametrize("head_mode", ["grouped", "all"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_peak_memory_within_target(head_mode, causal):
+    """DESIGN.md §5: forward+backward peak <= 1.25x (q, k, v, out and their gradients)."""
+    from dilated_attention_pytorch import functional
+
+    q, k, v = make_qkv(1, 65536, 12, 64, dtype=torch.bfloat16, device="cuda")
+    grad = torch.randn_like(q)
+    pattern = functional.as_pattern((2048, 4096, 8192, 16384, 32768), (1, 2, 4, 6, 12), head_mode)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    functional.dilated_attention(q, k, v, pattern, is_causal=causal).backward(grad)
+    peak = torch.cuda.max_memory_allocated() - base
+    # as benchmarks/run.py counts it: q, k, v and grad (allocated before) are live too
+    ratio = (peak + 4 * q.nbytes) / (8 * q.nbytes)
+    assert ratio <= 1.25, ratio

@@ -3,7 +3,7 @@ import itertools
 import pytest
 import torch
 
-from dilated_attention_pytorch.pattern import DilatedPattern, as_pattern, selected_count
+from dilated_attention_pytorch.pattern import DilatedPattern, as_pattern, selected_count, split_heads
 from dilated_attention_pytorch.reference import branch_mask
 
 from .conftest import PATTERNS
@@ -62,6 +62,20 @@ def test_calls_cover_exactly_the_selected_positions(seg, dil, n, h, head_mode):
         # a query is selected iff it may see itself in the branch mask
         selected = branch_mask(p, i, n, h).diagonal(dim1=1, dim2=2)
         assert torch.equal(covered[i], selected.long())
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 16])
+def test_split_heads_keeps_the_heads_and_respects_chunks(chunk):
+    calls = DilatedPattern((8, 16, 32), (1, 2, 4), "all").calls(40, 12)
+    pieces = split_heads(calls, chunk)
+    for call in calls:
+        mine = [p for p in pieces if (p.branch, p.offset, p.start) == (call.branch, call.offset, call.start)]
+        assert [h for p in mine for h in p.heads()] == call.heads()
+        assert all(p.head_step == call.head_step and p.num_heads > 0 for p in mine)
+    for piece in pieces:
+        assert len({h // chunk for h in piece.heads()}) == 1, piece
+    with pytest.raises(ValueError, match="chunk must be a positive int"):
+        split_heads(calls, 0)
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -515,7 +515,7 @@ def ring_dilated_attention(
         def problems() -> Iterator[GatheredProblem]:
             yield from functional._local_problems(query, key, value, key_bias, None, local, is_causal, layout)
             for sp, bias in zip(spans, span_biases):
-                q = functional._as_problem(functional._strided(query, sp.local))
+                q = functional._problem_view(query, sp.local)
                 k, v = _gathered_keys(key, value, sp)
                 positions = functional._positions(sp.local, query.device).reshape(-1)
                 yield GatheredProblem(sp.local, positions, q, k, v, bias, False)
@@ -565,7 +565,7 @@ def _flex_span_problems(
     unless a key padding mask, which changes with the inputs, is given)."""
     batch = query.shape[0]
     for sp in spans:
-        q = functional._as_problem(functional._strided(query, sp.local))
+        q = functional._problem_view(query, sp.local)
         k, v = _gathered_keys(key, value, sp)
         keys_bias = None if key_bias is None else _gathered_key_bias(sp, key_bias)
 

@@ -9,6 +9,7 @@ is checked by the tests against the installed torch.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -81,7 +82,10 @@ def installed_schema(op_name: str) -> str | None:
     return None if op is None else str(op.default._schema)
 
 
-def _schema_reasons(*op_names: str) -> list[str]:
+@functools.cache
+def _schema_reasons(*op_names: str) -> tuple[str, ...]:
+    """Cached: the installed torch does not change, and formatting schemas showed in
+    the host time of every call."""
     reasons = []
     for name in op_names:
         found = installed_schema(name)
@@ -89,7 +93,7 @@ def _schema_reasons(*op_names: str) -> list[str]:
             reasons.append(f"torch.ops.aten.{name} is missing in torch {torch.__version__}")
         elif found != PINNED_SCHEMAS[name]:
             reasons.append(f"torch.ops.aten.{name} changed its schema in torch {torch.__version__}")
-    return reasons
+    return tuple(reasons)
 
 
 def _last_dim_contiguous(x: Tensor) -> Tensor:
@@ -108,7 +112,7 @@ class CpuFlashBackend:
     )
 
     def not_supported_reasons(self, spec: AttentionSpec) -> list[str]:
-        reasons = _schema_reasons(*self._ops)
+        reasons = list(_schema_reasons(*self._ops))
         if spec.device_type != "cpu":
             reasons.append(f"runs on cpu only, got device {spec.device_type}")
         if spec.dtype not in (torch.float64, torch.float32, *_HALF):
@@ -172,7 +176,7 @@ class FlashBackend:
     )
 
     def not_supported_reasons(self, spec: AttentionSpec) -> list[str]:
-        reasons = _schema_reasons(*self._ops) + _cuda_reasons(
+        reasons = list(_schema_reasons(*self._ops)) + _cuda_reasons(
             spec, dtypes=_HALF, min_capability=(8, 0), max_head_dim=256, bias=False
         )
         if _cuda_here(spec) and not torch.backends.cuda.is_flash_attention_available():
@@ -236,7 +240,7 @@ class EfficientBackend:
     )
 
     def not_supported_reasons(self, spec: AttentionSpec) -> list[str]:
-        reasons = _schema_reasons(*self._ops) + _cuda_reasons(
+        reasons = list(_schema_reasons(*self._ops)) + _cuda_reasons(
             spec,
             dtypes=(torch.float32, *_HALF),
             min_capability=(5, 0),
@@ -299,7 +303,7 @@ class CudnnBackend:
     )
 
     def not_supported_reasons(self, spec: AttentionSpec) -> list[str]:
-        reasons = _schema_reasons(*self._ops) + _cuda_reasons(
+        reasons = list(_schema_reasons(*self._ops)) + _cuda_reasons(
             spec, dtypes=_HALF, min_capability=(9, 0), max_head_dim=128, bias=False
         )
         if _cuda_here(spec) and not torch.backends.cudnn.is_available():
