@@ -696,38 +696,47 @@ def _write(grad: Tensor, call: BranchCall, first_head: int, part5: Tensor, merge
 
 
 def merge_head_chunk(num_heads: int, dtype: torch.dtype) -> int:
-    """Heads per chunk of the "all"-mode merge. A chunk of ``c`` heads keeps, in
+    """Heads per chunk of the "all"-mode backward. A chunk of ``c`` heads keeps, in
     units of one ``(batch, seq, heads, head_dim)`` tensor, float32 sums of dq, dk,
     dv (6·c/h for bf16), one call's dq, dk, dv (3·c/h) and the kernel's float32
     dq workspace (2·c/h, cuDNN and flash). Keeping that under 1.6 units holds the
     forward+backward peak within 1.25× of q, k, v, out and their gradients
     (measured on an H100: ``tests/test_gpu.py::test_peak_memory_within_target``);
-    the price is more, smaller kernel calls."""
+    the price is more, smaller backward calls. The forward needs no chunks: its
+    float32 output sum (2 units) is live while no gradient is."""
     acc_ratio = _bias_dtype(dtype).itemsize // dtype.itemsize
     return max(1, int(1.6 * num_heads / (3 * acc_ratio + 5)))
 
 
-def _head_chunks(
-    problems: Sequence[FusedProblem], num_heads: int, chunk: int, later: Callable[[int], bool]
-) -> list[tuple[range, list[int]]]:
-    """Problem indices by chunk of ``chunk`` consecutive heads (each call lies in
-    one), within a chunk those with ``later(i)`` last."""
-    chunks: list[tuple[range, list[int]]] = [
+def _backward_pieces(
+    problems: Sequence[FusedProblem], num_heads: int, chunk: int
+) -> list[tuple[range, list[tuple[int, BranchCall]]]]:
+    """Per chunk of ``chunk`` heads: ``(problem index, the part of its call in the
+    chunk)``, gathered problems first (their reductions overlap the rest)."""
+    chunks: list[tuple[range, list[tuple[int, BranchCall]]]] = [
         (range(s, min(s + chunk, num_heads)), []) for s in range(0, num_heads, chunk)
     ]
-    for i, p in enumerate(problems):
-        heads, indices = chunks[p.call.head_start // chunk]
-        assert p.call.head_start + p.call.head_step * (p.call.num_heads - 1) < heads.stop, p.call
-        indices.append(i)
-    for _, indices in chunks:
-        indices.sort(key=later)
+    for i in sorted(range(len(problems)), key=lambda i: problems[i].remote is None):
+        call = problems[i].call
+        for piece in [call] if chunk >= num_heads else split_heads([call], chunk):
+            chunks[piece.head_start // chunk][1].append((i, piece))
     return chunks
+
+
+def _bias_heads(bias: Tensor | None, call: BranchCall, piece: BranchCall) -> Tensor | None:
+    """``bias`` of ``call`` restricted to the heads of ``piece`` (a part of it)."""
+    if bias is None or bias.shape[1] == 1 or piece.num_heads == call.num_heads:
+        return bias
+    first = (piece.head_start - call.head_start) // call.head_step
+    return bias[:, first : first + piece.num_heads]
 
 
 class _FusedDilatedAttention(torch.autograd.Function):
     """Grouped heads: problems are disjoint in (position, head) and write their
     results straight into place. "all": each (position, head) sums one term per
-    branch, in float32, one chunk of ``head_chunk`` heads at a time."""
+    branch, in float32; the backward does so one chunk of ``head_chunk`` heads at
+    a time (kernel states must not depend on the heads; no spanning problem may
+    be cut, so pass all heads with those)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -741,7 +750,8 @@ class _FusedDilatedAttention(torch.autograd.Function):
         head_chunk: int,
     ) -> Tensor:
         b, n, h, d = query.shape
-        out = query.new_empty(b, n, h, d) if merge else query.new_zeros(b, n, h, d)
+        acc_dtype = _bias_dtype(query.dtype) if merge else query.dtype
+        out = query.new_zeros(b, n, h, d, dtype=acc_dtype)
         lse = query.new_full((b, n, h), -math.inf, dtype=_bias_dtype(query.dtype))
         # every gather starts first, and its problem runs last: the rest hides it
         gathers = {
@@ -751,37 +761,34 @@ class _FusedDilatedAttention(torch.autograd.Function):
         }
         states: list[Any] = [None] * len(problems)
         remote_kv: list[tuple[Tensor, Tensor] | None] = [None] * len(problems)
-        for heads, indices in _head_chunks(problems, h, head_chunk, lambda i: i in gathers):
-            acc = query.new_zeros(b, n, len(heads), d, dtype=lse.dtype) if merge else out
-            for i in indices:
-                p = problems[i]
-                q = _problem_view(query, p.call)
-                if p.span is not None:
-                    if i in gathers:
-                        k, v = remote_kv[i] = _unstack_rows(gathers[i]())
-                        blocks = iter([(range(len(p.span.counts)), k, v)])
-                    else:
-                        assert p.ring is not None
-                        k, v = (_problem_view(x, p.call) for x in (key, value))
-                        blocks = _ring_blocks(p.ring, k, v)
-                    # consumed even without local queries: the exchange must still happen
-                    part_out, part_lse, states[i] = _blockwise_forward(p, q, blocks, scale)
+        for i in sorted(range(len(problems)), key=lambda i: i in gathers):
+            p = problems[i]
+            q = _problem_view(query, p.call)
+            if p.span is not None:
+                if i in gathers:
+                    k, v = remote_kv[i] = _unstack_rows(gathers[i]())
+                    blocks = iter([(range(len(p.span.counts)), k, v)])
                 else:
-                    if p.call.length == 0:
-                        continue
+                    assert p.ring is not None
                     k, v = (_problem_view(x, p.call) for x in (key, value))
-                    part_out, part_lse, states[i] = p.backend.forward(q, k, v, p.bias, p.causal, scale)
-                    if p.bias is not None:
-                        part_out, part_lse = _sanitize(part_out, part_lse, _rows_with_keys(p.bias, p.causal))
-                out5, lse4 = _strided(acc, p.call, heads.start), _strided(lse, p.call)
-                part_out, part_lse = _from_problem(part_out, b), _from_problem(part_lse, b)
-                if merge:
-                    _merge_into(out5, lse4, part_out, part_lse)
-                else:
-                    out5.copy_(part_out)
-                    lse4.copy_(part_lse)
+                    blocks = _ring_blocks(p.ring, k, v)
+                # consumed even without local queries: the exchange must still happen
+                part_out, part_lse, states[i] = _blockwise_forward(p, q, blocks, scale)
+            else:
+                if p.call.length == 0:
+                    continue
+                k, v = (_problem_view(x, p.call) for x in (key, value))
+                part_out, part_lse, states[i] = p.backend.forward(q, k, v, p.bias, p.causal, scale)
+                if p.bias is not None:
+                    part_out, part_lse = _sanitize(part_out, part_lse, _rows_with_keys(p.bias, p.causal))
+            out5, lse4 = _strided(out, p.call), _strided(lse, p.call)
+            part_out, part_lse = _from_problem(part_out, b), _from_problem(part_lse, b)
             if merge:
-                out[:, :, heads.start : heads.stop].copy_(acc)
+                _merge_into(out5, lse4, part_out, part_lse)
+            else:
+                out5.copy_(part_out)
+                lse4.copy_(part_lse)
+        out = out.to(query.dtype)
         ctx.save_for_backward(query, key, value, out, lse)
         ctx.problems, ctx.states, ctx.remote_kv = problems, states, remote_kv
         ctx.merge, ctx.scale, ctx.head_chunk = merge, scale, head_chunk
@@ -796,25 +803,26 @@ class _FusedDilatedAttention(torch.autograd.Function):
         new = torch.empty if ctx.merge else torch.zeros
         grads = [new(query.shape, dtype=query.dtype, device=query.device) for _ in range(3)]
         problems: list[FusedProblem] = ctx.problems
-        # gathered problems first: their reductions overlap the rest
-        for heads, indices in _head_chunks(problems, h, ctx.head_chunk, lambda i: problems[i].remote is None):
+        for heads, pieces in _backward_pieces(problems, h, ctx.head_chunk):
+            # "all": every branch adds to each position, so sum this chunk in float32
             accs = (
                 [query.new_zeros(b, n, len(heads), d, dtype=lse.dtype) for _ in grads] if ctx.merge else grads
             )
             reductions: dict[int, Callable[[], Tensor]] = {}
-            for i in indices:
+            for i, call in pieces:
                 p, kv = problems[i], ctx.remote_kv[i]
-                if p.span is None and p.call.length == 0:
+                if p.span is None and call.length == 0:
                     continue
-                q, o, do = (_problem_view(x, p.call) for x in (query, out, grad_out))
-                k, v = kv if kv is not None else (_problem_view(x, p.call) for x in (key, value))
-                part_lse = _problem_view(lse, p.call)
-                if p.bias is not None:
+                q, o, do = (_problem_view(x, call) for x in (query, out, grad_out))
+                k, v = kv if kv is not None else (_problem_view(x, call) for x in (key, value))
+                part_lse = _problem_view(lse, call)
+                bias = _bias_heads(p.bias, p.call, call)
+                if bias is not None:
                     # no key in any branch: every key is masked, so any finite lse gives p = 0
                     part_lse = torch.where(part_lse == -math.inf, 0.0, part_lse)
                 if p.span is None:
                     part_grads = p.backend.backward(
-                        do, q, k, v, o, part_lse, p.bias, p.causal, ctx.scale, ctx.states[i]
+                        do, q, k, v, o, part_lse, bias, p.causal, ctx.scale, ctx.states[i]
                     )
                 else:
                     block = _BlockBackward.start(p, do, o, part_lse, ctx.scale, ctx.states[i])
@@ -826,7 +834,7 @@ class _FusedDilatedAttention(torch.autograd.Function):
                         dk, dv = _ring_backward(p.ring, block, k, v)
                         part_grads = (block.finish(), dk, dv)
                 for acc, part in zip(accs, part_grads):
-                    _write(acc, p.call, heads.start, _from_problem(part, b), ctx.merge)
+                    _write(acc, call, heads.start, _from_problem(part, b), ctx.merge)
             for i, wait in reductions.items():
                 for acc, part in zip(accs[1:], wait().chunk(2, dim=2)):
                     _write(acc, problems[i].call, heads.start, part[:, None], ctx.merge)
@@ -868,8 +876,7 @@ def run_fused(
 ) -> Tensor:
     """The fused path, kept out of ``torch.compile`` graphs: compiling through the
     custom Function's in-place view writes gave wrong gradients on torch 2.11.
-    ``head_chunk`` (default: all heads): see :func:`merge_head_chunk`; each
-    problem's heads must lie in one chunk."""
+    ``head_chunk`` (default: all heads): see :func:`merge_head_chunk`."""
     chunk = query.shape[2] if head_chunk is None else head_chunk
     return _FusedDilatedAttention.apply(query, key, value, problems, merge, scale, chunk)
 
@@ -887,13 +894,11 @@ def _fused(
 ) -> Tensor:
     b, n, h, _ = query.shape
     merge = pattern.head_mode == "all"
-    chunk = merge_head_chunk(h, query.dtype) if merge else h
     calls = pattern.calls(n, h)
-    if chunk < h:
-        calls = split_heads(calls, chunk)
     biases = [_call_bias(c, key_bias, attn_bias, b) for c in calls]
     backends = select_backends(query, calls, [x is not None for x in biases], backend)
     problems = [FusedProblem(c, be, bias, is_causal) for c, be, bias in zip(calls, backends, biases)]
+    chunk = merge_head_chunk(h, query.dtype) if merge else h
     return run_fused(query, key, value, problems, merge, scale, chunk)
 
 

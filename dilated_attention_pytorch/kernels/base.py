@@ -60,7 +60,9 @@ class Backend(Protocol):
         causal: bool,
         scale: float,
     ) -> tuple[Tensor, Tensor, Any]:
-        """``(out, lse, state)``; ``state`` is whatever ``backward`` needs."""
+        """``(out, lse, state)``; ``state`` is whatever ``backward`` needs, and
+        nothing per head: a backward may run on a subset of the heads (with the
+        matching slices of the tensors and the bias)."""
         ...
 
     def backward(

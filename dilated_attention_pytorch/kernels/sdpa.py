@@ -259,13 +259,16 @@ class EfficientBackend:
         out, lse, seed, offset = aten._scaled_dot_product_efficient_attention(
             q, k, v, bias, True, 0.0, causal, scale=scale
         )
-        # the kernel pads lse to a multiple of 32 rows
-        return out.to(dtype), lse[..., : q.shape[2]], (seed, offset, lse.shape[-1], bias)
+        # the kernel pads lse to a multiple of 32 rows; the state holds nothing per
+        # head, so a backward may run on a subset of the heads
+        return out.to(dtype), lse[..., : q.shape[2]], (seed, offset, lse.shape[-1])
 
     def backward(self, grad_out, q, k, v, out, lse, bias, causal, scale, state):
-        seed, offset, padded_len, bias = state
+        seed, offset, padded_len = state
         dtype = q.dtype
         q, k, v, out, grad_out = (_in_float32(x) for x in (q, k, v, out, grad_out))
+        if bias is not None:
+            bias = _pad_bias(bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2]), q.dtype)
         lse_padded = lse.new_zeros(*lse.shape[:-1], padded_len)
         lse_padded[..., : lse.shape[-1]] = lse
         dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
