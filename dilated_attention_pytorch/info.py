@@ -20,10 +20,10 @@ def _dist_version(*names: str) -> str | None:
     return None
 
 
-def _optional(import_name: str, *dist_names: str) -> str:
+def _optional(import_name: str, *dist_names: str, used_by: str = "not used by this version") -> str:
     if importlib.util.find_spec(import_name) is None:
         return "not installed"
-    return f"installed ({_dist_version(*dist_names) or 'version unknown'}); not used by this version"
+    return f"installed ({_dist_version(*dist_names) or 'version unknown'}); {used_by}"
 
 
 def report() -> str:
@@ -47,9 +47,11 @@ def report() -> str:
         lines.append("  SDPA backends enabled: " + ", ".join(f"{k}={v}" for k, v in enabled.items()))
     flex = importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
     lines += [
-        f"FlexAttention: {'available' if flex else 'not available'}; not used by this version",
-        f"flash-attn: {_optional('flash_attn', 'flash-attn', 'flash-attn-4', 'flash_attn')}",
-        f"xformers: {_optional('xformers', 'xformers')}",
+        f"FlexAttention: {'available' if flex else 'not available'}; used by method='flex' and block-sparse",
+        "flash-attn-4: "
+        + _optional("flash_attn", "flash-attn-4", used_by="backend 'flash_attn_4' (see below)"),
+        f"flash-attn 2: {_optional('flash_attn_2_cuda', 'flash-attn', 'flash_attn')} (no backend for it)",
+        f"xformers: {_optional('xformers', 'xformers')} (no backend for it)",
         "",
         "kernel backends (registry order = preference):",
     ]

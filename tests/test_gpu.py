@@ -16,6 +16,7 @@ GPU_IMPLS = [
     Impl("improved-auto", "fused"),
     Impl("improved-cudnn", "fused", "sdpa_cudnn"),
     Impl("improved-flash", "fused", "sdpa_flash"),
+    Impl("improved-flash4", "fused", "flash_attn_4"),
     Impl("improved-efficient", "fused", "sdpa_efficient"),
     Impl("improved-math", "fused", "math"),
 ]

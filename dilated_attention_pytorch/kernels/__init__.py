@@ -7,6 +7,7 @@ preference: the first backend with no reason against a call runs it.
 from __future__ import annotations
 
 from .base import AttentionSpec, Backend
+from .flash4 import Flash4Backend
 from .math import MathBackend
 from .sdpa import CpuFlashBackend, CudnnBackend, EfficientBackend, FlashBackend
 
@@ -14,6 +15,7 @@ REGISTRY: dict[str, Backend] = {
     b.name: b
     for b in (
         CudnnBackend(),
+        Flash4Backend(),
         FlashBackend(),
         EfficientBackend(),
         CpuFlashBackend(),

@@ -20,7 +20,14 @@ def test_pinned_schemas_match_installed_torch(op):
 
 
 def test_registry_order_and_names():
-    assert list(kernels.REGISTRY) == ["sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "sdpa_cpu_flash", "math"]
+    assert list(kernels.REGISTRY) == [
+        "sdpa_cudnn",
+        "flash_attn_4",
+        "sdpa_flash",
+        "sdpa_efficient",
+        "sdpa_cpu_flash",
+        "math",
+    ]
     for name, backend in kernels.REGISTRY.items():
         assert backend.name == name and backend.description
 
@@ -34,6 +41,30 @@ def test_reasons_are_specific():
     assert any("head_dim must be a multiple of 8" in r for r in reasons["sdpa_efficient"])
     assert any("cpu only" in r for r in reasons["sdpa_cpu_flash"])
     assert reasons["math"] == []
+
+
+def test_flash_attn_4_reasons(monkeypatch):
+    from dilated_attention_pytorch.kernels import flash4
+
+    backend = kernels.REGISTRY["flash_attn_4"]
+    spec = kernels.AttentionSpec("cuda", torch.bfloat16, 64, compute_capability=(9, 0))
+    monkeypatch.setattr(flash4, "installed_version", lambda: None)
+    assert backend.not_supported_reasons(spec) == ["flash-attn-4 is not installed (pip install flash-attn-4)"]
+    monkeypatch.setattr(flash4, "installed_version", lambda: flash4.TESTED_VERSIONS[0])
+    assert backend.not_supported_reasons(spec) == []
+    bad = kernels.AttentionSpec("cuda", torch.float32, 256, has_bias=True, compute_capability=(8, 0))
+    reasons = " | ".join(backend.not_supported_reasons(bad))
+    for part in (
+        "compute capability 9.x-12.x",
+        "dtype torch.float32",
+        "head_dim must be",
+        "no attention bias",
+    ):
+        assert part in reasons
+    monkeypatch.setattr(flash4, "installed_version", lambda: "4.1.0")
+    assert "untested here" in backend.not_supported_reasons(spec)[0]
+    cpu = kernels.AttentionSpec("cpu", torch.float32, 8)
+    assert "runs on cuda only" in backend.not_supported_reasons(cpu)[-1]
 
 
 def test_select_backend_errors():

@@ -1,0 +1,90 @@
+"""FlashAttention-4 (the ``flash-attn-4`` package, CuTe DSL kernels), when installed.
+
+Optional: nothing imports it unless the backend is asked to run. Its kernels
+take ``(batch, seq, heads, head_dim)`` views with any aligned strides, so a
+branch problem ``(batch, heads, len, head_dim)`` goes in transposed, without a
+copy. It returns the log-sum-exp (float32, ``(batch, heads, len)``) and has a
+backward that takes the merged output and lse. ``_flash_attn_fwd`` and
+``_flash_attn_bwd`` are private functions of ``flash_attn.cute.interface``:
+this module is the one place that calls them, and ``TESTED_VERSIONS`` says
+which releases it was checked against on a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import importlib.util
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .base import AttentionSpec
+
+#: releases whose private entry points this module was run against (H100, torch 2.11)
+TESTED_VERSIONS: tuple[str, ...] = ("4.0.0b36",)
+
+
+@functools.cache
+def installed_version() -> str | None:
+    if importlib.util.find_spec("flash_attn") is None:
+        return None
+    try:
+        return importlib.metadata.version("flash-attn-4")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _interface() -> Any:
+    from flash_attn.cute import interface
+
+    return interface
+
+
+class Flash4Backend:
+    name = "flash_attn_4"
+    description = "FlashAttention-4 (flash-attn-4, CuTe DSL) when installed; SM90 and newer"
+
+    def not_supported_reasons(self, spec: AttentionSpec) -> list[str]:
+        version = installed_version()
+        if version is None:
+            return ["flash-attn-4 is not installed (pip install flash-attn-4)"]
+        reasons = []
+        if version not in TESTED_VERSIONS:
+            reasons.append(
+                f"flash-attn-4 {version} is untested here (tested: {', '.join(TESTED_VERSIONS)}); "
+                "its private entry points change between releases"
+            )
+        if spec.device_type != "cuda":
+            reasons.append(f"runs on cuda only, got device {spec.device_type}")
+            return reasons
+        if spec.compute_capability is not None and spec.compute_capability[0] not in (9, 10, 11, 12):
+            reasons.append(f"needs compute capability 9.x-12.x, got {spec.compute_capability}")
+        if spec.dtype not in (torch.float16, torch.bfloat16):
+            reasons.append(f"dtype {spec.dtype} not supported (supports torch.float16, torch.bfloat16)")
+        if spec.head_dim % 8 or not 8 <= spec.head_dim <= 128:
+            reasons.append(f"head_dim must be a multiple of 8 in [8, 128], got {spec.head_dim}")
+        if spec.has_bias:
+            reasons.append("takes no attention bias (key_padding_mask / attn_mask)")
+        return reasons
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, causal: bool, scale: float):
+        out, lse = _interface()._flash_attn_fwd(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            softmax_scale=scale,
+            causal=causal,
+            return_lse=True,
+        )[:2]
+        return out.transpose(1, 2), lse, None
+
+    def backward(self, grad_out, q, k, v, out, lse, bias, causal, scale, state):
+        dq, dk, dv = _interface()._flash_attn_bwd(
+            *(x.transpose(1, 2) for x in (q, k, v, out, grad_out)),
+            lse.contiguous(),
+            scale,
+            causal,
+        )[:3]
+        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
