@@ -122,7 +122,9 @@ def _fwd_bwd(
 def _implementations(args: argparse.Namespace, pattern: DilatedPattern, causal: bool) -> dict[str, Callable]:
     impls: dict[str, Callable] = {}
     if "improved" in args.impls:
-        impls["improved"] = lambda q, k, v: functional.dilated_attention(q, k, v, pattern, is_causal=causal)
+        impls["improved"] = lambda q, k, v: functional.dilated_attention(
+            q, k, v, pattern, is_causal=causal, backend=args.backend
+        )
     if "standard" in args.impls:
         impls["standard"] = lambda q, k, v: functional.dilated_attention(
             q, k, v, pattern, is_causal=causal, method="gather"
@@ -220,7 +222,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 return impl(q, k, v)
 
             rec = {**common, "implementation": name}
-            rec["backend"] = kernels.select_backend(spec).name if name == "improved" else "math/sdpa"
+            rec["backend"] = (
+                kernels.select_backend(spec, args.backend).name if name == "improved" else "math/sdpa"
+            )
             try:
                 with torch.no_grad():
                     rec["fwd_ms"] = timer(fn)
@@ -299,6 +303,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--no-backward", action="store_true")
+    p.add_argument("--backend", help="kernel backend of 'improved' (default: what 'auto' picks)")
     args = p.parse_args(argv)
     if args.workload:
         for key, value in WORKLOADS[args.workload].items():

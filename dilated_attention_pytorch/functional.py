@@ -687,6 +687,16 @@ def _unstack_rows(rows: Tensor) -> tuple[Tensor, Tensor]:
     return k.transpose(1, 2), v.transpose(1, 2)
 
 
+def _into_place(p: FusedProblem, merge: bool, x: Tensor, call: BranchCall | None = None) -> Tensor | None:
+    """``x``'s problem view for a backend to write into, where that is exact: a
+    grouped-head local problem without bias, a backend with ``forward_into``, and
+    a view (not a copy) of ``x``."""
+    if merge or p.span is not None or p.bias is not None or not hasattr(p.backend, "forward_into"):
+        return None
+    view = _problem_view(x, p.call if call is None else call)
+    return view if view._base is x else None
+
+
 def _write(grad: Tensor, call: BranchCall, first_head: int, part5: Tensor, merge: bool) -> None:
     view = _strided(grad, call, first_head)
     if merge:
@@ -778,6 +788,11 @@ class _FusedDilatedAttention(torch.autograd.Function):
                 if p.call.length == 0:
                     continue
                 k, v = (_problem_view(x, p.call) for x in (key, value))
+                dest = _into_place(p, merge, out)
+                if dest is not None:
+                    part_lse, states[i] = p.backend.forward_into(q, k, v, p.causal, scale, dest)  # type: ignore[attr-defined]
+                    _strided(lse, p.call).copy_(_from_problem(part_lse, b))
+                    continue
                 part_out, part_lse, states[i] = p.backend.forward(q, k, v, p.bias, p.causal, scale)
                 if p.bias is not None:
                     part_out, part_lse = _sanitize(part_out, part_lse, _rows_with_keys(p.bias, p.causal))
@@ -820,6 +835,12 @@ class _FusedDilatedAttention(torch.autograd.Function):
                 if bias is not None:
                     # no key in any branch: every key is masked, so any finite lse gives p = 0
                     part_lse = torch.where(part_lse == -math.inf, 0.0, part_lse)
+                dests = [_into_place(p, ctx.merge, grad, call) for grad in grads]
+                if p.span is None and all(x is not None for x in dests):
+                    p.backend.backward_into(  # type: ignore[attr-defined]
+                        do, q, k, v, o, part_lse, p.causal, ctx.scale, ctx.states[i], tuple(dests)
+                    )
+                    continue
                 if p.span is None:
                     part_grads = p.backend.backward(
                         do, q, k, v, o, part_lse, bias, p.causal, ctx.scale, ctx.states[i]

@@ -152,6 +152,60 @@ def test_fused_backward_is_once_differentiable():
         g.sum().backward()
 
 
+class _IntoPlaceMath:
+    """The math backend with ``forward_into``/``backward_into`` that write through
+    the given views, and a record of which calls took that path."""
+
+    name, description = "math_into_place", "test double"
+
+    def __init__(self) -> None:
+        from dilated_attention_pytorch.kernels.math import MathBackend
+
+        self.inner, self.into_calls = MathBackend(), 0
+
+    def not_supported_reasons(self, spec):
+        return []
+
+    def forward(self, *args):
+        return self.inner.forward(*args)
+
+    def backward(self, *args):
+        return self.inner.backward(*args)
+
+    def forward_into(self, q, k, v, causal, scale, out):
+        self.into_calls += 1
+        part, lse, state = self.inner.forward(q, k, v, None, causal, scale)
+        out.copy_(part)
+        return lse, state
+
+    def backward_into(self, grad_out, q, k, v, out, lse, causal, scale, state, grads):
+        self.into_calls += 1
+        for dest, part in zip(
+            grads, self.inner.backward(grad_out, q, k, v, out, lse, None, causal, scale, state)
+        ):
+            dest.copy_(part)
+
+
+@pytest.mark.parametrize("head_mode", ["grouped", "all"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("seg,dil,seq,heads", PATTERNS)
+def test_into_place_backends_match_reference(monkeypatch, seg, dil, seq, heads, head_mode, causal, batch):
+    """A backend that writes outputs and gradients into place (grouped heads, where
+    the problem is a view) computes the same function."""
+    backend = _IntoPlaceMath()
+    monkeypatch.setattr(functional, "select_backends", lambda query, calls, *a: [backend] * len(calls))
+    q, k, v = make_qkv(batch, seq, heads)
+    expected = reference(q, k, v, seg, dil, head_mode=head_mode, is_causal=causal)
+    g = torch.randn_like(expected)
+    out = functional.dilated_attention(q, k, v, seg, dil, head_mode=head_mode, is_causal=causal)
+    assert_close(out, expected, torch.float64, "output")
+    for name, a, b in zip("qkv", grads(out, (q, k, v), g), grads(expected, (q, k, v), g)):
+        assert_close(a, b, torch.float64, f"d{name}")
+    # every pattern here has calls whose problems are views ("all" merges: never into place)
+    assert (backend.into_calls > 0) == (head_mode == "grouped")
+
+
 def test_merge_by_lse_all_empty_is_zero_with_finite_grads():
     outs = [torch.randn(3, 4, dtype=torch.float64, requires_grad=True) for _ in range(2)]
     lses = [

@@ -1,12 +1,13 @@
 """Kernel backends and their registry.
 
 A backend is one module here plus one entry in ``REGISTRY``. Order is
-preference: the first backend with no reason against a call runs it.
+preference: the first backend with no reason against a call runs it (the
+order and the measurements behind it: docs/implementations.md, "auto").
 """
 
 from __future__ import annotations
 
-from .base import AttentionSpec, Backend
+from .base import AttentionSpec, Backend, IntoPlaceBackend
 from .flash4 import Flash4Backend
 from .math import MathBackend
 from .sdpa import CpuFlashBackend, CudnnBackend, EfficientBackend, FlashBackend
@@ -14,8 +15,8 @@ from .sdpa import CpuFlashBackend, CudnnBackend, EfficientBackend, FlashBackend
 REGISTRY: dict[str, Backend] = {
     b.name: b
     for b in (
-        CudnnBackend(),
         Flash4Backend(),
+        CudnnBackend(),
         FlashBackend(),
         EfficientBackend(),
         CpuFlashBackend(),
@@ -51,6 +52,7 @@ __all__ = [
     "REGISTRY",
     "AttentionSpec",
     "Backend",
+    "IntoPlaceBackend",
     "not_supported_reasons",
     "select_backend",
 ]

@@ -84,3 +84,32 @@ class Backend(Protocol):
         share of the merged gradient: the ring-attention identity.
         """
         ...
+
+
+class IntoPlaceBackend(Backend, Protocol):
+    """A backend whose kernels also write into caller-given strided tensors:
+    grouped-head problems then need no copy of their output and gradients into
+    place. ``out``, ``dq``, ``dk``, ``dv`` are ``(batch, heads, len, head_dim)``
+    views (last dim contiguous); no bias."""
+
+    def forward_into(
+        self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, out: Tensor
+    ) -> tuple[Tensor, Any]:
+        """Writes the output into ``out``; returns ``(lse, state)``."""
+        ...
+
+    def backward_into(
+        self,
+        grad_out: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        causal: bool,
+        scale: float,
+        state: Any,
+        grads: tuple[Tensor, Tensor, Tensor],
+    ) -> None:
+        """Writes ``(dq, dk, dv)`` into ``grads``."""
+        ...

@@ -44,7 +44,10 @@ def _interface() -> Any:
 
 class Flash4Backend:
     name = "flash_attn_4"
-    description = "FlashAttention-4 (flash-attn-4, CuTe DSL) when installed; SM90 and newer"
+    description = (
+        "FlashAttention-4 (flash-attn-4, CuTe DSL) when installed, on sm90; writes outputs and "
+        "gradients of grouped-head problems straight into place"
+    )
 
     def not_supported_reasons(self, spec: AttentionSpec) -> list[str]:
         version = installed_version()
@@ -59,8 +62,9 @@ class Flash4Backend:
         if spec.device_type != "cuda":
             reasons.append(f"runs on cuda only, got device {spec.device_type}")
             return reasons
-        if spec.compute_capability is not None and spec.compute_capability[0] not in (9, 10, 11, 12):
-            reasons.append(f"needs compute capability 9.x-12.x, got {spec.compute_capability}")
+        if spec.compute_capability is not None and spec.compute_capability[0] != 9:
+            # its sm100/sm120 kernels exist but never ran here
+            reasons.append(f"tested on compute capability 9.x (H100) only, got {spec.compute_capability}")
         if spec.dtype not in (torch.float16, torch.bfloat16):
             reasons.append(f"dtype {spec.dtype} not supported (supports torch.float16, torch.bfloat16)")
         if spec.head_dim % 8 or not 8 <= spec.head_dim <= 128:
@@ -88,3 +92,27 @@ class Flash4Backend:
             causal,
         )[:3]
         return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+    def forward_into(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, out: Tensor):
+        lse = _interface()._flash_attn_fwd(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            softmax_scale=scale,
+            causal=causal,
+            return_lse=True,
+            out=out.transpose(1, 2),
+        )[1]
+        return lse, None
+
+    def backward_into(self, grad_out, q, k, v, out, lse, causal, scale, state, grads) -> None:
+        dq, dk, dv = (g.transpose(1, 2) for g in grads)
+        _interface()._flash_attn_bwd(
+            *(x.transpose(1, 2) for x in (q, k, v, out, grad_out)),
+            lse.contiguous(),
+            scale,
+            causal,
+            dq=dq,
+            dk=dk,
+            dv=dv,
+        )
