@@ -742,8 +742,9 @@ def _bias_heads(bias: Tensor | None, call: BranchCall, piece: BranchCall) -> Ten
 
 
 class _FusedDilatedAttention(torch.autograd.Function):
-    """Grouped heads: problems are disjoint in (position, head) and write their
-    results straight into place. "all": each (position, head) sums one term per
+    """Grouped heads: problems are disjoint in (position, head); their results
+    are copied into place, or written there by an :class:`~.kernels.IntoPlaceBackend`.
+    "all": each (position, head) sums one term per
     branch, in float32; the backward does so one chunk of ``head_chunk`` heads at
     a time (kernel states must not depend on the heads; no spanning problem may
     be cut, so pass all heads with those)."""

@@ -74,45 +74,49 @@ class Flash4Backend:
         return reasons
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, causal: bool, scale: float):
-        out, lse = _interface()._flash_attn_fwd(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            softmax_scale=scale,
-            causal=causal,
-            return_lse=True,
-        )[:2]
-        return out.transpose(1, 2), lse, None
+        out, lse = _forward(q, k, v, causal, scale)
+        return out, lse, None
 
     def backward(self, grad_out, q, k, v, out, lse, bias, causal, scale, state):
-        dq, dk, dv = _interface()._flash_attn_bwd(
-            *(x.transpose(1, 2) for x in (q, k, v, out, grad_out)),
-            lse.contiguous(),
-            scale,
-            causal,
-        )[:3]
-        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+        return _backward(grad_out, q, k, v, out, lse, causal, scale)
 
     def forward_into(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, out: Tensor):
-        lse = _interface()._flash_attn_fwd(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            softmax_scale=scale,
-            causal=causal,
-            return_lse=True,
-            out=out.transpose(1, 2),
-        )[1]
-        return lse, None
+        return _forward(q, k, v, causal, scale, out)[1], None
 
     def backward_into(self, grad_out, q, k, v, out, lse, causal, scale, state, grads) -> None:
-        dq, dk, dv = (g.transpose(1, 2) for g in grads)
-        _interface()._flash_attn_bwd(
-            *(x.transpose(1, 2) for x in (q, k, v, out, grad_out)),
-            lse.contiguous(),
-            scale,
-            causal,
-            dq=dq,
-            dk=dk,
-            dv=dv,
-        )
+        _backward(grad_out, q, k, v, out, lse, causal, scale, grads)
+
+
+def _forward(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, out: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """``(out, lse)`` for ``(batch, heads, len, head_dim)`` views; written into ``out`` if given."""
+    result, lse = _interface()._flash_attn_fwd(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        softmax_scale=scale,
+        causal=causal,
+        return_lse=True,
+        out=None if out is None else out.transpose(1, 2),
+    )[:2]
+    return result.transpose(1, 2), lse
+
+
+def _backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    causal: bool,
+    scale: float,
+    grads: tuple[Tensor, Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv)``; written into ``grads`` if given."""
+    into = {} if grads is None else dict(zip(("dq", "dk", "dv"), (g.transpose(1, 2) for g in grads)))
+    dq, dk, dv = _interface()._flash_attn_bwd(
+        *(x.transpose(1, 2) for x in (q, k, v, out, grad_out)), lse.contiguous(), scale, causal, **into
+    )[:3]
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
