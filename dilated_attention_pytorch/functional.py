@@ -196,9 +196,15 @@ def _strided(x: Tensor, call: BranchCall, first_head: int = 0) -> Tensor:
             call.head_step * stride_h,
             *rest,
         ),
-        x.storage_offset()
-        + (call.start + call.offset) * stride_n
-        + (call.head_start - first_head) * stride_h,
+        _first_element(x, call, first_head),
+    )
+
+
+def _first_element(x: Tensor, call: BranchCall, first_head: int = 0) -> int:
+    """Storage offset of ``x``'s element at the call's first position and head."""
+    _, stride_n, stride_h = x.stride()[:3]
+    return (
+        x.storage_offset() + (call.start + call.offset) * stride_n + (call.head_start - first_head) * stride_h
     )
 
 
@@ -220,7 +226,7 @@ def _problem_view(x: Tensor, call: BranchCall) -> Tensor:
             call.dilation * stride_n,
             *rest,
         ),
-        x.storage_offset() + (call.start + call.offset) * stride_n + call.head_start * stride_h,
+        _first_element(x, call),
     )
 
 
