@@ -972,24 +972,43 @@ def run_flex(query: Tensor, problems: Iterable[FlexProblem], pattern: DilatedPat
     """Each problem through FlexAttention under autograd, outputs copied into
     place (grouped) or merged by lse ("all", differentiating through the lse)."""
     b, n, h, d = query.shape
-    merge = pattern.head_mode == "all"
-    # grouped: calls are disjoint in (position, head), so one buffer takes them all;
-    # "all": one buffer per branch, merged by lse at the end
-    outs = [query.new_zeros(b, n, h, d) for _ in range(pattern.num_branches if merge else 1)]
-    lse_dtype = _bias_dtype(query.dtype)
-    lses = [query.new_full((b, n, h), -math.inf, dtype=lse_dtype) for _ in outs] if merge else []
-    for p in problems:
-        if p.mask is None:
-            part_out, part_lse = math_kernel.attention_lse(p.q, p.k, p.v, None, False, scale, 0.0)
-        else:
-            part_out, part_lse = flex_kernel.attention(p.q, p.k, p.v, p.mask, p.score_mod, scale)
-        slot = p.call.branch if merge else 0
-        _strided(outs[slot], p.call).copy_(_from_problem(part_out.to(query.dtype), b))
-        if merge:
-            _strided(lses[slot], p.call).copy_(_from_problem(part_lse, b))
-    if merge:
+    if pattern.head_mode == "all":
+        # one buffer per branch, merged by lse at the end
+        outs = [query.new_zeros(b, n, h, d) for _ in range(pattern.num_branches)]
+        lses = [query.new_full((b, n, h), -math.inf, dtype=_bias_dtype(query.dtype)) for _ in outs]
+        for p in problems:
+            part_out, part_lse = _flex_problem(p, scale, lse=True)
+            _strided(outs[p.call.branch], p.call).copy_(_from_problem(part_out.to(query.dtype), b))
+            _strided(lses[p.call.branch], p.call).copy_(_from_problem(part_lse, b))
         return merge_by_lse(outs, lses)[0].to(query.dtype)
-    return outs[0]
+    # grouped: calls are disjoint in (position, head), so one buffer takes them all
+    out = None
+    for p in problems:
+        part_out = _from_problem(_flex_problem(p, scale, lse=False)[0].to(query.dtype), b)
+        if out is None and _covers(p.call, n, h):
+            return part_out.reshape(b, n, h, d)  # the only call: its output is the output
+        if out is None:
+            out = query.new_zeros(b, n, h, d)
+        _strided(out, p.call).copy_(part_out)
+    return out if out is not None else query.new_zeros(b, n, h, d)
+
+
+def _flex_problem(p: FlexProblem, scale: float, lse: bool) -> tuple[Tensor, Tensor | None]:
+    if p.mask is None:
+        return math_kernel.attention_lse(p.q, p.k, p.v, None, False, scale, 0.0)
+    return flex_kernel.attention(p.q, p.k, p.v, p.mask, p.score_mod, scale, lse)
+
+
+def _covers(call: BranchCall, seq_len: int, num_heads: int) -> bool:
+    """Whether a call's problem is every (position, head) in order (dilation 1, whole
+    segments from 0, all heads): a view of its output is the whole output."""
+    return (
+        call.dilation == 1
+        and call.start == 0
+        and call.length == call.segment_length
+        and call.num_segments * call.segment_length == seq_len
+        and (call.head_start, call.head_step, call.num_heads) == (0, 1, num_heads)
+    )
 
 
 def _flex(

@@ -93,6 +93,44 @@ def test_flex_forward_on_cpu_matches_reference(causal, head_mode):
     assert_close(module(q, k, v, is_causal=causal), expected, torch.float64, "flex cpu")
 
 
+# blocks a multiple of dilation x 128 (FlexAttention's tile): every tile lies in one
+# block pair, so the mask_mod reads no layout (causal only, or no mask_mod at all); a
+# single branch of dilation 1 returns FlexAttention's output as the output
+TILE_ALIGNED = [((2048,), (1,), 128), ((1024, 2048), (1, 2), 256), ((512, 2048), (1, 4), 512)]
+
+
+def _aligned_layout(n: int, block: int, device: str = "cpu") -> torch.Tensor:
+    g = torch.Generator().manual_seed(block)
+    layout = torch.rand(n // block, n // block, generator=g) < 0.4
+    layout[1] = False  # a row block without keys (no diagonal): FlexAttention's own zeros
+    return layout.to(device)
+
+
+@pytest.mark.parametrize("seg,dil,block", TILE_ALIGNED)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("head_mode", ["grouped", "all"])
+def test_flex_forward_on_cpu_with_tiles_within_blocks(seg, dil, block, causal, head_mode):
+    n = 2048
+    layout = _aligned_layout(n, block)
+    q, k, v = make_qkv(1, n, 4, 16, requires_grad=False)
+    out = dilated_attention(
+        q,
+        k,
+        v,
+        seg,
+        dil,
+        head_mode=head_mode,
+        is_causal=causal,
+        method="flex",
+        block_layout=layout,
+        block_size=block,
+    )
+    blocked = ~layouts.expand_layout(layout, block, n)
+    expected = reference(q, k, v, seg, dil, head_mode=head_mode, is_causal=causal, attn_mask=blocked)
+    assert_close(out, expected, torch.float64, "flex cpu, tiles within blocks")
+    assert (out[:, block : 2 * block] == 0).all()
+
+
 @pytest.mark.parametrize("backend", ["gather", "flex"])
 @pytest.mark.parametrize("kind", ["bool", "float"])
 def test_masks_on_top_of_the_layout(backend, kind):
@@ -440,3 +478,24 @@ def test_gpu_auto_path_is_flex_and_matches_gather():
     module.backend = "gather"
     assert_close(out, module(q, k, v), torch.bfloat16, "flex vs gather")
     assert TOLERANCES[torch.bfloat16] == 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seg,dil,block", TILE_ALIGNED)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gpu_flex_with_tiles_within_blocks(seg, dil, block, causal):
+    n = 2048
+    layout = _aligned_layout(n, block, "cuda")
+    q, k, v = make_qkv(1, n, 4, 64, device="cuda")
+    qd, kd, vd = (x.detach().to(torch.bfloat16).requires_grad_() for x in (q, k, v))
+    out = dilated_attention(
+        qd, kd, vd, seg, dil, is_causal=causal, method="flex", block_layout=layout, block_size=block
+    )
+    blocked = ~layouts.expand_layout(layout, block, n)
+    expected = reference(q, k, v, seg, dil, is_causal=causal, attn_mask=blocked)
+    assert_close(out, expected, torch.bfloat16, "tiles within blocks: output")
+    assert (out[:, block : 2 * block] == 0).all()
+    g = torch.randn_like(expected)
+    for name, a, b in zip("qkv", grads(out, (qd, kd, vd), g.bfloat16()), grads(expected, (q, k, v), g)):
+        assert torch.isfinite(a).all()
+        assert_close(a, b, torch.bfloat16, f"tiles within blocks: d{name}")

@@ -175,3 +175,71 @@ def test_gathered_tile_masks_match_the_position_mask(dilation, block_size, causa
         assert torch.equal(full, want_full & want_need)
     masked_need, masked_full = flex.gathered_tile_masks(call, 1024, keys, layout4, block_size, causal, True)
     assert torch.equal(masked_need, need) and not masked_full.any()
+
+
+def _mod_on_needed_tiles(mask, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mask.mask_mod`` at every (problem row, head, query, key), and where the
+    kernel evaluates it: inside the tiles the block mask runs (padded to whole
+    tiles, as the kernel pads them)."""
+    dense = mask.to_dense().bool()  # (B, H, tq, tk)
+    batch, heads, tq, tk = dense.shape
+    b = torch.arange(batch)[:, None, None, None]
+    h = torch.arange(heads)[None, :, None, None]
+    q = torch.arange(tq * T)[None, None, :, None]
+    k = torch.arange(tk * T)[None, None, None, :]
+    values = torch.broadcast_to(mask.mask_mod(b, h, q, k), (batch, heads, tq * T, tk * T))
+    where = dense.repeat_interleave(T, -2).repeat_interleave(T, -1)
+    return values[..., :rows, :cols], where[..., :rows, :cols]
+
+
+@pytest.mark.parametrize(
+    "seg,dil,seq,block_size,batch_layout",
+    [
+        ((512,), (1,), 1024, 128, False),  # tiles within blocks (on CUDA the mod drops the layout read)
+        ((1024,), (2,), 2048, 256, True),  # the same with dilation, per-batch layout
+        ((1024, 2048), (2, 4), 2048, 48, False),  # tiles spanning blocks: table reads
+        ((900,), (3,), 1800, 100, True),  # unaligned segments
+    ],
+)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_mask_mod_matches_the_position_mask_on_the_tiles_it_runs(
+    seg, dil, seq, block_size, batch_layout, causal
+):
+    heads, batch = 3, 2
+    pattern = DilatedPattern(seg, dil, "all")
+    nb = math.ceil(seq / block_size)
+    g = torch.Generator().manual_seed(4)
+    layout4 = torch.rand(batch if batch_layout else 1, heads, nb, nb, generator=g) < 0.4
+    for call in pattern.calls(seq, heads):
+        mask, _ = flex.block_mask(call, layout4, block_size, causal, batch)
+        values, where = _mod_on_needed_tiles(mask, call.length, call.length)
+        pos = _positions(call, torch.device("cpu"))  # (S, L)
+        blocks = pos // block_size
+        layout = flex._call_layout(layout4, call).expand(batch, -1, -1, -1)
+        want = layout[:, :, blocks[:, :, None], blocks[:, None, :]]  # (batch, H', S, L, L)
+        want = want.transpose(1, 2).reshape(batch * call.num_segments, -1, call.length, call.length)
+        if causal:
+            want = want & torch.ones(call.length, call.length, dtype=torch.bool).tril()
+        want = want.expand_as(values)
+        assert torch.equal(values[where], want[where]), f"mask_mod differs for {call}"
+
+
+@pytest.mark.parametrize("dilation,block_size", [(1, 16), (3, 16)])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gathered_mask_mod_matches_the_position_mask(dilation, block_size, causal):
+    seq, heads, count = 2048, 2, 300
+    call = DilatedPattern((2048,), (dilation,), "all").calls(seq, heads)[0]
+    call = type(call)(**{**call.__dict__, "length": count})
+    q_pos = 1024 + dilation * torch.arange(count)
+    g = torch.Generator().manual_seed(dilation)
+    candidates = torch.arange(0, seq, dilation)
+    keys = candidates[torch.rand(candidates.shape[0], generator=g) < 0.6]
+    nb = seq // block_size
+    layout4 = torch.rand(1, heads, nb, nb, generator=g) < 0.3
+    mask, _ = flex.gathered_block_mask(call, 1024, keys, layout4, block_size, causal, batch=2)
+    values, where = _mod_on_needed_tiles(mask, count, keys.shape[0])
+    layout = flex._call_layout(layout4, call)
+    want = layout[:, :, (q_pos // block_size)[:, None], (keys // block_size)[None, :]]
+    if causal:
+        want = want & (q_pos[:, None] >= keys[None, :])
+    assert torch.equal(values[where], want.expand_as(values)[where])
