@@ -176,11 +176,27 @@ def _from_tiles(
     need: Tensor, full: Tensor, mask_mod: Callable[..., Tensor], seq_lengths: tuple[int, int]
 ) -> Any:
     """The BlockMask running ``need`` tiles, those in ``full`` without ``mask_mod``;
-    both bool ``(batch, heads | 1, q tiles, k tiles)``."""
-    kv_num, kv_idx = _to_kv_blocks(need & ~full)
+    both bool ``(batch, heads | 1, q tiles, k tiles)``. The backward's per-column
+    lists are the same sort of the transposed tiles: ``BlockMask.from_kv_blocks``
+    would rebuild the dense tiles from the row lists first (2.5 of 3.6 ms of a
+    64K build on the H100, most of it host time)."""
+    partial = need & ~full
+    kv_num, kv_idx = _to_kv_blocks(partial)
     full_num, full_idx = _to_kv_blocks(full)
-    return _flex_module.BlockMask.from_kv_blocks(
-        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=TILE, mask_mod=mask_mod, seq_lengths=seq_lengths
+    q_num, q_idx = _to_kv_blocks(partial.transpose(-2, -1))
+    full_q_num, full_q_idx = _to_kv_blocks(full.transpose(-2, -1))
+    return _flex_module.BlockMask(
+        seq_lengths=seq_lengths,
+        kv_num_blocks=kv_num,
+        kv_indices=kv_idx,
+        full_kv_num_blocks=full_num,
+        full_kv_indices=full_idx,
+        q_num_blocks=q_num,
+        q_indices=q_idx,
+        full_q_num_blocks=full_q_num,
+        full_q_indices=full_q_idx,
+        BLOCK_SIZE=(TILE, TILE),
+        mask_mod=mask_mod,
     )
 
 

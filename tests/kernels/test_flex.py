@@ -74,6 +74,15 @@ def test_block_mask_indices_list_exactly_the_tiles():
     expected = flex._problem_batch(need, 3)
     assert torch.equal(dense, expected.expand_as(dense))
     assert score_mod is None
+    # the backward's per-column lists, built directly, are those FlexAttention derives
+    derived = torch.nn.attention.flex_attention.BlockMask.from_kv_blocks(
+        mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices, BLOCK_SIZE=T
+    )
+    for num, idx in (("q_num_blocks", "q_indices"), ("full_q_num_blocks", "full_q_indices")):
+        counts = getattr(mask, num)
+        assert torch.equal(counts, getattr(derived, num))
+        listed = torch.arange(getattr(mask, idx).shape[-1]) < counts[..., None]
+        assert torch.equal(getattr(mask, idx)[listed], getattr(derived, idx)[listed])
 
 
 def test_finite_float_masks_get_a_score_mod():
