@@ -229,14 +229,20 @@ def _tiles_within_blocks(call: BranchCall, block_size: int, layout_offset: int) 
     )
 
 
+def _padded_index(length: int, device: torch.device) -> Tensor:
+    """``0 … length - 1`` padded to whole tiles by repeating the last index: tables
+    indexed with it answer mods evaluated on padded rows and columns in range."""
+    padded = -(-length // TILE) * TILE
+    return torch.clamp(torch.arange(padded, device=device), max=length - 1)
+
+
 def _compact_blocks(
     first: int, segment_length: int, segments: int, dilation: int, length: int, block_size: int, device
 ) -> Tensor:
     """Layout block of each compact position ``first + s · segment_length + dilation · i``,
     int32 ``(segments · padded,)`` with ``padded`` = length rounded up to whole tiles;
     padded positions repeat the last block, so mods evaluated there stay in range."""
-    padded = -(-length // TILE) * TILE
-    i = torch.clamp(torch.arange(padded, device=device), max=length - 1)
+    i = _padded_index(length, device)
     starts = first + segment_length * torch.arange(segments, device=device)[:, None]
     return ((starts + dilation * i) // block_size).to(torch.int32).reshape(-1)
 
@@ -277,9 +283,9 @@ def _layout_lookup(
 
 
 def _at_most(x: Tensor, limit: Tensor) -> Tensor:
-    """``min(x, limit)`` in mods, written with ``where``: FlexAttention's
-    flash-attn-4 backend (``BACKEND="FLASH"``) lowers ``where`` but, in torch
-    2.11, not ``minimum``."""
+    """``min(x, limit)`` in mods, written with ``where``: torch 2.11's CuTe lowering
+    of mods (FlexAttention's ``BACKEND="FLASH"``) rejects ``minimum``. (That
+    backend still fails on these mods for other reasons; see docs/benchmarks.md.)"""
     return torch.where(x > limit, limit, x)
 
 
@@ -473,8 +479,7 @@ def gathered_block_mask(
     key_flat = _flat(key_bias)
     positions = key_positions.contiguous()
     rows = _compact_blocks(query_start, 0, 1, call.dilation, call.length, block_size, layout4.device)
-    padded = -(-total // TILE) * TILE
-    cols = positions[torch.clamp(torch.arange(padded, device=positions.device), max=total - 1)] // block_size
+    cols = positions[_padded_index(total, positions.device)] // block_size
     allowed = _layout_lookup(layout4, call, rows, cols, 1)
 
     def place(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> tuple[Tensor, ...]:

@@ -149,19 +149,28 @@ def test_block_mask_tensors_are_contiguous_for_per_head_layouts():
         assert t.is_contiguous() and t.shape[:2] == (2 * call.num_segments, call.num_heads)
 
 
+def _gathered_case(dilation: int, skip_member: bool):
+    """300 queries of one rank (positions 1024 + r·i, 2 heads) and keys gathered from a
+    2048-long segment: sorted, unevenly spaced (single rows skipped, and with
+    ``skip_member`` the whole member 512..767)."""
+    call = DilatedPattern((2048,), (dilation,), "all").calls(2048, 2)[0]
+    call = type(call)(**{**call.__dict__, "length": 300})
+    q_pos = 1024 + dilation * torch.arange(300)
+    g = torch.Generator().manual_seed(dilation)
+    candidates = torch.arange(0, 2048, dilation)
+    kept = torch.rand(candidates.shape[0], generator=g) < 0.6
+    if skip_member:
+        kept &= candidates // 256 != 2
+    return call, q_pos, candidates[kept], g
+
+
 @pytest.mark.parametrize("dilation,block_size", [(1, 16), (3, 16), (2, 64)])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_gathered_tile_masks_match_the_position_mask(dilation, block_size, causal):
     # queries of one rank (positions 1024 + r·i) against keys gathered from a
     # segment: sorted, unevenly spaced (whole members and single rows skipped)
-    seq, heads, count = 2048, 2, 300
-    call = DilatedPattern((2048,), (dilation,), "all").calls(seq, heads)[0]
-    call = type(call)(**{**call.__dict__, "length": count})
-    q_pos = 1024 + dilation * torch.arange(count)
-    g = torch.Generator().manual_seed(dilation)
-    candidates = torch.arange(0, seq, dilation)
-    keys = candidates[(torch.rand(candidates.shape[0], generator=g) < 0.6) & (candidates // 256 != 2)]
-    nb = seq // block_size
+    call, q_pos, keys, g = _gathered_case(dilation, skip_member=True)
+    heads, count, nb = call.num_heads, call.length, 2048 // block_size
     layout4 = (torch.rand(1, heads, nb, nb, generator=g) < 0.3) | torch.eye(nb, dtype=torch.bool)
     layout4[..., : nb // 2, : nb // 2] = True  # some full tiles
     need, full = flex.gathered_tile_masks(call, 1024, keys, layout4, block_size, causal, masked=False)
@@ -236,14 +245,8 @@ def test_mask_mod_matches_the_position_mask_on_the_tiles_it_runs(
 @pytest.mark.parametrize("dilation,block_size", [(1, 16), (3, 16)])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_gathered_mask_mod_matches_the_position_mask(dilation, block_size, causal):
-    seq, heads, count = 2048, 2, 300
-    call = DilatedPattern((2048,), (dilation,), "all").calls(seq, heads)[0]
-    call = type(call)(**{**call.__dict__, "length": count})
-    q_pos = 1024 + dilation * torch.arange(count)
-    g = torch.Generator().manual_seed(dilation)
-    candidates = torch.arange(0, seq, dilation)
-    keys = candidates[torch.rand(candidates.shape[0], generator=g) < 0.6]
-    nb = seq // block_size
+    call, q_pos, keys, g = _gathered_case(dilation, skip_member=False)
+    heads, count, nb = call.num_heads, call.length, 2048 // block_size
     layout4 = torch.rand(1, heads, nb, nb, generator=g) < 0.3
     mask, _ = flex.gathered_block_mask(call, 1024, keys, layout4, block_size, causal, batch=2)
     values, where = _mod_on_needed_tiles(mask, count, keys.shape[0])
