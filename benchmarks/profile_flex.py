@@ -4,7 +4,11 @@ the same block mask with kernel options (and ``BACKEND="FLASH"`` where
 flash-attn-4 is installed), the block-mask build step by step, and the GPU
 kernel time of the module (torch.profiler).
 
-    python benchmarks/profile_flex.py [--seq 65536] [--variants default safe tma flash] [--output F.json]
+    python benchmarks/profile_flex.py [--seq 65536] [--warm-seq 32768]
+        [--variants default divisible static safe tma flash] [--output F.json]
+
+``--warm-seq`` runs the module once at another length first, as a sweep does:
+the compiled FlexAttention then serves the measured length with dynamic shapes.
 """
 
 from __future__ import annotations
@@ -32,10 +36,14 @@ from dilated_attention_pytorch.kernels import flex as flex_kernel
 #: FlexAttention kernel options tried on the bare call
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
+    # lengths known to be multiples of 128 (set by the library; dynamic shapes cannot prove it)
+    "divisible": {"IS_DIVISIBLE": True},
     "safe": {"ROWS_GUARANTEED_SAFE": True, "PRESCALE_QK": True},
     "tma": {"USE_TMA": True},
     "flash": {"BACKEND": "FLASH"},
 }
+#: the bare call compiled for static shapes (``dynamic=False``), default options
+STATIC = "static"
 
 
 def _kernels(fn: Callable[[], Any], calls: int = 5) -> dict[str, Any]:
@@ -62,7 +70,7 @@ def _build_steps(call: Any, layout4: torch.Tensor, block_size: int, timer: Timer
     need, full = flex_kernel.tile_masks(call, layout4, block_size, False, False)
     steps = {
         "tile_masks": lambda: flex_kernel.tile_masks(call, layout4, block_size, False, False),
-        "kv_blocks_x2": lambda: (flex_kernel._to_kv_blocks(need & ~full), flex_kernel._to_kv_blocks(full)),
+        "kv_blocks_x2": lambda: flex_kernel._to_kv_blocks(need & ~full, full),
         "from_tiles": lambda: flex_kernel._from_tiles(
             need, full, flex_kernel._flex_module.noop_mask, (call.length,) * 2
         ),
@@ -92,7 +100,8 @@ def main() -> None:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--pattern", default="dilated_sparse")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    p.add_argument("--warm-seq", type=int, default=None)
+    p.add_argument("--variants", nargs="+", default=[*VARIANTS, STATIC])
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--output", type=Path, default=None)
     args = p.parse_args()
@@ -108,6 +117,13 @@ def main() -> None:
     module = BlockSparseRingDilatedAttention(
         [n], [1], pattern=args.pattern, sparsity=args.sparsity, backend="flex"
     )
+    if args.warm_seq:
+        warm = BlockSparseRingDilatedAttention(
+            [args.warm_seq], [1], pattern=args.pattern, sparsity=args.sparsity, backend="flex"
+        )
+        x = torch.randn(1, args.warm_seq, h, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        warm(x, x, x).sum().backward()
+        res["warm_seq"] = args.warm_seq
     q, k, v = (torch.randn(1, n, h, d, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in "qkv")
     grad = torch.randn_like(q)
 
@@ -130,12 +146,14 @@ def main() -> None:
 
     qp, kp, vp = (_problem_view(x, call) for x in (q, k, v))
     gp = torch.randn_like(qp)
-    fn = flex_kernel._flex_attention("cuda")
+    dynamic = flex_kernel._flex_attention("cuda")
+    static = torch.compile(flex_kernel._flex_module.flex_attention, dynamic=False)
     reference = None
     for name in args.variants:
-        opts = VARIANTS[name]
+        opts = VARIANTS.get(name, {})
+        fn = static if name == STATIC else dynamic
 
-        def bare(opts: dict[str, Any] = opts) -> torch.Tensor:
+        def bare(opts: dict[str, Any] = opts, fn: Callable[..., Any] = fn) -> torch.Tensor:
             return fn(qp, kp, vp, block_mask=mask, kernel_options=opts)
 
         try:

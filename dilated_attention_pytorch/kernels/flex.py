@@ -116,6 +116,27 @@ def _call_layout(layout4: Tensor, call: BranchCall) -> Tensor:
     return layout4[:, call.head_start :: call.head_step][:, : call.num_heads]
 
 
+def _tile_masks_within_blocks(
+    call: BranchCall, layout4: Tensor, block_size: int, causal: bool, masked: bool, layout_offset: int
+) -> tuple[Tensor, Tensor]:
+    """:func:`tile_masks` where every tile lies in one natural block (see
+    :func:`_tiles_within_blocks`): one gather of the layout at the tiles' blocks,
+    a handful of ops instead of prefix sums (the build is host-bound at 64K)."""
+    device = layout4.device
+    base, step = layout_offset + call.start + call.offset, call.dilation * TILE
+    starts = torch.arange(base, base + call.dilation * call.length, step, device=device)[None]
+    if call.num_segments > 1:
+        starts = starts + torch.arange(call.num_segments, device=device)[:, None] * call.segment_length
+    blocks = starts // block_size  # (segments, tiles)
+    need = _call_layout(layout4, call)[:, :, blocks[:, :, None], blocks[:, None, :]]  # (B', H', S, t, t)
+    if causal:
+        need = need.tril()  # a diagonal tile runs if its block allows itself
+    full = need.tril(-1) if causal else need
+    if masked:
+        full = torch.zeros_like(need)
+    return need.transpose(1, 2), full.transpose(1, 2)
+
+
 def tile_masks(
     call: BranchCall, layout4: Tensor, block_size: int, causal: bool, masked: bool, layout_offset: int = 0
 ) -> tuple[Tensor, Tensor]:
@@ -127,6 +148,8 @@ def tile_masks(
     segment's part of the layout) tells empty, full and partial tiles apart.
     ``layout_offset``: the layout's position of the call's position 0 (a shard's start).
     """
+    if _tiles_within_blocks(call, block_size, layout_offset):
+        return _tile_masks_within_blocks(call, layout4, block_size, causal, masked, layout_offset)
     device = layout4.device
     lo, hi = _tile_blocks(call, block_size, device, layout_offset)
     seg_lo = lo[:, :1]
@@ -161,15 +184,23 @@ def tile_masks(
     return need.transpose(1, 2), full.transpose(1, 2)
 
 
-def _to_kv_blocks(mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Bool ``(B, H, tiles, tiles)`` -> (kv_num_blocks, kv_indices), int32 and
-    contiguous: FlexAttention's kernels address them as ``(B·H, ...)`` with one
-    stride, so a batch-head layout left over from a transpose (per-head
-    layouts) made them read out of bounds (the illegal memory access)."""
-    mask = mask.contiguous()
-    num = mask.sum(-1, dtype=torch.int32)
-    order = torch.argsort(mask.to(torch.int8), dim=-1, descending=True, stable=True)
-    return num.contiguous(), order.to(torch.int32).contiguous()
+_STACKED_SORT_LIMIT = 2**22  # tiles of one mask
+
+
+def _to_kv_blocks(*masks: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """Bool ``(B, H, tiles, tiles)`` of one shape -> (kv_num_blocks, kv_indices) of
+    each, int32 and contiguous: FlexAttention's kernels address them as
+    ``(B·H, ...)`` with one stride, so a batch-head layout left over from a
+    transpose (per-head layouts) made them read out of bounds (the illegal
+    memory access). Small masks are stacked to share one count and one sort
+    (the build is a few dozen small ops, host-bound at 64K); large ones go one
+    at a time, as the sort's int64 indices of four 1M-token masks take 2 GiB."""
+    if masks[0].numel() > _STACKED_SORT_LIMIT and len(masks) > 1:
+        return [pair for mask in masks for pair in _to_kv_blocks(mask)]
+    stacked = torch.stack(masks)  # a contiguous copy; its slices are contiguous
+    num = stacked.sum(-1, dtype=torch.int32)
+    order = torch.argsort(stacked.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+    return list(zip(num.unbind(0), order.unbind(0)))
 
 
 def _from_tiles(
@@ -181,10 +212,12 @@ def _from_tiles(
     would rebuild the dense tiles from the row lists first (2.5 of 3.6 ms of a
     64K build on the H100, most of it host time)."""
     partial = need & ~full
-    kv_num, kv_idx = _to_kv_blocks(partial)
-    full_num, full_idx = _to_kv_blocks(full)
-    q_num, q_idx = _to_kv_blocks(partial.transpose(-2, -1))
-    full_q_num, full_q_idx = _to_kv_blocks(full.transpose(-2, -1))
+    rows, cols = (partial, full), (partial.transpose(-2, -1), full.transpose(-2, -1))
+    if need.shape[-1] == need.shape[-2]:
+        lists = _to_kv_blocks(*rows, *cols)
+    else:
+        lists = _to_kv_blocks(*rows) + _to_kv_blocks(*cols)
+    (kv_num, kv_idx), (full_num, full_idx), (q_num, q_idx), (full_q_num, full_q_idx) = lists
     return _flex_module.BlockMask(
         seq_lengths=seq_lengths,
         kv_num_blocks=kv_num,
@@ -505,6 +538,14 @@ def _has_finite_bias(bias: Tensor | None) -> bool:
     return bias is not None and bool((torch.isfinite(bias) & (bias != 0)).any())
 
 
+def _kernel_options(q_len: int, kv_len: int) -> dict[str, Any]:
+    """Options of the compiled kernels: lengths that are whole tiles say so. Past
+    the first shape the kernel is compiled for dynamic lengths, where inductor
+    cannot prove divisibility and masks every load and score at the edges
+    (``IS_DIVISIBLE=False``)."""
+    return {"IS_DIVISIBLE": q_len % TILE == 0 and kv_len % TILE == 0}
+
+
 def attention(
     q: Tensor,
     k: Tensor,
@@ -518,18 +559,20 @@ def attention(
     ``(batch, heads, len)``, differentiable (None unless ``lse``). Rows with no
     key: out 0 (FlexAttention's own result), lse -inf."""
     fn = _flex_attention(q.device.type)
+    kwargs: dict[str, Any] = {"score_mod": score_mod, "block_mask": mask, "scale": scale}
+    if q.device.type == "cuda":
+        kwargs["kernel_options"] = _kernel_options(q.shape[-2], k.shape[-2])
     # causal or not, masks or not, dtypes, layouts per head: each a compiled variant;
     # past dynamo's default limit of 8 FlexAttention would silently run unfused
     limit = max(_RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
     with torch._dynamo.config.patch(recompile_limit=limit):
         if not lse:
-            return fn(q, k, v, score_mod=score_mod, block_mask=mask, scale=scale), None
+            return fn(q, k, v, **kwargs), None
         if hasattr(_flex_module, "AuxRequest"):  # torch >= 2.9
-            request = _flex_module.AuxRequest(lse=True)
-            out, aux = fn(q, k, v, score_mod=score_mod, block_mask=mask, scale=scale, return_aux=request)
+            out, aux = fn(q, k, v, **kwargs, return_aux=_flex_module.AuxRequest(lse=True))
             row_lse = aux.lse
         else:
-            out, row_lse = fn(q, k, v, score_mod=score_mod, block_mask=mask, scale=scale, return_lse=True)
+            out, row_lse = fn(q, k, v, **kwargs, return_lse=True)
     has_key = torch.isfinite(row_lse)
     out = torch.where(has_key[..., None], out, 0.0)
     return out, torch.where(has_key, row_lse, -math.inf)

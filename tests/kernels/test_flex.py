@@ -40,6 +40,7 @@ def _brute_force(call, layout4, block_size, causal):
         ((900,), (3,), 1800, 3, 100),  # w % r != 0, segment not block aligned
         ((2048,), (16,), 2048, 1, 32),  # r > block_size / tile: sparse rows per block
         ((640, 1024), (1, 2), 1500, 2, 128),  # partial last segment
+        ((512, 1024), (2, 4), 2048, 4, 512),  # tiles within blocks, several segments, offsets
     ],
 )
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -61,6 +62,33 @@ def test_tile_masks_match_the_position_mask(seg, dil, seq, heads, block_size, ca
             assert torch.equal(full, want_full & want_need), f"full tiles differ for {call}"
         masked_need, masked_full = flex.tile_masks(call, layout4, block_size, causal, masked=True)
         assert torch.equal(masked_need, need) and not masked_full.any()
+
+
+def test_tiles_within_blocks_are_recognised():
+    """The aligned case above takes the one-gather path; unaligned ones do not."""
+    calls = DilatedPattern((512, 1024), (2, 4), "all").calls(2048, 4)
+    assert all(flex._tiles_within_blocks(c, 512, 0) for c in calls)
+    assert not any(flex._tiles_within_blocks(c, 256, 0) for c in calls if c.dilation == 4)
+    assert not flex._tiles_within_blocks(calls[0], 512, 128)  # a shard starting mid-block
+
+
+def test_kernel_options_claim_divisibility_only_for_whole_tiles():
+    assert flex._kernel_options(2 * T, 3 * T) == {"IS_DIVISIBLE": True}
+    assert flex._kernel_options(2 * T, 3 * T + 1) == {"IS_DIVISIBLE": False}
+    assert flex._kernel_options(T - 64, T) == {"IS_DIVISIBLE": False}
+
+
+def test_stacked_and_one_by_one_block_lists_agree(monkeypatch):
+    masks = [torch.rand(2, 3, 9, 9, generator=torch.Generator().manual_seed(i)) < 0.4 for i in range(4)]
+    stacked = flex._to_kv_blocks(*masks)
+    monkeypatch.setattr(flex, "_STACKED_SORT_LIMIT", 0)
+    for (num, idx), (num1, idx1), mask in zip(stacked, flex._to_kv_blocks(*masks), masks):
+        assert num.is_contiguous() and idx.is_contiguous() and num.dtype == idx.dtype == torch.int32
+        assert torch.equal(num, num1) and torch.equal(idx, idx1)
+        assert torch.equal(num, mask.sum(-1, dtype=torch.int32))
+        listed = torch.gather(mask, -1, idx.long())
+        in_list = torch.arange(9)[None, None, None] < num[..., None]
+        assert torch.equal(listed, in_list)  # the first num indices are the allowed tiles
 
 
 def test_block_mask_indices_list_exactly_the_tiles():
