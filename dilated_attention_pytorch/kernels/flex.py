@@ -96,17 +96,24 @@ def _flex_attention(device_type: str) -> Callable[..., Any]:
 # which tiles to run
 
 
+def _tile_starts(call: BranchCall, device: torch.device, layout_offset: int = 0) -> Tensor:
+    """Natural position of each compact tile's first row: ``(segments | 1, tiles)``."""
+    base = layout_offset + call.start + call.offset
+    step = call.dilation * TILE
+    starts = torch.arange(base, base + call.dilation * call.length, step, device=device)[None]
+    if call.num_segments > 1:
+        starts = starts + torch.arange(call.num_segments, device=device)[:, None] * call.segment_length
+    return starts
+
+
 def _tile_blocks(
     call: BranchCall, block_size: int, device: torch.device, layout_offset: int = 0
 ) -> tuple[Tensor, Tensor]:
     """First and last natural block of each compact tile: two ``(segments, tiles)``."""
-    first = torch.arange(0, call.length, TILE, device=device)
-    last = torch.clamp(first + TILE, max=call.length) - 1
-    segments = torch.arange(call.num_segments, device=device) * call.segment_length
-    base = layout_offset + call.start + call.offset + segments
-    lo = (base[:, None] + call.dilation * first) // block_size
-    hi = (base[:, None] + call.dilation * last) // block_size
-    return lo, hi
+    starts = _tile_starts(call, device, layout_offset).expand(call.num_segments, -1)
+    # rows after a tile's first: TILE - 1, fewer in a short last tile
+    rest = torch.clamp(call.length - 1 - torch.arange(0, call.length, TILE, device=device), max=TILE - 1)
+    return starts // block_size, (starts + call.dilation * rest) // block_size
 
 
 def _call_layout(layout4: Tensor, call: BranchCall) -> Tensor:
@@ -122,18 +129,14 @@ def _tile_masks_within_blocks(
     """:func:`tile_masks` where every tile lies in one natural block (see
     :func:`_tiles_within_blocks`): one gather of the layout at the tiles' blocks,
     a handful of ops instead of prefix sums (the build is host-bound at 64K)."""
-    device = layout4.device
-    base, step = layout_offset + call.start + call.offset, call.dilation * TILE
-    starts = torch.arange(base, base + call.dilation * call.length, step, device=device)[None]
-    if call.num_segments > 1:
-        starts = starts + torch.arange(call.num_segments, device=device)[:, None] * call.segment_length
-    blocks = starts // block_size  # (segments, tiles)
+    blocks = _tile_starts(call, layout4.device, layout_offset) // block_size  # (segments | 1, tiles)
     need = _call_layout(layout4, call)[:, :, blocks[:, :, None], blocks[:, None, :]]  # (B', H', S, t, t)
     if causal:
         need = need.tril()  # a diagonal tile runs if its block allows itself
-    full = need.tril(-1) if causal else need
     if masked:
         full = torch.zeros_like(need)
+    else:
+        full = need.tril(-1) if causal else need
     return need.transpose(1, 2), full.transpose(1, 2)
 
 
@@ -188,7 +191,7 @@ _STACKED_SORT_LIMIT = 2**22  # tiles of one mask
 
 
 def _to_kv_blocks(*masks: Tensor) -> list[tuple[Tensor, Tensor]]:
-    """Bool ``(B, H, tiles, tiles)`` of one shape -> (kv_num_blocks, kv_indices) of
+    """Bool ``(B, H, row tiles, column tiles)`` of one shape -> (kv_num_blocks, kv_indices) of
     each, int32 and contiguous: FlexAttention's kernels address them as
     ``(B·H, ...)`` with one stride, so a batch-head layout left over from a
     transpose (per-head layouts) made them read out of bounds (the illegal
