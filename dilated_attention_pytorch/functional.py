@@ -32,7 +32,7 @@ from . import kernels
 from .kernels import flex as flex_kernel
 from .kernels import math as math_kernel
 from .kernels import triton_merge
-from .pattern import BranchCall, DilatedPattern, HeadMode, as_pattern, split_heads
+from .pattern import BranchCall, BranchRows, DilatedPattern, HeadMode, as_pattern, compact_rows, split_heads
 
 Method = Literal["fused", "gather", "flex"]
 METHODS: tuple[str, ...] = ("fused", "gather", "flex")
@@ -365,6 +365,92 @@ def _merge_into_torch(out5: Tensor, lse4: Tensor, part_out: Tensor, part_lse: Te
     lse4.copy_(new)
 
 
+class _BranchBuffers:
+    """Every branch's compact rows (:class:`~.pattern.BranchRows`) in one
+    allocation: branch ``i`` is a ``(batch, num_rows, heads[, head_dim])`` block.
+    Never zero-filled: merges read only the rows that hold a result."""
+
+    def __init__(
+        self,
+        rows: dict[int, BranchRows],
+        batch: int,
+        heads: int,
+        head_dim: int | None,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        per_unit = 1 if head_dim is None else head_dim
+        tail = (heads,) if head_dim is None else (heads, head_dim)
+        units = [batch * br.num_rows * heads for br in rows.values()]
+        self.flat = torch.empty(sum(units) * per_unit, dtype=dtype, device=device)
+        self.blocks: dict[int, Tensor] = {}
+        meta, base = [], 0
+        for (branch, br), size in zip(rows.items(), units):
+            block = self.flat[base * per_unit : (base + size) * per_unit]
+            self.blocks[branch] = block.view(batch, br.num_rows, *tail)
+            meta.append((br.segment_length, br.dilation, br.rows_per_segment, base, br.num_rows * heads))
+            base += size
+        self.meta = tuple(meta)
+
+
+_BRANCH_META: dict[tuple[Any, ...], Tensor] = {}
+
+
+def _branch_meta(meta: tuple[tuple[int, ...], ...], device: torch.device) -> Tensor:
+    """``meta`` on ``device``, made once per layout (no host-to-device copy per call)."""
+    key = (meta, device)
+    if key not in _BRANCH_META:
+        if len(_BRANCH_META) > 256:
+            _BRANCH_META.clear()
+        _BRANCH_META[key] = torch.tensor(meta, dtype=torch.int64, device=device)
+    return _BRANCH_META[key]
+
+
+def _merge_branches(
+    out: Tensor,
+    lse: Tensor | None,
+    rows: dict[int, BranchRows],
+    parts: _BranchBuffers,
+    part_lse: _BranchBuffers | None,
+    heads: range,
+) -> None:
+    """``out`` ``(batch, seq, heads, head_dim)``, holding ``heads``, from every
+    branch's compact results: their lse merge (DESIGN.md §1; also writes the merged
+    ``lse``) when lses are given, else their sum (dq, dk, dv)."""
+    if triton_merge.can_merge_branches(out):
+        triton_merge.merge_branches(
+            out,
+            lse,
+            parts.flat,
+            None if part_lse is None else part_lse.flat,
+            _branch_meta(parts.meta, out.device),
+            heads.start,
+        )
+        return
+    b, n, c, _ = out.shape
+    acc_dtype = _bias_dtype(out.dtype)
+    acc = out.new_zeros(out.shape, dtype=acc_dtype)
+    acc_lse = None if lse is None else out.new_full((b, n, c), -math.inf, dtype=acc_dtype)
+    position = torch.arange(n, device=out.device)[:, None]
+    head = torch.arange(heads.start, heads.stop, device=out.device)[None, :]
+    for branch, br in rows.items():
+        t = position % br.segment_length
+        selected = t % br.dilation == head % br.dilation
+        index = torch.where(
+            selected, position // br.segment_length * br.rows_per_segment + t // br.dilation, 0
+        )
+        # unselected rows of the buffers were never written: mask what the gather read
+        part = parts.blocks[branch][:, index, head - heads.start].masked_fill(~selected[..., None], 0.0)
+        if part_lse is None or acc_lse is None:
+            acc.add_(part)
+            continue
+        branch_lse = part_lse.blocks[branch][:, index, head - heads.start].masked_fill(~selected, -math.inf)
+        _merge_into_torch(acc, acc_lse, part.to(acc_dtype), branch_lse.to(acc_dtype))
+    out.copy_(acc)
+    if lse is not None and acc_lse is not None:
+        lse.copy_(acc_lse)
+
+
 # --------------------------------------------------------------------------
 # fused path
 
@@ -693,14 +779,15 @@ def _unstack_rows(rows: Tensor) -> tuple[Tensor, Tensor]:
     return k.transpose(1, 2), v.transpose(1, 2)
 
 
-def _into_place(p: FusedProblem, merge: bool, x: Tensor, call: BranchCall | None = None) -> Tensor | None:
-    """``x``'s problem view for a backend to write into, where that is exact: a
-    grouped-head local problem without bias, a backend with ``forward_into``, and
-    a view (not a copy) of ``x``."""
-    if merge or p.span is not None or p.bias is not None or not hasattr(p.backend, "forward_into"):
+def _into_place(p: FusedProblem, x: Tensor, call: BranchCall) -> Tensor | None:
+    """``x``'s problem view of ``call`` for a backend to write into, where that is
+    exact: a local problem without bias, a backend with ``forward_into``, and a view
+    (not a copy) of ``x``. ``x`` must not be shared with another problem's
+    (position, head): grouped-head outputs, or one branch's compact buffer."""
+    if p.span is not None or p.bias is not None or not hasattr(p.backend, "forward_into"):
         return None
-    view = _problem_view(x, p.call if call is None else call)
-    return view if view._base is x else None
+    view = _problem_view(x, call)
+    return view if view.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() else None
 
 
 def _write(grad: Tensor, call: BranchCall, first_head: int, part5: Tensor, merge: bool) -> None:
@@ -711,17 +798,21 @@ def _write(grad: Tensor, call: BranchCall, first_head: int, part5: Tensor, merge
         view.copy_(part5)
 
 
-def merge_head_chunk(num_heads: int, dtype: torch.dtype) -> int:
+def merge_head_chunk(num_heads: int, dtype: torch.dtype, rows_per_position: float | None = None) -> int:
     """Heads per chunk of the "all"-mode backward. A chunk of ``c`` heads keeps, in
-    units of one ``(batch, seq, heads, head_dim)`` tensor, float32 sums of dq, dk,
-    dv (6·c/h for bf16), one call's dq, dk, dv (3·c/h) and the kernel's float32
-    dq workspace (2·c/h, cuDNN and flash). Keeping that under 1.6 units holds the
-    forward+backward peak within 1.25× of q, k, v, out and their gradients
-    (measured on an H100: ``tests/test_gpu.py::test_peak_memory_within_target``);
-    the price is more, smaller backward calls. The forward needs no chunks: its
-    float32 output sum (2 units) is live while no gradient is."""
-    acc_ratio = _bias_dtype(dtype).itemsize // dtype.itemsize
-    return max(1, int(1.6 * num_heads / (3 * acc_ratio + 5)))
+    units of one ``(batch, seq, heads, head_dim)`` tensor, every branch's dq, dk, dv
+    in compact rows (3·u·c/h, ``u = rows_per_position``: the branches' rows per
+    position, about Σ 1/r; 2.0 for LongNet's base pattern) or, without them,
+    float32 sums of dq, dk, dv (6·c/h for bf16), one call's dq, dk, dv (3·c/h) and
+    the kernel's float32 dq workspace (2·c/h, cuDNN and flash). Keeping that under
+    1.6 units holds the forward+backward peak within 1.25× of q, k, v, out and
+    their gradients (measured on an H100:
+    ``tests/test_gpu.py::test_peak_memory_within_target``); the price is more,
+    smaller backward calls. The forward needs no chunks: its compact results
+    (``u`` units) are live while no gradient is."""
+    if rows_per_position is None:
+        rows_per_position = _bias_dtype(dtype).itemsize / dtype.itemsize
+    return max(1, int(1.6 * num_heads / (3 * rows_per_position + 5)))
 
 
 def _backward_pieces(
@@ -750,10 +841,13 @@ def _bias_heads(bias: Tensor | None, call: BranchCall, piece: BranchCall) -> Ten
 class _FusedDilatedAttention(torch.autograd.Function):
     """Grouped heads: problems are disjoint in (position, head); their results
     are copied into place, or written there by an :class:`~.kernels.IntoPlaceBackend`.
-    "all": each (position, head) sums one term per
-    branch, in float32; the backward does so one chunk of ``head_chunk`` heads at
-    a time (kernel states must not depend on the heads; no spanning problem may
-    be cut, so pass all heads with those)."""
+    "all": each (position, head) merges one term per branch. Where every problem
+    is local, each branch's results go to compact rows (:class:`~.pattern.BranchRows`,
+    written into place by such a backend) and one pass merges all branches
+    (:func:`_merge_branches`); problems that span ranks merge one at a time into
+    float32 sums. The backward goes one chunk of ``head_chunk`` heads at a time
+    (kernel states must not depend on the heads; no spanning problem may be cut,
+    so pass all heads with those)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -767,9 +861,17 @@ class _FusedDilatedAttention(torch.autograd.Function):
         head_chunk: int,
     ) -> Tensor:
         b, n, h, d = query.shape
-        acc_dtype = _bias_dtype(query.dtype) if merge else query.dtype
-        out = query.new_zeros(b, n, h, d, dtype=acc_dtype)
-        lse = query.new_full((b, n, h), -math.inf, dtype=_bias_dtype(query.dtype))
+        lse_dtype = _bias_dtype(query.dtype)
+        local = all(p.span is None for p in problems)
+        rows = compact_rows([p.call for p in problems], n, h) if merge and local else None
+        if rows is not None:
+            parts = _BranchBuffers(rows, b, h, d, query.dtype, query.device)
+            part_lses = _BranchBuffers(rows, b, h, None, lse_dtype, query.device)
+            out = query.new_empty(b, n, h, d)
+            lse = query.new_empty((b, n, h), dtype=lse_dtype)
+        else:
+            out = query.new_zeros(b, n, h, d, dtype=lse_dtype if merge else query.dtype)
+            lse = query.new_full((b, n, h), -math.inf, dtype=lse_dtype)
         # every gather starts first, and its problem runs last: the rest hides it
         gathers = {
             i: p.remote.start_gather(_stacked_rows(key, value, p.call))
@@ -780,6 +882,12 @@ class _FusedDilatedAttention(torch.autograd.Function):
         remote_kv: list[tuple[Tensor, Tensor] | None] = [None] * len(problems)
         for i in sorted(range(len(problems)), key=lambda i: i in gathers):
             p = problems[i]
+            # where the results go: in place, or the branch's compact rows
+            to_out, to_lse, to_call = out, lse, p.call
+            if rows is not None:
+                branch = p.call.branch
+                to_out, to_lse = parts.blocks[branch], part_lses.blocks[branch]
+                to_call = rows[branch].call_rows(p.call)
             q = _problem_view(query, p.call)
             if p.span is not None:
                 if i in gathers:
@@ -795,24 +903,26 @@ class _FusedDilatedAttention(torch.autograd.Function):
                 if p.call.length == 0:
                     continue
                 k, v = (_problem_view(x, p.call) for x in (key, value))
-                dest = _into_place(p, merge, out)
+                dest = _into_place(p, to_out, to_call) if rows is not None or not merge else None
                 if dest is not None:
                     part_lse, states[i] = p.backend.forward_into(q, k, v, p.causal, scale, dest)  # type: ignore[attr-defined]
-                    _strided(lse, p.call).copy_(_from_problem(part_lse, b))
+                    _strided(to_lse, to_call).copy_(_from_problem(part_lse, b))
                     continue
                 part_out, part_lse, states[i] = p.backend.forward(q, k, v, p.bias, p.causal, scale)
                 if p.bias is not None:
                     part_out, part_lse = _sanitize(part_out, part_lse, _rows_with_keys(p.bias, p.causal))
-            out5, lse4 = _strided(out, p.call), _strided(lse, p.call)
+            out5, lse4 = _strided(to_out, to_call), _strided(to_lse, to_call)
             part_out, part_lse = _from_problem(part_out, b), _from_problem(part_lse, b)
-            if merge:
+            if merge and rows is None:
                 _merge_into(out5, lse4, part_out, part_lse)
             else:
                 out5.copy_(part_out)
                 lse4.copy_(part_lse)
+        if rows is not None:
+            _merge_branches(out, lse, rows, parts, part_lses, range(h))
         out = out.to(query.dtype)
         ctx.save_for_backward(query, key, value, out, lse)
-        ctx.problems, ctx.states, ctx.remote_kv = problems, states, remote_kv
+        ctx.problems, ctx.states, ctx.remote_kv, ctx.rows = problems, states, remote_kv, rows
         ctx.merge, ctx.scale, ctx.head_chunk = merge, scale, head_chunk
         return out
 
@@ -822,14 +932,21 @@ class _FusedDilatedAttention(torch.autograd.Function):
         query, key, value, out, lse = ctx.saved_tensors
         b, n, h, d = query.shape
         grad_out = grad_out.contiguous()
+        rows: dict[int, BranchRows] | None = ctx.rows
         new = torch.empty if ctx.merge else torch.zeros
         grads = [new(query.shape, dtype=query.dtype, device=query.device) for _ in range(3)]
         problems: list[FusedProblem] = ctx.problems
         for heads, pieces in _backward_pieces(problems, h, ctx.head_chunk):
-            # "all": every branch adds to each position, so sum this chunk in float32
-            accs = (
-                [query.new_zeros(b, n, len(heads), d, dtype=lse.dtype) for _ in grads] if ctx.merge else grads
-            )
+            # "all": each branch's gradients go to compact rows and are summed at
+            # the end of the chunk, or, with spanning problems, summed in float32
+            compact = [
+                _BranchBuffers(rows, b, len(heads), d, query.dtype, query.device)
+                for _ in grads
+                if rows is not None
+            ]
+            accs = grads
+            if ctx.merge and rows is None:
+                accs = [query.new_zeros(b, n, len(heads), d, dtype=lse.dtype) for _ in grads]
             reductions: dict[int, Callable[[], Tensor]] = {}
             for i, call in pieces:
                 p, kv = problems[i], ctx.remote_kv[i]
@@ -842,7 +959,11 @@ class _FusedDilatedAttention(torch.autograd.Function):
                 if bias is not None:
                     # no key in any branch: every key is masked, so any finite lse gives p = 0
                     part_lse = torch.where(part_lse == -math.inf, 0.0, part_lse)
-                dests = [_into_place(p, ctx.merge, grad, call) for grad in grads]
+                if rows is not None:
+                    to_call = rows[call.branch].call_rows(call, heads.start)
+                    dests = [_into_place(p, c.blocks[call.branch], to_call) for c in compact]
+                else:
+                    dests = [None if ctx.merge else _into_place(p, grad, call) for grad in grads]
                 if p.span is None and all(x is not None for x in dests):
                     p.backend.backward_into(  # type: ignore[attr-defined]
                         do, q, k, v, o, part_lse, p.causal, ctx.scale, ctx.states[i], tuple(dests)
@@ -861,12 +982,19 @@ class _FusedDilatedAttention(torch.autograd.Function):
                         assert p.ring is not None
                         dk, dv = _ring_backward(p.ring, block, k, v)
                         part_grads = (block.finish(), dk, dv)
+                if rows is not None:
+                    for c, part in zip(compact, part_grads):
+                        _strided(c.blocks[call.branch], to_call).copy_(_from_problem(part, b))
+                    continue
                 for acc, part in zip(accs, part_grads):
                     _write(acc, call, heads.start, _from_problem(part, b), ctx.merge)
             for i, wait in reductions.items():
                 for acc, part in zip(accs[1:], wait().chunk(2, dim=2)):
                     _write(acc, problems[i].call, heads.start, part[:, None], ctx.merge)
-            if ctx.merge:
+            if rows is not None:
+                for grad, c in zip(grads, compact):
+                    _merge_branches(grad[:, :, heads.start : heads.stop], None, rows, c, None, heads)
+            elif ctx.merge:
                 for grad, acc in zip(grads, accs):
                     grad[:, :, heads.start : heads.stop].copy_(acc)
         dq, dk, dv = grads
@@ -926,7 +1054,11 @@ def _fused(
     biases = [_call_bias(c, key_bias, attn_bias, b) for c in calls]
     backends = select_backends(query, calls, [x is not None for x in biases], backend)
     problems = [FusedProblem(c, be, bias, is_causal) for c, be, bias in zip(calls, backends, biases)]
-    chunk = merge_head_chunk(h, query.dtype) if merge else h
+    chunk = h
+    if merge:
+        rows = compact_rows(calls, n, h)
+        per_position = None if rows is None else sum(r.num_rows for r in rows.values()) / n
+        chunk = merge_head_chunk(h, query.dtype, per_position)
     return run_fused(query, key, value, problems, merge, scale, chunk)
 
 

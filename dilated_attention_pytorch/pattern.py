@@ -200,6 +200,77 @@ class DilatedPattern:
         return fwd * 7 // 2 if backward else fwd
 
 
+@dataclass(frozen=True)
+class BranchRows:
+    """Where one branch's per-(position, head) results sit in a compact buffer of
+    ``num_rows`` rows per head ("all" mode).
+
+    Position ``p`` of head ``j`` is row ``(p // segment_length) * rows_per_segment
+    + (p % segment_length) // dilation`` and has a result iff
+    ``(p % segment_length) % dilation == j % dilation``: the selected rows of a
+    segment, one after another, whatever the head's offset.
+    """
+
+    segment_length: int
+    dilation: int
+    rows_per_segment: int
+    num_rows: int
+
+    def call_rows(self, call: BranchCall, first_head: int = 0) -> BranchCall:
+        """``call`` in this buffer's coordinates (consecutive rows from its first
+        segment's first row), for a buffer that holds heads from ``first_head`` on."""
+        return dataclasses.replace(
+            call,
+            start=call.start // self.segment_length * self.rows_per_segment,
+            segment_length=self.rows_per_segment,
+            offset=0,
+            dilation=1,
+            head_start=call.head_start - first_head,
+        )
+
+
+def compact_rows(calls: Sequence[BranchCall], seq_len: int, num_heads: int) -> dict[int, BranchRows] | None:
+    """Per branch, the :class:`BranchRows` that ``calls`` fill exactly: None unless
+    they are the "all"-mode calls of their branches on ``seq_len`` positions and
+    ``num_heads`` heads (every head ``j`` at offset ``j % r``, whole segments from
+    position 0 and at most a shorter last one), each selected row exactly once
+    (counted; the calls themselves must not overlap)."""
+    by_branch: dict[int, list[BranchCall]] = {}
+    for call in calls:
+        by_branch.setdefault(call.branch, []).append(call)
+    rows = {}
+    for branch, group in by_branch.items():
+        r = group[0].dilation
+        w = max(c.segment_length for c in group)
+        filled = 0
+        for c in group:
+            last_head = c.head_start + c.head_step * (c.num_heads - 1)
+            if (
+                c.dilation != r
+                or c.start % w
+                or not (
+                    c.segment_length == w or (c.num_segments == 1 and c.start + c.segment_length == seq_len)
+                )
+                or c.start + c.num_segments * c.segment_length > seq_len
+                or c.head_start % r != c.offset
+                or (c.num_heads > 1 and c.head_step % r)
+                or last_head >= num_heads
+                or c.length != selected_count(c.segment_length, r, c.offset)
+            ):
+                return None
+            filled += c.num_segments * c.length * c.num_heads
+        full, rest = divmod(seq_len, w)
+        selected = sum(
+            full * selected_count(w, r, j % r) + (selected_count(rest, r, j % r) if rest else 0)
+            for j in range(num_heads)
+        )
+        if filled != selected:
+            return None
+        per_segment = math.ceil(w / r)
+        rows[branch] = BranchRows(w, r, per_segment, math.ceil(seq_len / w) * per_segment)
+    return rows
+
+
 def split_heads(calls: Sequence[BranchCall], chunk: int) -> list[BranchCall]:
     """``calls`` cut so that each lies within one chunk of ``chunk`` consecutive
     heads (``[0, chunk)``, ``[chunk, 2·chunk)``, ...)."""

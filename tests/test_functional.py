@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from dilated_attention_pytorch import functional
+from dilated_attention_pytorch import DilatedPattern, functional
+from dilated_attention_pytorch.pattern import compact_rows
 from dilated_attention_pytorch.reference import dilated_attention_reference as reference
 
 from .conftest import CPU_IMPLS, PATTERNS, TOLERANCES, assert_close, grads, make_qkv
@@ -202,8 +203,31 @@ def test_into_place_backends_match_reference(monkeypatch, seg, dil, seq, heads, 
     assert_close(out, expected, torch.float64, "output")
     for name, a, b in zip("qkv", grads(out, (q, k, v), g), grads(expected, (q, k, v), g)):
         assert_close(a, b, torch.float64, f"d{name}")
-    # every pattern here has calls whose problems are views ("all" merges: never into place)
-    assert (backend.into_calls > 0) == (head_mode == "grouped")
+    # every pattern here has calls whose problems are views (of the output in
+    # grouped mode, of a branch's compact rows in "all" mode)
+    assert backend.into_calls > 0
+
+
+@pytest.mark.parametrize("seg,dil,seq,heads", PATTERNS)
+def test_all_mode_merges_every_branch_at_once(monkeypatch, seg, dil, seq, heads):
+    """Local "all"-mode problems go to compact rows: one merge of all branches in
+    the forward, one sum per gradient and head chunk in the backward."""
+    merged = []
+    real = functional._merge_branches
+    monkeypatch.setattr(functional, "_merge_branches", lambda *a: merged.append(a[-1]) or real(*a))
+    q, k, v = make_qkv(2, seq, heads)
+    out = functional.dilated_attention(q, k, v, seg, dil, head_mode="all", is_causal=True)
+    expected = reference(q, k, v, seg, dil, head_mode="all", is_causal=True)
+    assert_close(out, expected, torch.float64, "output")
+    assert merged == [range(heads)]
+    g = torch.randn_like(out)
+    for name, a, b in zip("qkv", grads(out, (q, k, v), g), grads(expected, (q, k, v), g)):
+        assert_close(a, b, torch.float64, f"d{name}")
+    rows = compact_rows(DilatedPattern(seg, dil, "all").calls(seq, heads), seq, heads)
+    per_position = sum(r.num_rows for r in rows.values()) / seq
+    chunk = functional.merge_head_chunk(heads, torch.float64, per_position)
+    chunks = [range(s, min(s + chunk, heads)) for s in range(0, heads, chunk)]
+    assert merged[1:] == [c for c in chunks for _ in range(3)]
 
 
 def test_merge_by_lse_all_empty_is_zero_with_finite_grads():

@@ -126,6 +126,51 @@ def test_triton_merge_matches_torch_merge(head_dim):
     assert torch.equal(acc[mask], untouched[mask])
 
 
+@pytest.mark.parametrize("head_dim", [64, 40])
+@pytest.mark.parametrize("weighted", [True, False], ids=["lse_merge", "sum"])
+def test_triton_branch_merge_matches_torch(monkeypatch, head_dim, weighted):
+    from dilated_attention_pytorch import functional
+    from dilated_attention_pytorch.kernels import triton_merge
+    from dilated_attention_pytorch.pattern import DilatedPattern, compact_rows, split_heads
+
+    if not triton_merge.AVAILABLE:
+        pytest.skip("triton is not installed")
+    b, n, h = 2, 100, 7
+    pattern = DilatedPattern((16, 32, 24), (1, 3, 5), "all")  # partial segments, w % r != 0
+    rows = compact_rows(pattern.calls(n, h), n, h)
+    heads = range(2, 6)  # a chunk of heads: the output is a strided slice
+    parts = functional._BranchBuffers(rows, b, len(heads), head_dim, torch.bfloat16, torch.device("cuda"))
+    lses = functional._BranchBuffers(rows, b, len(heads), None, torch.float32, torch.device("cuda"))
+    parts.flat.fill_(float("nan"))  # rows no call writes must never be read
+    lses.flat.fill_(float("nan"))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for piece in split_heads(pattern.calls(n, h), len(heads)):
+        if piece.head_start not in heads:
+            continue
+        to_call = rows[piece.branch].call_rows(piece, heads.start)
+        part5 = functional._strided(parts.blocks[piece.branch], to_call)
+        lse4 = functional._strided(lses.blocks[piece.branch], to_call)
+        part5.copy_(torch.randn(part5.shape, device="cuda", generator=g))
+        lse4.copy_(torch.randn(lse4.shape, device="cuda", generator=g) * 3)
+        lse4[0, 0, :2] = float("-inf")  # rows without a key in this branch
+    lse_arg = lses if weighted else None
+    results = []
+    for use_triton in (True, False):
+        full = torch.full((b, n, h, head_dim), float("nan"), device="cuda", dtype=torch.bfloat16)
+        full_lse = torch.full((b, n, h), float("nan"), device="cuda")
+        monkeypatch.setattr(triton_merge, "can_merge_branches", lambda out, on=use_triton: on)
+        out, lse = full[:, :, heads.start : heads.stop], full_lse[:, :, heads.start : heads.stop]
+        functional._merge_branches(out, lse if weighted else None, rows, parts, lse_arg, heads)
+        assert torch.isfinite(out).all()
+        assert full[:, :, : heads.start].isnan().all() and full[:, :, heads.stop :].isnan().all()
+        results.append((out.float(), lse))
+    (out, lse), (expected, expected_lse) = results
+    torch.testing.assert_close(out, expected, rtol=1e-2, atol=1e-2)
+    if weighted:
+        torch.testing.assert_close(lse, expected_lse, rtol=1e-5, atol=1e-5)
+        assert (lse == float("-inf")).any()  # some positions have no key in any branch
+
+
 def test_dropout_grouped_uses_fused_kernels_and_is_unbiased():
     from dilated_attention_pytorch import functional
 

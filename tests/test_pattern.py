@@ -1,9 +1,16 @@
+import dataclasses
 import itertools
 
 import pytest
 import torch
 
-from dilated_attention_pytorch.pattern import DilatedPattern, as_pattern, selected_count, split_heads
+from dilated_attention_pytorch.pattern import (
+    DilatedPattern,
+    as_pattern,
+    compact_rows,
+    selected_count,
+    split_heads,
+)
 from dilated_attention_pytorch.reference import branch_mask
 
 from .conftest import PATTERNS
@@ -62,6 +69,47 @@ def test_calls_cover_exactly_the_selected_positions(seg, dil, n, h, head_mode):
         # a query is selected iff it may see itself in the branch mask
         selected = branch_mask(p, i, n, h).diagonal(dim1=1, dim2=2)
         assert torch.equal(covered[i], selected.long())
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 16])
+@pytest.mark.parametrize("seg,dil,n,h", [*PATTERNS, ((16, 32), (6, 12), 100, 12)])
+def test_compact_rows_hold_each_selected_row_once(seg, dil, n, h, chunk):
+    """Each "all"-mode call (also cut into head chunks) lands on the rows the
+    BranchRows formula names, every selected (position, head) exactly once."""
+    p = DilatedPattern(seg, dil, "all")
+    rows = compact_rows(p.calls(n, h), n, h)
+    assert rows is not None and set(rows) == set(range(p.num_branches))
+    for branch, br in rows.items():
+        filled = torch.zeros(br.num_rows, h, dtype=torch.int64)
+        for piece in split_heads([c for c in p.calls(n, h) if c.branch == branch], chunk):
+            first_head = piece.head_start // chunk * chunk
+            local = br.call_rows(piece, first_head)
+            assert (local.offset, local.dilation, local.segment_length) == (0, 1, br.rows_per_segment)
+            for pos, row in zip(piece.positions(), local.positions()):
+                t = pos % br.segment_length
+                assert row == pos // br.segment_length * br.rows_per_segment + t // br.dilation
+                for head in piece.heads():
+                    assert t % br.dilation == head % br.dilation
+                    filled[row, head] += 1
+            assert [j + first_head for j in local.heads()] == piece.heads()
+        expected = torch.zeros_like(filled)
+        for pos in range(n):
+            t = pos % br.segment_length
+            for head in range(h):
+                if t % br.dilation == head % br.dilation:
+                    expected[pos // br.segment_length * br.rows_per_segment + t // br.dilation, head] = 1
+        assert torch.equal(filled, expected)
+
+
+def test_compact_rows_refuse_calls_of_another_layout():
+    all_calls = DilatedPattern((4, 8), (1, 2), "all").calls(19, 4)
+    assert compact_rows(all_calls, 19, 4) is not None
+    # grouped heads share one offset; a missing call; a call moved off the segment grid
+    assert compact_rows(DilatedPattern((4, 8), (1, 2)).calls(19, 4), 19, 4) is None
+    assert compact_rows(all_calls[1:], 19, 4) is None
+    moved = [dataclasses.replace(all_calls[0], start=1), *all_calls[1:]]
+    assert compact_rows(moved, 19, 4) is None
+    assert compact_rows(all_calls, 20, 4) is None  # positions the calls do not fill
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 3, 5, 16])

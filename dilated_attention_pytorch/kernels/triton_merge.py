@@ -1,10 +1,17 @@
-"""One-pass lse merge on CUDA (Triton): ``out, lse <- merge((out, lse), (part, part_lse))``.
+"""One-pass lse merges on CUDA (Triton).
 
-The torch version of this merge (``functional._merge_into``) launches about ten
-elementwise kernels per branch problem and moves ~40 bytes per output element;
-fused it reads the accumulator and the part once and writes the accumulator
-once. Used only where Triton and CUDA are present; the torch version is the
-fallback and the reference the tests compare it with.
+- :func:`merge_into`: ``out, lse <- merge((out, lse), (part, part_lse))`` on
+  strided views, one branch problem at a time (problems that span ranks).
+  The torch version (``functional._merge_into``) launches about ten
+  elementwise kernels per problem and moves ~40 bytes per output element;
+  fused it reads the accumulator and the part once and writes it once.
+- :func:`merge_branches`: every branch at once from compact buffers
+  (``pattern.BranchRows``): each output element is written once, from the
+  branches' results and lse, with no float32 accumulator in memory; also the
+  plain sum the "all"-mode backward needs for dq, dk, dv.
+
+Used only where Triton and CUDA are present; the torch versions in
+``functional`` are the fallback and the reference the tests compare with.
 """
 
 from __future__ import annotations
@@ -70,6 +77,81 @@ if AVAILABLE:
         tl.store(out_ptr + o_off, result.to(out_ptr.dtype.element_ty), mask=mask)
         tl.store(lse_ptr + lse_off, merged.to(lse_ptr.dtype.element_ty), mask=row_ok)
 
+    @triton.jit
+    def _branches_kernel(
+        out_ptr,
+        lse_ptr,
+        part_ptr,
+        plse_ptr,
+        meta_ptr,
+        num_branches,
+        rows_total,
+        seq_len,
+        num_heads,
+        first_head,
+        head_dim,
+        o_b, o_n, o_h,
+        l_b, l_n, l_h,
+        WEIGHTED: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        # one (batch, position, head) per row; meta holds per branch: segment
+        # length, dilation, rows per segment, first unit, units per batch (a unit
+        # is one (row, head) of the compact buffers: head_dim elements, one lse)
+        rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+        row_ok = rows < rows_total
+        ih = rows % num_heads
+        t = rows // num_heads
+        p = t % seq_len
+        ib = t // seq_len
+        j = first_head + ih
+        cols = tl.arange(0, BLOCK_D)
+        col_ok = cols < head_dim
+        acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+        if WEIGHTED:
+            top = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
+            for i in range(num_branches):
+                w = tl.load(meta_ptr + 5 * i)
+                r = tl.load(meta_ptr + 5 * i + 1)
+                tin = p % w
+                sel = row_ok & (tin % r == j % r)
+                unit = tl.load(meta_ptr + 5 * i + 3) + ib * tl.load(meta_ptr + 5 * i + 4)
+                unit += ((p // w) * tl.load(meta_ptr + 5 * i + 2) + tin // r) * num_heads + ih
+                branch_lse = tl.load(plse_ptr + unit, mask=sel, other=float("-inf")).to(tl.float32)
+                top = tl.maximum(top, branch_lse)
+            top = tl.where(top == float("-inf"), 0.0, top)
+            total = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for i in range(num_branches):
+            w = tl.load(meta_ptr + 5 * i)
+            r = tl.load(meta_ptr + 5 * i + 1)
+            tin = p % w
+            sel = row_ok & (tin % r == j % r)
+            unit = tl.load(meta_ptr + 5 * i + 3) + ib * tl.load(meta_ptr + 5 * i + 4)
+            unit += ((p // w) * tl.load(meta_ptr + 5 * i + 2) + tin // r) * num_heads + ih
+            part = tl.load(
+                part_ptr + unit[:, None] * head_dim + cols[None, :],
+                mask=sel[:, None] & col_ok[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            if WEIGHTED:
+                branch_lse = tl.load(plse_ptr + unit, mask=sel, other=float("-inf")).to(tl.float32)
+                weight = tl.exp(branch_lse - top)
+                total += weight
+                acc += part * weight[:, None]
+            else:
+                acc += part
+        if WEIGHTED:
+            has_key = total > 0
+            safe = tl.where(has_key, total, 1.0)
+            acc = acc / safe[:, None]
+            merged = tl.where(has_key, top + tl.log(safe), float("-inf"))
+            tl.store(
+                lse_ptr + ib * l_b + p * l_n + ih * l_h, merged.to(lse_ptr.dtype.element_ty), mask=row_ok
+            )
+        o_off = (ib * o_b + p * o_n + ih * o_h)[:, None] + cols[None, :]
+        tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
 
 def can_merge(out5: Tensor, part_out: Tensor) -> bool:
     """The fused merge takes 5-D CUDA views whose last dim is contiguous."""
@@ -96,4 +178,35 @@ def merge_into(out5: Tensor, lse4: Tensor, part_out: Tensor, part_lse: Tensor) -
             out5, lse4, part_out, part_lse, rows, s, m, h, d,
             *out5.stride()[:4], *lse4.stride(), *part_out.stride()[:4], *part_lse.stride(),
             BLOCK_R=block_r, BLOCK_D=block_d,
+        )  # fmt: skip
+
+
+def can_merge_branches(out: Tensor) -> bool:
+    """:func:`merge_branches` writes CUDA outputs whose last dim is contiguous."""
+    return AVAILABLE and out.is_cuda and out.stride(-1) == 1 and out.shape[-1] <= 512
+
+
+def merge_branches(
+    out: Tensor,
+    lse: Tensor | None,
+    parts: Tensor,
+    part_lse: Tensor | None,
+    meta: Tensor,
+    first_head: int,
+) -> None:
+    """``out`` ``(batch, seq, heads, head_dim)`` (heads ``first_head`` on) from the
+    compact branch buffers ``parts`` (flat) described by ``meta`` (int64
+    ``(branches, 5)``, see the kernel). With ``lse``/``part_lse``: the lse merge,
+    writing the merged lse ``(batch, seq, heads)`` too; without: the plain sum."""
+    b, n, h, d = out.shape
+    rows = b * n * h
+    block_d = triton.next_power_of_2(d)
+    block_r = max(1, 4096 // block_d)
+    weighted = lse is not None
+    with torch.cuda.device(out.device):
+        _branches_kernel[(triton.cdiv(rows, block_r),)](
+            out, lse if weighted else out, parts, part_lse if weighted else parts, meta,
+            meta.shape[0], rows, n, h, first_head, d,
+            *out.stride()[:3], *(lse.stride() if weighted else (0, 0, 0)),
+            WEIGHTED=weighted, BLOCK_R=block_r, BLOCK_D=block_d,
         )  # fmt: skip
