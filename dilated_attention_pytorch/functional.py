@@ -417,7 +417,7 @@ def _merge_branches(
     """``out`` ``(batch, seq, heads, head_dim)``, holding ``heads``, from every
     branch's compact results: their lse merge (DESIGN.md §1; also writes the merged
     ``lse``) when lses are given, else their sum (dq, dk, dv)."""
-    if triton_merge.can_merge_branches(out):
+    if triton_merge.can_merge_branches(out, max(br.num_rows for br in rows.values())):
         triton_merge.merge_branches(
             out,
             lse,

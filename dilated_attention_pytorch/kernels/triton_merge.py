@@ -98,54 +98,54 @@ if AVAILABLE:
     ):  # fmt: skip
         # one (batch, position, head) per row; meta holds per branch: segment
         # length, dilation, rows per segment, first unit, units per batch (a unit
-        # is one (row, head) of the compact buffers: head_dim elements, one lse)
+        # is one (row, head) of the compact buffers: head_dim elements, one lse).
+        # Index math per branch in int32: 64-bit division made the kernel
+        # instruction-bound (5x slower than its memory traffic).
         rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
         row_ok = rows < rows_total
-        ih = rows % num_heads
+        ih = (rows % num_heads).to(tl.int32)
         t = rows // num_heads
-        p = t % seq_len
+        position = t % seq_len  # int64 for the output's offsets
+        p = position.to(tl.int32)
         ib = t // seq_len
         j = first_head + ih
         cols = tl.arange(0, BLOCK_D)
         col_ok = cols < head_dim
         acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
-        if WEIGHTED:
-            top = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
-            for i in range(num_branches):
-                w = tl.load(meta_ptr + 5 * i)
-                r = tl.load(meta_ptr + 5 * i + 1)
-                tin = p % w
-                sel = row_ok & (tin % r == j % r)
-                unit = tl.load(meta_ptr + 5 * i + 3) + ib * tl.load(meta_ptr + 5 * i + 4)
-                unit += ((p // w) * tl.load(meta_ptr + 5 * i + 2) + tin // r) * num_heads + ih
-                branch_lse = tl.load(plse_ptr + unit, mask=sel, other=float("-inf")).to(tl.float32)
-                top = tl.maximum(top, branch_lse)
-            top = tl.where(top == float("-inf"), 0.0, top)
-            total = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        top = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
+        total = tl.zeros((BLOCK_R,), dtype=tl.float32)
         for i in range(num_branches):
-            w = tl.load(meta_ptr + 5 * i)
-            r = tl.load(meta_ptr + 5 * i + 1)
-            tin = p % w
-            sel = row_ok & (tin % r == j % r)
+            w = tl.load(meta_ptr + 5 * i).to(tl.int32)
+            r = tl.load(meta_ptr + 5 * i + 1).to(tl.int32)
+            per_segment = tl.load(meta_ptr + 5 * i + 2).to(tl.int32)
+            segment = p // w
+            tin = p - segment * w
+            m = tin // r
+            sel = row_ok & (tin - m * r == j % r)
             unit = tl.load(meta_ptr + 5 * i + 3) + ib * tl.load(meta_ptr + 5 * i + 4)
-            unit += ((p // w) * tl.load(meta_ptr + 5 * i + 2) + tin // r) * num_heads + ih
+            unit += ((segment * per_segment + m) * num_heads + ih).to(tl.int64)
             part = tl.load(
                 part_ptr + unit[:, None] * head_dim + cols[None, :],
                 mask=sel[:, None] & col_ok[None, :],
                 other=0.0,
             ).to(tl.float32)
             if WEIGHTED:
+                # online softmax over branches; -inf (no key) gets weight 0, never NaN
                 branch_lse = tl.load(plse_ptr + unit, mask=sel, other=float("-inf")).to(tl.float32)
-                weight = tl.exp(branch_lse - top)
-                total += weight
-                acc += part * weight[:, None]
+                new_top = tl.maximum(top, branch_lse)
+                safe = tl.where(new_top == float("-inf"), 0.0, new_top)
+                rescale = tl.exp(top - safe)
+                weight = tl.exp(branch_lse - safe)
+                acc = acc * rescale[:, None] + part * weight[:, None]
+                total = total * rescale + weight
+                top = new_top
             else:
                 acc += part
         if WEIGHTED:
             has_key = total > 0
-            safe = tl.where(has_key, total, 1.0)
-            acc = acc / safe[:, None]
-            merged = tl.where(has_key, top + tl.log(safe), float("-inf"))
+            norm = tl.where(has_key, total, 1.0)
+            acc = acc / norm[:, None]
+            merged = tl.where(has_key, tl.where(has_key, top, 0.0) + tl.log(norm), float("-inf"))
             tl.store(
                 lse_ptr + ib * l_b + p * l_n + ih * l_h, merged.to(lse_ptr.dtype.element_ty), mask=row_ok
             )
@@ -181,9 +181,11 @@ def merge_into(out5: Tensor, lse4: Tensor, part_out: Tensor, part_lse: Tensor) -
         )  # fmt: skip
 
 
-def can_merge_branches(out: Tensor) -> bool:
-    """:func:`merge_branches` writes CUDA outputs whose last dim is contiguous."""
-    return AVAILABLE and out.is_cuda and out.stride(-1) == 1 and out.shape[-1] <= 512
+def can_merge_branches(out: Tensor, max_rows: int) -> bool:
+    """:func:`merge_branches` writes CUDA outputs whose last dim is contiguous, from
+    branch buffers of at most ``max_rows`` rows (row and position arithmetic in int32)."""
+    _, n, h, d = out.shape
+    return AVAILABLE and out.is_cuda and out.stride(-1) == 1 and d <= 512 and max(max_rows, n) * h < 2**31
 
 
 def merge_branches(
