@@ -32,16 +32,7 @@ from . import kernels
 from .kernels import flex as flex_kernel
 from .kernels import math as math_kernel
 from .kernels import triton_merge
-from .pattern import (
-    BranchCall,
-    BranchRows,
-    DilatedPattern,
-    HeadMode,
-    as_pattern,
-    compact_rows,
-    head_rows,
-    split_heads,
-)
+from .pattern import BranchCall, BranchRows, DilatedPattern, HeadMode, as_pattern, compact_rows, split_heads
 
 Method = Literal["fused", "gather", "flex"]
 METHODS: tuple[str, ...] = ("fused", "gather", "flex")
@@ -402,35 +393,17 @@ class _BranchBuffers:
         self.meta = tuple(meta)
 
 
-_DEVICE_TABLES: dict[tuple[Any, ...], Tensor] = {}
+_BRANCH_META: dict[tuple[Any, ...], Tensor] = {}
 
 
-def _device_table(values: tuple[tuple[int, ...], ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``values`` as a tensor on ``device``, made once per layout (no host-to-device
-    copy per call)."""
-    key = (values, dtype, device)
-    if key not in _DEVICE_TABLES:
-        if len(_DEVICE_TABLES) > 256:
-            _DEVICE_TABLES.clear()
-        _DEVICE_TABLES[key] = torch.tensor(values, dtype=dtype, device=device)
-    return _DEVICE_TABLES[key]
-
-
-def _zeros_where_unwritten(
-    shape: tuple[int, ...],
-    dtype: torch.dtype,
-    device: torch.device,
-    rule: tuple[tuple[int, int, int], ...] | None,
-) -> Tensor:
-    """Zeros of ``shape`` ``(batch, seq, heads, head_dim)`` for grouped-head
-    problems to fill: with their per-head ``rule`` (:func:`~.pattern.head_rows`),
-    on CUDA only the rows no problem writes are zeroed (one pass over a fraction
-    of the tensor instead of a full fill that the problems overwrite)."""
-    out = torch.empty(shape, dtype=dtype, device=device)
-    if rule is not None and triton_merge.can_zero_unselected(out):
-        triton_merge.zero_unselected(out, _device_table(rule, torch.int32, device))
-        return out
-    return out.zero_()
+def _branch_meta(meta: tuple[tuple[int, ...], ...], device: torch.device) -> Tensor:
+    """``meta`` on ``device``, made once per layout (no host-to-device copy per call)."""
+    key = (meta, device)
+    if key not in _BRANCH_META:
+        if len(_BRANCH_META) > 256:
+            _BRANCH_META.clear()
+        _BRANCH_META[key] = torch.tensor(meta, dtype=torch.int64, device=device)
+    return _BRANCH_META[key]
 
 
 def _merge_branches(
@@ -450,7 +423,7 @@ def _merge_branches(
             lse,
             parts.flat,
             None if part_lse is None else part_lse.flat,
-            _device_table(parts.meta, torch.int64, out.device),
+            _branch_meta(parts.meta, out.device),
             heads.start,
         )
         return
@@ -891,19 +864,14 @@ class _FusedDilatedAttention(torch.autograd.Function):
         lse_dtype = _bias_dtype(query.dtype)
         local = all(p.span is None for p in problems)
         rows = compact_rows([p.call for p in problems], n, h) if merge and local else None
-        rule = None
         if rows is not None:
             parts = _BranchBuffers(rows, b, h, d, query.dtype, query.device)
             part_lses = _BranchBuffers(rows, b, h, None, lse_dtype, query.device)
             out = query.new_empty(b, n, h, d)
             lse = query.new_empty((b, n, h), dtype=lse_dtype)
         else:
+            out = query.new_zeros(b, n, h, d, dtype=lse_dtype if merge else query.dtype)
             lse = query.new_full((b, n, h), -math.inf, dtype=lse_dtype)
-            if merge:
-                out = query.new_zeros(b, n, h, d, dtype=lse_dtype)
-            else:
-                rule = head_rows([p.call for p in problems], n, h) if local else None
-                out = _zeros_where_unwritten(query.shape, query.dtype, query.device, rule)
         # every gather starts first, and its problem runs last: the rest hides it
         gathers = {
             i: p.remote.start_gather(_stacked_rows(key, value, p.call))
@@ -954,8 +922,7 @@ class _FusedDilatedAttention(torch.autograd.Function):
             _merge_branches(out, lse, rows, parts, part_lses, range(h))
         out = out.to(query.dtype)
         ctx.save_for_backward(query, key, value, out, lse)
-        ctx.problems, ctx.states, ctx.remote_kv = problems, states, remote_kv
-        ctx.rows, ctx.rule = rows, rule
+        ctx.problems, ctx.states, ctx.remote_kv, ctx.rows = problems, states, remote_kv, rows
         ctx.merge, ctx.scale, ctx.head_chunk = merge, scale, head_chunk
         return out
 
@@ -966,12 +933,8 @@ class _FusedDilatedAttention(torch.autograd.Function):
         b, n, h, d = query.shape
         grad_out = grad_out.contiguous()
         rows: dict[int, BranchRows] | None = ctx.rows
-        if ctx.merge:  # every head chunk writes all its rows
-            grads = [torch.empty_like(query, memory_format=torch.contiguous_format) for _ in range(3)]
-        else:
-            grads = [
-                _zeros_where_unwritten(query.shape, query.dtype, query.device, ctx.rule) for _ in range(3)
-            ]
+        new = torch.empty if ctx.merge else torch.zeros
+        grads = [new(query.shape, dtype=query.dtype, device=query.device) for _ in range(3)]
         problems: list[FusedProblem] = ctx.problems
         for heads, pieces in _backward_pieces(problems, h, ctx.head_chunk):
             # "all": each branch's gradients go to compact rows and are summed at

@@ -271,51 +271,6 @@ def compact_rows(calls: Sequence[BranchCall], seq_len: int, num_heads: int) -> d
     return rows
 
 
-def head_rows(
-    calls: Sequence[BranchCall], seq_len: int, num_heads: int
-) -> tuple[tuple[int, int, int], ...] | None:
-    """Per head, ``(segment_length, dilation, offset)`` of the one branch that
-    writes it, if ``calls`` are exactly grouped-mode calls on ``seq_len``
-    positions: then position ``p`` of head ``j`` is written iff
-    ``(p % segment_length) % dilation == offset``; ``(1, 1, 1)`` (never) for a
-    head no call writes. None if the calls do not follow that rule (counted, as
-    in :func:`compact_rows`)."""
-    rule: list[tuple[int, int, int] | None] = [None] * num_heads
-    filled = [0] * num_heads
-    widths: dict[int, int] = {}
-    for call in calls:
-        widths[call.branch] = max(widths.get(call.branch, 0), call.segment_length)
-    for call in calls:
-        w, r = widths[call.branch], call.dilation
-        if (
-            call.start % w
-            or not (
-                call.segment_length == w
-                or (call.num_segments == 1 and call.start + call.segment_length == seq_len)
-            )
-            or call.start + call.num_segments * call.segment_length > seq_len
-            or call.offset >= r
-            or call.length != selected_count(call.segment_length, r, call.offset)
-        ):
-            return None
-        for j in call.heads():
-            if j >= num_heads or rule[j] not in (None, (w, r, call.offset)):
-                return None
-            rule[j] = (w, r, call.offset)
-            filled[j] += call.num_segments * call.length
-    full_rule = []
-    for j, head_rule in enumerate(rule):
-        if head_rule is None:
-            full_rule.append((1, 1, 1))
-            continue
-        w, r, o = head_rule
-        full, rest = divmod(seq_len, w)
-        if filled[j] != full * selected_count(w, r, o) + (selected_count(rest, r, o) if rest else 0):
-            return None
-        full_rule.append(head_rule)
-    return tuple(full_rule)
-
-
 def split_heads(calls: Sequence[BranchCall], chunk: int) -> list[BranchCall]:
     """``calls`` cut so that each lies within one chunk of ``chunk`` consecutive
     heads (``[0, chunk)``, ``[chunk, 2·chunk)``, ...)."""

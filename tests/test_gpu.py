@@ -171,32 +171,6 @@ def test_triton_branch_merge_matches_torch(monkeypatch, head_dim, weighted):
         assert (lse == float("-inf")).any()  # some positions have no key in any branch
 
 
-@pytest.mark.parametrize(
-    "seg,dil,n,h,head_dim",
-    [((16, 32), (6, 12), 100, 12, 64), ((4, 8, 12), (1, 2, 4), 2, 3, 40), ((8, 16), (1, 3), 50, 5, 40)],
-)
-def test_triton_zero_unselected_zeros_exactly_the_unwritten_rows(seg, dil, n, h, head_dim):
-    from dilated_attention_pytorch import DilatedPattern, functional
-    from dilated_attention_pytorch.kernels import triton_merge
-    from dilated_attention_pytorch.pattern import head_rows
-
-    if not triton_merge.AVAILABLE:
-        pytest.skip("triton is not installed")
-    pattern = DilatedPattern(seg, dil)
-    rule = head_rows(pattern.calls(n, h), n, h)
-    full = torch.full((2, n, h + 2, head_dim), float("nan"), device="cuda", dtype=torch.bfloat16)
-    x = full[:, :, 1:-1]  # strided heads
-    triton_merge.zero_unselected(x, functional._device_table(rule, torch.int32, x.device))
-    written = torch.zeros(h, n, dtype=torch.bool)
-    for call in pattern.calls(n, h):
-        for head in call.heads():
-            written[head, call.positions()] = True
-    written = written.T[None].expand(2, n, h).cuda()
-    assert torch.equal((x == 0).all(-1), ~written)
-    assert torch.equal(x.isnan().all(-1), written)  # rows the problems write are left alone
-    assert full[:, :, [0, -1]].isnan().all()
-
-
 def test_dropout_grouped_uses_fused_kernels_and_is_unbiased():
     from dilated_attention_pytorch import functional
 

@@ -8,7 +8,6 @@ from dilated_attention_pytorch.pattern import (
     DilatedPattern,
     as_pattern,
     compact_rows,
-    head_rows,
     selected_count,
     split_heads,
 )
@@ -111,30 +110,6 @@ def test_compact_rows_refuse_calls_of_another_layout():
     moved = [dataclasses.replace(all_calls[0], start=1), *all_calls[1:]]
     assert compact_rows(moved, 19, 4) is None
     assert compact_rows(all_calls, 20, 4) is None  # positions the calls do not fill
-
-
-@pytest.mark.parametrize(
-    "seg,dil,n,h",
-    [*PATTERNS, ((16, 32), (6, 12), 100, 12), ((64,), (4,), 3, 4), ((4, 8, 12), (1, 2, 4), 2, 3)],
-)
-def test_head_rows_name_exactly_the_written_rows(seg, dil, n, h):
-    p = DilatedPattern(seg, dil)
-    rule = head_rows(p.calls(n, h), n, h)
-    assert rule is not None and len(rule) == h
-    written = torch.zeros(h, n, dtype=torch.bool)
-    for call in p.calls(n, h):
-        for head in call.heads():
-            written[head, call.positions()] = True
-    named = torch.tensor([[pos % w % r == o for pos in range(n)] for w, r, o in rule])
-    assert torch.equal(named, written)
-
-
-def test_head_rows_refuse_other_calls():
-    grouped = DilatedPattern((4, 8), (1, 2)).calls(19, 4)
-    assert head_rows(grouped, 19, 4) is not None
-    assert head_rows(DilatedPattern((4, 8), (1, 2), "all").calls(19, 4), 19, 4) is None
-    assert head_rows(grouped[1:], 19, 4) is None  # a call missing
-    assert head_rows(grouped, 20, 4) is None
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 3, 5, 16])

@@ -10,10 +10,6 @@
   branches' results and lse, with no float32 accumulator in memory; also the
   plain sum the "all"-mode backward needs for dq, dk, dv.
 
-- :func:`zero_unselected`: zeros exactly the (position, head) rows no grouped-
-  head problem writes (rows a head with dilation r > 1 skips), instead of
-  zero-filling whole outputs and gradients that the problems then overwrite.
-
 Used only where Triton and CUDA are present; the torch versions in
 ``functional`` are the fallback and the reference the tests compare with.
 """
@@ -156,34 +152,6 @@ if AVAILABLE:
         o_off = (ib * o_b + p * o_n + ih * o_h)[:, None] + cols[None, :]
         tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
-    @triton.jit
-    def _zero_unselected_kernel(
-        out_ptr,
-        rule_ptr,
-        rows_total,
-        seq_len,
-        num_heads,
-        head_dim,
-        o_b, o_n, o_h,
-        BLOCK_R: tl.constexpr,
-        BLOCK_D: tl.constexpr,
-    ):  # fmt: skip
-        # rule holds per head: segment length, dilation, offset (int32)
-        rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-        row_ok = rows < rows_total
-        ih = rows % num_heads
-        t = rows // num_heads
-        position = t % seq_len
-        ib = t // seq_len
-        w = tl.load(rule_ptr + 3 * ih, mask=row_ok, other=1)
-        r = tl.load(rule_ptr + 3 * ih + 1, mask=row_ok, other=1)
-        offset = tl.load(rule_ptr + 3 * ih + 2, mask=row_ok, other=0)
-        unselected = row_ok & ((position.to(tl.int32) % w) % r != offset)
-        cols = tl.arange(0, BLOCK_D)
-        o_off = (ib * o_b + position * o_n + ih * o_h)[:, None] + cols[None, :]
-        zeros = tl.zeros((BLOCK_R, BLOCK_D), dtype=out_ptr.dtype.element_ty)
-        tl.store(out_ptr + o_off, zeros, mask=unselected[:, None] & (cols < head_dim)[None, :])
-
 
 def can_merge(out5: Tensor, part_out: Tensor) -> bool:
     """The fused merge takes 5-D CUDA views whose last dim is contiguous."""
@@ -243,23 +211,4 @@ def merge_branches(
             meta.shape[0], rows, n, h, first_head, d,
             *out.stride()[:3], *(lse.stride() if weighted else (0, 0, 0)),
             WEIGHTED=weighted, BLOCK_R=block_r, BLOCK_D=block_d,
-        )  # fmt: skip
-
-
-def can_zero_unselected(out: Tensor) -> bool:
-    """:func:`zero_unselected` writes CUDA ``(batch, seq, heads, head_dim)`` tensors
-    whose last dim is contiguous (positions in int32)."""
-    return AVAILABLE and out.is_cuda and out.stride(-1) == 1 and out.shape[-1] <= 512 and out.shape[1] < 2**31
-
-
-def zero_unselected(out: Tensor, rule: Tensor) -> None:
-    """Zero the rows of ``out`` ``(batch, seq, heads, head_dim)`` that ``rule``
-    (int32 ``(heads, 3)``: segment length, dilation, offset) does not select."""
-    b, n, h, d = out.shape
-    rows = b * n * h
-    block_d = triton.next_power_of_2(d)
-    block_r = max(1, 4096 // block_d)
-    with torch.cuda.device(out.device):
-        _zero_unselected_kernel[(triton.cdiv(rows, block_r),)](
-            out, rule, rows, n, h, d, *out.stride()[:3], BLOCK_R=block_r, BLOCK_D=block_d,
         )  # fmt: skip
