@@ -858,12 +858,15 @@ class _FusedDilatedAttention(torch.autograd.Function):
         problems: list[FusedProblem],
         merge: bool,
         scale: float,
-        head_chunk: int,
+        head_chunk: int | None,
     ) -> Tensor:
         b, n, h, d = query.shape
         lse_dtype = _bias_dtype(query.dtype)
         local = all(p.span is None for p in problems)
         rows = compact_rows([p.call for p in problems], n, h) if merge and local else None
+        if head_chunk is None:
+            per_position = None if rows is None else sum(r.num_rows for r in rows.values()) / n
+            head_chunk = h if per_position is None else merge_head_chunk(h, query.dtype, per_position)
         if rows is not None:
             parts = _BranchBuffers(rows, b, h, d, query.dtype, query.device)
             part_lses = _BranchBuffers(rows, b, h, None, lse_dtype, query.device)
@@ -1032,9 +1035,10 @@ def run_fused(
 ) -> Tensor:
     """The fused path, kept out of ``torch.compile`` graphs: compiling through the
     custom Function's in-place view writes gave wrong gradients on torch 2.11.
-    ``head_chunk`` (default: all heads): see :func:`merge_head_chunk`."""
-    chunk = query.shape[2] if head_chunk is None else head_chunk
-    return _FusedDilatedAttention.apply(query, key, value, problems, merge, scale, chunk)
+    ``head_chunk``: heads per backward chunk in "all" mode; by default
+    :func:`merge_head_chunk` where the branches merge from compact rows, else all
+    heads (problems that span ranks must not be cut)."""
+    return _FusedDilatedAttention.apply(query, key, value, problems, merge, scale, head_chunk)
 
 
 def _fused(
@@ -1054,12 +1058,7 @@ def _fused(
     biases = [_call_bias(c, key_bias, attn_bias, b) for c in calls]
     backends = select_backends(query, calls, [x is not None for x in biases], backend)
     problems = [FusedProblem(c, be, bias, is_causal) for c, be, bias in zip(calls, backends, biases)]
-    chunk = h
-    if merge:
-        rows = compact_rows(calls, n, h)
-        per_position = None if rows is None else sum(r.num_rows for r in rows.values()) / n
-        chunk = merge_head_chunk(h, query.dtype, per_position)
-    return run_fused(query, key, value, problems, merge, scale, chunk)
+    return run_fused(query, key, value, problems, merge, scale)
 
 
 # --------------------------------------------------------------------------
