@@ -1013,13 +1013,18 @@ def select_backends(
     if backend is not None:
         kernels.select_backend(spec, backend)
     named = kernels.REGISTRY.get(backend) if backend is not None else None
+    # problems share few (length, bias) pairs: judge each pair once
+    by_spec: dict[tuple[bool, int], kernels.Backend] = {}
     chosen = []
     for call, bias in zip(calls, has_bias):
-        call_spec = dataclasses.replace(spec, has_bias=bias, seq_len=call.length)
-        if named is not None and not named.not_supported_reasons(call_spec):
-            chosen.append(named)
-        else:
-            chosen.append(kernels.select_backend(call_spec))
+        key = (bias, call.length)
+        if key not in by_spec:
+            call_spec = dataclasses.replace(spec, has_bias=bias, seq_len=call.length)
+            if named is not None and not named.not_supported_reasons(call_spec):
+                by_spec[key] = named
+            else:
+                by_spec[key] = kernels.select_backend(call_spec)
+        chosen.append(by_spec[key])
     return chosen
 
 

@@ -4,6 +4,7 @@ offsets, segment geometry and FLOP counts. Pure Python, no tensors."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import operator
 from collections.abc import Sequence
@@ -149,33 +150,7 @@ class DilatedPattern:
         full segments and one for a shorter last segment."""
         _check_count("seq_len", seq_len)
         _check_count("num_heads", num_heads)
-        calls = []
-        for i, (w, r) in enumerate(zip(self.segment_lengths, self.dilation_rates)):
-            w_eff = min(w, seq_len)
-            num_full, rest = divmod(seq_len, w_eff)
-            blocks = [(0, w_eff, num_full)]
-            if rest:
-                blocks.append((num_full * w_eff, rest, 1))
-            for offset, heads in self.branch_heads(i, num_heads):
-                for start, seg_len, count in blocks:
-                    length = selected_count(seg_len, r, offset)
-                    if length == 0:
-                        continue
-                    calls.append(
-                        BranchCall(
-                            branch=i,
-                            offset=offset,
-                            dilation=r,
-                            start=start,
-                            segment_length=seg_len,
-                            num_segments=count,
-                            length=length,
-                            head_start=heads.start,
-                            head_step=heads.step,
-                            num_heads=len(heads),
-                        )
-                    )
-        return calls
+        return list(_calls(self, seq_len, num_heads))
 
     def flops(
         self,
@@ -269,6 +244,39 @@ def compact_rows(calls: Sequence[BranchCall], seq_len: int, num_heads: int) -> d
         per_segment = math.ceil(w / r)
         rows[branch] = BranchRows(w, r, per_segment, math.ceil(seq_len / w) * per_segment)
     return rows
+
+
+@functools.lru_cache(maxsize=256)
+def _calls(pattern: DilatedPattern, seq_len: int, num_heads: int) -> tuple[BranchCall, ...]:
+    """:meth:`DilatedPattern.calls`, kept: every forward asks for them (~100 us of
+    host time for LongNet's pattern in "all" mode)."""
+    calls = []
+    for i, (w, r) in enumerate(zip(pattern.segment_lengths, pattern.dilation_rates)):
+        w_eff = min(w, seq_len)
+        num_full, rest = divmod(seq_len, w_eff)
+        blocks = [(0, w_eff, num_full)]
+        if rest:
+            blocks.append((num_full * w_eff, rest, 1))
+        for offset, heads in pattern.branch_heads(i, num_heads):
+            for start, seg_len, count in blocks:
+                length = selected_count(seg_len, r, offset)
+                if length == 0:
+                    continue
+                calls.append(
+                    BranchCall(
+                        branch=i,
+                        offset=offset,
+                        dilation=r,
+                        start=start,
+                        segment_length=seg_len,
+                        num_segments=count,
+                        length=length,
+                        head_start=heads.start,
+                        head_step=heads.step,
+                        num_heads=len(heads),
+                    )
+                )
+    return tuple(calls)
 
 
 def split_heads(calls: Sequence[BranchCall], chunk: int) -> list[BranchCall]:
