@@ -942,11 +942,11 @@ class _FusedDilatedAttention(torch.autograd.Function):
         for heads, pieces in _backward_pieces(problems, h, ctx.head_chunk):
             # "all": each branch's gradients go to compact rows and are summed at
             # the end of the chunk, or, with spanning problems, summed in float32
-            compact = [
-                _BranchBuffers(rows, b, len(heads), d, query.dtype, query.device)
-                for _ in grads
+            compact = (
+                [_BranchBuffers(rows, b, len(heads), d, query.dtype, query.device) for _ in grads]
                 if rows is not None
-            ]
+                else []
+            )
             accs = grads
             if ctx.merge and rows is None:
                 accs = [query.new_zeros(b, n, len(heads), d, dtype=lse.dtype) for _ in grads]
