@@ -13,11 +13,16 @@ The ceiling ("dense_<backend>") runs SDPA with one backend on exactly the
 ``(batch·segments, heads, length, head_dim)`` problems the pattern needs,
 contiguous, and is credited with the same FLOPs: its TFLOP/s is the rate the
 dilated implementation would reach if it lost nothing to the dilation.
+Registry kernels outside SDPA (FlashAttention-4 where installed) are timed as
+ceilings too, called directly. The ratios are to the fastest dense backend
+(``best_dense_fwd`` / ``best_dense_fwdbwd`` name it); each dense record keeps
+every problem shape's own times under ``problems``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -57,6 +62,8 @@ DENSE_BACKENDS = {
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
     "math": SDPBackend.MATH,
 }
+#: registry kernels timed as dense ceilings where they can run (not reachable through SDPA)
+DENSE_KERNEL_BACKENDS = ("flash_attn_4",)
 
 
 def _progress(items: list, desc: str) -> Iterable:
@@ -68,12 +75,40 @@ def _progress(items: list, desc: str) -> Iterable:
         return items
 
 
+def cuda_graphed(fn: Callable[[], Any], device: torch.device, warmup: int = 3) -> torch.cuda.CUDAGraph:
+    """``fn`` captured once in a CUDA graph, after warm-ups on a side stream (they fill
+    host-side caches and compile kernels); its replay has no host time per kernel.
+    ``fn`` must read and write the same buffers every call (its outputs stay in the
+    graph's memory pool until ``reset()``)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
 class Timer:
-    def __init__(self, device: torch.device, warmup: int, repeats: int) -> None:
-        self.device, self.warmup, self.repeats = device, warmup, repeats
+    def __init__(self, device: torch.device, warmup: int, repeats: int, cuda_graph: bool = False) -> None:
+        self.device, self.warmup, self.repeats, self.cuda_graph = device, warmup, repeats, cuda_graph
 
     def __call__(self, fn: Callable[[], Any]) -> float:
-        """Median milliseconds of ``fn``."""
+        """Median milliseconds of ``fn`` (of its CUDA-graph replay with ``cuda_graph``)."""
+        if not (self.cuda_graph and self.device.type == "cuda"):
+            return self._median(fn)
+        graph = cuda_graphed(fn, self.device, self.warmup)
+        try:
+            return self._median(graph.replay)
+        finally:
+            # each graph keeps a private memory pool: give it back before the next one
+            graph.reset()
+            torch.cuda.empty_cache()
+
+    def _median(self, fn: Callable[[], Any]) -> float:
         for _ in range(self.warmup):
             fn()
         times = []
@@ -136,44 +171,93 @@ def _implementations(args: argparse.Namespace, pattern: DilatedPattern, causal: 
     return impls
 
 
+def _dense_kernel_backends(device: torch.device, dtype: torch.dtype, head_dim: int) -> list[str]:
+    """Registry kernels outside SDPA (FlashAttention-4 where installed) that can run dense problems:
+    the ceiling must include them, or an implementation on them is judged against a slower kernel."""
+    if device.type != "cuda":
+        return []
+    spec = kernels.AttentionSpec(
+        device.type, dtype, head_dim, False, torch.cuda.get_device_capability(device)
+    )
+    return [name for name in DENSE_KERNEL_BACKENDS if not kernels.REGISTRY[name].not_supported_reasons(spec)]
+
+
+def _dense_problem_fns(
+    name: str, shape: tuple[int, int, int], head_dim: int, causal: bool, device, dtype
+) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    """(forward, forward+backward) of one dense problem ``(batch·segments, heads, length)``."""
+    bb, hh, ll = shape
+    if name in DENSE_BACKENDS:
+        q, k, v = (
+            torch.randn(bb, hh, ll, head_dim, device=device, dtype=dtype, requires_grad=True)
+            for _ in range(3)
+        )
+        grad = torch.randn_like(q)
+
+        def f() -> torch.Tensor:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+        return f, _fwd_bwd(f, (q, k, v), grad)
+    # a registry kernel, called directly (no autograd bookkeeping: a ceiling no slower than its use)
+    backend, scale = kernels.REGISTRY[name], head_dim**-0.5
+    q, k, v, grad = (
+        torch.randn(bb, ll, hh, head_dim, device=device, dtype=dtype).transpose(1, 2) for _ in range(4)
+    )
+
+    def fwd() -> tuple[torch.Tensor, torch.Tensor, Any]:
+        return backend.forward(q, k, v, None, causal, scale)
+
+    def fwd_bwd() -> None:
+        out, lse, state = fwd()
+        backend.backward(grad, q, k, v, out, lse, None, causal, scale, state)
+
+    return fwd, fwd_bwd
+
+
 def _dense_ceiling(
     pattern: DilatedPattern, args: argparse.Namespace, seq: int, causal: bool, device, dtype, timer: Timer
-) -> dict[str, dict[str, float]]:
-    """Per SDPA backend: fwd and fwd+bwd ms summed over the pattern's sub-problems."""
+) -> dict[str, dict[str, Any]]:
+    """Per dense backend: fwd and fwd+bwd ms summed over the pattern's sub-problems, and each
+    problem shape's own times (``problems``)."""
     shapes: dict[tuple[int, int, int], int] = {}
     for call in pattern.calls(seq, args.heads):
         shape = (args.batch * call.num_segments, call.num_heads, call.length)
         shapes[shape] = shapes.get(shape, 0) + 1
-    results = {}
-    backends = ["math"] if device.type == "cpu" else [b for b in DENSE_BACKENDS if b != "math"]
+    results: dict[str, dict[str, Any]] = {}
+    if device.type == "cpu":
+        backends = ["math"]
+    else:
+        backends = [b for b in DENSE_BACKENDS if b != "math"]
+        backends += _dense_kernel_backends(device, dtype, args.head_dim)
     for name in backends:
         fwd = fwdbwd = 0.0
+        problems = []
         try:
-            with sdpa_kernel(DENSE_BACKENDS[name]):
-                for (bb, hh, ll), count in shapes.items():
-                    q, k, v = (
-                        torch.randn(bb, hh, ll, args.head_dim, device=device, dtype=dtype, requires_grad=True)
-                        for _ in range(3)
-                    )
-                    grad = torch.randn_like(q)
-
-                    def f(q=q, k=k, v=v):
-                        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-
-                    fwd += count * timer(lambda f=f: f())
+            with sdpa_kernel(DENSE_BACKENDS[name]) if name in DENSE_BACKENDS else contextlib.nullcontext():
+                for shape, count in shapes.items():
+                    f, step = _dense_problem_fns(name, shape, args.head_dim, causal, device, dtype)
+                    problem = {"shape": list(shape), "count": count, "fwd_ms": timer(f)}
                     if not args.no_backward:
-                        fwdbwd += count * timer(_fwd_bwd(f, (q, k, v), grad))
+                        problem["fwdbwd_ms"] = timer(step)
+                        fwdbwd += count * problem["fwdbwd_ms"]
+                    fwd += count * problem["fwd_ms"]
+                    problems.append(problem)
+                    del f, step
         except RuntimeError as e:  # backend cannot run these shapes/dtype
             results[name] = {"error": str(e).splitlines()[0][:200]}
             continue
-        results[name] = {"fwd_ms": fwd, "fwdbwd_ms": fwdbwd if not args.no_backward else None}
+        results[name] = {
+            "fwd_ms": fwd,
+            "fwdbwd_ms": fwdbwd if not args.no_backward else None,
+            "problems": problems,
+        }
     return results
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    timer = Timer(device, args.warmup, args.repeats)
+    timer = Timer(device, args.warmup, args.repeats, args.cuda_graph)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     records = []
     configs = [(seq, hm, causal) for seq in args.seq_lens for hm in args.head_modes for causal in args.causal]
@@ -193,14 +277,23 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             "dilation_rates": list(args.dilation_rates),
             "head_mode": head_mode,
             "causal": causal,
+            "cuda_graph": args.cuda_graph and device.type == "cuda",
             "flops_fwd": flops_fwd,
             "flops_fwdbwd": flops_fwdbwd,
         }
         dense = (
             _dense_ceiling(pattern, args, seq, causal, device, dtype, timer) if "dense" in args.impls else {}
         )
-        best_fwd = min((d["fwd_ms"] for d in dense.values() if "fwd_ms" in d), default=None)
-        best_fwdbwd = min((d["fwdbwd_ms"] for d in dense.values() if d.get("fwdbwd_ms")), default=None)
+        best_fwd_name = min(
+            (n for n, d in dense.items() if "fwd_ms" in d), key=lambda n: dense[n]["fwd_ms"], default=None
+        )
+        best_fwdbwd_name = min(
+            (n for n, d in dense.items() if d.get("fwdbwd_ms")),
+            key=lambda n: dense[n]["fwdbwd_ms"],
+            default=None,
+        )
+        best_fwd = dense[best_fwd_name]["fwd_ms"] if best_fwd_name else None
+        best_fwdbwd = dense[best_fwdbwd_name]["fwdbwd_ms"] if best_fwdbwd_name else None
         for name, d in dense.items():
             rec = {**common, "implementation": f"dense_{name}", "backend": name, **d}
             if "fwd_ms" in d:
@@ -232,6 +325,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 rec["tflops_fwd"] = flops_fwd / rec["fwd_ms"] / 1e9
                 if best_fwd:
                     rec["ratio_to_dense_fwd"] = best_fwd / rec["fwd_ms"]
+                    rec["best_dense_fwd"] = best_fwd_name
                 if not args.no_backward:
                     step = _fwd_bwd(fn, (q, k, v), grad)
                     rec["fwdbwd_ms"] = timer(step)
@@ -239,6 +333,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     rec["tflops_fwdbwd"] = flops_fwdbwd / rec["fwdbwd_ms"] / 1e9
                     if best_fwdbwd:
                         rec["ratio_to_dense_fwdbwd"] = best_fwdbwd / rec["fwdbwd_ms"]
+                        rec["best_dense_fwdbwd"] = best_fwdbwd_name
                     # q, k, v, output and their gradients: what training must hold
                     rec["io_mib"] = 8 * q.numel() * q.element_size() / 2**20
                     if rec["peak_mem_mib"] is not None:
@@ -303,6 +398,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--no-backward", action="store_true")
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="time CUDA-graph replays of every implementation and dense problem (no host time per kernel)",
+    )
     p.add_argument("--backend", help="kernel backend of 'improved' (default: what 'auto' picks)")
     args = p.parse_args(argv)
     if args.workload:

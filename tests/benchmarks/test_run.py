@@ -55,6 +55,15 @@ def test_quick_cpu_run_writes_records(tmp_path):
         assert r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0
         if not r["implementation"].startswith("dense"):
             assert r["ratio_to_dense_fwd"] > 0
+            assert r["best_dense_fwd"] == r["best_dense_fwdbwd"] == "math"
+        else:
+            # the total is the problems' times weighted by how often each shape occurs
+            problems = r["problems"]
+            assert problems and all(p["count"] >= 1 for p in problems)
+            assert (
+                abs(sum(p["count"] * p["fwd_ms"] for p in problems) - r["fwd_ms"])
+                < 1e-9 * r["fwd_ms"] + 1e-12
+            )
     table = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks/table.py"), str(out)],
         check=True,
@@ -62,6 +71,23 @@ def test_quick_cpu_run_writes_records(tmp_path):
         text=True,
     ).stdout
     assert table.count("| improved |") == 8  # 2 lengths x 2 head modes x causal or not
+
+
+def test_dense_ceiling_times_registry_kernels_directly():
+    """A registry kernel as dense ceiling (how FlashAttention-4 is timed where installed): its
+    forward returns the kernel's output and lse, its forward+backward runs the kernel's backward."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import torch
+    from run import _dense_problem_fns
+
+    for causal in (False, True):
+        fwd, fwd_bwd = _dense_problem_fns(
+            "sdpa_cpu_flash", (2, 3, 16), 8, causal, torch.device("cpu"), torch.float32
+        )
+        out, lse, _ = fwd()
+        assert out.shape == (2, 3, 16, 8) and lse.shape == (2, 3, 16)
+        assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+        fwd_bwd()
 
 
 def test_baseline_matches_reference_in_grouped_mode():
