@@ -63,7 +63,7 @@ DENSE_BACKENDS = {
     "math": SDPBackend.MATH,
 }
 #: registry kernels timed as dense ceilings where they can run (not reachable through SDPA)
-DENSE_KERNEL_BACKENDS = ("flash_attn_4",)
+DENSE_KERNEL_BACKENDS = ("flash_attn_4", "xformers")
 
 
 def _progress(items: list, desc: str) -> Iterable:
@@ -172,7 +172,7 @@ def _implementations(args: argparse.Namespace, pattern: DilatedPattern, causal: 
 
 
 def _dense_kernel_backends(device: torch.device, dtype: torch.dtype, head_dim: int) -> list[str]:
-    """Registry kernels outside SDPA (FlashAttention-4 where installed) that can run dense problems:
+    """Registry kernels outside SDPA (FlashAttention-4, xformers where installed) that can run dense problems:
     the ceiling must include them, or an implementation on them is judged against a slower kernel."""
     if device.type != "cuda":
         return []

@@ -50,8 +50,9 @@ def report() -> str:
         f"FlexAttention: {'available' if flex else 'not available'}; used by method='flex' and block-sparse",
         "flash-attn-4: "
         + _optional("flash_attn", "flash-attn-4", used_by="backend 'flash_attn_4' (see below)"),
-        f"flash-attn 2: {_optional('flash_attn_2_cuda', 'flash-attn', 'flash_attn')} (no backend for it)",
-        f"xformers: {_optional('xformers', 'xformers')} (no backend for it)",
+        f"flash-attn 2: {_optional('flash_attn_2_cuda', 'flash-attn', 'flash_attn')} "
+        "(no backend of its own; xformers' dispatcher uses it where both are installed)",
+        "xformers: " + _optional("xformers", "xformers", used_by="backend 'xformers' (see below)"),
         "",
         "kernel backends (registry order = preference):",
     ]

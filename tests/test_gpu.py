@@ -1,6 +1,8 @@
 """GPU: every CUDA kernel backend against the float64 reference, bf16/fp16/fp32,
 outputs and gradients. Marked ``gpu``; skipped without CUDA."""
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -18,10 +20,26 @@ GPU_IMPLS = [
     Impl("improved-flash", "fused", "sdpa_flash"),
     Impl("improved-flash4", "fused", "flash_attn_4"),
     Impl("improved-efficient", "fused", "sdpa_efficient"),
+    Impl("improved-xformers", "fused", "xformers"),
     Impl("improved-math", "fused", "math"),
 ]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 assert {i.method for i in GPU_IMPLS} == {i.method for i in CPU_IMPLS}
+
+
+@pytest.fixture(autouse=True)
+def _xformers_on_pytorch_kernels(monkeypatch):
+    """Where xformers' own C++/CUDA extension does not load (the lent GPU's torch is
+    newer than the one the 0.0.35 wheel was built for), its operators that run on
+    PyTorch's kernels (FlashAttention-2, CUTLASS) still work, but its build check
+    refuses them: tell the check so, and the backend is tested end to end through
+    xformers' public API and dispatcher on those kernels."""
+    if importlib.util.find_spec("xformers") is None:
+        return
+    from xformers.ops.fmha import common
+
+    if not common._built_with_cuda:
+        monkeypatch.setattr(common, "_built_with_cuda", True)
 
 
 def _runnable(impl: Impl, dtype: torch.dtype, head_dim: int, has_bias: bool) -> None:

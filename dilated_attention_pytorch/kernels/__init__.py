@@ -11,6 +11,7 @@ from .base import AttentionSpec, Backend, IntoPlaceBackend
 from .flash4 import Flash4Backend
 from .math import MathBackend
 from .sdpa import CpuFlashBackend, CudnnBackend, EfficientBackend, FlashBackend
+from .xformers_fmha import XformersBackend
 
 REGISTRY: dict[str, Backend] = {
     b.name: b
@@ -19,6 +20,7 @@ REGISTRY: dict[str, Backend] = {
         CudnnBackend(),
         FlashBackend(),
         EfficientBackend(),
+        XformersBackend(),
         CpuFlashBackend(),
         MathBackend(),
     )

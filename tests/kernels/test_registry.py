@@ -25,6 +25,7 @@ def test_registry_order_and_names():
         "sdpa_cudnn",
         "sdpa_flash",
         "sdpa_efficient",
+        "xformers",
         "sdpa_cpu_flash",
         "math",
     ]
@@ -65,6 +66,48 @@ def test_flash_attn_4_reasons(monkeypatch):
     assert "untested here" in backend.not_supported_reasons(spec)[0]
     cpu = kernels.AttentionSpec("cpu", torch.float32, 8)
     assert "runs on cuda only" in backend.not_supported_reasons(cpu)[-1]
+
+
+def test_xformers_reasons(monkeypatch):
+    from dilated_attention_pytorch.kernels import xformers_fmha
+
+    backend = kernels.REGISTRY["xformers"]
+    spec = kernels.AttentionSpec("cuda", torch.float32, 64, compute_capability=(9, 0))
+    monkeypatch.setattr(xformers_fmha, "installed_version", lambda: None)
+    assert backend.not_supported_reasons(spec) == ["xformers is not installed (pip install xformers)"]
+    monkeypatch.setattr(xformers_fmha, "installed_version", lambda: "0.0.99")
+    monkeypatch.setattr(xformers_fmha, "import_error", lambda: None)
+    assert backend.not_supported_reasons(spec) == []  # public API: other releases are not refused
+    bad = kernels.AttentionSpec("cuda", torch.float64, 256, has_bias=True, compute_capability=(7, 5))
+    reasons = " | ".join(backend.not_supported_reasons(bad))
+    for part in (
+        "compute capability >= (8, 0)",
+        "dtype torch.float64",
+        "head_dim must be",
+        "no attention bias",
+    ):
+        assert part in reasons
+    cpu = kernels.AttentionSpec("cpu", torch.float32, 64)
+    assert backend.not_supported_reasons(cpu) == ["runs on cuda only, got device cpu"]
+    if torch.cuda.is_available():
+        monkeypatch.setattr(xformers_fmha, "import_error", lambda: "ImportError: no _C")
+        assert backend.not_supported_reasons(spec) == [
+            "xformers.ops.fmha does not import: ImportError: no _C"
+        ]
+
+
+def test_import_error_names_the_failure(monkeypatch):
+    from dilated_attention_pytorch.kernels import xformers_fmha
+
+    def broken():
+        raise ImportError("undefined symbol: _ZN3c10\nsecond line")
+
+    monkeypatch.setattr(xformers_fmha, "_fmha", broken)
+    xformers_fmha.import_error.cache_clear()
+    try:
+        assert xformers_fmha.import_error() == "ImportError: undefined symbol: _ZN3c10"
+    finally:
+        xformers_fmha.import_error.cache_clear()
 
 
 def test_select_backend_errors():
