@@ -36,8 +36,10 @@ def _xformers_on_pytorch_kernels(monkeypatch):
     xformers' public API and dispatcher on those kernels."""
     if importlib.util.find_spec("xformers") is None:
         return
-    from xformers.ops.fmha import common
-
+    try:
+        from xformers.ops.fmha import common
+    except ImportError:  # the backend reports why and its tests skip
+        return
     if not common._built_with_cuda:
         monkeypatch.setattr(common, "_built_with_cuda", True)
 
