@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -113,3 +115,14 @@ class IntoPlaceBackend(Backend, Protocol):
     ) -> None:
         """Writes ``(dq, dk, dv)`` into ``grads``."""
         ...
+
+
+def distribution_version(import_name: str, distribution: str) -> str | None:
+    """Version of the optional package ``distribution`` when ``import_name`` can be
+    imported from it, else None. Imports nothing."""
+    if importlib.util.find_spec(import_name) is None:
+        return None
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None

@@ -13,14 +13,12 @@ which releases it was checked against on a GPU.
 from __future__ import annotations
 
 import functools
-import importlib.metadata
-import importlib.util
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .base import AttentionSpec
+from .base import AttentionSpec, distribution_version
 
 #: releases whose private entry points this module was run against (H100, torch 2.11)
 TESTED_VERSIONS: tuple[str, ...] = ("4.0.0b36",)
@@ -28,12 +26,7 @@ TESTED_VERSIONS: tuple[str, ...] = ("4.0.0b36",)
 
 @functools.cache
 def installed_version() -> str | None:
-    if importlib.util.find_spec("flash_attn") is None:
-        return None
-    try:
-        return importlib.metadata.version("flash-attn-4")
-    except importlib.metadata.PackageNotFoundError:
-        return None
+    return distribution_version("flash_attn", "flash-attn-4")
 
 
 def _interface() -> Any:

@@ -16,14 +16,12 @@ Inputs are ``(batch, seq, heads, head_dim)`` for xformers, so a branch problem
 from __future__ import annotations
 
 import functools
-import importlib.metadata
-import importlib.util
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .base import AttentionSpec
+from .base import AttentionSpec, distribution_version
 
 #: releases this module ran against on a GPU (H100, torch 2.11, tests/test_gpu.py);
 #: the API it calls is public, so other releases are not refused
@@ -34,12 +32,7 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 @functools.cache
 def installed_version() -> str | None:
-    if importlib.util.find_spec("xformers") is None:
-        return None
-    try:
-        return importlib.metadata.version("xformers")
-    except importlib.metadata.PackageNotFoundError:
-        return None
+    return distribution_version("xformers", "xformers")
 
 
 @functools.cache

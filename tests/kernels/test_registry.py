@@ -89,11 +89,17 @@ def test_xformers_reasons(monkeypatch):
         assert part in reasons
     cpu = kernels.AttentionSpec("cpu", torch.float32, 64)
     assert backend.not_supported_reasons(cpu) == ["runs on cuda only, got device cpu"]
-    if torch.cuda.is_available():
-        monkeypatch.setattr(xformers_fmha, "import_error", lambda: "ImportError: no _C")
-        assert backend.not_supported_reasons(spec) == [
-            "xformers.ops.fmha does not import: ImportError: no _C"
-        ]
+    # checked only where CUDA runs (importing xformers is slow)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(xformers_fmha, "_extension_loaded", lambda: True)
+    assert backend.not_supported_reasons(spec) == []
+    monkeypatch.setattr(xformers_fmha, "_extension_loaded", lambda: False)
+    assert backend.not_supported_reasons(spec) == [
+        "xformers' C++/CUDA extension did not load (built for another torch or CUDA), "
+        "so its operators refuse CUDA inputs"
+    ]
+    monkeypatch.setattr(xformers_fmha, "import_error", lambda: "ImportError: no _C")
+    assert backend.not_supported_reasons(spec) == ["xformers.ops.fmha does not import: ImportError: no _C"]
 
 
 def test_import_error_names_the_failure(monkeypatch):
