@@ -787,7 +787,8 @@ def _into_place(p: FusedProblem, x: Tensor, call: BranchCall) -> Tensor | None:
     if p.span is not None or p.bias is not None or not hasattr(p.backend, "forward_into"):
         return None
     view = _problem_view(x, call)
-    return view if view.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() else None
+    is_view = view.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+    return view if is_view and p.backend.strides.accepts(view) else None
 
 
 def _write(grad: Tensor, call: BranchCall, first_head: int, part5: Tensor, merge: bool) -> None:
@@ -891,21 +892,22 @@ class _FusedDilatedAttention(torch.autograd.Function):
                 branch = p.call.branch
                 to_out, to_lse = parts.blocks[branch], part_lses.blocks[branch]
                 to_call = rows[branch].call_rows(p.call)
-            q = _problem_view(query, p.call)
+            rule = p.backend.strides
+            q = rule.conform(_problem_view(query, p.call))
             if p.span is not None:
                 if i in gathers:
-                    k, v = remote_kv[i] = _unstack_rows(gathers[i]())
+                    k, v = remote_kv[i] = tuple(rule.conform(x) for x in _unstack_rows(gathers[i]()))
                     blocks = iter([(range(len(p.span.counts)), k, v)])
                 else:
                     assert p.ring is not None
-                    k, v = (_problem_view(x, p.call) for x in (key, value))
+                    k, v = (rule.conform(_problem_view(x, p.call)) for x in (key, value))
                     blocks = _ring_blocks(p.ring, k, v)
                 # consumed even without local queries: the exchange must still happen
                 part_out, part_lse, states[i] = _blockwise_forward(p, q, blocks, scale)
             else:
                 if p.call.length == 0:
                     continue
-                k, v = (_problem_view(x, p.call) for x in (key, value))
+                k, v = (rule.conform(_problem_view(x, p.call)) for x in (key, value))
                 dest = _into_place(p, to_out, to_call) if rows is not None or not merge else None
                 if dest is not None:
                     part_lse, states[i] = p.backend.forward_into(q, k, v, p.causal, scale, dest)  # type: ignore[attr-defined]
@@ -955,8 +957,9 @@ class _FusedDilatedAttention(torch.autograd.Function):
                 p, kv = problems[i], ctx.remote_kv[i]
                 if p.span is None and call.length == 0:
                     continue
-                q, o, do = (_problem_view(x, call) for x in (query, out, grad_out))
-                k, v = kv if kv is not None else (_problem_view(x, call) for x in (key, value))
+                rule = p.backend.strides
+                q, o, do = (rule.conform(_problem_view(x, call)) for x in (query, out, grad_out))
+                k, v = kv if kv is not None else (rule.conform(_problem_view(x, call)) for x in (key, value))
                 part_lse = _problem_view(lse, call)
                 bias = _bias_heads(p.bias, p.call, call)
                 if bias is not None:
@@ -1193,7 +1196,7 @@ def flex_problems(
 
         cache_key = (call, layout.block_size, is_causal, b, layout.offset)
         mask, score_mod = build() if masked else flex_kernel.CACHE.get(layout.cache_owner, cache_key, build)
-        q, k, v = (_problem_view(x, call) for x in (query, key, value))
+        q, k, v = (flex_kernel.STRIDES.conform(_problem_view(x, call)) for x in (query, key, value))
         yield FlexProblem(call, q, k, v, mask, score_mod)
 
 

@@ -3,6 +3,7 @@ input factories and the GPU marker."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -83,6 +84,43 @@ def make_qkv(
         .requires_grad_(requires_grad)
         for _ in range(3)
     )
+
+
+#: Memory layouts users pass: name -> (shape of the leaf, leaf -> ``(b, n, h, d)`` view).
+#: The "expand_*" ones repeat values (stride 0); "offset" starts one element in.
+LAYOUTS: dict[str, tuple[Callable[[int, int, int, int], tuple[int, ...]], Callable[[Tensor], Tensor]]] = {
+    "contiguous": (lambda b, n, h, d: (b, n, h, d), lambda x: x),
+    "seq_major": (lambda b, n, h, d: (n, b, h, d), lambda x: x.transpose(0, 1)),
+    "reversed_dims": (lambda b, n, h, d: (d, h, n, b), lambda x: x.permute(3, 2, 1, 0)),
+    "heads_innermost": (lambda b, n, h, d: (b, n, d, h), lambda x: x.transpose(2, 3)),  # "b n (d h)"
+    "step_last": (lambda b, n, h, d: (b, n, h, 2 * d), lambda x: x[..., ::2]),
+    "step_seq": (lambda b, n, h, d: (b, 2 * n, h, d), lambda x: x[:, ::2]),
+    "step_heads": (lambda b, n, h, d: (b, n, 2 * h, d), lambda x: x[:, :, 1::2]),
+    "offset": (lambda b, n, h, d: (b * n * h * d + 1,), None),  # type: ignore[dict-item]
+    "packed_qkv": (lambda b, n, h, d: (b, n, 3, h, d), lambda x: x[:, :, 1]),
+    "expand_batch": (lambda b, n, h, d: (1, n, h, d), None),  # type: ignore[dict-item]
+    "expand_heads": (lambda b, n, h, d: (b, n, 1, d), None),  # type: ignore[dict-item]
+    "expand_last": (lambda b, n, h, d: (b, n, h, 1), None),  # type: ignore[dict-item]
+}
+
+
+def make_strided(
+    layout: str,
+    shape: tuple[int, int, int, int],
+    dtype: torch.dtype = torch.float64,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """A leaf that requires grad and a ``shape`` view of it in ``layout``."""
+    leaf_shape, view = LAYOUTS[layout]
+    g = torch.Generator().manual_seed(seed)
+    leaf = torch.randn(leaf_shape(*shape), generator=g, dtype=torch.float64).to(device, dtype)
+    leaf.requires_grad_()
+    if layout == "offset":
+        return leaf, leaf[1:].view(shape)
+    if layout.startswith("expand_"):
+        return leaf, leaf.expand(shape)
+    return leaf, view(leaf)
 
 
 def grads(out: Tensor, inputs: tuple[Tensor, ...], grad_out: Tensor) -> tuple[Tensor, ...]:

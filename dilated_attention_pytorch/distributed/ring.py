@@ -565,7 +565,7 @@ def _flex_span_problems(
     unless a key padding mask, which changes with the inputs, is given)."""
     batch = query.shape[0]
     for sp in spans:
-        q = functional._problem_view(query, sp.local)
+        q = flex_kernel.STRIDES.conform(functional._problem_view(query, sp.local))
         k, v = _gathered_keys(key, value, sp)
         keys_bias = None if key_bias is None else _gathered_key_bias(sp, key_bias)
 

@@ -35,10 +35,45 @@ class AttentionSpec:
         return cls(x.device.type, x.dtype, x.shape[-1], has_bias, cc, seq_len)
 
 
+@dataclass(frozen=True)
+class StrideRule:
+    """The memory layouts a kernel reads and writes correctly, as data.
+
+    ``last_dim_contiguous``: ``stride(-1) == 1`` (every SDPA kernel; the CPU
+    flash kernel silently computes garbage otherwise). ``alignment``: bytes that
+    the data pointer and every other stride (of a dimension longer than 1) must
+    be a multiple of. A tensor outside the rule is copied (:meth:`conform`)
+    before the kernel sees it, never passed on.
+    """
+
+    last_dim_contiguous: bool = True
+    alignment: int = 1
+
+    def accepts(self, x: Tensor) -> bool:
+        if self.last_dim_contiguous and x.shape[-1] > 1 and x.stride(-1) != 1:
+            return False
+        if self.alignment > 1:
+            size = x.element_size()
+            if x.data_ptr() % self.alignment:
+                return False
+            if any((s * size) % self.alignment for s, n in zip(x.stride()[:-1], x.shape[:-1]) if n > 1):
+                return False
+        return True
+
+    def conform(self, x: Tensor) -> Tensor:
+        """``x``, or a contiguous copy where the rule refuses it."""
+        return x if self.accepts(x) else x.contiguous()
+
+
+#: any layout (plain torch ops)
+ANY_STRIDES = StrideRule(last_dim_contiguous=False)
+
+
 class Backend(Protocol):
     """One attention kernel that returns the log-sum-exp and has a backward.
 
-    Tensors are ``(batch, heads, len, head_dim)`` (last dim contiguous);
+    Tensors are ``(batch, heads, len, head_dim)``, within the backend's ``strides``
+    (the fused path conforms them);
     ``lse`` is float32 (float64 for float64 inputs) ``(batch, heads, len)``.
     What a row with no allowed key returns is kernel-specific: callers derive
     such rows from the bias.
@@ -48,6 +83,8 @@ class Backend(Protocol):
     name: str
     #: one line for `info` and the docs
     description: str
+    #: the layouts its kernels take, for inputs, outputs and gradients alike
+    strides: StrideRule
 
     def not_supported_reasons(self, spec: AttentionSpec) -> list[str]:
         """Empty when the backend can run ``spec``; else why not, one reason each."""
@@ -92,7 +129,7 @@ class IntoPlaceBackend(Backend, Protocol):
     """A backend whose kernels also write into caller-given strided tensors:
     grouped-head problems then need no copy of their output and gradients into
     place. ``out``, ``dq``, ``dk``, ``dv`` are ``(batch, heads, len, head_dim)``
-    views (last dim contiguous); no bias."""
+    views within the backend's ``strides``; no bias."""
 
     def forward_into(
         self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, out: Tensor

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import AttentionSpec, distribution_version
+from .base import AttentionSpec, StrideRule, distribution_version
 
 #: releases whose private entry points this module was run against (H100, torch 2.11)
 TESTED_VERSIONS: tuple[str, ...] = ("4.0.0b36",)
@@ -41,6 +41,9 @@ class Flash4Backend:
         "FlashAttention-4 (flash-attn-4, CuTe DSL) when installed, on sm90; writes outputs and "
         "gradients of grouped-head problems straight into place"
     )
+
+    # CuTe kernels take any strides that keep 16-byte alignment, last dim contiguous
+    strides = StrideRule(last_dim_contiguous=True, alignment=16)
 
     def not_supported_reasons(self, spec: AttentionSpec) -> list[str]:
         version = installed_version()

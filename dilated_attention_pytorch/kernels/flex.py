@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ..pattern import BranchCall
+from .base import StrideRule
 
 try:  # FlexAttention appeared in torch 2.5
     from torch.nn.attention import flex_attention as _flex_module
@@ -34,6 +35,8 @@ except ImportError:  # pragma: no cover - torch < 2.5
 
 #: FlexAttention's tile (rows and columns of the compact layout)
 TILE = 128
+#: layouts its Triton kernels are given (others are copied first)
+STRIDES = StrideRule(last_dim_contiguous=True, alignment=16)
 _RECOMPILE_LIMIT = 64
 
 
@@ -562,6 +565,8 @@ def attention(
     ``(batch, heads, len)``, differentiable (None unless ``lse``). Rows with no
     key: out 0 (FlexAttention's own result), lse -inf."""
     fn = _flex_attention(q.device.type)
+    if not torch.is_grad_enabled():  # FlexAttention refuses inputs that require grad on CPU, even then
+        q, k, v = q.detach(), k.detach(), v.detach()
     kwargs: dict[str, Any] = {"score_mod": score_mod, "block_mask": mask, "scale": scale}
     if q.device.type == "cuda":
         kwargs["kernel_options"] = _kernel_options(q.shape[-2], k.shape[-2])

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import AttentionSpec
+from .base import ANY_STRIDES, AttentionSpec
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -60,6 +60,7 @@ def attention_lse(
 class MathBackend:
     name = "math"
     description = "plain torch ops (any device, dtype and mask; O(len^2) memory)"
+    strides = ANY_STRIDES
 
     def not_supported_reasons(self, spec: AttentionSpec) -> list[str]:
         if not spec.dtype.is_floating_point:

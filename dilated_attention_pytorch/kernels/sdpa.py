@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import AttentionSpec
+from .base import ANY_STRIDES, AttentionSpec, StrideRule
 
 aten = torch.ops.aten
 
@@ -96,8 +96,8 @@ def _schema_reasons(*op_names: str) -> tuple[str, ...]:
     return tuple(reasons)
 
 
-def _last_dim_contiguous(x: Tensor) -> Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
+#: the SDPA CUDA kernels: contiguous last dim, 16-byte aligned pointers and strides
+_CUDA_STRIDES = StrideRule(last_dim_contiguous=True, alignment=16)
 
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -106,6 +106,8 @@ _HALF = (torch.float16, torch.bfloat16)
 class CpuFlashBackend:
     name = "sdpa_cpu_flash"
     description = "SDPA's CPU flash kernel (aten._scaled_dot_product_flash_attention_for_cpu)"
+    # it reads the last dim as contiguous whatever its stride (wrong results, no error)
+    strides = StrideRule(last_dim_contiguous=True)
     _ops = (
         "_scaled_dot_product_flash_attention_for_cpu",
         "_scaled_dot_product_flash_attention_for_cpu_backward",
@@ -170,6 +172,7 @@ def _cuda_reasons(
 class FlashBackend:
     name = "sdpa_flash"
     description = "SDPA's FlashAttention-2 kernel (aten._scaled_dot_product_flash_attention)"
+    strides = _CUDA_STRIDES
     _ops = (
         "_scaled_dot_product_flash_attention",
         "_scaled_dot_product_flash_attention_backward",
@@ -184,7 +187,6 @@ class FlashBackend:
         return reasons
 
     def forward(self, q, k, v, bias, causal, scale):
-        q, k, v = map(_last_dim_contiguous, (q, k, v))
         out, lse, cum_q, cum_k, max_q, max_k, rng, unused, _ = aten._scaled_dot_product_flash_attention(
             q, k, v, 0.0, causal, False, scale=scale
         )
@@ -192,7 +194,6 @@ class FlashBackend:
 
     def backward(self, grad_out, q, k, v, out, lse, bias, causal, scale, state):
         cum_q, cum_k, max_q, max_k, rng, unused = state
-        q, k, v, out, grad_out = map(_last_dim_contiguous, (q, k, v, out, grad_out))
         return aten._scaled_dot_product_flash_attention_backward(
             grad_out,
             q,
@@ -234,6 +235,8 @@ class EfficientBackend:
         "SDPA's memory-efficient kernel (aten._scaled_dot_product_efficient_attention), "
         "computed in float32; the one CUDA kernel here that takes masks"
     )
+    # every operand goes through a contiguous float32 copy (_in_float32)
+    strides = ANY_STRIDES
     _ops = (
         "_scaled_dot_product_efficient_attention",
         "_scaled_dot_product_efficient_attention_backward",
@@ -300,6 +303,7 @@ def _in_float32(x: Tensor) -> Tensor:
 class CudnnBackend:
     name = "sdpa_cudnn"
     description = "SDPA's cuDNN kernel (aten._scaled_dot_product_cudnn_attention)"
+    strides = _CUDA_STRIDES
     _ops = (
         "_scaled_dot_product_cudnn_attention",
         "_scaled_dot_product_cudnn_attention_backward",
@@ -316,7 +320,6 @@ class CudnnBackend:
         return reasons
 
     def forward(self, q, k, v, bias, causal, scale):
-        q, k, v = map(_last_dim_contiguous, (q, k, v))
         out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = aten._scaled_dot_product_cudnn_attention(
             q, k, v, None, True, 0.0, causal, False, scale=scale
         )
@@ -325,7 +328,6 @@ class CudnnBackend:
 
     def backward(self, grad_out, q, k, v, out, lse, bias, causal, scale, state):
         cum_q, cum_k, max_q, max_k, seed, offset, lse_dims = state
-        q, k, v = map(_last_dim_contiguous, (q, k, v))
         # cuDNN wants grad_out laid out like out; views of same-layout buffers already are
         if grad_out.stride() != out.stride():
             grad_out, out = grad_out.contiguous(), out.contiguous()

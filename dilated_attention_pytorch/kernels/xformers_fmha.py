@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import AttentionSpec, distribution_version
+from .base import AttentionSpec, StrideRule, distribution_version
 
 #: releases this module ran against on a GPU (H100, torch 2.11, tests/test_gpu.py);
 #: the API it calls is public, so other releases are not refused
@@ -66,6 +66,8 @@ class XformersBackend:
         "xFormers' memory_efficient_attention when installed (its dispatcher picks "
         "FlashAttention-3/-2 or CUTLASS); public API, inputs passed as strided views"
     )
+
+    strides = StrideRule(last_dim_contiguous=True, alignment=16)
 
     def not_supported_reasons(self, spec: AttentionSpec) -> list[str]:
         if installed_version() is None:

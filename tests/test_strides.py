@@ -1,0 +1,76 @@
+"""Every implementation on inputs in the layouts users pass (transposed, permuted,
+stepped, offset, expanded, packed), against the reference on contiguous copies:
+outputs and gradients (to the tensors the views come from)."""
+
+import pytest
+import torch
+
+from dilated_attention_pytorch import functional
+from dilated_attention_pytorch.reference import dilated_attention_reference as reference
+
+from .conftest import CPU_IMPLS, LAYOUTS, assert_close, make_strided
+
+SHAPE = (2, 19, 4, 6)  # partial last segments; head_dim 6
+PATTERN = ((4, 8, 12), (1, 2, 3))
+
+
+def _views(layouts: tuple[str, str, str], dtype: torch.dtype = torch.float64, device: str = "cpu"):
+    made = [make_strided(name, SHAPE, dtype, device, seed) for seed, name in enumerate(layouts)]
+    return [leaf for leaf, _ in made], [view for _, view in made]
+
+
+def _expected(leaves, views, head_mode, causal, g):
+    out = reference(*(x.contiguous() for x in views), *PATTERN, head_mode=head_mode, is_causal=causal)
+    return out, torch.autograd.grad(out, leaves, g)
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS, ids=[i.name for i in CPU_IMPLS])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("head_mode", ["grouped", "all"])
+def test_every_layout_matches_reference(impl, layout, head_mode):
+    leaves, views = _views((layout, layout, layout))
+    expected, expected_grads = _expected(leaves, views, head_mode, True, g := torch.randn(SHAPE).double())
+    out = impl(*views, *PATTERN, head_mode=head_mode, is_causal=True)
+    assert_close(out, expected, torch.float64, f"{impl.name} {layout} output")
+    for name, a, b in zip("qkv", torch.autograd.grad(out, leaves, g), expected_grads):
+        assert_close(a, b, torch.float64, f"{impl.name} {layout} d{name}")
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS, ids=[i.name for i in CPU_IMPLS])
+def test_mixed_layouts_match_reference(impl):
+    names = list(LAYOUTS)
+    for i in range(len(names)):
+        layouts = (names[i], names[(i + 3) % len(names)], names[(i + 7) % len(names)])
+        leaves, views = _views(layouts)
+        g = torch.randn(SHAPE).double()
+        expected, expected_grads = _expected(leaves, views, "all", False, g)
+        out = impl(*views, *PATTERN, head_mode="all")
+        assert_close(out, expected, torch.float64, f"{impl.name} {layouts} output")
+        for name, a, b in zip("qkv", torch.autograd.grad(out, leaves, g), expected_grads):
+            assert_close(a, b, torch.float64, f"{impl.name} {layouts} d{name}")
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_flex_forward_on_every_layout(layout):
+    _, views = _views((layout, layout, layout), torch.float32)
+    with torch.no_grad():
+        out = functional.dilated_attention(*views, *PATTERN, head_mode="all", method="flex")
+    expected = reference(*(x.double() for x in views), *PATTERN, head_mode="all")
+    assert_close(out, expected, torch.float32, f"flex {layout}")
+
+
+def test_stride_rules_refuse_what_their_kernels_misread():
+    from dilated_attention_pytorch.kernels import REGISTRY
+
+    stepped = torch.randn(2, 3, 5, 16)[..., ::2]
+    for backend in REGISTRY.values():
+        rule = backend.strides
+        assert rule.accepts(torch.randn(2, 3, 5, 8)), backend.name
+        if rule.last_dim_contiguous:
+            assert not rule.accepts(stepped), backend.name
+            assert rule.conform(stepped).stride(-1) == 1
+            assert torch.equal(rule.conform(stepped), stepped)
+    # one element in: a 2-byte offset, off the 16-byte alignment the CUDA kernels need
+    unaligned = torch.randn(2 * 3 * 5 * 8 + 1, dtype=torch.bfloat16)[1:].view(2, 3, 5, 8)
+    assert not REGISTRY["sdpa_cudnn"].strides.accepts(unaligned)
+    assert REGISTRY["sdpa_cudnn"].strides.conform(unaligned).data_ptr() % 16 == 0
