@@ -26,7 +26,6 @@ from typing import Any, Literal, Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import kernels
 from .kernels import flex as flex_kernel
@@ -860,6 +859,7 @@ class _FusedDilatedAttention(torch.autograd.Function):
         merge: bool,
         scale: float,
         head_chunk: int | None,
+        recompute: Recompute | None,
     ) -> Tensor:
         b, n, h, d = query.shape
         lse_dtype = _bias_dtype(query.dtype)
@@ -928,12 +928,15 @@ class _FusedDilatedAttention(torch.autograd.Function):
         out = out.to(query.dtype)
         ctx.save_for_backward(query, key, value, out, lse)
         ctx.problems, ctx.states, ctx.remote_kv, ctx.rows = problems, states, remote_kv, rows
-        ctx.merge, ctx.scale, ctx.head_chunk = merge, scale, head_chunk
+        ctx.merge, ctx.scale, ctx.head_chunk, ctx.recompute = merge, scale, head_chunk, recompute
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        # grad mode is on in a backward only under create_graph=True (double backward);
+        # batched gradients (vmap, is_grads_batched) come as functorch tensors
+        if torch.is_grad_enabled() or functorch_active(grad_out):
+            return (*_recomputed_grads(ctx, grad_out), None, None, None, None, None)
         query, key, value, out, lse = ctx.saved_tensors
         b, n, h, d = query.shape
         grad_out = grad_out.contiguous()
@@ -1004,7 +1007,49 @@ class _FusedDilatedAttention(torch.autograd.Function):
                 for grad, acc in zip(grads, accs):
                     grad[:, :, heads.start : heads.stop].copy_(acc)
         dq, dk, dv = grads
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
+
+
+#: ``(query, key, value) -> output`` of the same function in differentiable torch ops
+Recompute = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def functorch_active(*tensors: Tensor) -> bool:
+    """Whether a ``torch.func`` transform (vmap, grad, jacrev, batched gradients)
+    is running or wraps one of ``tensors``: the fused path's in-place strided
+    writes have no batching rule, so such calls take the differentiable path."""
+    if torch._C._are_functorch_transforms_active():
+        return True
+    functorch = torch._C._functorch
+    # is_grads_batched runs the backward under the legacy vmap, whose tensors are not "wrapped"
+    return any(functorch.is_functorch_wrapped_tensor(x) or functorch.is_legacy_batchedtensor(x) for x in tensors)
+
+
+def _recomputed_grads(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``(dq, dk, dv)`` by differentiating the same function recomputed in plain
+    torch ops: exact, and itself differentiable (double backward, gradient
+    penalties) and batchable (``is_grads_batched``, ``torch.func``)."""
+    if ctx.recompute is None:
+        raise RuntimeError(
+            "double backward (create_graph=True) and batched gradients are not supported through "
+            "sequence-parallel dilated attention: its keys come from other ranks. Compute such "
+            "gradients on one device (ImprovedDilatedAttention or DilatedAttention)"
+        )
+    saved = ctx.saved_tensors[:3]
+    needed = ctx.needs_input_grad[:3]
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        # under create_graph the saved inputs carry their history: the gradients stay
+        # functions of them; otherwise fresh leaves suffice
+        inputs = [x if create_graph and x.requires_grad else x.detach().requires_grad_(need)
+                  for x, need in zip(saved, needed)]  # fmt: skip
+        out = ctx.recompute(*inputs)
+        wanted = [x for x, need in zip(inputs, needed) if need]
+        found = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=create_graph, allow_unused=True))
+    result = [next(found) if need else None for need in needed]
+    return tuple(  # type: ignore[return-value]
+        g if g is not None or not need else torch.zeros_like(x) for g, x, need in zip(result, saved, needed)
+    )
 
 
 def select_backends(
@@ -1040,13 +1085,16 @@ def run_fused(
     merge: bool,
     scale: float,
     head_chunk: int | None = None,
+    recompute: Recompute | None = None,
 ) -> Tensor:
     """The fused path, kept out of ``torch.compile`` graphs: compiling through the
     custom Function's in-place view writes gave wrong gradients on torch 2.11.
     ``head_chunk``: heads per backward chunk in "all" mode; by default
     :func:`merge_head_chunk` where the branches merge from compact rows, else all
-    heads (problems that span ranks must not be cut)."""
-    return _FusedDilatedAttention.apply(query, key, value, problems, merge, scale, head_chunk)
+    heads (problems that span ranks must not be cut). ``recompute``: the same
+    function in differentiable ops, which double backward and batched gradients
+    differentiate (None: they raise)."""
+    return _FusedDilatedAttention.apply(query, key, value, problems, merge, scale, head_chunk, recompute)
 
 
 def _fused(
@@ -1063,10 +1111,17 @@ def _fused(
     b, n, h, _ = query.shape
     merge = pattern.head_mode == "all"
     calls = pattern.calls(n, h)
+
+    def recompute(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        problems = _local_problems(q, k, v, key_bias, attn_bias, calls, is_causal)
+        return run_gathered(q, problems, pattern, scale, 0.0)
+
+    if functorch_active(query, key, value):
+        return recompute(query, key, value)
     biases = [_call_bias(c, key_bias, attn_bias, b) for c in calls]
     backends = select_backends(query, calls, [x is not None for x in biases], backend)
     problems = [FusedProblem(c, be, bias, is_causal) for c, be, bias in zip(calls, backends, biases)]
-    return run_fused(query, key, value, problems, merge, scale)
+    return run_fused(query, key, value, problems, merge, scale, recompute=recompute)
 
 
 # --------------------------------------------------------------------------
@@ -1349,6 +1404,8 @@ def dilated_attention(
             raise ValueError(
                 "block_layout runs with method='flex' (FlexAttention) or method='gather', not 'fused'"
             )
+    if method == "flex" and functorch_active(query, key, value):
+        method = "gather"  # the same function in ops torch.func can transform
     if method == "flex":
         if dropout_p > 0.0:
             raise ValueError(

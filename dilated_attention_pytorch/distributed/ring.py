@@ -233,6 +233,12 @@ class _GatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        if torch.is_grad_enabled() or functional.functorch_active(grad):
+            # the reduction is communication, not differentiable ops: a silent zero otherwise
+            raise RuntimeError(
+                "double backward (create_graph=True) and batched gradients are not supported through "
+                "sequence-parallel dilated attention: its keys come from other ranks"
+            )
         return ctx.keys.reduce(grad.contiguous()), None
 
 
@@ -474,6 +480,11 @@ def ring_dilated_attention(
     shape, key_bias, _, scale = functional.validate_call(
         query, key, value, is_causal, key_padding_mask, None, dropout_p, softmax_scale, method
     )
+    if functional.functorch_active(query, key, value):
+        raise RuntimeError(
+            "torch.func transforms (vmap, grad, jacrev) are not supported by sequence-parallel dilated "
+            "attention: its keys come from other ranks through communication"
+        )
     check_shards(query, process_group)
     world = dist.get_world_size(process_group)
     rank = dist.get_rank(process_group)
