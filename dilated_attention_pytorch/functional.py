@@ -1022,7 +1022,9 @@ def functorch_active(*tensors: Tensor) -> bool:
         return True
     functorch = torch._C._functorch
     # is_grads_batched runs the backward under the legacy vmap, whose tensors are not "wrapped"
-    return any(functorch.is_functorch_wrapped_tensor(x) or functorch.is_legacy_batchedtensor(x) for x in tensors)
+    return any(
+        functorch.is_functorch_wrapped_tensor(x) or functorch.is_legacy_batchedtensor(x) for x in tensors
+    )
 
 
 def _recomputed_grads(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:

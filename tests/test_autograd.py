@@ -83,7 +83,11 @@ def test_torch_func_transforms_match_reference(impl, head_mode):
     assert_close(batched, one_by_one, torch.float64, "is_grads_batched")
 
 
-MODULES = [MultiheadDilatedAttention, ImprovedMultiheadDilatedAttention, BlockSparseRingMultiheadDilatedAttention]
+MODULES = [
+    MultiheadDilatedAttention,
+    ImprovedMultiheadDilatedAttention,
+    BlockSparseRingMultiheadDilatedAttention,
+]
 
 
 @pytest.mark.parametrize("cls", MODULES, ids=[c.__name__ for c in MODULES])
