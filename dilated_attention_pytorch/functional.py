@@ -333,35 +333,52 @@ def prepare_layout(
 
 
 def merge_by_lse(outs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-    """Merge partial attention results of disjoint key sets (DESIGN.md §1).
+    """Merge partial attention results of disjoint key sets (docs/semantics.md, "Merge").
 
     ``outs[i]``: ``(..., head_dim)``, ``lses[i]``: ``(...)``. Returns the merged
     output (float32, or float64 for float64 lse) and lse; where every lse is
-    -inf the output is 0 and the lse -inf. Differentiable, NaN-free gradients.
+    -inf the output is 0 and the lse -inf. Weighted relative to the largest lse
+    (``exp(lse_i - max) / sum_j exp(lse_j - max)``), never through the merged
+    lse: at large scores a float32 lse cannot hold ``log(branches)`` and the
+    weights would not sum to 1. Differentiable, NaN-free gradients.
     """
     lse = torch.stack(list(lses))
-    has_key = torch.isfinite(lse).any(0, keepdim=True)
-    lse = torch.where(has_key, lse, 0.0)
-    total = torch.logsumexp(lse, 0, keepdim=True)
-    weights = torch.where(has_key, torch.exp(lse - total), 0.0)
-    out = (weights[..., None] * torch.stack(list(outs)).to(weights.dtype)).sum(0)
-    return out, torch.where(has_key, total, -math.inf).squeeze(0)
+    top = lse.amax(0, keepdim=True).detach()  # the result does not depend on it
+    has_key = top > -math.inf
+    top = torch.where(has_key, top, 0.0)
+    weights = torch.exp(lse - top)
+    total = weights.sum(0, keepdim=True)
+    norm = torch.where(has_key, total, 1.0)
+    out = ((weights / norm)[..., None] * torch.stack(list(outs)).to(weights.dtype)).sum(0)
+    return out, torch.where(has_key, top + torch.log(norm), -math.inf).squeeze(0)
 
 
-def _merge_into(out5: Tensor, lse4: Tensor, part_out: Tensor, part_lse: Tensor) -> None:
-    """In-place online version of :func:`merge_by_lse` on strided views
-    (one fused pass on CUDA with Triton, torch ops elsewhere)."""
+def merge_online(acc: Tensor, top: Tensor, total: Tensor, part_out: Tensor, part_lse: Tensor) -> None:
+    """One more term of an lse merge, in place on (strided) views: ``acc`` holds
+    the outputs weighted by ``exp(lse - top)``, ``top`` the largest lse so far,
+    ``total`` the sum of the weights (start: 0, -inf, 0; end: :func:`merge_finish`).
+    Unnormalised, so no rounded lse enters a weight (see :func:`merge_by_lse`)."""
+    new_top = torch.maximum(top, part_lse)
+    safe = torch.where(new_top == -math.inf, 0.0, new_top)
+    rescale, weight = torch.exp(top - safe), torch.exp(part_lse - safe)
+    acc.mul_(rescale[..., None]).add_(part_out * weight[..., None])
+    total.mul_(rescale).add_(weight)
+    top.copy_(new_top)
+
+
+def merge_finish(acc: Tensor, top: Tensor, total: Tensor) -> tuple[Tensor, Tensor]:
+    """``(out, lse)`` of an online merge; 0 and -inf where no term had a key."""
+    has_key = total > 0
+    norm = torch.where(has_key, total, 1.0)
+    return acc / norm[..., None], torch.where(has_key, top + torch.log(norm), -math.inf)
+
+
+def _merge_into(out5: Tensor, top4: Tensor, total4: Tensor, part_out: Tensor, part_lse: Tensor) -> None:
+    """:func:`merge_online` (one fused pass on CUDA with Triton, torch ops elsewhere)."""
     if triton_merge.can_merge(out5, part_out):
-        triton_merge.merge_into(out5, lse4, part_out, part_lse)
+        triton_merge.merge_into(out5, top4, total4, part_out, part_lse)
         return
-    _merge_into_torch(out5, lse4, part_out.to(out5.dtype), part_lse.to(lse4.dtype))
-
-
-def _merge_into_torch(out5: Tensor, lse4: Tensor, part_out: Tensor, part_lse: Tensor) -> None:
-    new = torch.logaddexp(lse4, part_lse)
-    safe = torch.where(new == -math.inf, 0.0, new)
-    out5.mul_(torch.exp(lse4 - safe)[..., None]).add_(part_out * torch.exp(part_lse - safe)[..., None])
-    lse4.copy_(new)
+    merge_online(out5, top4, total4, part_out.to(out5.dtype), part_lse.to(top4.dtype))
 
 
 class _BranchBuffers:
@@ -429,7 +446,8 @@ def _merge_branches(
     b, n, c, _ = out.shape
     acc_dtype = _bias_dtype(out.dtype)
     acc = out.new_zeros(out.shape, dtype=acc_dtype)
-    acc_lse = None if lse is None else out.new_full((b, n, c), -math.inf, dtype=acc_dtype)
+    top = None if lse is None else out.new_full((b, n, c), -math.inf, dtype=acc_dtype)
+    total = None if lse is None else out.new_zeros((b, n, c), dtype=acc_dtype)
     position = torch.arange(n, device=out.device)[:, None]
     head = torch.arange(heads.start, heads.stop, device=out.device)[None, :]
     for branch, br in rows.items():
@@ -440,14 +458,17 @@ def _merge_branches(
         )
         # unselected rows of the buffers were never written: mask what the gather read
         part = parts.blocks[branch][:, index, head - heads.start].masked_fill(~selected[..., None], 0.0)
-        if part_lse is None or acc_lse is None:
+        if part_lse is None or top is None or total is None:
             acc.add_(part)
             continue
         branch_lse = part_lse.blocks[branch][:, index, head - heads.start].masked_fill(~selected, -math.inf)
-        _merge_into_torch(acc, acc_lse, part.to(acc_dtype), branch_lse.to(acc_dtype))
-    out.copy_(acc)
-    if lse is not None and acc_lse is not None:
-        lse.copy_(acc_lse)
+        merge_online(acc, top, total, part.to(acc_dtype), branch_lse.to(acc_dtype))
+    if top is None or total is None or lse is None:
+        out.copy_(acc)
+        return
+    merged, merged_lse = merge_finish(acc, top, total)
+    out.copy_(merged)
+    lse.copy_(merged_lse)
 
 
 # --------------------------------------------------------------------------
@@ -631,6 +652,8 @@ def _blockwise_forward(
     sets = _query_rows(p, q)
     acc_dtype = _bias_dtype(q.dtype)
     results: list[tuple[Tensor, Tensor] | None] = [None] * len(sets)
+    # from the second call on, a set's results merge online: (acc, top, total)
+    merging: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
     states: dict[Any, Any] = {"rows": sets}
     for members, k, v in blocks:
         for s, rows in enumerate(sets):
@@ -640,12 +663,16 @@ def _blockwise_forward(
                 )
                 if bias is not None:
                     part_out, part_lse = _sanitize(part_out, part_lse, _rows_with_keys(bias, causal))
-                if results[s] is None:  # one call (the common case) needs no merge
+                first = results[s]
+                if first is None:  # one call (the common case) needs no merge
                     results[s] = part_out, part_lse
-                else:
-                    out, lse = (x.to(acc_dtype) for x in results[s])  # type: ignore[union-attr]
-                    _merge_into_torch(out, lse, part_out.to(acc_dtype), part_lse.to(acc_dtype))
-                    results[s] = out, lse
+                    continue
+                if s not in merging:
+                    out, lse = first[0].to(acc_dtype), first[1].to(acc_dtype)
+                    merging[s] = out.clone(), lse.clone(), (lse > -math.inf).to(acc_dtype)
+                merge_online(*merging[s], part_out.to(acc_dtype), part_lse.to(acc_dtype))
+    for s, terms in merging.items():
+        results[s] = merge_finish(*terms)
     if results[0] is None:  # no key for any row
         results[0] = (
             sets[0].q.new_zeros(sets[0].q.shape),
@@ -876,6 +903,8 @@ class _FusedDilatedAttention(torch.autograd.Function):
         else:
             out = query.new_zeros(b, n, h, d, dtype=lse_dtype if merge else query.dtype)
             lse = query.new_full((b, n, h), -math.inf, dtype=lse_dtype)
+        # "all" mode one problem at a time: out and lse hold an online merge's acc and top
+        total = query.new_zeros((b, n, h), dtype=lse_dtype) if merge and rows is None else None
         # every gather starts first, and its problem runs last: the rest hides it
         gathers = {
             i: p.remote.start_gather(_stacked_rows(key, value, p.call))
@@ -918,13 +947,15 @@ class _FusedDilatedAttention(torch.autograd.Function):
                     part_out, part_lse = _sanitize(part_out, part_lse, _rows_with_keys(p.bias, p.causal))
             out5, lse4 = _strided(to_out, to_call), _strided(to_lse, to_call)
             part_out, part_lse = _from_problem(part_out, b), _from_problem(part_lse, b)
-            if merge and rows is None:
-                _merge_into(out5, lse4, part_out, part_lse)
+            if total is not None:
+                _merge_into(out5, lse4, _strided(total, to_call), part_out, part_lse)
             else:
                 out5.copy_(part_out)
                 lse4.copy_(part_lse)
         if rows is not None:
             _merge_branches(out, lse, rows, parts, part_lses, range(h))
+        if total is not None:
+            out, lse = merge_finish(out, lse, total)
         out = out.to(query.dtype)
         ctx.save_for_backward(query, key, value, out, lse)
         ctx.problems, ctx.states, ctx.remote_kv, ctx.rows = problems, states, remote_kv, rows

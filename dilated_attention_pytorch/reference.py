@@ -96,10 +96,10 @@ def dilated_attention_reference(
         branch_lse.append(_logsumexp_or_neg_inf(scores.masked_fill(~keep, -math.inf), dim=-1))
         key_count = key_count + keep.to(scores.dtype)
     lse = _logsumexp_or_neg_inf(torch.stack(branch_lse), dim=0)  # (b, h, n)
-    has_key = torch.isfinite(lse)[..., None]
-    safe_scores = torch.where(key_count > 0, scores, 0.0)
-    safe_lse = torch.where(has_key, lse[..., None], 0.0)
-    weights = key_count * torch.exp(safe_scores - safe_lse)
-    weights = torch.where(has_key, weights, 0.0)
+    # exp only where a key counts: exp(0 - lse) of an unselected key overflows for a
+    # very negative lse, and inf * 0 would be NaN
+    selected = key_count > 0
+    safe_lse = torch.where(torch.isfinite(lse), lse, 0.0)[..., None]
+    weights = torch.where(selected, key_count * torch.exp(torch.where(selected, scores - safe_lse, 0.0)), 0.0)
     out = torch.einsum("bhqk,bkhd->bqhd", weights, value)
     return (out, weights) if return_weights else out

@@ -124,25 +124,29 @@ def test_triton_merge_matches_torch_merge(head_dim):
         pytest.skip("triton is not installed")
     g = torch.Generator(device="cuda").manual_seed(0)
     acc = torch.randn(2, 30, 6, head_dim, device="cuda", generator=g)
-    lse = torch.randn(2, 30, 6, device="cuda", generator=g)
-    lse[0, :4] = float("-inf")  # rows with no key yet
+    top = torch.randn(2, 30, 6, device="cuda", generator=g) * 1000  # large scores
+    total = torch.rand(2, 30, 6, device="cuda", generator=g) + 0.5
+    top[0, :4], total[0, :4] = float("-inf"), 0.0  # rows with no key yet
+
     # strided views like the branch problems: every 3rd position, heads 1, 3, 5
-    out5 = acc[:, 1::3].unflatten(1, (5, 2))[:, :, :, 0::2]
-    lse4 = lse[:, 1::3].unflatten(1, (5, 2))[:, :, :, 0::2]
+    def view(x):
+        return x[:, 1::3].unflatten(1, (5, 2))[:, :, :, 0::2]
+
+    out5, top4, total4 = view(acc), view(top), view(total)
     part = torch.randn(out5.shape, device="cuda", generator=g).to(torch.bfloat16)
-    part_lse = torch.randn(lse4.shape, device="cuda", generator=g)
+    part_lse = top4.nan_to_num(neginf=0.0) + torch.randn(top4.shape, device="cuda", generator=g)
     part_lse[1, 0] = float("-inf")  # the part has no key for some rows
     part_lse[0, 0, 0] = float("-inf")  # and neither has the accumulator there
-    exp_out, exp_lse = out5.clone(), lse4.clone()
-    functional._merge_into_torch(exp_out, exp_lse, part.float(), part_lse)
+    expected = [x.clone() for x in (out5, top4, total4)]
+    functional.merge_online(*expected, part.float(), part_lse)
     untouched = acc.clone()
-    triton_merge.merge_into(out5, lse4, part, part_lse)
-    torch.testing.assert_close(out5, exp_out, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(lse4, exp_lse, rtol=1e-5, atol=1e-5)
+    triton_merge.merge_into(out5, top4, total4, part, part_lse)
+    for name, a, b in zip(("acc", "top", "total"), (out5, top4, total4), expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
     assert torch.isfinite(out5).all()
     # positions outside the views are not written
     mask = torch.ones_like(acc, dtype=torch.bool)
-    mask[:, 1::3].unflatten(1, (5, 2))[:, :, :, 0::2] = False
+    view(mask).fill_(False)
     assert torch.equal(acc[mask], untouched[mask])
 
 

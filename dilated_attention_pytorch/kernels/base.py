@@ -61,8 +61,11 @@ class StrideRule:
         return True
 
     def conform(self, x: Tensor) -> Tensor:
-        """``x``, or a contiguous copy where the rule refuses it."""
-        return x if self.accepts(x) else x.contiguous()
+        """``x``, or a contiguous copy in fresh (aligned) memory where the rule refuses it."""
+        if self.accepts(x):
+            return x
+        # contiguous() of a contiguous tensor is itself, at its unaligned offset
+        return x.clone(memory_format=torch.contiguous_format) if x.is_contiguous() else x.contiguous()
 
 
 #: any layout (plain torch ops)

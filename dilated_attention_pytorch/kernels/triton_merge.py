@@ -1,7 +1,8 @@
 """One-pass lse merges on CUDA (Triton).
 
-- :func:`merge_into`: ``out, lse <- merge((out, lse), (part, part_lse))`` on
-  strided views, one branch problem at a time (problems that span ranks).
+- :func:`merge_into`: one more term of an online lse merge (unnormalised
+  output, running max and sum) on strided views, one branch problem at a time
+  (problems that span ranks).
   The torch version (``functional._merge_into``) launches about ten
   elementwise kernels per problem and moves ~40 bytes per output element;
   fused it reads the accumulator and the part once and writes it once.
@@ -30,7 +31,8 @@ if AVAILABLE:
     @triton.jit
     def _merge_kernel(
         out_ptr,
-        lse_ptr,
+        top_ptr,
+        total_ptr,
         part_ptr,
         plse_ptr,
         rows_total,
@@ -40,11 +42,14 @@ if AVAILABLE:
         head_dim,
         o_b, o_s, o_m, o_h,
         l_b, l_s, l_m, l_h,
+        t_b, t_s, t_m, t_h,
         p_b, p_s, p_m, p_h,
         q_b, q_s, q_m, q_h,
         BLOCK_R: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):  # fmt: skip
+        # the online merge of functional.merge_online: out holds the outputs weighted
+        # by exp(lse - top), unnormalised, so no rounded lse enters a weight
         rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
         row_ok = rows < rows_total
         ih = rows % size_h
@@ -53,19 +58,16 @@ if AVAILABLE:
         t = t // size_m
         i_s = t % size_s
         ib = t // size_s
-        lse_off = ib * l_b + i_s * l_s + im * l_m + ih * l_h
+        top_off = ib * l_b + i_s * l_s + im * l_m + ih * l_h
+        total_off = ib * t_b + i_s * t_s + im * t_m + ih * t_h
         plse_off = ib * q_b + i_s * q_s + im * q_m + ih * q_h
-        old = tl.load(lse_ptr + lse_off, mask=row_ok, other=float("-inf")).to(tl.float32)
+        old = tl.load(top_ptr + top_off, mask=row_ok, other=float("-inf")).to(tl.float32)
         new = tl.load(plse_ptr + plse_off, mask=row_ok, other=float("-inf")).to(tl.float32)
         top = tl.maximum(old, new)
-        top = tl.where(top == float("-inf"), 0.0, top)
-        w_old = tl.exp(old - top)
-        w_new = tl.exp(new - top)
-        total = w_old + w_new
-        has_key = total > 0
-        merged = tl.where(has_key, top + tl.log(tl.where(has_key, total, 1.0)), float("-inf"))
-        w_old = tl.where(has_key, w_old / tl.where(has_key, total, 1.0), 0.0)
-        w_new = tl.where(has_key, w_new / tl.where(has_key, total, 1.0), 0.0)
+        safe = tl.where(top == float("-inf"), 0.0, top)
+        rescale = tl.exp(old - safe)
+        weight = tl.exp(new - safe)
+        total = tl.load(total_ptr + total_off, mask=row_ok, other=0.0).to(tl.float32) * rescale + weight
 
         cols = tl.arange(0, BLOCK_D)
         mask = row_ok[:, None] & (cols < head_dim)[None, :]
@@ -73,9 +75,10 @@ if AVAILABLE:
         p_off = (ib * p_b + i_s * p_s + im * p_m + ih * p_h)[:, None] + cols[None, :]
         acc = tl.load(out_ptr + o_off, mask=mask, other=0.0).to(tl.float32)
         part = tl.load(part_ptr + p_off, mask=mask, other=0.0).to(tl.float32)
-        result = acc * w_old[:, None] + part * w_new[:, None]
+        result = acc * rescale[:, None] + part * weight[:, None]
         tl.store(out_ptr + o_off, result.to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(lse_ptr + lse_off, merged.to(lse_ptr.dtype.element_ty), mask=row_ok)
+        tl.store(top_ptr + top_off, top.to(top_ptr.dtype.element_ty), mask=row_ok)
+        tl.store(total_ptr + total_off, total.to(total_ptr.dtype.element_ty), mask=row_ok)
 
     @triton.jit
     def _branches_kernel(
@@ -165,9 +168,10 @@ def can_merge(out5: Tensor, part_out: Tensor) -> bool:
     )
 
 
-def merge_into(out5: Tensor, lse4: Tensor, part_out: Tensor, part_lse: Tensor) -> None:
-    """In place: ``out5``/``lse4`` ``(batch, segments, length, heads[, head_dim])``
-    become the lse merge of themselves and ``part_out``/``part_lse`` (same shapes)."""
+def merge_into(out5: Tensor, top4: Tensor, total4: Tensor, part_out: Tensor, part_lse: Tensor) -> None:
+    """In place, one more term of an online lse merge (``functional.merge_online``):
+    ``out5`` ``(batch, segments, length, heads, head_dim)`` and ``top4``/``total4``
+    (the same without head_dim) take in ``part_out``/``part_lse`` (same shapes)."""
     b, s, m, h, d = out5.shape
     rows = b * s * m * h
     block_d = triton.next_power_of_2(d)
@@ -175,9 +179,9 @@ def merge_into(out5: Tensor, lse4: Tensor, part_out: Tensor, part_lse: Tensor) -
     grid = (triton.cdiv(rows, block_r),)
     with torch.cuda.device(out5.device):
         _merge_kernel[grid](
-            out5, lse4, part_out, part_lse, rows, s, m, h, d,
-            *out5.stride()[:4], *lse4.stride(), *part_out.stride()[:4], *part_lse.stride(),
-            BLOCK_R=block_r, BLOCK_D=block_d,
+            out5, top4, total4, part_out, part_lse, rows, s, m, h, d,
+            *out5.stride()[:4], *top4.stride(), *total4.stride(), *part_out.stride()[:4],
+            *part_lse.stride(), BLOCK_R=block_r, BLOCK_D=block_d,
         )  # fmt: skip
 
 
