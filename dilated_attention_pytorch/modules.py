@@ -21,7 +21,7 @@ from .functional import (
 )
 from .kernels import flex as flex_kernel
 from .pattern import DilatedPattern, HeadMode
-from .reference import dilated_attention_reference
+from .reference import DEFAULT_MAX_BYTES, dilated_attention_reference
 from .sparse import layouts
 
 
@@ -98,9 +98,11 @@ class _DilatedAttentionBase(nn.Module):
         is_causal: bool = False,
         key_padding_mask: Tensor | None = None,
         attn_mask: Tensor | None = None,
+        max_bytes: int | None = DEFAULT_MAX_BYTES,
     ) -> tuple[Tensor, Tensor]:
         """The output and the exact dense weights ``(batch, heads, seq, seq)`` of the
-        function this module computes (no dropout), from the O(seq²) reference."""
+        function this module computes (no dropout), from the O(seq²) reference;
+        refused above ``max_bytes`` of estimated memory (None: no limit)."""
         return dilated_attention_reference(  # type: ignore[return-value]
             query,
             key,
@@ -113,6 +115,7 @@ class _DilatedAttentionBase(nn.Module):
             attn_mask=attn_mask,
             softmax_scale=self.softmax_scale,
             return_weights=True,
+            max_bytes=max_bytes,
         )
 
     def extra_repr(self) -> str:
@@ -344,6 +347,7 @@ class _BlockSparseBase(_DilatedAttentionBase):
         is_causal: bool = False,
         key_padding_mask: Tensor | None = None,
         attn_mask: Tensor | None = None,
+        max_bytes: int | None = DEFAULT_MAX_BYTES,
     ) -> tuple[Tensor, Tensor]:
         if self.sharded:
             raise ValueError(
@@ -361,7 +365,7 @@ class _BlockSparseBase(_DilatedAttentionBase):
         bias = _mask_to_bias(blocked, _bias_dtype(query.dtype))
         if attn_mask is not None:
             bias = bias + _mask_to_bias(attn_mask, bias.dtype)
-        out, weights = super().dense_weights(query, key, value, is_causal, key_padding_mask, bias)
+        out, weights = super().dense_weights(query, key, value, is_causal, key_padding_mask, bias, max_bytes)
         if order is not None:
             inverse = torch.argsort(order)
             out, weights = out[:, inverse], weights[:, :, inverse][..., inverse]

@@ -21,6 +21,7 @@ from .modules import (
 )
 from .pattern import LONGNET_DILATION_RATES, LONGNET_SEGMENT_LENGTHS, HeadMode
 from .positions import PositionKind, make_position_embedding
+from .reference import DEFAULT_MAX_BYTES
 
 
 def _keep_transformer_layers_off_fast_path(module: nn.Module, args: Any) -> None:
@@ -56,6 +57,7 @@ class _MultiheadDilatedAttentionBase(nn.Module):
         layer_norm: bool = False,
         position_embedding: PositionKind | nn.Module | None = None,
         backend: str | None = None,
+        max_weights_bytes: int | None = DEFAULT_MAX_BYTES,
     ) -> None:
         super().__init__()
         for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
@@ -83,6 +85,9 @@ class _MultiheadDilatedAttentionBase(nn.Module):
         self.dropout = dropout
         self.batch_first = batch_first
         self.head_dim = embed_dim // num_heads
+        #: need_weights=True computes (batch, heads, L, S) weights densely: refused above this
+        #: estimated memory (None: no limit)
+        self.max_weights_bytes = max_weights_bytes
         # same parameters, names and initialisation as nn.MultiheadAttention
         if self._qkv_same_embed_dim:
             self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **factory_kwargs))
@@ -221,8 +226,9 @@ class _MultiheadDilatedAttentionBase(nn.Module):
         weights = None
         if need_weights:
             out, weights = self.attention.dense_weights(
-                q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask
-            )
+                q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+                max_bytes=self.max_weights_bytes,
+            )  # fmt: skip
             if self.training and self.dropout > 0.0:
                 weights = F.dropout(weights, self.dropout)
                 out = torch.einsum("bhqk,bkhd->bqhd", weights, v)
@@ -314,8 +320,10 @@ class MultiheadDilatedAttention(_MultiheadDilatedAttentionBase):
     Same constructor arguments, defaults, parameter names and forward as
     ``nn.MultiheadAttention``, plus ``segment_lengths``, ``dilation_rates``
     (default: LongNet's base setting), ``head_mode``, ``layer_norm`` (MAGNETO
-    sub-LayerNorm before ``out_proj``) and ``backend``. ``add_bias_kv`` and
-    ``add_zero_attn`` raise: extra keys without a position have no dilated meaning.
+    sub-LayerNorm before ``out_proj``), ``backend`` and ``max_weights_bytes`` (the
+    largest estimated memory ``need_weights=True`` may take for its dense weights,
+    4 GiB by default; None: no limit). ``add_bias_kv`` and ``add_zero_attn`` raise:
+    extra keys without a position have no dilated meaning.
     """
 
     attention_class = DilatedAttention

@@ -1,8 +1,9 @@
-"""The function of DESIGN.md §1, written as plainly as possible.
+"""The function of docs/semantics.md, written as plainly as possible.
 
 Dense ``(n, n)`` masks, no tricks: this is the truth every implementation is
 tested against, and the exact attention weights ``need_weights=True`` returns.
-Memory is O(batch · heads · n²); use it on short sequences only.
+Memory is O(batch · heads · n²); use it on short sequences only: calls whose
+estimate (:func:`dense_bytes`) exceeds ``max_bytes`` are refused.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from torch import Tensor
 
 from .pattern import DilatedPattern, HeadMode
 
+#: default limit of :func:`dilated_attention_reference`'s estimated memory
+DEFAULT_MAX_BYTES = 4 * 2**30
+
 
 def branch_mask(pattern: DilatedPattern, branch: int, seq_len: int, num_heads: int) -> Tensor:
     """Bool ``(heads, seq, seq)``: True where branch ``branch`` lets query ``p``
@@ -24,15 +28,19 @@ def branch_mask(pattern: DilatedPattern, branch: int, seq_len: int, num_heads: i
     segment = pos // pattern.segment_lengths[branch]
     index_in_segment = pos % pattern.segment_lengths[branch]
     same_segment = segment[:, None] == segment[None, :]
-    masks = []
-    for head in range(num_heads):
-        offset = pattern.head_offset(branch, head, num_heads)
-        if offset is None:
-            masks.append(torch.zeros(seq_len, seq_len, dtype=torch.bool))
-            continue
-        selected = index_in_segment % r == offset
-        masks.append(same_segment & selected[:, None] & selected[None, :])
-    return torch.stack(masks)
+    # -1 for a head that does not use the branch: no index matches it
+    offsets = [pattern.head_offset(branch, head, num_heads) for head in range(num_heads)]
+    offset = torch.tensor([-1 if o is None else o for o in offsets])
+    selected = (index_in_segment % r)[None, :] == offset[:, None]  # (heads, seq)
+    return same_segment[None] & selected[:, :, None] & selected[:, None, :]
+
+
+def dense_bytes(batch: int, seq_len: int, num_heads: int, dtype: torch.dtype, branches: int = 1) -> int:
+    """Estimated peak memory of :func:`dilated_attention_reference`: about eight
+    ``(batch, heads, seq, seq)`` tensors of ``dtype`` (scores, counts, weights and
+    their temporaries; six measured without autograd) plus a bool mask per branch."""
+    pairs = batch * num_heads * seq_len * seq_len
+    return pairs * (8 * dtype.itemsize + branches)
 
 
 def _logsumexp_or_neg_inf(x: Tensor, dim: int) -> Tensor:
@@ -55,18 +63,28 @@ def dilated_attention_reference(
     attn_mask: Tensor | None = None,
     softmax_scale: float | None = None,
     return_weights: bool = False,
+    max_bytes: int | None = DEFAULT_MAX_BYTES,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Dilated attention of ``(batch, seq, heads, head_dim)`` inputs.
 
     ``key_padding_mask``: ``(batch, seq)``, bool (True = ignore the key) or float
     (added to the scores). ``attn_mask``: broadcastable to
     ``(batch, heads, seq, seq)``, bool (True = not allowed) or float (added).
+    ``max_bytes``: refuse calls whose estimated memory (:func:`dense_bytes`) is
+    larger (None: no limit).
     Returns the output ``(batch, seq, heads, head_dim)`` and, with
     ``return_weights``, the weights ``(batch, heads, seq, seq)`` with
     ``output = weights @ value`` per head.
     """
     pattern = DilatedPattern(segment_lengths, dilation_rates, head_mode)
     b, n, h, d = query.shape
+    estimate = dense_bytes(b, n, h, query.dtype, pattern.num_branches)
+    if max_bytes is not None and estimate > max_bytes:
+        raise ValueError(
+            f"the dense reference (need_weights=True) of batch {b}, seq {n}, {h} heads in {query.dtype} "
+            f"would take about {estimate / 2**30:.1f} GiB, over max_bytes = {max_bytes / 2**30:.1f} GiB: "
+            "it holds (batch, heads, seq, seq) weights. Raise max_bytes (None: no limit) if you mean it"
+        )
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     device = query.device
 

@@ -283,3 +283,18 @@ def test_nested_tensor_input_is_refused():
     x = torch.nested.nested_tensor([torch.randn(5, E), torch.randn(3, E)])
     with pytest.raises(ValueError, match="enable_nested_tensor=False"):
         m(x, x, x)
+
+
+def test_need_weights_is_refused_above_max_weights_bytes():
+    m = ImprovedMultiheadDilatedAttention(16, 2, batch_first=True, segment_lengths=[8], dilation_rates=[1])
+    x = torch.randn(1, 64, 16)
+    m.max_weights_bytes = 1000
+    with pytest.raises(ValueError, match="over max_bytes"):
+        m(x, x, x, need_weights=True)
+    m.max_weights_bytes = None
+    _, weights = m(x, x, x, need_weights=True)
+    assert weights.shape == (1, 64, 64)
+    big = ImprovedMultiheadDilatedAttention(
+        16, 2, segment_lengths=[8], dilation_rates=[1], max_weights_bytes=None
+    )
+    assert big.max_weights_bytes is None

@@ -97,3 +97,30 @@ def test_float_mask_equals_bool_mask():
     a = reference(q, k, v, [5], [1], attn_mask=mask)
     b = reference(q, k, v, [5], [1], attn_mask=additive)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_weights_stay_finite_when_every_score_is_very_negative():
+    """exp(0 - lse) of an unselected key overflows float32 when lse < -88: the
+    weights must still be finite (they were NaN) and the output equal the fused path's."""
+    from dilated_attention_pytorch import ImprovedDilatedAttention
+
+    u = torch.nn.functional.normalize(torch.randn(8), dim=0)
+    q = (20 * u).expand(1, 16, 2, 8).clone()
+    k = (-20 * u).expand(1, 16, 2, 8).clone() + 0.01 * torch.randn(1, 16, 2, 8)
+    v = torch.randn(1, 16, 2, 8)
+    attention = ImprovedDilatedAttention((4, 8), (1, 2), head_mode="all")
+    out, weights = attention.dense_weights(q, k, v, is_causal=True)
+    assert torch.isfinite(out).all() and torch.isfinite(weights).all()
+    torch.testing.assert_close(weights.sum(-1), torch.ones(1, 2, 16))
+    torch.testing.assert_close(out, attention(q, k, v, is_causal=True), rtol=1e-4, atol=1e-4)
+
+
+def test_reference_refuses_what_would_not_fit_and_says_how_much():
+    from dilated_attention_pytorch.reference import dense_bytes
+
+    q = torch.zeros(1, 64, 2, 4)
+    estimate = dense_bytes(1, 64, 2, torch.float32, 2)
+    with pytest.raises(ValueError, match=r"would take about .* GiB, over max_bytes"):
+        reference(q, q, q, (8, 16), (1, 2), max_bytes=estimate - 1)
+    assert reference(q, q, q, (8, 16), (1, 2), max_bytes=estimate).shape == q.shape
+    assert reference(q, q, q, (8, 16), (1, 2), max_bytes=None).shape == q.shape
