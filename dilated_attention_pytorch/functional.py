@@ -77,6 +77,15 @@ def _check_scale(softmax_scale: float | None) -> None:
         and softmax_scale > 0
     ):
         raise ValueError(f"softmax_scale must be a positive finite float or None, got {softmax_scale!r}")
+    if softmax_scale is not None and softmax_scale > MAX_SOFTMAX_SCALE:
+        raise ValueError(
+            f"softmax_scale must be at most {MAX_SOFTMAX_SCALE:g}, got {softmax_scale!r}: scores that large "
+            "keep no float32 precision (and overflow to NaN past 3e38); scale the queries instead"
+        )
+
+
+#: the largest softmax_scale accepted (1 / sqrt(head_dim) is the usual one)
+MAX_SOFTMAX_SCALE = 1e6
 
 
 def _check_dropout(dropout_p: float, name: str = "dropout_p") -> None:
@@ -88,12 +97,48 @@ def _bias_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _mask_to_bias(mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """Bool (True = masked out) or float (additive) mask to an additive bias."""
+def _may_sync(x: Tensor) -> bool:
+    """Whether a value check that reads back to the host may run: not while compiling
+    or capturing a CUDA graph (a sync would break either)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def canonical_mask(mask: Tensor, name: str) -> Tensor:
+    """``mask`` as bool (True = masked out) or float (added to the scores).
+
+    Integer masks must hold only 0 and 1 and are read as bool (1 = masked out,
+    as ``mask.bool()``). Float masks must hold no NaN and no +inf (either makes
+    the row's output NaN; -inf removes a key). Both value checks read one flag
+    back to the host (skipped while compiling or capturing a CUDA graph).
+    """
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(mask).__name__}")
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.dtype.is_floating_point:
+        if _may_sync(mask) and bool((torch.isnan(mask) | (mask == math.inf)).any()):
+            raise ValueError(
+                f"{name} holds NaN or +inf: a float mask is added to the scores (-inf removes a key), "
+                "and NaN or +inf would make the row's output NaN"
+            )
+        return mask
+    if mask.dtype.is_complex:
+        raise ValueError(f"{name} must be bool, integer 0/1 or floating point, got {mask.dtype}")
+    if _may_sync(mask) and bool(((mask != 0) & (mask != 1)).any()):
+        raise ValueError(
+            f"{name} of dtype {mask.dtype} must hold only 0 and 1 (1 = masked out, as mask.bool()); "
+            "pass a float mask to add values to the scores"
+        )
+    return mask != 0
+
+
+def _mask_to_bias(mask: Tensor, dtype: torch.dtype, name: str = "mask") -> Tensor:
+    """A mask (see :func:`canonical_mask`) as an additive bias of ``dtype``."""
+    mask = canonical_mask(mask, name)
     if mask.dtype == torch.bool:
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, -math.inf)
-    if not mask.dtype.is_floating_point:
-        raise ValueError(f"masks must be bool or floating point, got {mask.dtype}")
     return mask.to(dtype)
 
 
@@ -125,7 +170,7 @@ def prepare_masks(
             raise ValueError(f"key_padding_mask must have shape (batch, seq) = {(b, n)}, got {got}")
         if key_padding_mask.device != device:
             raise ValueError(f"key_padding_mask must be on {device}, got {key_padding_mask.device}")
-        key_bias = _mask_to_bias(key_padding_mask, bias_dtype)
+        key_bias = _mask_to_bias(key_padding_mask, bias_dtype, "key_padding_mask")
     if attn_mask is not None:
         if not isinstance(attn_mask, Tensor):
             raise TypeError(f"attn_mask must be a Tensor, got {type(attn_mask).__name__}")
@@ -138,7 +183,7 @@ def prepare_masks(
             )
         if attn_mask.device != device:
             raise ValueError(f"attn_mask must be on {device}, got {attn_mask.device}")
-        attn_bias = _mask_to_bias(attn_mask, bias_dtype)
+        attn_bias = _mask_to_bias(attn_mask, bias_dtype, "attn_mask")
     return key_bias, attn_bias
 
 

@@ -16,6 +16,7 @@ from .functional import (
     _check_dropout,
     _check_scale,
     _mask_to_bias,
+    canonical_mask,
     dilated_attention,
     validate_call,
 )
@@ -103,6 +104,10 @@ class _DilatedAttentionBase(nn.Module):
         """The output and the exact dense weights ``(batch, heads, seq, seq)`` of the
         function this module computes (no dropout), from the O(seq²) reference;
         refused above ``max_bytes`` of estimated memory (None: no limit)."""
+        if key_padding_mask is not None:
+            key_padding_mask = canonical_mask(key_padding_mask, "key_padding_mask")
+        if attn_mask is not None:
+            attn_mask = canonical_mask(attn_mask, "attn_mask")
         return dilated_attention_reference(  # type: ignore[return-value]
             query,
             key,
@@ -364,7 +369,7 @@ class _BlockSparseBase(_DilatedAttentionBase):
         blocked = ~layouts.expand_layout(layout, self.block_size, n)
         bias = _mask_to_bias(blocked, _bias_dtype(query.dtype))
         if attn_mask is not None:
-            bias = bias + _mask_to_bias(attn_mask, bias.dtype)
+            bias = bias + _mask_to_bias(attn_mask, bias.dtype, "attn_mask")
         out, weights = super().dense_weights(query, key, value, is_causal, key_padding_mask, bias, max_bytes)
         if order is not None:
             inverse = torch.argsort(order)

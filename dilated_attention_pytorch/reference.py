@@ -100,8 +100,10 @@ def dilated_attention_reference(
             continue
         if mask.dtype == torch.bool:
             allowed = allowed & ~mask
-        else:
+        elif mask.dtype.is_floating_point:
             scores = scores + mask
+        else:  # an integer mask added as scores would be silently wrong
+            raise TypeError(f"masks must be bool or floating point here, got {mask.dtype}")
     # a float mask of -inf removes a key just like a bool one
     allowed = allowed & (scores > -math.inf)
 

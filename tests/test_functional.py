@@ -288,7 +288,23 @@ Q = torch.zeros(1, 8, 2, 4)
         ),
         ({"attn_mask": torch.zeros(8, 7, dtype=torch.bool)}, ValueError, r"attn_mask must have shape"),
         ({"attn_mask": torch.zeros(2, 2, 8, 8, dtype=torch.bool)}, ValueError, r"attn_mask must have shape"),
-        ({"attn_mask": torch.zeros(8, 8, dtype=torch.long)}, ValueError, "masks must be bool or floating"),
+        (
+            {"attn_mask": torch.full((8, 8), 2, dtype=torch.long)},
+            ValueError,
+            r"attn_mask of dtype torch.int64 must hold only 0 and 1",
+        ),
+        (
+            {"key_padding_mask": torch.tensor([[0.0, math.nan] + [0.0] * 6])},
+            ValueError,
+            "key_padding_mask holds NaN or \\+inf",
+        ),
+        ({"attn_mask": torch.full((8, 8), math.inf)}, ValueError, "attn_mask holds NaN or \\+inf"),
+        (
+            {"attn_mask": torch.zeros(8, 8, dtype=torch.complex64)},
+            ValueError,
+            "attn_mask must be bool, integer",
+        ),
+        ({"softmax_scale": 1e38}, ValueError, "softmax_scale must be at most 1e\\+06"),
         ({"softmax_scale": -1.0}, ValueError, "softmax_scale must be a positive finite"),
         ({"softmax_scale": math.nan}, ValueError, "softmax_scale must be a positive finite"),
         ({"dropout_p": 1.0}, ValueError, r"dropout_p must be a float in \[0, 1\)"),
@@ -308,3 +324,43 @@ def test_bad_input_errors_name_the_argument(kwargs, error, match):
 
 def test_tolerance_table_covers_tested_dtypes():
     assert set(TOLERANCES) == {torch.float64, torch.float32, torch.bfloat16, torch.float16}
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS, ids=IMPL_IDS)
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int32, torch.int64])
+def test_integer_masks_read_as_bool(impl, dtype):
+    q, k, v = make_qkv(2, 12, 2, requires_grad=False)
+    g = torch.Generator().manual_seed(3)
+    kpm = torch.rand(2, 12, generator=g) < 0.3
+    attn = torch.rand(12, 12, generator=g) < 0.2
+    kw = {"head_mode": "all", "is_causal": True}
+    expected = impl(q, k, v, (4, 8), (1, 2), key_padding_mask=kpm, attn_mask=attn, **kw)
+    out = impl(q, k, v, (4, 8), (1, 2), key_padding_mask=kpm.to(dtype), attn_mask=attn.to(dtype), **kw)
+    assert torch.equal(out, expected)
+    assert_close(out, reference(q, k, v, (4, 8), (1, 2), key_padding_mask=kpm, attn_mask=attn, **kw),
+                 torch.float64, "integer masks")  # fmt: skip
+
+
+def test_negative_infinity_in_a_float_mask_removes_a_key():
+    q, k, v = make_qkv(1, 8, 2, requires_grad=False)
+    bias = torch.zeros(1, 8, dtype=torch.float64)
+    bias[0, 3] = -math.inf
+    out = functional.dilated_attention(q, k, v, (8,), (1,), key_padding_mask=bias)
+    mask = torch.zeros(1, 8, dtype=torch.bool)
+    mask[0, 3] = True
+    assert_close(out, functional.dilated_attention(q, k, v, (8,), (1,), key_padding_mask=mask), torch.float64)
+
+
+def test_nan_in_values_of_padded_keys_propagates_as_in_sdpa():
+    """docs/semantics.md: masked keys' values are read (0 · NaN = NaN), as in
+    PyTorch's scaled_dot_product_attention; padding must hold finite values."""
+    q, k, v = make_qkv(1, 8, 2, requires_grad=False)
+    v = v.clone()
+    v[0, 3] = math.nan
+    kpm = torch.zeros(1, 8, dtype=torch.bool)
+    kpm[0, 3] = True
+    out = functional.dilated_attention(q, k, v, (8,), (1,), key_padding_mask=kpm)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        *(x.transpose(1, 2) for x in (q, k, v)), attn_mask=~kpm[:, None, None, :]
+    ).transpose(1, 2)
+    assert torch.equal(out.isnan(), sdpa.isnan())
