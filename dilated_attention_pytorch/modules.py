@@ -241,7 +241,19 @@ class _BlockSparseBase(_DilatedAttentionBase):
         if not self.sharded:
             return self._attend_local(query, key, value, pattern, **kwargs)
         from .distributed import ring_dilated_attention
+        from .distributed.ring import check_call
 
+        # the layout may take collectives (BlockSparseAdaptive): first every rank's own
+        # checks, compared in one collective, so a bad argument raises on every rank
+        error: Exception | None = None
+        try:
+            validate_call(
+                query, key, value, kwargs["is_causal"], kwargs["key_padding_mask"], None,
+                kwargs["dropout_p"], kwargs["softmax_scale"], "gather",
+            )  # fmt: skip
+        except (TypeError, ValueError) as exc:
+            error = exc
+        check_call(query, self.process_group, None, error)
         layout = self._layout_for(query, key, kwargs["is_causal"])
         kwargs["method"] = self._method(query, key, value, kwargs["dropout_p"])
         kwargs["backend"] = None
@@ -532,9 +544,8 @@ class BlockSparseAdaptive(_BlockSparseBase):
     def _layout_for(self, query: Tensor, key: Tensor, is_causal: bool) -> Tensor:
         shard, bs, world = query.shape[1], self.block_size, self._world_size
         if world > 1:
-            from .distributed.ring import all_gather_cat, check_shards
+            from .distributed.ring import all_gather_cat
 
-            check_shards(query, self.process_group)
             if shard % bs:
                 raise ValueError(
                     f"block_size ({bs}) must divide the shard length ({shard}) when the sequence is "

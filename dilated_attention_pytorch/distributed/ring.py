@@ -6,7 +6,7 @@ A segment spanning ``m`` shards exchanges only its *dilated* keys and values
 (1/r of them), among those ``m`` ranks alone: LongNet's all-gather (started
 before the local branches run, so they hide it), or with ``exchange="ring"``
 a rotation of one member's block at a time with ``batch_isend_irecv``. The
-backward sums the key/value gradients back onto their owners (reduce-scatter,
+backward sums the key/value gradients back onto their owners (point to point,
 or the gradients rotating with their blocks), so gradients are exact and
 distributed. Under causality members ``j`` and ``m - 1 - j`` share the work
 evenly: the later one lends its last query rows to the earlier one
@@ -32,6 +32,7 @@ import dataclasses
 import functools
 import itertools
 import math
+import zlib
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
@@ -46,7 +47,6 @@ from ..pattern import BranchCall, DilatedPattern
 
 Exchange = Literal["all_gather", "ring"]
 EXCHANGES: tuple[str, ...] = ("all_gather", "ring")
-_SUBGROUPS: dict[tuple[int, ...], dist.ProcessGroup] = {}
 #: exchange plans of block-sparse spans, keyed by layout and geometry
 _PLANS = flex_kernel.BlockMaskCache()
 
@@ -63,34 +63,58 @@ def _waiter(works: list[Any], result: Callable[[], Any]) -> Callable[[], Any]:
 @dataclasses.dataclass
 class _SegmentKeys:
     """The selected rows of one segment, spread over the ranks that share it
-    (implements :class:`functional.RemoteKeys`). Shards with fewer rows pad for
-    the collective and trim after it."""
+    (implements :class:`functional.RemoteKeys`): each member sends its rows to
+    every other member point to point, on the caller's group. No subgroup is
+    made: creating groups of some ranks only (``new_group(...,
+    use_local_synchronization=True)``) names them by a per-rank counter, and
+    ranks that had made different numbers of groups hung forever."""
 
-    group: dist.ProcessGroup
+    group: dist.ProcessGroup | None
+    peers: list[int]  # global ranks of the members, in sequence order
     index: int  # this rank's place among the members
     counts: list[int]  # selected rows per member, in sequence order
     positions: Tensor  # sequence positions of the gathered rows
+    tag: int  # tells the exchanges of different segments apart (gloo matches by tag): 4·tag + 3
+
+    def _post(self, outgoing: dict[int, Tensor], incoming: dict[int, Tensor]) -> list[Any]:
+        tag = 4 * self.tag + 3
+        ops = [dist.P2POp(dist.isend, t, self.peers[j], self.group, tag) for j, t in outgoing.items()]
+        ops += [dist.P2POp(dist.irecv, t, self.peers[j], self.group, tag) for j, t in incoming.items()]
+        return dist.batch_isend_irecv(ops) if ops else []
+
+    def _others(self) -> list[int]:
+        return [j for j in range(len(self.counts)) if j != self.index]
 
     def start_gather(self, local: Tensor) -> Callable[[], Tensor]:
-        width = max(self.counts)
-        padded = local.new_zeros(local.shape[0], width, *local.shape[2:])
-        padded[:, : local.shape[1]] = local
-        parts = [torch.empty_like(padded) for _ in self.counts]
-        work = dist.all_gather(parts, padded, group=self.group, async_op=True)
-        return _waiter([work], lambda: torch.cat([part[:, :c] for part, c in zip(parts, self.counts)], 1))
+        local = local.contiguous()
+        rest = local.shape[2:]
+        # a member with no rows sends nothing, and the others know it from counts
+        outgoing = {j: local for j in self._others()} if local.shape[1] else {}
+        incoming = {j: local.new_empty(local.shape[0], self.counts[j], *rest) for j in self._others()
+                    if self.counts[j]}  # fmt: skip
+        works = self._post(outgoing, incoming)
+
+        def rows() -> Tensor:
+            parts = [local if j == self.index else incoming.get(j) for j in range(len(self.counts))]
+            return torch.cat([p for p in parts if p is not None], 1)
+
+        return _waiter(works, rows)
 
     def start_reduce(self, grad: Tensor) -> Callable[[], Tensor]:
-        width = max(self.counts)
-        stacked = grad.new_zeros(len(self.counts), grad.shape[0], width, *grad.shape[2:])
-        for j, piece in enumerate(grad.split(self.counts, dim=1)):
-            stacked[j, :, : piece.shape[1]] = piece
-        if dist.get_backend(self.group) == dist.Backend.NCCL:
-            mine = torch.empty_like(stacked[0])
-            work = dist.reduce_scatter_tensor(mine, stacked, group=self.group, async_op=True)
-        else:  # gloo has no reduce-scatter: all-reduce and keep this rank's slice
-            mine = stacked[self.index]
-            work = dist.all_reduce(stacked, group=self.group, async_op=True)
-        return _waiter([work], lambda: mine[:, : self.counts[self.index]])
+        pieces = grad.split(self.counts, dim=1)
+        mine = self.counts[self.index]
+        outgoing = {j: pieces[j].contiguous() for j in self._others() if self.counts[j]}
+        shape = (grad.shape[0], mine, *grad.shape[2:])
+        incoming = {j: grad.new_empty(shape) for j in self._others()} if mine else {}
+        works = self._post(outgoing, incoming)
+
+        def summed() -> Tensor:
+            total = pieces[self.index].clone()
+            for j in sorted(incoming):  # one order on every run: reproducible sums
+                total += incoming[j]
+            return total
+
+        return _waiter(works, summed)
 
     def gather(self, local: Tensor) -> Tensor:
         return self.start_gather(local)()
@@ -248,14 +272,6 @@ def _group_ranks(group: dist.ProcessGroup | None) -> list[int]:
     ]
 
 
-def _subgroup(ranks: tuple[int, ...]) -> dist.ProcessGroup:
-    """The group of the ranks sharing one segment; only they take part in making it,
-    and every member meets its segments in the same (call) order."""
-    if ranks not in _SUBGROUPS:
-        _SUBGROUPS[ranks] = dist.new_group(list(ranks), use_local_synchronization=True)
-    return _SUBGROUPS[ranks]
-
-
 def all_gather_cat(x: Tensor, dim: int, group: dist.ProcessGroup | None) -> Tensor:
     """Every rank's ``x`` (same shape on all) concatenated along ``dim`` in rank order."""
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
@@ -263,17 +279,77 @@ def all_gather_cat(x: Tensor, dim: int, group: dist.ProcessGroup | None) -> Tens
     return torch.cat(parts, dim)
 
 
-def check_shards(query: Tensor, group: dist.ProcessGroup | None) -> None:
-    """Every rank must hold a shard of the same shape; a mismatch raises on every rank."""
-    shape = torch.tensor(query.shape, dtype=torch.int64, device=query.device)
-    shapes = [torch.empty_like(shape) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(shapes, shape, group=group)
-    seen = sorted({tuple(s.tolist()) for s in shapes})
-    if len(seen) > 1:
+def _collective_device(group: dist.ProcessGroup | None) -> torch.device:
+    """Where a small tensor for a collective on ``group`` lives (NCCL: the current GPU)."""
+    if dist.get_backend(group) == dist.Backend.NCCL:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _layout_checksum(layout: Tensor) -> Tensor:
+    """One int64 that differs, with near certainty, between two different layouts."""
+    flat = layout.reshape(-1).to(torch.int64)
+    weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.int64) % 1_000_003
+    return (flat * weights).sum().view(1) + flat.numel() * 1_000_003
+
+
+def check_call(
+    query: Tensor,
+    group: dist.ProcessGroup | None,
+    description: dict[str, Any] | None = None,
+    error: Exception | None = None,
+    layout: Tensor | None = None,
+) -> None:
+    """The one check that every rank makes the same call, before any other collective.
+
+    One all-gather of: whether this rank's own arguments were valid (``error``:
+    the exception its local checks raised), its shard shape, a fingerprint of
+    ``description`` (pattern, dtype, masks present, ...) and of ``layout``. Any
+    difference raises on every rank, so no rank waits for a partner that will
+    never come: the rank whose arguments were invalid raises its own error, the
+    others say which rank it was.
+    """
+    valid = error is None and isinstance(query, Tensor) and query.dim() == 4
+    shape = list(query.shape) if valid else [0, 0, 0, 0]
+    fingerprint = zlib.crc32(repr(sorted((description or {}).items())).encode())
+    device = _collective_device(group)
+    row = torch.tensor([int(valid), *shape, fingerprint], dtype=torch.int64, device=device)
+    checksum = _layout_checksum(layout).to(device) if valid and layout is not None else row.new_zeros(1)
+    row = torch.cat([row, checksum])
+    rows = [torch.empty_like(row) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(rows, row, group=group)
+    table = [r.tolist() for r in rows]
+    if error is not None:
+        raise error
+    refused = [r for r, values in enumerate(table) if not values[0]]
+    if refused:
+        raise ValueError(
+            f"rank(s) {refused} of the process group refused their arguments (the error raised there "
+            "says why), so no rank runs this call"
+        )
+    shapes = sorted({tuple(values[1:5]) for values in table})
+    if len(shapes) > 1:
         raise ValueError(
             "every rank must pass a shard of the same shape (batch, seq / world_size, heads, head_dim); "
-            f"got {seen} across the process group"
+            f"got {shapes} across the process group"
         )
+    if len({values[5] for values in table}) > 1:
+        described: list[Any] = [None] * len(table)
+        dist.all_gather_object(described, description, group=group)
+        keys = sorted({k for d in described for k in (d or {})})
+        differ = {k: [(d or {}).get(k) for d in described] for k in keys}
+        differ = {k: v for k, v in differ.items() if len({repr(x) for x in v}) > 1}
+        raise ValueError(
+            "every rank must make the same call; these differ across the ranks (one value per rank): "
+            + "; ".join(f"{k}: {v}" for k, v in differ.items())
+        )
+    if len({values[6] for values in table}) > 1:
+        raise ValueError("block_layout must be the same on every rank (the exchange plan is derived from it)")
+
+
+def check_shards(query: Tensor, group: dist.ProcessGroup | None) -> None:
+    """Every rank must hold a shard of the same shape; a mismatch raises on every rank."""
+    check_call(query, group)
 
 
 def check_exchange(exchange: str) -> Exchange:
@@ -371,7 +447,7 @@ def _spans(
         if layout is None:
             counts = [_selection(call, segment, j, shard)[1] for j in members]
             positions = torch.cat([_row_positions(call, segment, j, shard, device) for j in members])
-            keys = _SegmentKeys(_subgroup(tuple(peers)), me, counts, positions)
+            keys = _SegmentKeys(group, peers, me, counts, positions, tag)
             if rotate:
                 keys = _RingRows(keys, group, peers, tag)
             if causal:
@@ -466,40 +542,53 @@ def ring_dilated_attention(
     holds two blocks of rows instead of the segment's. The gather and flex paths
     (dropout, ``block_layout``) always gather.
     """
-    check_exchange(exchange)
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
             "RingDilatedAttention needs torch.distributed initialized (torchrun, then "
             "torch.distributed.init_process_group)"
         )
-    if attn_mask is not None:
-        raise ValueError(
-            "attn_mask is not supported by the sequence-parallel implementation; use "
-            "key_padding_mask and is_causal"
+    world = dist.get_world_size(process_group)
+    # every local check first; then one collective compares the calls of all ranks
+    error: Exception | None = None
+    layout = None
+    try:
+        check_exchange(exchange)
+        if attn_mask is not None:
+            raise ValueError(
+                "attn_mask is not supported by the sequence-parallel implementation; use "
+                "key_padding_mask and is_causal"
+            )
+        shape, key_bias, _, scale = functional.validate_call(
+            query, key, value, is_causal, key_padding_mask, None, dropout_p, softmax_scale, method
         )
-    shape, key_bias, _, scale = functional.validate_call(
-        query, key, value, is_causal, key_padding_mask, None, dropout_p, softmax_scale, method
-    )
-    if functional.functorch_active(query, key, value):
-        raise RuntimeError(
-            "torch.func transforms (vmap, grad, jacrev) are not supported by sequence-parallel dilated "
-            "attention: its keys come from other ranks through communication"
-        )
-    check_shards(query, process_group)
+        if functional.functorch_active(query, key, value):
+            raise RuntimeError(
+                "torch.func transforms (vmap, grad, jacrev) are not supported by sequence-parallel dilated "
+                "attention: its keys come from other ranks through communication"
+            )
+        if method == "flex" and block_layout is None:
+            block_layout, block_size = functional._one_block(query.device), shape[1] * world
+        if block_layout is not None:
+            if method == "fused":
+                raise ValueError(
+                    "block_layout runs with method='flex' (FlexAttention) or method='gather', not 'fused'"
+                )
+            layout = functional.prepare_layout(
+                block_layout, block_size, shape, query.dtype, query.device, shape[1] * world
+            )
+    except (TypeError, ValueError, RuntimeError) as exc:
+        error = exc
+    description = _describe_call(
+        query, key, value, pattern, is_causal, key_padding_mask, dropout_p, softmax_scale, method,
+        block_layout is not None, block_size, exchange,
+    )  # fmt: skip
+    check_call(query, process_group, description, error, None if layout is None else layout.blocks)
     world = dist.get_world_size(process_group)
     rank = dist.get_rank(process_group)
     b, shard, h, _ = shape
     seq = shard * world
     _check_geometry(pattern, seq, shard)
-    layout = None
-    if method == "flex" and block_layout is None:
-        block_layout, block_size = functional._one_block(query.device), seq
-    if block_layout is not None:
-        if method == "fused":
-            raise ValueError(
-                "block_layout runs with method='flex' (FlexAttention) or method='gather', not 'fused'"
-            )
-        layout = functional.prepare_layout(block_layout, block_size, shape, query.dtype, query.device, seq)
+    if layout is not None:
         layout = dataclasses.replace(layout, offset=rank * shard)
     calls = pattern.calls(seq, h)
     local = _local_calls([c for c in calls if c.segment_length <= shard], rank, shard)
@@ -549,6 +638,37 @@ def ring_dilated_attention(
         for sp, be, bias in zip(spans, backends[len(local) :], span_biases)
     ]
     return functional.run_fused(query, key, value, fused, pattern.head_mode == "all", scale)
+
+
+def _describe_call(
+    query: Any,
+    key: Any,
+    value: Any,
+    pattern: Any,
+    is_causal: Any,
+    key_padding_mask: Any,
+    dropout_p: Any,
+    softmax_scale: Any,
+    method: Any,
+    has_layout: bool,
+    block_size: Any,
+    exchange: Any,
+) -> dict[str, Any]:
+    """What every rank's call must agree on, as plain values (for :func:`check_call`)."""
+    tensors = [x for x in (query, key, value) if isinstance(x, Tensor)]
+    return {
+        "pattern": repr(pattern),
+        "dtype": str(query.dtype) if isinstance(query, Tensor) else None,
+        "is_causal": is_causal,
+        "key_padding_mask": key_padding_mask is not None,
+        "dropout_p": dropout_p,
+        "softmax_scale": softmax_scale,
+        "method": method,
+        "exchange": exchange,
+        "block_layout": has_layout,
+        "block_size": block_size if has_layout else None,
+        "requires_grad": torch.is_grad_enabled() and any(x.requires_grad for x in tensors),
+    }
 
 
 def _gathered_key_bias(span: _Span, key_bias: Tensor) -> Tensor:

@@ -24,7 +24,7 @@ from dilated_attention_pytorch.reference import dilated_attention_reference as r
 from dilated_attention_pytorch.sparse import layouts
 
 from ..conftest import TOLERANCES, relative_error
-from .test_ring import _spawn
+from .spawn import init, spawn
 
 # (world, seq, segment_lengths, dilation_rates, heads, block_size); shard = seq / world
 CASES = [
@@ -44,7 +44,7 @@ def _layout(seq: int, block: int, heads: int, per_head: bool, g: torch.Generator
 
 
 def _run_cases(rank: int, world: int, init_file: str, results: dict) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    init(rank, world, init_file)
     try:
         failures = []
         for case_world, seq, seg, dil, heads, block in CASES:
@@ -99,7 +99,7 @@ def _run_cases(rank: int, world: int, init_file: str, results: dict) -> None:
 
 @pytest.mark.parametrize("world", [2, 4, 8])
 def test_block_sparse_ring_matches_reference(world, tmp_path):
-    results = _spawn(_run_cases, world, tmp_path)
+    results = spawn(_run_cases, world, tmp_path)
     assert sorted(results) == list(range(world))
     assert all(not failures for failures in results.values()), results
 
@@ -114,7 +114,7 @@ def _received_rows(layout: torch.Tensor, causal: bool, world: int, rank: int) ->
 
 
 def _run_plans(rank: int, world: int, init_file: str, results: dict) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    init(rank, world, init_file)
     try:
         window = layouts.local_window(8, 0.7)  # blocks see their neighbours only (one block = 8 rows)
         assert torch.equal(window, (torch.arange(8)[:, None] - torch.arange(8)[None, :]).abs() <= 1)
@@ -129,7 +129,7 @@ def _run_plans(rank: int, world: int, init_file: str, results: dict) -> None:
 
 
 def test_only_the_rows_of_needed_blocks_travel(tmp_path):
-    results = _spawn(_run_plans, 4, tmp_path)
+    results = spawn(_run_plans, 4, tmp_path)
     # shard = 16 rows = 2 blocks; a rank needs one block (8 rows) of each neighbouring shard
     assert results[0] == ([16, 8, 0, 0], [16, 0, 0, 0], [16, 0, 0, 0])
     assert results[1] == ([8, 16, 8, 0], [8, 16, 0, 0], [16, 16, 0, 0])
@@ -139,7 +139,7 @@ def test_only_the_rows_of_needed_blocks_travel(tmp_path):
 def _run_modules(rank: int, world: int, init_file: str, results: dict) -> None:
     from dilated_attention_pytorch import RotaryEmbedding
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    init(rank, world, init_file)
     try:
         seq, shard = 64, 64 // world
         part = slice(rank * shard, (rank + 1) * shard)
@@ -208,7 +208,7 @@ def _run_modules(rank: int, world: int, init_file: str, results: dict) -> None:
 
 
 def test_sharded_modules_match_one_process(tmp_path):
-    results = _spawn(_run_modules, 2, tmp_path)
+    results = spawn(_run_modules, 2, tmp_path)
     for max_error, messages, sharded, single in results.values():
         assert max_error <= TOLERANCES[torch.float64]
         assert len(messages) == 2

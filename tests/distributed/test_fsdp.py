@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from dilated_attention_pytorch import LongNetLM
+
+from .spawn import init, spawn
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 WORLD, BATCH, SEQ, VOCAB = 2, 4, 24, 32
@@ -33,8 +34,8 @@ def _step(model: torch.nn.Module, ids: torch.Tensor) -> float:
     return loss.item()
 
 
-def _run(rank: int, init_file: str, results: dict) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+def _run(rank: int, world: int, init_file: str, results: dict) -> None:
+    init(rank, WORLD, init_file)
     try:
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -54,8 +55,7 @@ def _run(rank: int, init_file: str, results: dict) -> None:
 
 
 def test_fully_shard_longnet_lm_step_equals_one_process(tmp_path) -> None:
-    results = mp.Manager().dict()
-    mp.spawn(_run, args=(str(tmp_path / "init"), results), nprocs=WORLD, join=True)
+    results = spawn(_run, WORLD, tmp_path)
     model = _model()
     loss = _step(model, _data())
     expected = dict(model.named_parameters())

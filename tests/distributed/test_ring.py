@@ -8,13 +8,13 @@ import zlib
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from dilated_attention_pytorch import DilatedPattern, RingDilatedAttention
 from dilated_attention_pytorch.distributed import ring_dilated_attention
 from dilated_attention_pytorch.reference import dilated_attention_reference as reference
 
 from ..conftest import TOLERANCES, relative_error
+from .spawn import init, spawn
 
 # (world, seq, segment_lengths, dilation_rates, heads); shard = seq / world
 CASES = [
@@ -24,6 +24,12 @@ CASES = [
     (4, 32, (16,), (6,), 2),  # one branch, r > heads, uneven counts
     (2, 32, (4, 8, 16, 32), (1, 2, 3, 4), 2),  # heads < branches
     (8, 64, (8, 16, 32, 64), (1, 2, 3, 4), 4),  # 8 ranks: local, spanning 2, 4 and 8
+    # worlds that are no power of two, and partial last segments spanning ranks: they
+    # hung when spanning ranks made their own subgroups
+    (3, 24, (4, 16, 32), (1, 2, 4), 3),  # spanning 2 (and a local partial), spanning 3
+    (4, 32, (8, 24, 32), (1, 2, 4), 3),  # spanning 3 with a local partial segment, spanning 4
+    (5, 40, (8, 24, 16), (1, 3, 2), 4),  # partial [24, 40) spans ranks 3 and 4
+    (6, 24, (8, 16, 24), (1, 2, 3), 5),  # spanning 2 and 4, partial [16, 24) spans 4 and 5
 ]
 
 # (method, exchange): the fused path gathers or rotates spanning keys; gather always gathers
@@ -31,7 +37,7 @@ EXCHANGES = [("fused", "all_gather"), ("fused", "ring"), ("gather", "all_gather"
 
 
 def _run_cases(rank: int, world: int, init_file: str, results: dict) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    init(rank, world, init_file)
     try:
         failures = []
         for case_world, seq, seg, dil, heads in CASES:
@@ -79,7 +85,7 @@ def _run_cases(rank: int, world: int, init_file: str, results: dict) -> None:
 
 
 def _run_errors(rank: int, world: int, init_file: str, results: dict) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    init(rank, world, init_file)
     try:
         messages = []
         q = torch.randn(1, 8 + rank, 2, 4)  # shards of different lengths
@@ -105,21 +111,15 @@ def _run_errors(rank: int, world: int, init_file: str, results: dict) -> None:
         dist.destroy_process_group()
 
 
-def _spawn(fn, world: int, tmp_path) -> dict:
-    results = mp.Manager().dict()
-    mp.spawn(fn, args=(world, str(tmp_path / "init"), results), nprocs=world, join=True)
-    return dict(results)
-
-
-@pytest.mark.parametrize("world", [2, 4, 8])
+@pytest.mark.parametrize("world", [2, 3, 4, 5, 6, 8])
 def test_ring_matches_reference(world, tmp_path):
-    results = _spawn(_run_cases, world, tmp_path)
+    results = spawn(_run_cases, world, tmp_path)
     assert sorted(results) == list(range(world))
     assert all(not failures for failures in results.values()), results
 
 
 def test_ring_errors_on_every_rank(tmp_path):
-    results = _spawn(_run_errors, 2, tmp_path)
+    results = spawn(_run_errors, 2, tmp_path)
     for messages in results.values():
         assert len(messages) == 4
         assert "every rank must pass a shard of the same shape" in messages[0]
@@ -152,7 +152,7 @@ def _run_multihead(rank: int, world: int, init_file: str, results: dict) -> None
         create_multihead_dilated_attention,
     )
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    init(rank, world, init_file)
     try:
         kw = {
             "batch_first": True,
@@ -191,7 +191,7 @@ def _run_multihead(rank: int, world: int, init_file: str, results: dict) -> None
 
 
 def test_ring_multihead_matches_single_device(tmp_path):
-    results = _spawn(_run_multihead, 2, tmp_path)
+    results = spawn(_run_multihead, 2, tmp_path)
     for max_error, factory_type, need_weights_error in results.values():
         assert max_error <= TOLERANCES[torch.float64]
         assert factory_type == "RingMultiheadDilatedAttention"
@@ -220,7 +220,7 @@ def _run_stack(rank: int, world: int, init_file: str, results: dict) -> None:
 
     from .stack import loss_and_grad_norm, stack
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    init(rank, world, init_file)
     try:
         kw = {"segment_lengths": [8, 16, 64], "dilation_rates": [1, 2, 4], "dtype": torch.float64}
         x = torch.randn(2, 64, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
@@ -238,7 +238,7 @@ def _run_stack(rank: int, world: int, init_file: str, results: dict) -> None:
 
 
 def test_eight_layer_stack_matches_single_device(tmp_path):
-    results = _spawn(_run_stack, 4, tmp_path)
+    results = spawn(_run_stack, 4, tmp_path)
     for (loss, norm), (ring_loss, ring_norm) in results.values():
         assert abs(ring_loss - loss) <= 1e-10 * abs(loss)
         assert abs(ring_norm - norm) <= 1e-10 * abs(norm)
@@ -273,7 +273,7 @@ def _run_frees_graph(rank: int, world: int, init_file: str, results: dict) -> No
     import gc
     import weakref
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    init(rank, world, init_file)
     gc.disable()  # memory must come back by reference counting, not at the next collection
     try:
         freed = []
@@ -293,5 +293,79 @@ def _run_frees_graph(rank: int, world: int, init_file: str, results: dict) -> No
 
 
 def test_ring_frees_its_graph_without_gc(tmp_path):
-    results = _spawn(_run_frees_graph, 2, tmp_path)
+    results = spawn(_run_frees_graph, 2, tmp_path)
     assert results == {0: [True, True], 1: [True, True]}
+
+
+def _run_disagreeing(rank: int, world: int, init_file: str, results: dict) -> None:
+    """Each call differs between the ranks in one way; every rank must raise, none hang."""
+    init(rank, world, init_file)
+    try:
+        messages = []
+        q = torch.randn(1, 8, 2, 4, dtype=torch.float64)
+        kpm = torch.zeros(1, 8, dtype=torch.bool)
+        calls = [
+            lambda: ring_dilated_attention(q, q, q, DilatedPattern([16], [1 + rank])),
+            lambda: ring_dilated_attention(
+                *(q.to([torch.float64, torch.float32][rank]),) * 3, DilatedPattern([16], [1])
+            ),
+            lambda: ring_dilated_attention(
+                q, q, q, DilatedPattern([16], [1]), key_padding_mask=kpm if rank else None
+            ),
+            lambda: ring_dilated_attention(q, q, q, DilatedPattern([16], [1], ["grouped", "all"][rank])),
+            lambda: ring_dilated_attention(q, q, q, DilatedPattern([16], [1]), is_causal=bool(rank)),
+            lambda: ring_dilated_attention(
+                q, q, q, DilatedPattern([16], [1]), exchange=["all_gather", "ring"][rank]
+            ),
+            # rank 1's mask is invalid: it says why, rank 0 says which rank
+            lambda: ring_dilated_attention(
+                q,
+                q,
+                q,
+                DilatedPattern([16], [1]),
+                key_padding_mask=torch.zeros(1, 8 - rank, dtype=torch.bool),
+            ),
+        ]
+        for call in calls:
+            try:
+                call()
+                messages.append(None)
+            except ValueError as e:
+                messages.append(str(e))
+        results[rank] = messages
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_that_disagree_raise_on_every_rank(tmp_path):
+    results = spawn(_run_disagreeing, 2, tmp_path, timeout_s=180)
+    for messages in results.values():
+        assert None not in messages, messages
+        for message, field in zip(messages[:6], ["pattern", "dtype", "key_padding_mask", "pattern",
+                                                 "is_causal", "exchange"]):  # fmt: skip
+            assert "these differ across the ranks" in message and field in message, message
+    assert "key_padding_mask must have shape" in results[1][6]
+    assert "rank(s) [1] of the process group refused their arguments" in results[0][6]
+
+
+def _run_double_backward(rank: int, world: int, init_file: str, results: dict) -> None:
+    init(rank, world, init_file)
+    try:
+        messages = []
+        for method, exchange in EXCHANGES:
+            q = torch.randn(1, 8, 2, 4, dtype=torch.float64, requires_grad=True)
+            out = ring_dilated_attention(q, q, q, DilatedPattern([16], [2]), method=method, exchange=exchange)
+            try:
+                torch.autograd.grad(out.square().sum(), q, create_graph=True)
+                messages.append(None)
+            except RuntimeError as e:
+                messages.append(str(e))
+        results[rank] = messages
+    finally:
+        dist.destroy_process_group()
+
+
+def test_double_backward_through_the_ring_raises_instead_of_a_wrong_value(tmp_path):
+    results = spawn(_run_double_backward, 2, tmp_path, timeout_s=180)
+    for messages in results.values():
+        assert all(m is not None and "double backward (create_graph=True)" in m for m in messages), messages

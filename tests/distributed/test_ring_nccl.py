@@ -14,7 +14,7 @@ import torch.distributed as dist
 from dilated_attention_pytorch import DilatedPattern, functional
 from dilated_attention_pytorch.distributed import ring_dilated_attention
 
-from .test_ring import _spawn
+from .spawn import init, spawn
 
 pytestmark = pytest.mark.gpu
 
@@ -25,7 +25,7 @@ CASES = [(1024, (256, 512, 1024, 2048), (1, 2, 4, 8), 8), (1024, (128, 1024), (1
 @contextlib.contextmanager
 def _nccl(rank: int, world: int, init_file: str) -> Iterator[None]:
     torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    init(rank, world, init_file, "nccl")
     try:
         yield
     finally:
@@ -115,14 +115,14 @@ def _block_sparse_worker(rank: int, world: int, init_file: str, results: dict) -
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_block_sparse_ring_nccl_bf16(tmp_path):
-    results = _spawn(_block_sparse_worker, 2, tmp_path)
+    results = spawn(_block_sparse_worker, 2, tmp_path)
     assert sorted(results) == [0, 1]
     assert all(not r for r in results.values()), dict(results)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_ring_nccl_bf16(tmp_path):
-    results = _spawn(_worker, 2, tmp_path)
+    results = spawn(_worker, 2, tmp_path)
     assert sorted(results) == [0, 1]
     assert all(not r for r in results.values()), dict(results)
 
@@ -152,7 +152,7 @@ def _stack_worker(rank: int, world: int, init_file: str, results: dict) -> None:
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_ring_nccl_eight_layer_stack(tmp_path):
-    results = _spawn(_stack_worker, 2, tmp_path)
+    results = spawn(_stack_worker, 2, tmp_path)
     for ref, single, ring in results.values():
         for i, what in enumerate(("loss", "grad norm")):
             single_err = abs(single[i] - ref[i]) / abs(ref[i])
