@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import kernels
+from ._cache import BoundedCache
 from .kernels import flex as flex_kernel
 from .kernels import math as math_kernel
 from .kernels import triton_merge
@@ -454,17 +455,12 @@ class _BranchBuffers:
         self.meta = tuple(meta)
 
 
-_BRANCH_META: dict[tuple[Any, ...], Tensor] = {}
+_BRANCH_META: BoundedCache[Tensor] = BoundedCache(256)
 
 
 def _branch_meta(meta: tuple[tuple[int, ...], ...], device: torch.device) -> Tensor:
     """``meta`` on ``device``, made once per layout (no host-to-device copy per call)."""
-    key = (meta, device)
-    if key not in _BRANCH_META:
-        if len(_BRANCH_META) > 256:
-            _BRANCH_META.clear()
-        _BRANCH_META[key] = torch.tensor(meta, dtype=torch.int64, device=device)
-    return _BRANCH_META[key]
+    return _BRANCH_META.get((meta, device), lambda: torch.tensor(meta, dtype=torch.int64, device=device))
 
 
 def _merge_branches(
@@ -1206,14 +1202,12 @@ def _fused(
 # block-sparse path (FlexAttention)
 
 
-_ONE_BLOCK: dict[torch.device, Tensor] = {}
+_ONE_BLOCK: BoundedCache[Tensor] = BoundedCache(16)
 
 
 def _one_block(device: torch.device) -> Tensor:
     """A one-block layout per device: one tensor, so its block masks stay cached."""
-    if device not in _ONE_BLOCK:
-        _ONE_BLOCK[device] = torch.ones(1, 1, dtype=torch.bool, device=device)
-    return _ONE_BLOCK[device]
+    return _ONE_BLOCK.get(device, lambda: torch.ones(1, 1, dtype=torch.bool, device=device))
 
 
 @dataclasses.dataclass

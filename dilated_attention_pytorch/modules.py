@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ._cache import BoundedCache
 from .functional import (
     Method,
     _bias_dtype,
@@ -24,6 +25,9 @@ from .kernels import flex as flex_kernel
 from .pattern import DilatedPattern, HeadMode
 from .reference import DEFAULT_MAX_BYTES, dilated_attention_reference
 from .sparse import layouts
+
+#: layouts a block-sparse module keeps, one per (length, causal, device) seen last
+LAYOUT_CACHE_SIZE = 32
 
 
 class _DilatedAttentionBase(nn.Module):
@@ -464,8 +468,9 @@ class BlockSparseRingDilatedAttention(_BlockSparseBase):
         self._pattern_name = pattern
         self._seed = seed
         self._spatial_shape = spatial_shape
-        self._layouts: dict[tuple[int, bool, torch.device], Tensor] = {}
-        self._orders: dict[torch.device, Tensor] = {}
+        # bounded: a model that meets many lengths (generation) must not keep them all
+        self._layouts: BoundedCache[Tensor] = BoundedCache(LAYOUT_CACHE_SIZE)
+        self._orders: BoundedCache[Tensor] = BoundedCache(8)
 
     @property
     def layout_pattern(self) -> str | layouts.LayoutFn:
@@ -483,13 +488,13 @@ class BlockSparseRingDilatedAttention(_BlockSparseBase):
         positions in curve order. Cached per length, causality and device."""
         # "cuda" -> "cuda:0", so keys match the devices of tensors
         device = torch.empty(0, device=device if device is not None else "cpu").device
-        cache_key = (seq_len, is_causal, device)
-        if cache_key not in self._layouts:
-            n = layouts.num_blocks(seq_len, self.block_size)
-            self._layouts[cache_key] = layouts.make_layout(
+        n = layouts.num_blocks(seq_len, self.block_size)
+        return self._layouts.get(
+            (seq_len, is_causal, device),
+            lambda: layouts.make_layout(
                 self._pattern_name, n, self.sparsity, causal=is_causal, seed=self._seed, device=device
-            )
-        return self._layouts[cache_key]
+            ),
+        )
 
     def _layout_for(self, query: Tensor, key: Tensor, is_causal: bool) -> Tensor:
         return self.block_layout(query.shape[1] * self._world_size, is_causal, query.device)
@@ -507,9 +512,7 @@ class BlockSparseRingDilatedAttention(_BlockSparseBase):
                 f"pattern='hilbert' with spatial_shape={self._spatial_shape} needs "
                 f"seq = {height * width}, got {seq_len}"
             )
-        if device not in self._orders:
-            self._orders[device] = layouts.hilbert_order(height, width, device)
-        return self._orders[device]
+        return self._orders.get(device, lambda: layouts.hilbert_order(height, width, device))
 
     def extra_repr(self) -> str:
         name = self._pattern_name if isinstance(self._pattern_name, str) else "callable"

@@ -16,7 +16,6 @@ when all are (and no mask or causal diagonal cuts it), and masked exactly by
 
 from __future__ import annotations
 
-import collections
 import math
 import weakref
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._cache import BoundedCache
 from ..pattern import BranchCall
 from .base import StrideRule
 
@@ -597,29 +597,28 @@ class BlockMaskCache:
     """
 
     def __init__(self, size: int = 64) -> None:
-        self.size = size
-        self._entries: collections.OrderedDict[tuple[Any, ...], tuple[weakref.ref, int, Any]] = (
-            collections.OrderedDict()
-        )
+        self._entries: BoundedCache[tuple[weakref.ref, int, Any]] = BoundedCache(size)
+
+    @property
+    def size(self) -> int:
+        return self._entries.size
 
     def get(self, layout: Tensor, key: tuple[Any, ...], build: Callable[[], Any]) -> Any:
         full_key = (id(layout), *key)
-        hit = self._entries.get(full_key)
+        hit = self._entries.lookup(full_key)
         if hit is not None and hit[0]() is layout and hit[1] == layout._version:
-            self._entries.move_to_end(full_key)
             return hit[2]
         value = build()
-        self._entries[full_key] = (weakref.ref(layout, self._forget(id(layout))), layout._version, value)
-        while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
+        self._entries.put(full_key, (weakref.ref(layout, self._forget(id(layout))), layout._version, value))
         return value
 
     def _forget(self, layout_id: int) -> Callable[[weakref.ref], None]:
         entries = self._entries
 
         def drop(_: weakref.ref) -> None:
-            for key in [key for key in entries if key[0] == layout_id]:
-                entries.pop(key, None)
+            for key in entries.keys():
+                if key[0] == layout_id:  # type: ignore[index]
+                    entries.pop(key)
 
         return drop
 
