@@ -213,6 +213,16 @@ def validate_call(
     return shape, key_bias, attn_bias, scale
 
 
+def refuse_torchscript(scripting: bool = False) -> None:
+    """TorchScript cannot hold the function: raise, with what to use instead."""
+    if scripting or torch.jit.is_tracing():
+        raise RuntimeError(
+            "TorchScript (torch.jit.script / torch.jit.trace) is not supported by dilated attention: "
+            "its problems depend on the sequence length, which a trace would freeze. Use torch.compile, "
+            "or torch.export.export for a graph of the model"
+        )
+
+
 # --------------------------------------------------------------------------
 # geometry of one call
 
@@ -1465,6 +1475,7 @@ def dilated_attention(
     Returns:
         ``(batch, seq, heads, head_dim)``; a (position, head) with no key is 0.
     """
+    refuse_torchscript()
     pattern = as_pattern(segment_lengths, dilation_rates, head_mode)
     shape, key_bias, attn_bias, scale = validate_call(
         query, key, value, is_causal, key_padding_mask, attn_mask, dropout_p, softmax_scale, method

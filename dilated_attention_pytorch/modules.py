@@ -19,6 +19,7 @@ from .functional import (
     _mask_to_bias,
     canonical_mask,
     dilated_attention,
+    refuse_torchscript,
     validate_call,
 )
 from .kernels import flex as flex_kernel
@@ -94,6 +95,10 @@ class _DilatedAttentionBase(nn.Module):
 
     def _attend(self, *args: Any, **kwargs: Any) -> Tensor:
         return dilated_attention(*args, **kwargs)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        refuse_torchscript(scripting=True)
+        return self
 
     def dense_weights(
         self,
@@ -333,11 +338,13 @@ class _BlockSparseBase(_DilatedAttentionBase):
         method: Method,
         backend: str | None,
     ) -> Tensor:
+        # check before permuting or building a layout from the inputs (BlockSparseAdaptive),
+        # so errors name the caller's arguments, not an operation deep inside
+        validate_call(
+            query, key, value, is_causal, key_padding_mask, attn_mask, dropout_p, softmax_scale, "flex"
+        )
         order = None
-        if self.permutes:  # check before permuting, so errors name the caller's arguments
-            validate_call(
-                query, key, value, is_causal, key_padding_mask, attn_mask, dropout_p, softmax_scale, "flex"
-            )
+        if self.permutes:
             order = self._order(query.shape[1], query.device)
         if order is not None:
             (query, key, value), key_padding_mask, attn_mask = self._permuted(

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .decoding import LayerKVCache
-from .functional import _check_dropout
+from .functional import _check_dropout, refuse_torchscript
 from .modules import (
     BlockSparseRingDilatedAttention,
     DilatedAttention,
@@ -32,7 +32,13 @@ def _keep_transformer_layers_off_fast_path(module: nn.Module, args: Any) -> None
     return None
 
 
-class _MultiheadDilatedAttentionBase(nn.Module):
+class _MultiheadDilatedAttentionBase(nn.MultiheadAttention):
+    """A subclass of ``nn.MultiheadAttention`` with the same parameters, names,
+    initialisation and state_dict, so code that special-cases the class (init
+    schemes, FSDP wrap policies) treats it as one; only ``forward`` differs.
+    ``nn.MultiheadAttention.__init__`` is not run (it would build parameters
+    that are then replaced); everything its methods read is set here."""
+
     attention_class: ClassVar[type[_DilatedAttentionBase]]
 
     __constants__ = ["batch_first"]
@@ -59,7 +65,7 @@ class _MultiheadDilatedAttentionBase(nn.Module):
         backend: str | None = None,
         max_weights_bytes: int | None = DEFAULT_MAX_BYTES,
     ) -> None:
-        super().__init__()
+        nn.Module.__init__(self)
         for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -173,6 +179,7 @@ class _MultiheadDilatedAttentionBase(nn.Module):
         ``kv_cache`` (self-attention, causal, empty cache): also store the keys and
         values that later :meth:`decode_step` calls can still read (prefill).
         """
+        refuse_torchscript()
         for name, x in (("query", query), ("key", key), ("value", value)):
             if not isinstance(x, Tensor):
                 raise TypeError(f"{name} must be a Tensor, got {type(x).__name__}")
@@ -196,6 +203,7 @@ class _MultiheadDilatedAttentionBase(nn.Module):
         elif not self.batch_first:
             query, key, value = (x.transpose(0, 1) for x in (query, key, value))
         batch, seq, _ = query.shape
+        self._check_dtypes(query, key, value)
         for name, x, dim in (
             ("query", query, self.embed_dim),
             ("key", key, self.kdim),
@@ -247,6 +255,23 @@ class _MultiheadDilatedAttentionBase(nn.Module):
             out = out.transpose(0, 1)
         return out, weights
 
+    def _check_dtypes(self, *inputs: Tensor) -> None:
+        """Inputs in the parameters' dtype (autocast casts them itself)."""
+        weight = self.out_proj.weight
+        if torch.is_autocast_enabled(inputs[0].device.type):
+            return
+        for name, x in zip(("query", "key", "value"), inputs):
+            if x.dtype != weight.dtype:
+                raise ValueError(
+                    f"{name} has dtype {x.dtype} but the module's parameters are {weight.dtype}: cast the "
+                    f"inputs (x.to({weight.dtype})) or the module (module.to({x.dtype})), or run under "
+                    "torch.autocast"
+                )
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        refuse_torchscript(scripting=True)
+        return self
+
     def _output(self, out: Tensor) -> Tensor:
         """Heads ``(batch, seq, heads, head_dim)`` -> ``(batch, seq, embed)``."""
         out = out.flatten(-2)
@@ -289,6 +314,7 @@ class _MultiheadDilatedAttentionBase(nn.Module):
             raise ValueError(f"query must have shape (batch, 1, {self.embed_dim}), got {tuple(query.shape)}")
         if self.training and self.dropout > 0.0:
             raise ValueError("decode_step runs without dropout: call model.eval() first")
+        self._check_dtypes(query)
         q, k, v = self._project(query, query, query)
         if self.position_embedding is not None:
             q, k = self.position_embedding(q, k, offset=kv_cache.length)

@@ -499,3 +499,21 @@ def test_gpu_flex_with_tiles_within_blocks(seg, dil, block, causal):
     for name, a, b in zip("qkv", grads(out, (qd, kd, vd), g.bfloat16()), grads(expected, (q, k, v), g)):
         assert torch.isfinite(a).all()
         assert_close(a, b, torch.bfloat16, f"tiles within blocks: d{name}")
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda q: (q[0], q[0], q[0]), r"query must be 4-D \(batch, seq, heads, head_dim\)"),
+        (lambda q: (q, q[:, :8], q[:, :8]), "query, key and value must have the same shape"),
+        (lambda q: (q[:, :0], q[:, :0], q[:, :0]), "query must have non-empty"),
+        (lambda q: (q, q[..., :2], q), "query, key and value must have the same shape"),
+        (lambda q: (q.tolist(), q, q), "query must be a Tensor"),
+    ],
+)
+def test_adaptive_validates_before_building_its_layout(make, match):
+    from dilated_attention_pytorch import BlockSparseAdaptive
+
+    q = torch.randn(1, 16, 2, 4)
+    with pytest.raises((ValueError, TypeError), match=match):
+        BlockSparseAdaptive([8], [1], block_size=4)(*make(q))

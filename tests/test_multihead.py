@@ -6,7 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from dilated_attention_pytorch import ImprovedMultiheadDilatedAttention, MultiheadDilatedAttention
+from dilated_attention_pytorch import (
+    BlockSparseRingMultiheadDilatedAttention,
+    ImprovedMultiheadDilatedAttention,
+    MultiheadDilatedAttention,
+    RingMultiheadDilatedAttention,
+)
 from dilated_attention_pytorch.reference import dilated_attention_reference as reference
 
 from .conftest import assert_close
@@ -298,3 +303,66 @@ def test_need_weights_is_refused_above_max_weights_bytes():
         16, 2, segment_lengths=[8], dilation_rates=[1], max_weights_bytes=None
     )
     assert big.max_weights_bytes is None
+
+
+MULTIHEAD_CLASSES = [
+    MultiheadDilatedAttention,
+    ImprovedMultiheadDilatedAttention,
+    BlockSparseRingMultiheadDilatedAttention,
+    RingMultiheadDilatedAttention,
+]
+
+
+@pytest.mark.parametrize("cls", MULTIHEAD_CLASSES, ids=[c.__name__ for c in MULTIHEAD_CLASSES])
+def test_is_an_nn_multihead_attention_with_its_state_dict(cls):
+    ours = cls(16, 4, segment_lengths=[8], dilation_rates=[1])
+    theirs = nn.MultiheadAttention(16, 4)
+    assert isinstance(ours, nn.MultiheadAttention)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {
+        k: v.shape for k, v in theirs.state_dict().items()
+    }
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(1, 8, 16)
+    merged, kind = ours.merge_masks(
+        torch.zeros(8, 8, dtype=torch.bool), torch.ones(1, 8, dtype=torch.bool), x
+    )
+    expected, expected_kind = theirs.merge_masks(
+        torch.zeros(8, 8, dtype=torch.bool), torch.ones(1, 8, dtype=torch.bool), x
+    )
+    assert kind == expected_kind and torch.equal(merged, expected)
+
+
+@pytest.mark.parametrize("cls", [MultiheadDilatedAttention, ImprovedMultiheadDilatedAttention])
+def test_torchscript_is_refused_with_what_to_use(cls):
+    from dilated_attention_pytorch import ImprovedDilatedAttention
+
+    m = cls(16, 2, batch_first=True, segment_lengths=[8], dilation_rates=[1])
+    x = torch.randn(1, 8, 16)
+    for make in (lambda: torch.jit.script(m), lambda: torch.jit.trace(m, (x, x, x))):
+        with pytest.raises(RuntimeError, match=r"TorchScript .* is not supported.*torch.compile"):
+            make()
+    with pytest.raises(RuntimeError, match="TorchScript"):
+        torch.jit.script(ImprovedDilatedAttention([8], [1]))
+
+
+def test_inputs_of_another_dtype_than_the_module_are_named():
+    m = ImprovedMultiheadDilatedAttention(16, 2, batch_first=True, segment_lengths=[8], dilation_rates=[1])
+    x = torch.randn(1, 8, 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"query has dtype torch.float64 but the module's parameters are"):
+        m(x, x, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts by itself
+        assert m(x.float(), x.float(), x.float())[0].dtype == torch.bfloat16
+
+
+def test_float_masks_of_another_dtype_are_accepted_as_in_nn_multihead_attention():
+    torch.manual_seed(0)
+    ours = ImprovedMultiheadDilatedAttention(16, 2, batch_first=True, segment_lengths=[8], dilation_rates=[1])
+    theirs = nn.MultiheadAttention(16, 2, batch_first=True)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 8, 16)
+    mask = torch.randn(8, 8, dtype=torch.float64)
+    kpm = torch.zeros(2, 8, dtype=torch.float16)
+    kpm[0, 2] = -torch.inf
+    out = ours(x, x, x, attn_mask=mask, key_padding_mask=kpm)[0]
+    expected = theirs(x, x, x, attn_mask=mask.float(), key_padding_mask=kpm.float(), need_weights=False)[0]
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
