@@ -21,15 +21,20 @@ TOLERANCES: dict[torch.dtype, float] = {
 }
 
 
-def relative_error(actual: Tensor, expected: Tensor) -> float:
-    scale = expected.abs().max().clamp_min(1e-30)
+def relative_error(actual: Tensor, expected: Tensor, floor: float = 1e-30) -> float:
+    """max |actual - expected| / max(max |expected|, floor)."""
+    scale = expected.abs().max().clamp_min(floor)
     return ((actual.double() - expected.double()).abs().max() / scale).item()
 
 
-def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype, what: str = "") -> None:
+def assert_close(
+    actual: Tensor, expected: Tensor, dtype: torch.dtype, what: str = "", floor: float = 1e-30
+) -> None:
+    """``floor``: the smallest scale errors are relative to (for an ``expected`` that
+    is 0 up to rounding, e.g. dq of a single key)."""
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     assert torch.isfinite(actual).all(), f"{what}: non-finite values"
-    err = relative_error(actual, expected)
+    err = relative_error(actual, expected, floor)
     assert err <= TOLERANCES[dtype], f"{what}: relative error {err:.3g} > {TOLERANCES[dtype]:g} ({dtype})"
 
 
