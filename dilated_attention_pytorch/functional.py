@@ -941,6 +941,9 @@ class _FusedDilatedAttention(torch.autograd.Function):
     ) -> Tensor:
         b, n, h, d = query.shape
         lse_dtype = _bias_dtype(query.dtype)
+        # every problem is a view of the inputs with strides that are multiples of theirs:
+        # inputs its kernels take give problems they take, so one check per call
+        query, key, value = _conform_inputs(problems, query, key, value)
         local = all(p.span is None for p in problems)
         rows = compact_rows([p.call for p in problems], n, h) if merge and local else None
         if head_chunk is None:
@@ -972,22 +975,22 @@ class _FusedDilatedAttention(torch.autograd.Function):
                 branch = p.call.branch
                 to_out, to_lse = parts.blocks[branch], part_lses.blocks[branch]
                 to_call = rows[branch].call_rows(p.call)
-            rule = p.backend.strides
-            q = rule.conform(_problem_view(query, p.call))
+            q = _problem_view(query, p.call)
             if p.span is not None:
                 if i in gathers:
+                    rule = p.backend.strides
                     k, v = remote_kv[i] = tuple(rule.conform(x) for x in _unstack_rows(gathers[i]()))
                     blocks = iter([(range(len(p.span.counts)), k, v)])
                 else:
                     assert p.ring is not None
-                    k, v = (rule.conform(_problem_view(x, p.call)) for x in (key, value))
+                    k, v = (_problem_view(x, p.call) for x in (key, value))
                     blocks = _ring_blocks(p.ring, k, v)
                 # consumed even without local queries: the exchange must still happen
                 part_out, part_lse, states[i] = _blockwise_forward(p, q, blocks, scale)
             else:
                 if p.call.length == 0:
                     continue
-                k, v = (rule.conform(_problem_view(x, p.call)) for x in (key, value))
+                k, v = (_problem_view(x, p.call) for x in (key, value))
                 dest = _into_place(p, to_out, to_call) if rows is not None or not merge else None
                 if dest is not None:
                     part_lse, states[i] = p.backend.forward_into(q, k, v, p.causal, scale, dest)  # type: ignore[attr-defined]
@@ -1020,6 +1023,7 @@ class _FusedDilatedAttention(torch.autograd.Function):
         if torch.is_grad_enabled() or functorch_active(grad_out):
             return (*_recomputed_grads(ctx, grad_out), None, None, None, None, None)
         query, key, value, out, lse = ctx.saved_tensors
+        query, key, value = _conform_inputs(ctx.problems, query, key, value)
         b, n, h, d = query.shape
         grad_out = grad_out.contiguous()
         rows: dict[int, BranchRows] | None = ctx.rows
@@ -1042,9 +1046,8 @@ class _FusedDilatedAttention(torch.autograd.Function):
                 p, kv = problems[i], ctx.remote_kv[i]
                 if p.span is None and call.length == 0:
                     continue
-                rule = p.backend.strides
-                q, o, do = (rule.conform(_problem_view(x, call)) for x in (query, out, grad_out))
-                k, v = kv if kv is not None else (rule.conform(_problem_view(x, call)) for x in (key, value))
+                q, o, do = (_problem_view(x, call) for x in (query, out, grad_out))
+                k, v = kv if kv is not None else (_problem_view(x, call) for x in (key, value))
                 part_lse = _problem_view(lse, call)
                 bias = _bias_heads(p.bias, p.call, call)
                 if bias is not None:
@@ -1090,6 +1093,12 @@ class _FusedDilatedAttention(torch.autograd.Function):
                     grad[:, :, heads.start : heads.stop].copy_(acc)
         dq, dk, dv = grads
         return dq, dk, dv, None, None, None, None, None
+
+
+def _conform_inputs(problems: Sequence[FusedProblem], *inputs: Tensor) -> tuple[Tensor, ...]:
+    """``inputs`` in a layout every problem's backend takes (a copy only where one refuses)."""
+    rule = kernels.StrideRule.strictest(p.backend.strides for p in problems)
+    return tuple(rule.conform(x) for x in inputs)
 
 
 #: ``(query, key, value) -> output`` of the same function in differentiable torch ops

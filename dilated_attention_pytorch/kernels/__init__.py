@@ -7,7 +7,7 @@ order and the measurements behind it: docs/implementations.md, "auto").
 
 from __future__ import annotations
 
-from .base import AttentionSpec, Backend, IntoPlaceBackend
+from .base import ANY_STRIDES, AttentionSpec, Backend, IntoPlaceBackend, StrideRule
 from .flash4 import Flash4Backend
 from .math import MathBackend
 from .sdpa import CpuFlashBackend, CudnnBackend, EfficientBackend, FlashBackend
@@ -51,10 +51,12 @@ def select_backend(spec: AttentionSpec, name: str | None = None) -> Backend:
 
 
 __all__ = [
+    "ANY_STRIDES",
     "REGISTRY",
     "AttentionSpec",
     "Backend",
     "IntoPlaceBackend",
+    "StrideRule",
     "not_supported_reasons",
     "select_backend",
 ]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -59,6 +61,15 @@ class StrideRule:
             if any((s * size) % self.alignment for s, n in zip(x.stride()[:-1], x.shape[:-1]) if n > 1):
                 return False
         return True
+
+    @classmethod
+    def strictest(cls, rules: Iterable[StrideRule]) -> StrideRule:
+        """The rule that accepts what every one of ``rules`` accepts."""
+        rules = list(rules)
+        return cls(
+            last_dim_contiguous=any(r.last_dim_contiguous for r in rules),
+            alignment=math.lcm(1, *(r.alignment for r in rules)),
+        )
 
     def conform(self, x: Tensor) -> Tensor:
         """``x``, or a contiguous copy in fresh (aligned) memory where the rule refuses it."""
