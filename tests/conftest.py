@@ -117,15 +117,20 @@ def make_strided(
     seed: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """A leaf that requires grad and a ``shape`` view of it in ``layout``."""
-    leaf_shape, view = LAYOUTS[layout]
+    leaf_shape, _ = LAYOUTS[layout]
     g = torch.Generator().manual_seed(seed)
     leaf = torch.randn(leaf_shape(*shape), generator=g, dtype=torch.float64).to(device, dtype)
     leaf.requires_grad_()
+    return leaf, strided_view(layout, leaf, shape)
+
+
+def strided_view(layout: str, leaf: Tensor, shape: tuple[int, int, int, int]) -> Tensor:
+    """The ``shape`` view of ``leaf`` (made by :func:`make_strided`) in ``layout``."""
     if layout == "offset":
-        return leaf, leaf[1:].view(shape)
+        return leaf[1:].view(shape)
     if layout.startswith("expand_"):
-        return leaf, leaf.expand(shape)
-    return leaf, view(leaf)
+        return leaf.expand(shape)
+    return LAYOUTS[layout][1](leaf)
 
 
 def grads(out: Tensor, inputs: tuple[Tensor, ...], grad_out: Tensor) -> tuple[Tensor, ...]:

@@ -6,10 +6,25 @@ import importlib.util
 import pytest
 import torch
 
-from dilated_attention_pytorch import ImprovedMultiheadDilatedAttention, MultiheadDilatedAttention, kernels
+from dilated_attention_pytorch import (
+    ImprovedMultiheadDilatedAttention,
+    MultiheadDilatedAttention,
+    functional,
+    kernels,
+)
 from dilated_attention_pytorch.reference import dilated_attention_reference as reference
 
-from .conftest import CPU_IMPLS, Impl, assert_close, grads, make_qkv
+from .conftest import (
+    CPU_IMPLS,
+    LAYOUTS,
+    Impl,
+    assert_close,
+    grads,
+    make_qkv,
+    make_strided,
+    relative_error,
+    strided_view,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -320,3 +335,127 @@ def test_multihead_module_under_make_graphed_callables(head_mode):
             )
         for i, (a, b) in enumerate(zip(*results)):
             assert_close(a, b, torch.bfloat16, f"{head_mode} graphed vs eager, tensor {i}")
+
+
+#: every CUDA backend in the registry (new tests derive their matrix from it)
+CUDA_BACKENDS = [name for name, b in kernels.REGISTRY.items() if name not in ("sdpa_cpu_flash",)]
+
+
+def _backend_or_skip(name: str, dtype: torch.dtype = torch.bfloat16, head_dim: int = 64):
+    spec = kernels.AttentionSpec("cuda", dtype, head_dim, False, torch.cuda.get_device_capability())
+    reasons = kernels.REGISTRY[name].not_supported_reasons(spec)
+    if reasons:
+        pytest.skip(f"{name}: {'; '.join(reasons)}")
+    return kernels.REGISTRY[name]
+
+
+@pytest.mark.parametrize("name", CUDA_BACKENDS)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_backend_reads_every_layout_its_stride_rule_accepts(name, layout):
+    """The declared StrideRule is what the kernel really takes: inputs it accepts go
+    to the kernel as they are, and give the math backend's result."""
+    backend = _backend_or_skip(name)
+    from dilated_attention_pytorch.kernels.math import MathBackend
+
+    views = [make_strided(layout, (2, 48, 4, 64), torch.bfloat16, "cuda", seed)[1].transpose(1, 2)
+             for seed in range(3)]  # fmt: skip
+    if not all(backend.strides.accepts(x) for x in views):
+        assert all(backend.strides.accepts(backend.strides.conform(x)) for x in views)
+        pytest.skip(f"{name} declares it does not take {layout}: the fused path copies it")
+    q, k, v = views
+    out, lse, state = backend.forward(q, k, v, None, True, 0.125)
+    exp_out, exp_lse, _ = MathBackend().forward(*(x.double() for x in views), None, True, 0.125)
+    assert_close(out, exp_out, torch.bfloat16, f"{name} {layout} out")
+    grad = torch.randn_like(out)
+    grads = backend.backward(grad, q, k, v, out, lse, None, True, 0.125, state)
+    expected = MathBackend().backward(
+        grad.double(), *(x.double() for x in views), exp_out, exp_lse, None, True, 0.125, None
+    )
+    for n_, a, b in zip("qkv", grads, expected):
+        assert_close(a, b, torch.bfloat16, f"{name} {layout} d{n_}")
+
+
+@pytest.mark.parametrize("name", CUDA_BACKENDS)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_fused_path_on_every_layout(name, layout):
+    _backend_or_skip(name)
+    made = [make_strided(layout, (2, 200, 6, 64), torch.float64, "cuda", seed) for seed in range(3)]
+    leaves, views = [m[0] for m in made], [m[1] for m in made]
+    kw = {"head_mode": "all", "is_causal": True}
+    expected = reference(*(x.contiguous() for x in views), (64, 96, 128), (1, 5, 4), **kw)
+    grad = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad(expected, leaves, grad)
+    low = [leaf.detach().to(torch.bfloat16).requires_grad_() for leaf in leaves]
+    lviews = [strided_view(layout, leaf, (2, 200, 6, 64)) for leaf in low]
+    out = functional.dilated_attention(*lviews, (64, 96, 128), (1, 5, 4), backend=name, **kw)
+    assert_close(out, expected, torch.bfloat16, f"{name} {layout} out")
+    for n_, a, b in zip("qkv", torch.autograd.grad(out, low, grad.to(torch.bfloat16)), expected_grads):
+        assert_close(a, b, torch.bfloat16, f"{name} {layout} d{n_}")
+
+
+@pytest.mark.parametrize("name", [n for n in CUDA_BACKENDS if n != "math"])
+@pytest.mark.parametrize("head_mode", ["grouped", "all"])
+def test_short_branch_problems_gradients_within_twice_the_plain_path(name, head_mode):
+    """Branch problems of a few dozen rows (segments 48..96 at r up to 4): every
+    kernel's bf16 dq, dk, dv within 2x the error of the plain torch path."""
+    _backend_or_skip(name)
+    seg, dil, kw = (48, 64, 96), (1, 2, 4), {"head_mode": head_mode, "is_causal": True}
+    q, k, v = make_qkv(2, 300, 6, 64, device="cuda")
+    expected = reference(q, k, v, seg, dil, **kw)
+    grad = torch.randn_like(expected)
+    expected_grads = grads(expected, (q, k, v), grad)
+    errors = {}
+    for label, method, backend in (("plain", "gather", None), (name, "fused", name)):
+        low = [x.detach().to(torch.bfloat16).requires_grad_() for x in (q, k, v)]
+        out = functional.dilated_attention(*low, seg, dil, method=method, backend=backend, **kw)
+        got = grads(out, tuple(low), grad.to(torch.bfloat16))
+        errors[label] = [relative_error(a, b) for a, b in zip(got, expected_grads)]
+    for n_, plain, ours in zip("qkv", errors["plain"], errors[name]):
+        assert ours <= 2 * plain + 1e-3, f"d{n_}: {name} {ours:.3g} vs plain {plain:.3g}"
+
+
+@pytest.mark.parametrize("name", CUDA_BACKENDS)
+def test_merged_weights_sum_to_one_at_large_scores(name):
+    """Scores ~1e6: with every value 1 the output is the sum of the merge weights."""
+    dtype = torch.float32 if name in ("math", "sdpa_efficient") else torch.bfloat16
+    _backend_or_skip(name, dtype)
+    q, k, _ = make_qkv(1, 256, 4, 64, dtype=dtype, device="cuda", requires_grad=False)
+    q, k = q * 1000, k * 1000
+    out = functional.dilated_attention(
+        q, k, torch.ones_like(q), (64, 128, 256), (1, 2, 4), head_mode="all", is_causal=True, backend=name
+    )
+    assert (out.float() - 1).abs().max() <= 1e-2
+
+
+def test_block_sparse_flex_double_backward_is_exact_or_refused():
+    """FlexAttention's backward is not differentiable: a gradient penalty through it
+    must raise or equal the gather path's, never differ silently."""
+    from dilated_attention_pytorch import BlockSparseRingDilatedAttention
+
+    results = {}
+    for backend in ("gather", "flex"):
+        attn = BlockSparseRingDilatedAttention(
+            [64, 128], [1, 2], block_size=32, sparsity=0.5, backend=backend
+        )
+        q, k, v = make_qkv(1, 256, 4, 64, dtype=torch.float32, device="cuda", seed=3)
+        try:
+            (dq,) = torch.autograd.grad(attn(q, k, v, is_causal=True).sin().sum(), q, create_graph=True)
+            results[backend] = torch.autograd.grad(dq.square().sum(), (q, k, v))
+        except RuntimeError as e:
+            results[backend] = str(e)
+    assert not isinstance(results["gather"], str), results["gather"]
+    if isinstance(results["flex"], str):
+        return
+    for n_, a, b in zip("qkv", results["flex"], results["gather"]):
+        assert_close(a, b, torch.float32, f"flex penalty d{n_}")
+
+
+def test_torch_func_on_gpu_takes_the_differentiable_path():
+    q, k, v = make_qkv(3, 64, 4, 64, dtype=torch.float32, device="cuda", requires_grad=False)
+
+    def fn(q, k, v):
+        return functional.dilated_attention(q[None], k[None], v[None], (16, 32), (1, 2), head_mode="all")[0]
+
+    batched = torch.func.vmap(fn)(q, k, v)
+    one_by_one = torch.stack([fn(*x) for x in zip(q, k, v)])
+    assert_close(batched, one_by_one, torch.float32, "vmap")

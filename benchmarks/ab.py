@@ -1,0 +1,135 @@
+"""A/B of the fused path against another checkout of the package, in one process.
+
+    git archive <commit> dilated_attention_pytorch | tar -x -C .ab_base
+    python benchmarks/ab.py --base .ab_base --workloads W1 W2 --seq-lens 131072 1048576 \\
+        --output benchmarks/results/ab.jsonl
+
+The base package is imported under another name, so both run on the same GPU,
+inputs and allocator state, alternating (``--rounds``), each timing the median
+of ``--repeats`` with CUDA events after warm-up; the best round of each is kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from run import WORKLOADS, Timer
+
+import dilated_attention_pytorch as head
+
+
+def load_base(root: Path) -> ModuleType:
+    """The package under ``root/dilated_attention_pytorch``, imported as ``dap_base``."""
+    package = root / "dilated_attention_pytorch"
+    spec = importlib.util.spec_from_file_location(
+        "dap_base", package / "__init__.py", submodule_search_locations=[str(package)]
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["dap_base"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def time_call(
+    package: ModuleType,
+    inputs: tuple[torch.Tensor, ...],
+    grad: torch.Tensor,
+    pattern: object,
+    causal: bool,
+    timer: Timer,
+) -> tuple[float, float]:
+    """Median ms of the forward (no grad) and of forward+backward."""
+    q, k, v = inputs
+
+    def fwd() -> torch.Tensor:
+        return package.functional.dilated_attention(q, k, v, pattern, is_causal=causal)
+
+    def fwd_bwd() -> None:
+        for x in inputs:
+            x.grad = None
+        fwd().backward(grad)
+
+    with torch.no_grad():
+        t_fwd = timer(fwd)
+    return t_fwd, timer(fwd_bwd)
+
+
+def compare(
+    variants: dict[str, ModuleType],
+    workload: str,
+    n: int,
+    head_mode: str,
+    causal: bool,
+    inputs: tuple[torch.Tensor, ...],
+    grad: torch.Tensor,
+    timer: Timer,
+    rounds: int,
+) -> dict:
+    """One record: each variant's best of ``rounds`` alternating timings, and head/base."""
+    w = WORKLOADS[workload]
+    best: dict[str, list[float]] = {}
+    for _ in range(rounds):
+        for name, package in variants.items():
+            pattern = package.DilatedPattern(w["segment_lengths"], w["dilation_rates"], head_mode)
+            times = time_call(package, inputs, grad, pattern, causal, timer)
+            best[name] = [min(a, b) for a, b in zip(best.get(name, times), times)]
+    record: dict = {"workload": workload, "seq_len": n, "head_mode": head_mode, "causal": causal,
+                    "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}  # fmt: skip
+    for name, (t_fwd, t_bwd) in best.items():
+        record[f"{name}_fwd_ms"], record[f"{name}_fwdbwd_ms"] = round(t_fwd, 3), round(t_bwd, 3)
+    record["fwd_ratio"] = round(best["head"][0] / best["base"][0], 3)
+    record["fwdbwd_ratio"] = round(best["head"][1] / best["base"][1], 3)
+    return record
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--base", type=Path, required=True, help="folder holding the base dilated_attention_pytorch"
+    )
+    p.add_argument("--workloads", nargs="+", default=["W1"], choices=sorted(WORKLOADS))
+    p.add_argument("--seq-lens", nargs="+", type=int, default=[131072])
+    p.add_argument("--head-modes", nargs="+", default=["grouped", "all"], choices=["grouped", "all"])
+    p.add_argument("--causal", nargs="+", default=["false", "true"], choices=["false", "true"])
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--output", type=Path, required=True)
+    args = p.parse_args(argv)
+    device = torch.device("cuda")
+    variants = {"base": load_base(args.base), "head": head}
+    timer = Timer(device, args.warmup, args.repeats)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    for workload in args.workloads:
+        w = WORKLOADS[workload]
+        for n in args.seq_lens:
+            shape = (1, n, w["heads"], w["head_dim"])
+            inputs = tuple(
+                torch.randn(shape, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)
+            )
+            grad = torch.randn(shape, device=device, dtype=torch.bfloat16)
+            for head_mode in args.head_modes:
+                for causal in (c == "true" for c in args.causal):
+                    record = compare(
+                        variants, workload, n, head_mode, causal, inputs, grad, timer, args.rounds
+                    )
+                    print(json.dumps(record), flush=True)
+                    with args.output.open("a") as out:
+                        out.write(json.dumps(record) + "\n")
+            del inputs, grad
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
