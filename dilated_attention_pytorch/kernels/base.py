@@ -43,8 +43,8 @@ class StrideRule:
 
     ``last_dim_contiguous``: ``stride(-1) == 1`` (every SDPA kernel; the CPU
     flash kernel silently computes garbage otherwise). ``alignment``: bytes that
-    the data pointer and every other stride (of a dimension longer than 1) must
-    be a multiple of. A tensor outside the rule is copied (:meth:`conform`)
+    the data pointer and every other stride (of size-1 dimensions too) must be
+    a multiple of. A tensor outside the rule is copied (:meth:`conform`)
     before the kernel sees it, never passed on.
     """
 
@@ -58,7 +58,9 @@ class StrideRule:
             size = x.element_size()
             if x.data_ptr() % self.alignment:
                 return False
-            if any((s * size) % self.alignment for s, n in zip(x.stride()[:-1], x.shape[:-1]) if n > 1):
+            # dims of size 1 too: kernels check every stride (the memory-efficient one found
+            # "no kernel" for a one-head problem whose head stride was 1)
+            if any((s * size) % self.alignment for s in x.stride()[:-1]):
                 return False
         return True
 

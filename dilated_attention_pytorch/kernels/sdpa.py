@@ -296,8 +296,10 @@ def _in_float32(x: Tensor) -> Tensor:
     """Measured on torch 2.11 / H100 (tests/test_gpu.py): the memory-efficient
     backward returns wrong, sometimes non-finite dq for bf16/fp16 branch
     problems, and wrong dq/dk for operands of mixed layouts; float32 in one
-    contiguous layout is exact. So this backend computes in float32."""
-    return x.to(torch.float32).contiguous()
+    contiguous layout is exact. So this backend computes in float32, on a copy
+    with canonical strides (``contiguous()`` keeps any stride of a size-1 dim, and
+    the kernel then finds no configuration)."""
+    return x.to(torch.float32).clone(memory_format=torch.contiguous_format)
 
 
 class CudnnBackend:
