@@ -349,6 +349,12 @@ def _backend_or_skip(name: str, dtype: torch.dtype = torch.bfloat16, head_dim: i
     return kernels.REGISTRY[name]
 
 
+def _scaled(layout: str, x: torch.Tensor) -> torch.Tensor:
+    """An expanded last dim repeats one value head_dim times: scores 8x larger and
+    bf16 gradients past tolerance even on the math path; scale it back."""
+    return x * 0.125 if layout == "expand_last" else x
+
+
 @pytest.mark.parametrize("name", CUDA_BACKENDS)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_backend_reads_every_layout_its_stride_rule_accepts(name, layout):
@@ -357,8 +363,10 @@ def test_backend_reads_every_layout_its_stride_rule_accepts(name, layout):
     backend = _backend_or_skip(name)
     from dilated_attention_pytorch.kernels.math import MathBackend
 
-    views = [make_strided(layout, (2, 48, 4, 64), torch.bfloat16, "cuda", seed)[1].transpose(1, 2)
-             for seed in range(3)]  # fmt: skip
+    shape = (2, 48, 4, 64)
+    leaves = [_scaled(layout, make_strided(layout, shape, torch.bfloat16, "cuda", seed)[0].detach())
+              for seed in range(3)]  # fmt: skip
+    views = [strided_view(layout, leaf, shape).transpose(1, 2) for leaf in leaves]
     if not all(backend.strides.accepts(x) for x in views):
         assert all(backend.strides.accepts(backend.strides.conform(x)) for x in views)
         pytest.skip(f"{name} declares it does not take {layout}: the fused path copies it")
@@ -382,7 +390,7 @@ def test_fused_path_on_every_layout(name, layout):
     # leaves of bf16 values, so the reference sees the inputs the kernels see (expanded
     # rows make bf16 input rounding fully correlated and the scores large)
     made = [make_strided(layout, (2, 200, 6, 64), torch.bfloat16, "cuda", seed) for seed in range(3)]
-    leaves = [m[0].detach().double().requires_grad_() for m in made]
+    leaves = [_scaled(layout, m[0].detach().double()).requires_grad_() for m in made]
     views = [strided_view(layout, leaf, (2, 200, 6, 64)) for leaf in leaves]
     kw = {"head_mode": "all", "is_causal": True}
     expected = reference(*(x.contiguous() for x in views), (64, 96, 128), (1, 5, 4), **kw)
