@@ -46,7 +46,8 @@ def _run_cases(rank: int, world: int, init_file: str, results: dict) -> None:
             shard = seq // world
             for head_mode in ("grouped", "all"):
                 for causal in (False, True):
-                    for with_mask in (False, True):
+                    # the worlds added for their geometry run with a padding mask only
+                    for with_mask in (False, True) if world in (2, 4, 8) else (True,):
                         # the same seed on every rank: each builds the same global tensors
                         g = torch.Generator().manual_seed(
                             zlib.crc32(repr((seq, seg, head_mode, causal)).encode())
