@@ -19,10 +19,6 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from run import WORKLOADS, Timer
 
 import dilated_attention_pytorch as head

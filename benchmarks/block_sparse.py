@@ -16,22 +16,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from common import Timer, fwd_bwd, peak_mib, progress
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from run import Timer, _fwd_bwd, _peak_mib, _progress
-
 from dilated_attention_pytorch import BlockSparseRingDilatedAttention, DilatedPattern
-from dilated_attention_pytorch.functional import prepare_layout
-from dilated_attention_pytorch.kernels import flex as flex_kernel
+from dilated_attention_pytorch.sparse import block_mask as flex_kernel
+from dilated_attention_pytorch.sparse.block_layout import prepare_layout
 
 DENSE = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -48,7 +44,7 @@ def allowed_pairs(
     total = 0
     nb = layout4.shape[-1]
     for call in pattern.calls(seq, heads):
-        layout = flex_kernel._call_layout(layout4, call)[0].to(torch.float64)  # (H', nb, nb)
+        layout = flex_kernel.call_layout(layout4, call)[0].to(torch.float64)  # (H', nb, nb)
         heads_factor = call.num_heads if layout.shape[0] == 1 else 1
         for s in range(call.num_segments):
             pos = (
@@ -116,7 +112,7 @@ def _dense(seq: int, args: argparse.Namespace, device, dtype, timer: Timer) -> d
                 def f():
                     return F.scaled_dot_product_attention(q, k, v, is_causal=args.causal)
 
-                out[name] = {"fwd_ms": timer(f), "fwdbwd_ms": timer(_fwd_bwd(f, (q, k, v), grad))}
+                out[name] = {"fwd_ms": timer(f), "fwdbwd_ms": timer(fwd_bwd(f, (q, k, v), grad))}
         except RuntimeError as e:
             out[name] = {"error": str(e).splitlines()[0][:200]}
     return out
@@ -127,7 +123,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     dtype = getattr(torch, args.dtype)
     timer = Timer(device, args.warmup, args.repeats)
     records = []
-    for seq in _progress(args.seq_lens, "block-sparse"):
+    for seq in progress(args.seq_lens, "block-sparse"):
         segs = args.segment_lengths or [seq]
         dils = args.dilation_rates or [1]
         module = BlockSparseRingDilatedAttention(
@@ -160,8 +156,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             return module(q, k, v, is_causal=args.causal)
 
         fwd_ms = timer(f)
-        fwdbwd_ms = timer(_fwd_bwd(f, (q, k, v), grad))
-        peak = _peak_mib(device, _fwd_bwd(f, (q, k, v), grad), (q, k, v))
+        fwdbwd_ms = timer(fwd_bwd(f, (q, k, v), grad))
+        peak = peak_mib(device, fwd_bwd(f, (q, k, v), grad), (q, k, v))
         mask_ms, mask_mib = _block_mask_build(
             module, pattern, layout4, seq, args.heads, args.causal, device, timer
         )

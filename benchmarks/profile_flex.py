@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,15 +22,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from common import Timer, fwd_bwd
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from run import Timer, _fwd_bwd
-
 from dilated_attention_pytorch import BlockSparseRingDilatedAttention
-from dilated_attention_pytorch.functional import _problem_view, prepare_layout
-from dilated_attention_pytorch.kernels import flex as flex_kernel
+from dilated_attention_pytorch.core.views import problem_view
+from dilated_attention_pytorch.sparse import block_mask as flex_kernel
+from dilated_attention_pytorch.sparse import flex
+from dilated_attention_pytorch.sparse.block_layout import prepare_layout
 
 #: FlexAttention kernel options tried on the bare call
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -72,7 +70,7 @@ def _build_steps(call: Any, layout4: torch.Tensor, block_size: int, timer: Timer
         "tile_masks": lambda: flex_kernel.tile_masks(call, layout4, block_size, False, False),
         "kv_blocks_x2": lambda: flex_kernel._to_kv_blocks(need & ~full, full),
         "from_tiles": lambda: flex_kernel._from_tiles(
-            need, full, flex_kernel._flex_module.noop_mask, (call.length,) * 2
+            need, full, flex_kernel.flex_module.noop_mask, (call.length,) * 2
         ),
         "block_mask": lambda: flex_kernel.block_mask(call, layout4, block_size, False, 1),
     }
@@ -90,7 +88,7 @@ def _dense(n: int, h: int, d: int, timer: Timer) -> dict[str, float]:
         def dense() -> torch.Tensor:
             return F.scaled_dot_product_attention(q, k, v)
 
-        return {"fwd_ms": timer(dense), "fwdbwd_ms": timer(_fwd_bwd(dense, (q, k, v), grad))}
+        return {"fwd_ms": timer(dense), "fwdbwd_ms": timer(fwd_bwd(dense, (q, k, v), grad))}
 
 
 def main() -> None:
@@ -130,7 +128,7 @@ def main() -> None:
     def mod() -> torch.Tensor:
         return module(q, k, v)
 
-    res["module"] = {"fwd_ms": timer(mod), "fwdbwd_ms": timer(_fwd_bwd(mod, (q, k, v), grad))}
+    res["module"] = {"fwd_ms": timer(mod), "fwdbwd_ms": timer(fwd_bwd(mod, (q, k, v), grad))}
     res["module"]["fwd_profile"] = _kernels(mod)
     print(json.dumps(res["module"]), flush=True)
 
@@ -144,10 +142,10 @@ def main() -> None:
     )
     print(json.dumps(res["build_ms"]), flush=True)
 
-    qp, kp, vp = (_problem_view(x, call) for x in (q, k, v))
+    qp, kp, vp = (problem_view(x, call) for x in (q, k, v))
     gp = torch.randn_like(qp)
-    dynamic = flex_kernel._flex_attention("cuda")
-    static = torch.compile(flex_kernel._flex_module.flex_attention, dynamic=False)
+    dynamic = flex._flex_attention("cuda")
+    static = torch.compile(flex_kernel.flex_module.flex_attention, dynamic=False)
     reference = None
     for name in args.variants:
         opts = VARIANTS.get(name, {})
@@ -165,7 +163,7 @@ def main() -> None:
                 reference = out.detach().float()
             rec["max_abs_diff_vs_default"] = (out.detach().float() - reference).abs().max().item()
             rec["fwd_ms"] = timer(bare)
-            rec["fwdbwd_ms"] = timer(_fwd_bwd(bare, (q, k, v), gp))
+            rec["fwdbwd_ms"] = timer(fwd_bwd(bare, (q, k, v), gp))
         except Exception as e:  # an option this torch/GPU rejects
             rec = {"error": repr(e)[:400]}
         res[f"flex_{name}"] = rec

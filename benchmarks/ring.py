@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dilated_attention_pytorch import BlockSparseRingDilatedAttention, DilatedPattern
 from dilated_attention_pytorch.distributed import ring_dilated_attention
-from dilated_attention_pytorch.distributed.ring import _spans
-from dilated_attention_pytorch.functional import prepare_layout
+from dilated_attention_pytorch.distributed.geometry import spans
+from dilated_attention_pytorch.sparse.block_layout import prepare_layout
 
 WORKLOADS = {
     "W1": (12, 64, [2048, 4096, 8192, 16384, 32768], [1, 2, 4, 6, 12]),
@@ -51,10 +51,10 @@ def received_rows(
         torch.bfloat16, device, seq,
     )  # fmt: skip
     calls = [c for c in module.pattern.calls(seq, heads) if c.segment_length > shard]
-    spans = _spans(calls, rank, None, shard, device, layout, causal)
-    sparse = sum(int(i.numel()) for sp in spans for j, i in enumerate(sp.keys.recv) if j != sp.keys.index)
+    found = spans(calls, rank, None, shard, device, layout, causal)
+    sparse = sum(int(i.numel()) for sp in found for j, i in enumerate(sp.keys.recv) if j != sp.keys.index)
     dense = 0
-    for sp in spans:
+    for sp in found:
         members = sp.call.segment_length // shard
         dense += sum(len(range(0, shard, sp.call.dilation)) for _ in range(members - 1))
     return sparse, dense

@@ -24,38 +24,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import statistics
-import sys
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from baseline import baseline_dilated_attention
+from common import WORKLOADS, Timer, fwd_bwd, peak_mib, progress
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dilated_attention_pytorch import DilatedPattern, functional, kernels
 
-WORKLOADS = {
-    "W1": {
-        "heads": 12,
-        "head_dim": 64,
-        "segment_lengths": [2048, 4096, 8192, 16384, 32768],
-        "dilation_rates": [1, 2, 4, 6, 12],
-    },
-    "W2": {
-        "heads": 16,
-        "head_dim": 128,
-        "segment_lengths": [2048, 4096, 8192, 16384, 32768, 65536],
-        "dilation_rates": [1, 2, 4, 8, 16, 32],
-    },
-}
 DENSE_BACKENDS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
     "flash": SDPBackend.FLASH_ATTENTION,
@@ -64,94 +44,6 @@ DENSE_BACKENDS = {
 }
 #: registry kernels timed as dense ceilings where they can run (not reachable through SDPA)
 DENSE_KERNEL_BACKENDS = ("flash_attn_4", "xformers")
-
-
-def _progress(items: list, desc: str) -> Iterable:
-    try:
-        from tqdm import tqdm
-
-        return tqdm(items, desc=desc)
-    except ImportError:
-        return items
-
-
-def cuda_graphed(fn: Callable[[], Any], device: torch.device, warmup: int = 3) -> torch.cuda.CUDAGraph:
-    """``fn`` captured once in a CUDA graph, after warm-ups on a side stream (they fill
-    host-side caches and compile kernels); its replay has no host time per kernel.
-    ``fn`` must read and write the same buffers every call (its outputs stay in the
-    graph's memory pool until ``reset()``)."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
-
-
-class Timer:
-    def __init__(self, device: torch.device, warmup: int, repeats: int, cuda_graph: bool = False) -> None:
-        self.device, self.warmup, self.repeats, self.cuda_graph = device, warmup, repeats, cuda_graph
-
-    def __call__(self, fn: Callable[[], Any]) -> float:
-        """Median milliseconds of ``fn`` (of its CUDA-graph replay with ``cuda_graph``)."""
-        if not (self.cuda_graph and self.device.type == "cuda"):
-            return self._median(fn)
-        graph = cuda_graphed(fn, self.device, self.warmup)
-        try:
-            return self._median(graph.replay)
-        finally:
-            # each graph keeps a private memory pool: give it back before the next one
-            graph.reset()
-            torch.cuda.empty_cache()
-
-    def _median(self, fn: Callable[[], Any]) -> float:
-        for _ in range(self.warmup):
-            fn()
-        times = []
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            for _ in range(self.repeats):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-        else:
-            for _ in range(self.repeats):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-
-
-def _peak_mib(device: torch.device, fn: Callable[[], Any], inputs: tuple[torch.Tensor, ...]) -> float | None:
-    """Peak MiB allocated while ``fn`` runs, counting everything live (the inputs too)."""
-    if device.type != "cuda":
-        return None
-    for x in inputs:
-        x.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / 2**20
-
-
-def _fwd_bwd(
-    fn: Callable[[], torch.Tensor], inputs: tuple[torch.Tensor, ...], grad: torch.Tensor
-) -> Callable[[], None]:
-    def step() -> None:
-        for x in inputs:
-            x.grad = None
-        fn().backward(grad)
-
-    return step
 
 
 def _implementations(args: argparse.Namespace, pattern: DilatedPattern, causal: bool) -> dict[str, Callable]:
@@ -197,7 +89,7 @@ def _dense_problem_fns(
         def f() -> torch.Tensor:
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
-        return f, _fwd_bwd(f, (q, k, v), grad)
+        return f, fwd_bwd(f, (q, k, v), grad)
     # a registry kernel, called directly (no autograd bookkeeping: a ceiling no slower than its use)
     backend, scale = kernels.REGISTRY[name], head_dim**-0.5
     q, k, v, grad = (
@@ -207,11 +99,11 @@ def _dense_problem_fns(
     def fwd() -> tuple[torch.Tensor, torch.Tensor, Any]:
         return backend.forward(q, k, v, None, causal, scale)
 
-    def fwd_bwd() -> None:
+    def step() -> None:
         out, lse, state = fwd()
         backend.backward(grad, q, k, v, out, lse, None, causal, scale, state)
 
-    return fwd, fwd_bwd
+    return fwd, step
 
 
 def _dense_ceiling(
@@ -261,7 +153,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     records = []
     configs = [(seq, hm, causal) for seq in args.seq_lens for hm in args.head_modes for causal in args.causal]
-    for seq, head_mode, causal in _progress(configs, "configs"):
+    for seq, head_mode, causal in progress(configs, "configs"):
         pattern = DilatedPattern(args.segment_lengths, args.dilation_rates, head_mode)
         flops_fwd = pattern.flops(seq, args.heads, args.head_dim, args.batch, causal)
         flops_fwdbwd = pattern.flops(seq, args.heads, args.head_dim, args.batch, causal, backward=True)
@@ -321,15 +213,15 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             try:
                 with torch.no_grad():
                     rec["fwd_ms"] = timer(fn)
-                    rec["peak_mem_fwd_mib"] = _peak_mib(device, fn, (q, k, v))
+                    rec["peak_mem_fwd_mib"] = peak_mib(device, fn, (q, k, v))
                 rec["tflops_fwd"] = flops_fwd / rec["fwd_ms"] / 1e9
                 if best_fwd:
                     rec["ratio_to_dense_fwd"] = best_fwd / rec["fwd_ms"]
                     rec["best_dense_fwd"] = best_fwd_name
                 if not args.no_backward:
-                    step = _fwd_bwd(fn, (q, k, v), grad)
+                    step = fwd_bwd(fn, (q, k, v), grad)
                     rec["fwdbwd_ms"] = timer(step)
-                    rec["peak_mem_mib"] = _peak_mib(device, step, (q, k, v))
+                    rec["peak_mem_mib"] = peak_mib(device, step, (q, k, v))
                     rec["tflops_fwdbwd"] = flops_fwdbwd / rec["fwdbwd_ms"] / 1e9
                     if best_fwdbwd:
                         rec["ratio_to_dense_fwdbwd"] = best_fwdbwd / rec["fwdbwd_ms"]

@@ -14,15 +14,8 @@ from .factory import (
     explain_auto,
 )
 from .functional import dilated_attention, merge_by_lse
-from .modules import (
-    BlockSparseAdaptive,
-    BlockSparseRingDilatedAttention,
-    DilatedAttention,
-    ImprovedDilatedAttention,
-    RingDilatedAttention,
-)
+from .modules import DilatedAttention, ImprovedDilatedAttention, RingDilatedAttention
 from .multihead import (
-    BlockSparseRingMultiheadDilatedAttention,
     ImprovedMultiheadDilatedAttention,
     MultiheadDilatedAttention,
     RingMultiheadDilatedAttention,
@@ -30,6 +23,11 @@ from .multihead import (
 from .pattern import DilatedPattern
 from .positions import RotaryEmbedding, XPos
 from .reference import dilated_attention_reference
+from .sparse.modules import (
+    BlockSparseAdaptive,
+    BlockSparseRingDilatedAttention,
+    BlockSparseRingMultiheadDilatedAttention,
+)
 from .transformer import (
     DilatedTransformerDecoderLayer,
     DilatedTransformerEncoderLayer,

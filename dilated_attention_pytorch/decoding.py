@@ -20,7 +20,8 @@ import math
 import torch
 from torch import Tensor
 
-from .functional import merge_by_lse
+from ._checks import accumulation_dtype
+from .core.merge import merge_by_lse
 from .pattern import DilatedPattern
 
 
@@ -35,13 +36,15 @@ class LayerKVCache:
         self.pattern = pattern
         self.num_heads = num_heads
         self.length = 0
-        # per branch: heads using it (all heads in "all" mode, the group in "grouped" mode)
+        # per branch: the heads using it, a contiguous range (all heads in "all" mode,
+        # the group in grouped mode), and which of them use each offset
         self._heads: list[range] = []
+        self._by_offset: list[dict[int, range]] = []
         for i in range(pattern.num_branches):
-            if pattern.head_mode == "all":
-                self._heads.append(range(num_heads))
-            else:
-                self._heads.append(pattern.head_groups(num_heads)[i])
+            pairs = pattern.branch_heads(i, num_heads)
+            used = sorted(j for _, heads in pairs for j in heads)
+            self._heads.append(range(used[0], used[-1] + 1) if used else range(0))
+            self._by_offset.append(dict(pairs))
         self.keys: list[Tensor] = []
         self.values: list[Tensor] = []
 
@@ -57,17 +60,13 @@ class LayerKVCache:
     def _selected(self, branch: int, residue: int) -> tuple[slice, slice] | None:
         """Heads of ``branch`` whose offset is ``residue``, as a slice into the
         branch's buffer and a slice into the layer's heads (None if none)."""
-        r = self.pattern.dilation_rates[branch]
-        heads = self._heads[branch]
-        if self.pattern.head_mode == "all":
-            local = range(residue, len(heads), r)
-        else:
-            local = range(len(heads)) if branch % r == residue else range(0)
-        if not len(local):
+        heads = self._by_offset[branch].get(residue)
+        if heads is None or not len(heads):
             return None
+        first = self._heads[branch].start
         return (
-            slice(local.start, local.stop, local.step),
-            slice(heads.start + local.start, heads.start + local.stop, local.step),
+            slice(heads.start - first, heads.stop - first, heads.step),
+            slice(heads.start, heads.stop, heads.step),
         )
 
     def append(self, key: Tensor, value: Tensor) -> None:
@@ -110,7 +109,7 @@ class LayerKVCache:
             )
         p = self.length - 1
         scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
-        compute = torch.float64 if query.dtype == torch.float64 else torch.float32
+        compute = accumulation_dtype(query.dtype)
         q = query[:, 0].to(compute) * scale
         outs, lses = [], []
         for i, (w, r) in enumerate(zip(self.pattern.segment_lengths, self.pattern.dilation_rates)):

@@ -9,20 +9,18 @@ import torch
 from torch import nn
 
 from . import kernels
-from .modules import (
-    BlockSparseAdaptive,
-    BlockSparseRingDilatedAttention,
-    DilatedAttention,
-    ImprovedDilatedAttention,
-    RingDilatedAttention,
-)
+from .modules import DilatedAttention, ImprovedDilatedAttention, RingDilatedAttention
 from .multihead import (
-    BlockSparseRingMultiheadDilatedAttention,
     ImprovedMultiheadDilatedAttention,
     MultiheadDilatedAttention,
     RingMultiheadDilatedAttention,
 )
 from .pattern import LONGNET_DILATION_RATES, LONGNET_SEGMENT_LENGTHS
+from .sparse.modules import (
+    BlockSparseAdaptive,
+    BlockSparseRingDilatedAttention,
+    BlockSparseRingMultiheadDilatedAttention,
+)
 
 ATTENTION_TYPES: tuple[str, ...] = ("auto", "standard", "improved", "ring", "block_sparse_ring")
 
@@ -128,11 +126,13 @@ def explain_auto(
     return AutoChoice("improved", backend, spec, rejected_types, rejected_backends)
 
 
-def _resolve(attention_type: str) -> tuple[str, AutoChoice | None]:
+def _resolve(attention_type: str, **spec: Any) -> tuple[str, AutoChoice | None]:
+    """The type to build and, for "auto", the choice for calls described by ``spec``
+    (the :func:`explain_auto` arguments)."""
     if attention_type not in ATTENTION_TYPES:
         raise ValueError(f"attention_type must be one of {list(ATTENTION_TYPES)}, got {attention_type!r}")
     if attention_type == "auto":
-        choice = explain_auto()
+        choice = explain_auto(**spec)
         return choice.attention_type, choice
     return attention_type, None
 
@@ -161,9 +161,15 @@ def create_multihead_dilated_attention(attention_type: str = "auto", **kwargs: A
     ones take LongNet's base setting (embed_dim 768, 12 heads, segment_lengths
     [2048, 4096, 8192, 16384, 32768], dilation_rates [1, 2, 4, 6, 12]).
     """
-    name, choice = _resolve(attention_type)
     for key, value in MULTIHEAD_DEFAULTS.items():
         kwargs.setdefault(key, value)
+    # "auto" explains itself for the module's own calls: its head_dim, dtype and device
+    embed_dim, num_heads = kwargs["embed_dim"], kwargs["num_heads"]
+    head_dim = embed_dim // num_heads if isinstance(embed_dim, int) and isinstance(num_heads, int) else 64
+    device = kwargs.get("device")
+    spec = {"head_dim": head_dim, "dtype": kwargs.get("dtype") or torch.get_default_dtype(),
+            "device": device if device is not None else "cpu"}  # fmt: skip
+    name, choice = _resolve(attention_type, **spec)
     module = _MULTIHEAD[name](**kwargs)
     module.auto_choice = choice
     return module

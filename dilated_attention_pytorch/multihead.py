@@ -10,10 +10,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
+from ._checks import check_dropout, check_int, refuse_torchscript
 from .decoding import LayerKVCache
-from .functional import _check_dropout, refuse_torchscript
 from .modules import (
-    BlockSparseRingDilatedAttention,
     DilatedAttention,
     ImprovedDilatedAttention,
     RingDilatedAttention,
@@ -64,14 +63,14 @@ class _MultiheadDilatedAttentionBase(nn.MultiheadAttention):
         position_embedding: PositionKind | nn.Module | None = None,
         backend: str | None = None,
         max_weights_bytes: int | None = DEFAULT_MAX_BYTES,
+        **attention_kwargs: Any,
     ) -> None:
         nn.Module.__init__(self)
-        for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_int("embed_dim", embed_dim)
+        check_int("num_heads", num_heads)
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim must be divisible by num_heads, got {embed_dim} and {num_heads}")
-        _check_dropout(dropout, "dropout")
+        check_dropout(dropout, "dropout")
         if add_bias_kv:
             raise ValueError(
                 "add_bias_kv=True is not supported: the extra key/value has no position, "
@@ -113,9 +112,11 @@ class _MultiheadDilatedAttentionBase(nn.MultiheadAttention):
         self.bias_k = self.bias_v = None
         self.add_zero_attn = False
         self.norm = nn.LayerNorm(embed_dim, **factory_kwargs) if layer_norm else None
+        # the core module's own options (process_group, exchange, block_size, ...) pass through
         self.attention = self.attention_class(
-            segment_lengths, dilation_rates, head_mode=head_mode, attention_dropout=dropout, backend=backend
-        )
+            segment_lengths, dilation_rates, head_mode=head_mode, attention_dropout=dropout, backend=backend,
+            **attention_kwargs,
+        )  # fmt: skip
         # rotary/xPos on the projected queries and keys, at absolute positions
         self.position_embedding = make_position_embedding(
             position_embedding, self.head_dim, tuple(segment_lengths)
@@ -370,68 +371,14 @@ class RingMultiheadDilatedAttention(_MultiheadDilatedAttentionBase):
     per position, so sharding them is exact; parameter gradients are per rank
     and are summed across ranks as in data parallelism (DDP/FSDP do this).
     ``need_weights=True`` and ``attn_mask`` are not supported (the weights of a
-    sharded sequence live on several ranks).
+    sharded sequence live on several ranks). ``process_group`` and ``exchange``
+    (keyword) go to :class:`RingDilatedAttention`.
     """
 
     attention_class = RingDilatedAttention
 
-    def __init__(
-        self, *args: Any, process_group: Any = None, exchange: str = "all_gather", **kwargs: Any
-    ) -> None:
-        from .distributed.ring import check_exchange
-
-        super().__init__(*args, **kwargs)
-        self.attention.process_group = process_group
-        self.attention.exchange = check_exchange(exchange)
-
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, *args: Any, **kwargs: Any):  # type: ignore[override]
-        need_weights = kwargs.get("need_weights", args[1] if len(args) > 1 else False)
-        if need_weights:
-            raise ValueError("need_weights=True is not supported by RingMultiheadDilatedAttention")
-        return super().forward(query, key, value, *args, **kwargs)
-
-
-class BlockSparseRingMultiheadDilatedAttention(_MultiheadDilatedAttentionBase):
-    """:class:`MultiheadDilatedAttention` on :class:`BlockSparseRingDilatedAttention`:
-    dilated attention restricted to a block layout. Takes that module's
-    ``block_size``, ``pattern``, ``sparsity``, ``seed`` and ``spatial_shape``
-    and ``process_group`` (keyword only). ``need_weights=True`` returns the exact
-    dense weights of the restricted function (not when sharded over a process
-    group); ``self.attention.block_layout(seq_len)`` gives the layout.
-    """
-
-    attention_class = BlockSparseRingDilatedAttention
-
-    def __init__(
-        self,
-        *args: Any,
-        block_size: int = 128,
-        pattern: Any = "dilated_sparse",
-        sparsity: float = 0.9,
-        seed: int = 0,
-        spatial_shape: tuple[int, int] | None = None,
-        process_group: Any = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        base = self.attention
-        self.attention = BlockSparseRingDilatedAttention(
-            base.segment_lengths,
-            base.dilation_rates,
-            block_size=block_size,
-            pattern=pattern,
-            sparsity=sparsity,
-            seed=seed,
-            spatial_shape=spatial_shape,
-            process_group=process_group,
-            head_mode=base.head_mode,
-            attention_dropout=base.attention_dropout,
-            backend=kwargs.get("backend"),
-        )
-
 
 __all__ = [
-    "BlockSparseRingMultiheadDilatedAttention",
     "ImprovedMultiheadDilatedAttention",
     "MultiheadDilatedAttention",
     "RingMultiheadDilatedAttention",

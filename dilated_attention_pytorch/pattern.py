@@ -1,4 +1,4 @@
-"""The dilated pattern of DESIGN.md §1 as plain data: validation, head groups,
+"""The dilated pattern (docs/semantics.md) as plain data: validation, head groups,
 offsets, segment geometry and FLOP counts. Pure Python, no tensors."""
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
+
+from ._checks import check_int
 
 HeadMode = Literal["grouped", "all"]
 HEAD_MODES: tuple[str, ...] = ("grouped", "all")
@@ -112,7 +114,7 @@ class DilatedPattern:
 
     def head_groups(self, num_heads: int) -> list[range]:
         """Contiguous head ranges of the grouped mode, one per branch (may be empty)."""
-        _check_count("num_heads", num_heads)
+        check_int("num_heads", num_heads)
         k = self.num_branches
         base, extra = divmod(num_heads, k)
         groups, start = [], 0
@@ -122,25 +124,44 @@ class DilatedPattern:
             start += size
         return groups
 
+    @property
+    def merges_branches(self) -> bool:
+        """Whether a head uses several branches, merged by lse ("all" mode), or
+        exactly one (grouped mode, where the merge is the identity)."""
+        return self.head_mode == "all"
+
     def head_offset(self, branch: int, head: int, num_heads: int) -> int | None:
-        """Offset of ``head`` in ``branch``, or None if the head does not use it."""
+        """Offset of ``head`` in ``branch``, or None if the head does not use it:
+        the one place the head-offset rule lives (docs/semantics.md, "Heads and
+        offsets"); every other offset in the package is derived from it."""
         r = self.dilation_rates[branch]
-        if self.head_mode == "all":
+        if self.merges_branches:
             return head % r
         return branch % r if head in self.head_groups(num_heads)[branch] else None
 
+    def branch_offsets(self, branch: int, num_heads: int) -> tuple[int | None, ...]:
+        """:meth:`head_offset` of every head in ``branch``."""
+        return tuple(self.head_offset(branch, j, num_heads) for j in range(num_heads))
+
     def branch_heads(self, branch: int, num_heads: int) -> list[tuple[int, range]]:
-        """``(offset, heads)`` pairs of one branch; heads sharing an offset form a
-        strided range (step 1 in grouped mode, step ``r`` in "all" mode)."""
-        r = self.dilation_rates[branch]
-        if self.head_mode == "grouped":
-            group = self.head_groups(num_heads)[branch]
-            return [(branch % r, group)] if len(group) else []
-        return [(o, range(o, num_heads, r)) for o in range(min(r, num_heads))]
+        """``(offset, heads)`` pairs of one branch, by offset; the heads sharing an
+        offset form a strided range (step 1 in grouped mode, step ``r`` in "all"
+        mode), so one strided view holds them."""
+        by_offset: dict[int, list[int]] = {}
+        for head, offset in enumerate(self.branch_offsets(branch, num_heads)):
+            if offset is not None:
+                by_offset.setdefault(offset, []).append(head)
+        pairs = []
+        for offset, heads in sorted(by_offset.items()):
+            step = heads[1] - heads[0] if len(heads) > 1 else 1
+            strided = range(heads[0], heads[-1] + 1, step)
+            assert list(strided) == heads, "the heads of an offset must form a strided range"
+            pairs.append((offset, strided))
+        return pairs
 
     def segment_bounds(self, branch: int, seq_len: int) -> list[tuple[int, int]]:
         """``[start, end)`` of every segment of ``branch``; the last may be shorter."""
-        _check_count("seq_len", seq_len)
+        check_int("seq_len", seq_len)
         w = self.segment_lengths[branch]
         return [(s, min(s + w, seq_len)) for s in range(0, seq_len, w)]
 
@@ -148,8 +169,8 @@ class DilatedPattern:
         """The batched attention problems that compute the pattern on ``seq_len``
         positions and ``num_heads`` heads: per branch and offset, one call for the
         full segments and one for a shorter last segment."""
-        _check_count("seq_len", seq_len)
-        _check_count("num_heads", num_heads)
+        check_int("seq_len", seq_len)
+        check_int("num_heads", num_heads)
         return list(_calls(self, seq_len, num_heads))
 
     def flops(
@@ -164,8 +185,8 @@ class DilatedPattern:
         """Matmul FLOPs the pattern needs (QK^T and PV, 2 per multiply-add),
         counting only query-key pairs the pattern allows. ``backward=True`` adds
         the usual 2.5x of the forward for the backward pass (5 matmuls vs 2)."""
-        _check_count("head_dim", head_dim)
-        _check_count("batch", batch)
+        check_int("head_dim", head_dim)
+        check_int("batch", batch)
         pairs = 0
         for call in self.calls(seq_len, num_heads):
             m = call.length
@@ -182,7 +203,7 @@ class BranchRows:
 
     Position ``p`` of head ``j`` is row ``(p // segment_length) * rows_per_segment
     + (p % segment_length) // dilation`` and has a result iff
-    ``(p % segment_length) % dilation == j % dilation``: the selected rows of a
+    ``(p % segment_length) % dilation == offsets[j]``: the selected rows of a
     segment, one after another, whatever the head's offset.
     """
 
@@ -190,6 +211,8 @@ class BranchRows:
     dilation: int
     rows_per_segment: int
     num_rows: int
+    #: every head's offset in the branch (:meth:`DilatedPattern.head_offset`)
+    offsets: tuple[int, ...]
 
     def call_rows(self, call: BranchCall, first_head: int = 0) -> BranchCall:
         """``call`` in this buffer's coordinates (consecutive rows from its first
@@ -204,22 +227,26 @@ class BranchRows:
         )
 
 
-def compact_rows(calls: Sequence[BranchCall], seq_len: int, num_heads: int) -> dict[int, BranchRows] | None:
+def compact_rows(
+    pattern: DilatedPattern, calls: Sequence[BranchCall], seq_len: int, num_heads: int
+) -> dict[int, BranchRows] | None:
     """Per branch, the :class:`BranchRows` that ``calls`` fill exactly: None unless
-    they are the "all"-mode calls of their branches on ``seq_len`` positions and
-    ``num_heads`` heads (every head ``j`` at offset ``j % r``, whole segments from
-    position 0 and at most a shorter last one), each selected row exactly once
-    (counted; the calls themselves must not overlap)."""
+    ``pattern`` merges branches and ``calls`` are its calls on ``seq_len``
+    positions and ``num_heads`` heads (each head at its offset, whole segments
+    from position 0 and at most a shorter last one), each selected row exactly
+    once (counted; the calls themselves must not overlap)."""
+    if not pattern.merges_branches:
+        return None
     by_branch: dict[int, list[BranchCall]] = {}
     for call in calls:
         by_branch.setdefault(call.branch, []).append(call)
     rows = {}
     for branch, group in by_branch.items():
+        offsets = pattern.branch_offsets(branch, num_heads)
         r = group[0].dilation
         w = max(c.segment_length for c in group)
         filled = 0
         for c in group:
-            last_head = c.head_start + c.head_step * (c.num_heads - 1)
             if (
                 c.dilation != r
                 or c.start % w
@@ -227,29 +254,35 @@ def compact_rows(calls: Sequence[BranchCall], seq_len: int, num_heads: int) -> d
                     c.segment_length == w or (c.num_segments == 1 and c.start + c.segment_length == seq_len)
                 )
                 or c.start + c.num_segments * c.segment_length > seq_len
-                or c.head_start % r != c.offset
-                or (c.num_heads > 1 and c.head_step % r)
-                or last_head >= num_heads
+                or c.head_start + c.head_step * (c.num_heads - 1) >= num_heads
+                or any(offsets[j] != c.offset for j in c.heads())
                 or c.length != selected_count(c.segment_length, r, c.offset)
             ):
                 return None
             filled += c.num_segments * c.length * c.num_heads
         full, rest = divmod(seq_len, w)
         selected = sum(
-            full * selected_count(w, r, j % r) + (selected_count(rest, r, j % r) if rest else 0)
-            for j in range(num_heads)
+            full * selected_count(w, r, o) + (selected_count(rest, r, o) if rest else 0)
+            for o in offsets
+            if o is not None
         )
-        if filled != selected:
+        if filled != selected or None in offsets:
             return None
         per_segment = math.ceil(w / r)
-        rows[branch] = BranchRows(w, r, per_segment, math.ceil(seq_len / w) * per_segment)
+        rows[branch] = BranchRows(
+            w,
+            r,
+            per_segment,
+            math.ceil(seq_len / w) * per_segment,
+            tuple(o for o in offsets if o is not None),
+        )
     return rows
 
 
 @functools.lru_cache(maxsize=256)
 def _calls(pattern: DilatedPattern, seq_len: int, num_heads: int) -> tuple[BranchCall, ...]:
-    """:meth:`DilatedPattern.calls`, kept: every forward asks for them (~100 us of
-    host time for LongNet's pattern in "all" mode)."""
+    """:meth:`DilatedPattern.calls`, kept: every forward asks for them, and building
+    them is host time per call (docs/benchmarks.md)."""
     calls = []
     for i, (w, r) in enumerate(zip(pattern.segment_lengths, pattern.dilation_rates)):
         w_eff = min(w, seq_len)
@@ -282,7 +315,7 @@ def _calls(pattern: DilatedPattern, seq_len: int, num_heads: int) -> tuple[Branc
 def split_heads(calls: Sequence[BranchCall], chunk: int) -> list[BranchCall]:
     """``calls`` cut so that each lies within one chunk of ``chunk`` consecutive
     heads (``[0, chunk)``, ``[chunk, 2·chunk)``, ...)."""
-    _check_count("chunk", chunk)
+    check_int("chunk", chunk)
     pieces = []
     for call in calls:
         done = 0
@@ -300,11 +333,6 @@ def selected_count(segment_length: int, dilation: int, offset: int) -> int:
     if offset >= segment_length:
         return 0
     return math.ceil((segment_length - offset) / dilation)
-
-
-def _check_count(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def as_pattern(

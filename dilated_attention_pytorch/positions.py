@@ -14,6 +14,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from ._checks import accumulation_dtype, check_int
+
 PositionKind = Literal["rotary", "xpos"]
 POSITION_KINDS: tuple[str, ...] = ("rotary", "xpos")
 
@@ -67,7 +69,7 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(
                 f"query and key must have the same length, got {query.shape[1]} and {key.shape[1]}"
             )
-        compute = torch.float64 if query.dtype == torch.float64 else torch.float32
+        compute = accumulation_dtype(query.dtype)
         positions = torch.arange(offset, offset + query.shape[1], device=query.device)
         cos, sin, scale = self._factors(positions, compute)
         self._check_range(query.dtype)
@@ -108,8 +110,7 @@ class XPos(RotaryEmbedding):
         self, head_dim: int, segment_length: int, base: float = 10000.0, scale_base: float = 512.0
     ) -> None:
         super().__init__(head_dim, base)
-        if isinstance(segment_length, bool) or not isinstance(segment_length, int) or segment_length < 1:
-            raise ValueError(f"segment_length must be a positive int, got {segment_length!r}")
+        check_int("segment_length", segment_length)
         if not scale_base > 0:
             raise ValueError(f"scale_base must be > 0, got {scale_base!r}")
         self.segment_length = segment_length

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._checks import check_int
 from .decoding import DilatedKVCache, LayerKVCache
 from .factory import create_multihead_dilated_attention
 from .pattern import LONGNET_DILATION_RATES, LONGNET_SEGMENT_LENGTHS, HeadMode
@@ -334,9 +335,8 @@ class LongNetLM(nn.Module):
         **attention_kwargs: Any,
     ) -> None:
         super().__init__()
-        for name, value in (("vocab_size", vocab_size), ("num_layers", num_layers)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_int("vocab_size", vocab_size)
+        check_int("num_layers", num_layers)
         factory_kwargs: dict[str, Any] = {"device": device, "dtype": dtype}
         self.vocab_size = vocab_size
         self.d_model = d_model
@@ -443,8 +443,7 @@ class LongNetLM(nn.Module):
         then one cached step per token; call ``eval()`` first if dropout is set.
         """
         self._check_ids(input_ids)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+        check_int("max_new_tokens", max_new_tokens, minimum=0)
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature!r}")
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):

@@ -52,14 +52,22 @@ class Impl:
         )
 
 
+def impls_on(device_type: str) -> list[Impl]:
+    """Every implementation that runs on ``device_type``: the gather path, the fused
+    path on "auto", and the fused path on each registered backend that declares
+    the device (the matrix follows ``kernels.REGISTRY``)."""
+    from dilated_attention_pytorch import kernels
+
+    return [Impl("standard", "gather"), Impl("improved-auto", "fused")] + [
+        Impl(f"improved-{name}", "fused", name)
+        for name, backend in kernels.REGISTRY.items()
+        if backend.SUPPORTED_DEVICES is None or device_type in backend.SUPPORTED_DEVICES
+    ]
+
+
 #: Every implementation that runs on CPU. The modules are thin wrappers over
 #: these (tests/test_modules.py checks they agree).
-CPU_IMPLS: list[Impl] = [
-    Impl("standard", "gather"),
-    Impl("improved-auto", "fused"),
-    Impl("improved-math", "fused", "math"),
-    Impl("improved-cpu_flash", "fused", "sdpa_cpu_flash"),
-]
+CPU_IMPLS: list[Impl] = impls_on("cpu")
 
 #: Patterns: (segment_lengths, dilation_rates, seq_len, heads). They cover partial
 #: last segments, seq < w, w % r != 0, heads < branches, and r > heads.

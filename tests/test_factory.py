@@ -92,3 +92,10 @@ def test_auto_explains_why_each_type_lost():
     assert "world size is 4" in " ".join(choice.rejected_types["ring"])
     assert set(choice.rejected_types) == {"standard", "ring", "block_sparse_ring"}
     assert "needs compute capability >= (9, 0)" in " ".join(choice.rejected_backends["sdpa_cudnn"])
+
+
+def test_auto_choice_describes_the_modules_own_calls():
+    m = create_multihead_dilated_attention("auto", embed_dim=2048, num_heads=8, dtype=torch.float64)
+    spec = m.auto_choice.spec
+    assert (spec.head_dim, spec.dtype, spec.device_type) == (256, torch.float64, "cpu")
+    assert "head_dim 256" in m.auto_choice.explain()

@@ -12,6 +12,7 @@ from dilated_attention_pytorch import (
     functional,
     kernels,
 )
+from dilated_attention_pytorch import pattern as pattern_module
 from dilated_attention_pytorch.reference import dilated_attention_reference as reference
 
 from .conftest import (
@@ -20,6 +21,7 @@ from .conftest import (
     Impl,
     assert_close,
     grads,
+    impls_on,
     make_qkv,
     make_strided,
     relative_error,
@@ -28,16 +30,7 @@ from .conftest import (
 
 pytestmark = pytest.mark.gpu
 
-GPU_IMPLS = [
-    Impl("standard", "gather"),
-    Impl("improved-auto", "fused"),
-    Impl("improved-cudnn", "fused", "sdpa_cudnn"),
-    Impl("improved-flash", "fused", "sdpa_flash"),
-    Impl("improved-flash4", "fused", "flash_attn_4"),
-    Impl("improved-efficient", "fused", "sdpa_efficient"),
-    Impl("improved-xformers", "fused", "xformers"),
-    Impl("improved-math", "fused", "math"),
-]
+GPU_IMPLS = impls_on("cuda")
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 assert {i.method for i in GPU_IMPLS} == {i.method for i in CPU_IMPLS}
 
@@ -130,86 +123,6 @@ def test_multihead_on_gpu_bf16(cls):
     assert_close(out.float(), expected, torch.bfloat16, "autocast bf16")
 
 
-@pytest.mark.parametrize("head_dim", [64, 128, 40])
-def test_triton_merge_matches_torch_merge(head_dim):
-    from dilated_attention_pytorch import functional
-    from dilated_attention_pytorch.kernels import triton_merge
-
-    if not triton_merge.AVAILABLE:
-        pytest.skip("triton is not installed")
-    g = torch.Generator(device="cuda").manual_seed(0)
-    acc = torch.randn(2, 30, 6, head_dim, device="cuda", generator=g)
-    top = torch.randn(2, 30, 6, device="cuda", generator=g) * 1000  # large scores
-    total = torch.rand(2, 30, 6, device="cuda", generator=g) + 0.5
-    top[0, :4], total[0, :4] = float("-inf"), 0.0  # rows with no key yet
-
-    # strided views like the branch problems: every 3rd position, heads 1, 3, 5
-    def view(x):
-        return x[:, 1::3].unflatten(1, (5, 2))[:, :, :, 0::2]
-
-    out5, top4, total4 = view(acc), view(top), view(total)
-    part = torch.randn(out5.shape, device="cuda", generator=g).to(torch.bfloat16)
-    part_lse = top4.nan_to_num(neginf=0.0) + torch.randn(top4.shape, device="cuda", generator=g)
-    part_lse[1, 0] = float("-inf")  # the part has no key for some rows
-    part_lse[0, 0, 0] = float("-inf")  # and neither has the accumulator there
-    expected = [x.clone() for x in (out5, top4, total4)]
-    functional.merge_online(*expected, part.float(), part_lse)
-    untouched = acc.clone()
-    triton_merge.merge_into(out5, top4, total4, part, part_lse)
-    for name, a, b in zip(("acc", "top", "total"), (out5, top4, total4), expected):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
-    assert torch.isfinite(out5).all()
-    # positions outside the views are not written
-    mask = torch.ones_like(acc, dtype=torch.bool)
-    view(mask).fill_(False)
-    assert torch.equal(acc[mask], untouched[mask])
-
-
-@pytest.mark.parametrize("head_dim", [64, 40])
-@pytest.mark.parametrize("weighted", [True, False], ids=["lse_merge", "sum"])
-def test_triton_branch_merge_matches_torch(monkeypatch, head_dim, weighted):
-    from dilated_attention_pytorch import functional
-    from dilated_attention_pytorch.kernels import triton_merge
-    from dilated_attention_pytorch.pattern import DilatedPattern, compact_rows, split_heads
-
-    if not triton_merge.AVAILABLE:
-        pytest.skip("triton is not installed")
-    b, n, h = 2, 100, 7
-    pattern = DilatedPattern((16, 32, 24), (1, 3, 5), "all")  # partial segments, w % r != 0
-    rows = compact_rows(pattern.calls(n, h), n, h)
-    heads = range(3, 6)  # a chunk of heads: the output is a strided slice
-    parts = functional._BranchBuffers(rows, b, len(heads), head_dim, torch.bfloat16, torch.device("cuda"))
-    lses = functional._BranchBuffers(rows, b, len(heads), None, torch.float32, torch.device("cuda"))
-    parts.flat.fill_(float("nan"))  # rows no call writes must never be read
-    lses.flat.fill_(float("nan"))
-    g = torch.Generator(device="cuda").manual_seed(0)
-    for piece in split_heads(pattern.calls(n, h), len(heads)):
-        if piece.head_start not in heads:
-            continue
-        to_call = rows[piece.branch].call_rows(piece, heads.start)
-        part5 = functional._strided(parts.blocks[piece.branch], to_call)
-        lse4 = functional._strided(lses.blocks[piece.branch], to_call)
-        part5.copy_(torch.randn(part5.shape, device="cuda", generator=g))
-        lse4.copy_(torch.randn(lse4.shape, device="cuda", generator=g) * 3)
-        lse4[0, 0, :2] = float("-inf")  # rows without a key in this branch
-    lse_arg = lses if weighted else None
-    results = []
-    for use_triton in (True, False):
-        full = torch.full((b, n, h, head_dim), float("nan"), device="cuda", dtype=torch.bfloat16)
-        full_lse = torch.full((b, n, h), float("nan"), device="cuda")
-        monkeypatch.setattr(triton_merge, "can_merge_branches", lambda out, rows, on=use_triton: on)
-        out, lse = full[:, :, heads.start : heads.stop], full_lse[:, :, heads.start : heads.stop]
-        functional._merge_branches(out, lse if weighted else None, rows, parts, lse_arg, heads)
-        assert torch.isfinite(out).all()
-        assert full[:, :, : heads.start].isnan().all() and full[:, :, heads.stop :].isnan().all()
-        results.append((out.float(), lse))
-    (out, lse), (expected, expected_lse) = results
-    torch.testing.assert_close(out, expected, rtol=1e-2, atol=1e-2)
-    if weighted:
-        torch.testing.assert_close(lse, expected_lse, rtol=1e-5, atol=1e-5)
-        assert (lse == float("-inf")).any()  # some positions have no key in any branch
-
-
 def test_dropout_grouped_uses_fused_kernels_and_is_unbiased():
     from dilated_attention_pytorch import functional
 
@@ -237,12 +150,12 @@ def test_dropout_grouped_uses_fused_kernels_and_is_unbiased():
 @pytest.mark.parametrize("head_mode", ["grouped", "all"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_peak_memory_within_target(head_mode, causal):
-    """DESIGN.md §5: forward+backward peak <= 1.25x (q, k, v, out and their gradients)."""
+    """The memory target: forward+backward peak <= 1.25x (q, k, v, out and their gradients)."""
     from dilated_attention_pytorch import functional
 
     q, k, v = make_qkv(1, 65536, 12, 64, dtype=torch.bfloat16, device="cuda")
     grad = torch.randn_like(q)
-    pattern = functional.as_pattern((2048, 4096, 8192, 16384, 32768), (1, 2, 4, 6, 12), head_mode)
+    pattern = pattern_module.as_pattern((2048, 4096, 8192, 16384, 32768), (1, 2, 4, 6, 12), head_mode)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -337,8 +250,8 @@ def test_multihead_module_under_make_graphed_callables(head_mode):
             assert_close(a, b, torch.bfloat16, f"{head_mode} graphed vs eager, tensor {i}")
 
 
-#: every CUDA backend in the registry (new tests derive their matrix from it)
-CUDA_BACKENDS = [name for name, b in kernels.REGISTRY.items() if name not in ("sdpa_cpu_flash",)]
+#: every registered backend that runs on CUDA
+CUDA_BACKENDS = [i.backend for i in GPU_IMPLS if i.backend is not None]
 
 
 def _backend_or_skip(name: str, dtype: torch.dtype = torch.bfloat16, head_dim: int = 64):

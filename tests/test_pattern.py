@@ -77,7 +77,7 @@ def test_compact_rows_hold_each_selected_row_once(seg, dil, n, h, chunk):
     """Each "all"-mode call (also cut into head chunks) lands on the rows the
     BranchRows formula names, every selected (position, head) exactly once."""
     p = DilatedPattern(seg, dil, "all")
-    rows = compact_rows(p.calls(n, h), n, h)
+    rows = compact_rows(p, p.calls(n, h), n, h)
     assert rows is not None and set(rows) == set(range(p.num_branches))
     for branch, br in rows.items():
         filled = torch.zeros(br.num_rows, h, dtype=torch.int64)
@@ -102,14 +102,17 @@ def test_compact_rows_hold_each_selected_row_once(seg, dil, n, h, chunk):
 
 
 def test_compact_rows_refuse_calls_of_another_layout():
-    all_calls = DilatedPattern((4, 8), (1, 2), "all").calls(19, 4)
-    assert compact_rows(all_calls, 19, 4) is not None
+    pattern = DilatedPattern((4, 8), (1, 2), "all")
+    all_calls = pattern.calls(19, 4)
+    assert compact_rows(pattern, all_calls, 19, 4) is not None
     # grouped heads share one offset; a missing call; a call moved off the segment grid
-    assert compact_rows(DilatedPattern((4, 8), (1, 2)).calls(19, 4), 19, 4) is None
-    assert compact_rows(all_calls[1:], 19, 4) is None
+    grouped = DilatedPattern((4, 8), (1, 2))
+    assert compact_rows(grouped, grouped.calls(19, 4), 19, 4) is None
+    assert compact_rows(pattern, grouped.calls(19, 4), 19, 4) is None
+    assert compact_rows(pattern, all_calls[1:], 19, 4) is None
     moved = [dataclasses.replace(all_calls[0], start=1), *all_calls[1:]]
-    assert compact_rows(moved, 19, 4) is None
-    assert compact_rows(all_calls, 20, 4) is None  # positions the calls do not fill
+    assert compact_rows(pattern, moved, 19, 4) is None
+    assert compact_rows(pattern, all_calls, 20, 4) is None  # positions the calls do not fill
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 3, 5, 16])

@@ -7,7 +7,7 @@ order and the measurements behind it: docs/implementations.md, "auto").
 
 from __future__ import annotations
 
-from .base import ANY_STRIDES, AttentionSpec, Backend, IntoPlaceBackend, StrideRule
+from .base import ANY_STRIDES, AttentionSpec, Backend, IntoPlaceBackend, KernelBackend, StrideRule
 from .flash4 import Flash4Backend
 from .math import MathBackend
 from .sdpa import CpuFlashBackend, CudnnBackend, EfficientBackend, FlashBackend
@@ -56,6 +56,7 @@ __all__ = [
     "AttentionSpec",
     "Backend",
     "IntoPlaceBackend",
+    "KernelBackend",
     "StrideRule",
     "not_supported_reasons",
     "select_backend",

@@ -7,7 +7,7 @@ import importlib.util
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor
@@ -101,6 +101,8 @@ class Backend(Protocol):
     description: str
     #: the layouts its kernels take, for inputs, outputs and gradients alike
     strides: StrideRule
+    #: whether it offers ``forward_into``/``backward_into`` (:class:`IntoPlaceBackend`)
+    WRITES_INTO_PLACE: bool
 
     def not_supported_reasons(self, spec: AttentionSpec) -> list[str]:
         """Empty when the backend can run ``spec``; else why not, one reason each."""
@@ -168,6 +170,66 @@ class IntoPlaceBackend(Backend, Protocol):
     ) -> None:
         """Writes ``(dq, dk, dv)`` into ``grads``."""
         ...
+
+
+class KernelBackend:
+    """Base of the registry's backends: what a kernel supports, declared as data
+    (the model is xformers' ``AttentionOpBase`` with its ``SUPPORTED_*``
+    attributes) and judged by one :meth:`not_supported_reasons`. A backend adds
+    code only for its quirks: :meth:`missing_reasons` (its package is absent:
+    then the only reason), :meth:`release_reasons` (an untested release, a
+    changed private schema) and :meth:`quirk_reasons` (anything else)."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    strides: ClassVar[StrideRule] = ANY_STRIDES
+    #: device types it runs on (None: any)
+    SUPPORTED_DEVICES: ClassVar[tuple[str, ...] | None] = ("cuda",)
+    #: dtypes it takes (None: any floating-point dtype)
+    SUPPORTED_DTYPES: ClassVar[tuple[torch.dtype, ...] | None] = (torch.float16, torch.bfloat16)
+    MIN_COMPUTE_CAPABILITY: ClassVar[tuple[int, int] | None] = None
+    #: head_dim must be a multiple of this, in [HEAD_DIM_MULTIPLE, MAX_HEAD_DIM]
+    HEAD_DIM_MULTIPLE: ClassVar[int] = 1
+    MAX_HEAD_DIM: ClassVar[int | None] = None
+    SUPPORTS_BIAS: ClassVar[bool] = True
+    WRITES_INTO_PLACE: ClassVar[bool] = False
+
+    def missing_reasons(self) -> list[str]:
+        """Why it cannot run at all here (its optional package is not installed)."""
+        return []
+
+    def release_reasons(self) -> list[str]:
+        """Why the installed release cannot be trusted (untested, changed schemas)."""
+        return []
+
+    def quirk_reasons(self, spec: AttentionSpec, reasons: list[str]) -> list[str]:
+        """Reasons beyond the declared data; ``reasons``: those found so far."""
+        return []
+
+    def not_supported_reasons(self, spec: AttentionSpec) -> list[str]:
+        """Empty when the backend can run ``spec``; else why not, one reason each."""
+        missing = self.missing_reasons()
+        if missing:
+            return missing
+        reasons = self.release_reasons()
+        devices = self.SUPPORTED_DEVICES
+        if devices is not None and spec.device_type not in devices:
+            return [*reasons, f"runs on {' and '.join(devices)} only, got device {spec.device_type}"]
+        cc = spec.compute_capability
+        if self.MIN_COMPUTE_CAPABILITY is not None and cc is not None and cc < self.MIN_COMPUTE_CAPABILITY:
+            reasons.append(f"needs compute capability >= {self.MIN_COMPUTE_CAPABILITY}, got {cc}")
+        dtypes = self.SUPPORTED_DTYPES
+        if dtypes is None and not spec.dtype.is_floating_point:
+            reasons.append(f"dtype {spec.dtype} is not a floating-point type")
+        elif dtypes is not None and spec.dtype not in dtypes:
+            reasons.append(f"dtype {spec.dtype} not supported (supports {', '.join(map(str, dtypes))})")
+        multiple, largest = self.HEAD_DIM_MULTIPLE, self.MAX_HEAD_DIM
+        if spec.head_dim % multiple or (largest is not None and not multiple <= spec.head_dim <= largest):
+            bounds = f" in [{multiple}, {largest}]" if largest is not None else ""
+            reasons.append(f"head_dim must be a multiple of {multiple}{bounds}, got {spec.head_dim}")
+        if spec.has_bias and not self.SUPPORTS_BIAS:
+            reasons.append("takes no attention bias (key_padding_mask / attn_mask)")
+        return reasons + self.quirk_reasons(spec, reasons)
 
 
 def distribution_version(import_name: str, distribution: str) -> str | None:

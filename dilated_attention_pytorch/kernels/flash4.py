@@ -15,10 +15,9 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from .base import AttentionSpec, StrideRule, distribution_version
+from .base import AttentionSpec, KernelBackend, StrideRule, distribution_version
 
 #: releases whose private entry points this module was run against (H100, torch 2.11)
 TESTED_VERSIONS: tuple[str, ...] = ("4.0.0b36",)
@@ -35,7 +34,7 @@ def _interface() -> Any:
     return interface
 
 
-class Flash4Backend:
+class Flash4Backend(KernelBackend):
     name = "flash_attn_4"
     description = (
         "FlashAttention-4 (flash-attn-4, CuTe DSL) when installed, on sm90; writes outputs and "
@@ -45,29 +44,29 @@ class Flash4Backend:
     # CuTe kernels take any strides that keep 16-byte alignment, last dim contiguous
     strides = StrideRule(last_dim_contiguous=True, alignment=16)
 
-    def not_supported_reasons(self, spec: AttentionSpec) -> list[str]:
-        version = installed_version()
-        if version is None:
+    HEAD_DIM_MULTIPLE, MAX_HEAD_DIM = 8, 128
+    SUPPORTS_BIAS = False
+    WRITES_INTO_PLACE = True
+
+    def missing_reasons(self) -> list[str]:
+        if installed_version() is None:
             return ["flash-attn-4 is not installed (pip install flash-attn-4)"]
-        reasons = []
-        if version not in TESTED_VERSIONS:
-            reasons.append(
-                f"flash-attn-4 {version} is untested here (tested: {', '.join(TESTED_VERSIONS)}); "
-                "its private entry points change between releases"
-            )
-        if spec.device_type != "cuda":
-            reasons.append(f"runs on cuda only, got device {spec.device_type}")
-            return reasons
+        return []
+
+    def release_reasons(self) -> list[str]:
+        version = installed_version()
+        if version in TESTED_VERSIONS:
+            return []
+        return [
+            f"flash-attn-4 {version} is untested here (tested: {', '.join(TESTED_VERSIONS)}); "
+            "its private entry points change between releases"
+        ]
+
+    def quirk_reasons(self, spec: AttentionSpec, reasons: list[str]) -> list[str]:
         if spec.compute_capability is not None and spec.compute_capability[0] != 9:
             # its sm100/sm120 kernels exist but never ran here
-            reasons.append(f"tested on compute capability 9.x (H100) only, got {spec.compute_capability}")
-        if spec.dtype not in (torch.float16, torch.bfloat16):
-            reasons.append(f"dtype {spec.dtype} not supported (supports torch.float16, torch.bfloat16)")
-        if spec.head_dim % 8 or not 8 <= spec.head_dim <= 128:
-            reasons.append(f"head_dim must be a multiple of 8 in [8, 128], got {spec.head_dim}")
-        if spec.has_bias:
-            reasons.append("takes no attention bias (key_padding_mask / attn_mask)")
-        return reasons
+            return [f"tested on compute capability 9.x (H100) only, got {spec.compute_capability}"]
+        return []
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, causal: bool, scale: float):
         out, lse = _forward(q, k, v, causal, scale)

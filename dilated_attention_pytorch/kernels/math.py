@@ -13,16 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import ANY_STRIDES, AttentionSpec
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from .._checks import accumulation_dtype
+from .base import ANY_STRIDES, KernelBackend
 
 
 def _scores(q: Tensor, k: Tensor, bias: Tensor | None, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     """Masked scores and the bool mask of allowed keys, ``(b, h, len, len)``."""
-    ct = _compute_dtype(q.dtype)
+    ct = accumulation_dtype(q.dtype)
     s = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale
     if bias is not None:
         s = s + bias.to(ct)
@@ -57,15 +54,12 @@ def attention_lse(
     return out, lse
 
 
-class MathBackend:
+class MathBackend(KernelBackend):
     name = "math"
     description = "plain torch ops (any device, dtype and mask; O(len^2) memory)"
     strides = ANY_STRIDES
-
-    def not_supported_reasons(self, spec: AttentionSpec) -> list[str]:
-        if not spec.dtype.is_floating_point:
-            return [f"dtype {spec.dtype} is not a floating-point type"]
-        return []
+    SUPPORTED_DEVICES = None
+    SUPPORTED_DTYPES = None
 
     def forward(
         self,

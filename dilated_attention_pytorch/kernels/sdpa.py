@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import ANY_STRIDES, AttentionSpec, StrideRule
+from .._checks import accumulation_dtype
+from .base import ANY_STRIDES, AttentionSpec, KernelBackend, StrideRule
 
 aten = torch.ops.aten
 
@@ -103,26 +104,32 @@ _CUDA_STRIDES = StrideRule(last_dim_contiguous=True, alignment=16)
 _HALF = (torch.float16, torch.bfloat16)
 
 
-class CpuFlashBackend:
+class _SdpaBackend(KernelBackend):
+    """A backend on SDPA's private ops: unusable where their schemas changed."""
+
+    _ops: tuple[str, ...] = ()
+
+    def release_reasons(self) -> list[str]:
+        return list(_schema_reasons(*self._ops))
+
+
+class CpuFlashBackend(_SdpaBackend):
     name = "sdpa_cpu_flash"
     description = "SDPA's CPU flash kernel (aten._scaled_dot_product_flash_attention_for_cpu)"
     # it reads the last dim as contiguous whatever its stride (wrong results, no error)
     strides = StrideRule(last_dim_contiguous=True)
+    SUPPORTED_DEVICES = ("cpu",)
+    SUPPORTED_DTYPES = (torch.float64, torch.float32, *_HALF)
     _ops = (
         "_scaled_dot_product_flash_attention_for_cpu",
         "_scaled_dot_product_flash_attention_for_cpu_backward",
     )
 
-    def not_supported_reasons(self, spec: AttentionSpec) -> list[str]:
-        reasons = list(_schema_reasons(*self._ops))
-        if spec.device_type != "cpu":
-            reasons.append(f"runs on cpu only, got device {spec.device_type}")
-        if spec.dtype not in (torch.float64, torch.float32, *_HALF):
-            reasons.append(f"dtype {spec.dtype} not supported")
+    def quirk_reasons(self, spec: AttentionSpec, reasons: list[str]) -> list[str]:
         if spec.seq_len == 1:
             # torch 2.11's CPU flash backward returns garbage gradients at length 1
-            reasons.append("length-1 problems are not sent to it (wrong gradients in torch 2.11)")
-        return reasons
+            return ["length-1 problems are not sent to it (wrong gradients in torch 2.11)"]
+        return []
 
     def forward(self, q, k, v, bias, causal, scale) -> tuple[Tensor, Tensor, Any]:
         bias = None if bias is None else bias.to(q.dtype)
@@ -134,7 +141,7 @@ class CpuFlashBackend:
     def backward(self, grad_out, q, k, v, out, lse, bias, causal, scale, state):
         bias = None if bias is None else bias.to(q.dtype)
         # the CPU kernel keeps the lse in the input dtype for float64
-        lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+        lse = lse.to(accumulation_dtype(q.dtype))
         return aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad_out, q, k, v, out, lse, 0.0, causal, attn_mask=bias, scale=scale
         )
@@ -146,45 +153,22 @@ def _cuda_here(spec: AttentionSpec) -> bool:
     return spec.device_type == "cuda" and torch.cuda.is_available()
 
 
-def _cuda_reasons(
-    spec: AttentionSpec,
-    *,
-    dtypes: tuple[torch.dtype, ...],
-    min_capability: tuple[int, int],
-    max_head_dim: int,
-    bias: bool,
-) -> list[str]:
-    reasons = []
-    if spec.device_type != "cuda":
-        reasons.append(f"runs on cuda only, got device {spec.device_type}")
-        return reasons
-    if spec.compute_capability is not None and spec.compute_capability < min_capability:
-        reasons.append(f"needs compute capability >= {min_capability}, got {spec.compute_capability}")
-    if spec.dtype not in dtypes:
-        reasons.append(f"dtype {spec.dtype} not supported (supports {', '.join(map(str, dtypes))})")
-    if spec.head_dim > max_head_dim or spec.head_dim % 8:
-        reasons.append(f"head_dim must be a multiple of 8 and <= {max_head_dim}, got {spec.head_dim}")
-    if spec.has_bias and not bias:
-        reasons.append("takes no attention bias (key_padding_mask / attn_mask)")
-    return reasons
-
-
-class FlashBackend:
+class FlashBackend(_SdpaBackend):
     name = "sdpa_flash"
     description = "SDPA's FlashAttention-2 kernel (aten._scaled_dot_product_flash_attention)"
     strides = _CUDA_STRIDES
+    MIN_COMPUTE_CAPABILITY = (8, 0)
+    HEAD_DIM_MULTIPLE, MAX_HEAD_DIM = 8, 256
+    SUPPORTS_BIAS = False
     _ops = (
         "_scaled_dot_product_flash_attention",
         "_scaled_dot_product_flash_attention_backward",
     )
 
-    def not_supported_reasons(self, spec: AttentionSpec) -> list[str]:
-        reasons = list(_schema_reasons(*self._ops)) + _cuda_reasons(
-            spec, dtypes=_HALF, min_capability=(8, 0), max_head_dim=256, bias=False
-        )
+    def quirk_reasons(self, spec: AttentionSpec, reasons: list[str]) -> list[str]:
         if _cuda_here(spec) and not torch.backends.cuda.is_flash_attention_available():
-            reasons.append("this torch build has no flash attention")
-        return reasons
+            return ["this torch build has no flash attention"]
+        return []
 
     def forward(self, q, k, v, bias, causal, scale):
         out, lse, cum_q, cum_k, max_q, max_k, rng, unused, _ = aten._scaled_dot_product_flash_attention(
@@ -229,7 +213,7 @@ def _pad_bias(bias: Tensor, dtype: torch.dtype) -> Tensor:
     return out[..., :n]
 
 
-class EfficientBackend:
+class EfficientBackend(_SdpaBackend):
     name = "sdpa_efficient"
     description = (
         "SDPA's memory-efficient kernel (aten._scaled_dot_product_efficient_attention), "
@@ -237,22 +221,18 @@ class EfficientBackend:
     )
     # every operand goes through a contiguous float32 copy (_in_float32)
     strides = ANY_STRIDES
+    SUPPORTED_DTYPES = (torch.float32, *_HALF)
+    MIN_COMPUTE_CAPABILITY = (5, 0)
+    HEAD_DIM_MULTIPLE, MAX_HEAD_DIM = 8, 512
     _ops = (
         "_scaled_dot_product_efficient_attention",
         "_scaled_dot_product_efficient_attention_backward",
     )
 
-    def not_supported_reasons(self, spec: AttentionSpec) -> list[str]:
-        reasons = list(_schema_reasons(*self._ops)) + _cuda_reasons(
-            spec,
-            dtypes=(torch.float32, *_HALF),
-            min_capability=(5, 0),
-            max_head_dim=512,
-            bias=True,
-        )
-        if spec.device_type == "cuda" and not torch.backends.cuda.mem_efficient_sdp_enabled():
-            reasons.append("torch.backends.cuda.mem_efficient_sdp_enabled() is False")
-        return reasons
+    def quirk_reasons(self, spec: AttentionSpec, reasons: list[str]) -> list[str]:
+        if not torch.backends.cuda.mem_efficient_sdp_enabled():
+            return ["torch.backends.cuda.mem_efficient_sdp_enabled() is False"]
+        return []
 
     def forward(self, q, k, v, bias, causal, scale):
         dtype = q.dtype
@@ -302,24 +282,25 @@ def _in_float32(x: Tensor) -> Tensor:
     return x.to(torch.float32).clone(memory_format=torch.contiguous_format)
 
 
-class CudnnBackend:
+class CudnnBackend(_SdpaBackend):
     name = "sdpa_cudnn"
     description = "SDPA's cuDNN kernel (aten._scaled_dot_product_cudnn_attention)"
     strides = _CUDA_STRIDES
+    MIN_COMPUTE_CAPABILITY = (9, 0)
+    HEAD_DIM_MULTIPLE, MAX_HEAD_DIM = 8, 128
+    SUPPORTS_BIAS = False
     _ops = (
         "_scaled_dot_product_cudnn_attention",
         "_scaled_dot_product_cudnn_attention_backward",
     )
 
-    def not_supported_reasons(self, spec: AttentionSpec) -> list[str]:
-        reasons = list(_schema_reasons(*self._ops)) + _cuda_reasons(
-            spec, dtypes=_HALF, min_capability=(9, 0), max_head_dim=128, bias=False
-        )
+    def quirk_reasons(self, spec: AttentionSpec, reasons: list[str]) -> list[str]:
+        quirks = []
         if _cuda_here(spec) and not torch.backends.cudnn.is_available():
-            reasons.append("cuDNN is not available")
+            quirks.append("cuDNN is not available")
         if spec.seq_len == 1:
-            reasons.append("cuDNN does not support length-1 problems (s_q = s_kv = 1)")
-        return reasons
+            quirks.append("cuDNN does not support length-1 problems (s_q = s_kv = 1)")
+        return quirks
 
     def forward(self, q, k, v, bias, causal, scale):
         out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = aten._scaled_dot_product_cudnn_attention(

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import AttentionSpec, StrideRule, distribution_version
+from .base import AttentionSpec, KernelBackend, StrideRule, distribution_version
 
 #: releases this module ran against on a GPU (H100, torch 2.11, tests/test_gpu.py);
 #: the API it calls is public, so other releases are not refused
@@ -60,7 +60,7 @@ def _fmha() -> Any:
     return fmha
 
 
-class XformersBackend:
+class XformersBackend(KernelBackend):
     name = "xformers"
     description = (
         "xFormers' memory_efficient_attention when installed (its dispatcher picks "
@@ -69,30 +69,29 @@ class XformersBackend:
 
     strides = StrideRule(last_dim_contiguous=True, alignment=16)
 
-    def not_supported_reasons(self, spec: AttentionSpec) -> list[str]:
+    SUPPORTED_DTYPES = _DTYPES
+    MIN_COMPUTE_CAPABILITY = (8, 0)
+    HEAD_DIM_MULTIPLE, MAX_HEAD_DIM = 8, 128
+    SUPPORTS_BIAS = False
+
+    def missing_reasons(self) -> list[str]:
         if installed_version() is None:
             return ["xformers is not installed (pip install xformers)"]
-        if spec.device_type != "cuda":
-            return [f"runs on cuda only, got device {spec.device_type}"]
-        reasons = []
-        if spec.compute_capability is not None and spec.compute_capability < (8, 0):
-            reasons.append(f"needs compute capability >= (8, 0), got {spec.compute_capability}")
-        if spec.dtype not in _DTYPES:
-            reasons.append(f"dtype {spec.dtype} not supported (supports {', '.join(map(str, _DTYPES))})")
-        if spec.head_dim % 8 or not 8 <= spec.head_dim <= 128:
-            reasons.append(f"head_dim must be a multiple of 8 in [8, 128], got {spec.head_dim}")
-        if spec.has_bias:
-            reasons.append("takes no attention bias here (key_padding_mask / attn_mask)")
-        if not reasons and torch.cuda.is_available():
-            error = import_error()
-            if error is not None:
-                reasons.append(f"xformers.ops.fmha does not import: {error}")
-            elif not _extension_loaded():
-                reasons.append(
-                    "xformers' C++/CUDA extension did not load (built for another torch or CUDA), "
-                    "so its operators refuse CUDA inputs"
-                )
-        return reasons
+        return []
+
+    def quirk_reasons(self, spec: AttentionSpec, reasons: list[str]) -> list[str]:
+        # imported only where it could run (importing xformers is slow)
+        if reasons or not torch.cuda.is_available():
+            return []
+        error = import_error()
+        if error is not None:
+            return [f"xformers.ops.fmha does not import: {error}"]
+        if not _extension_loaded():
+            return [
+                "xformers' C++/CUDA extension did not load (built for another torch or CUDA), "
+                "so its operators refuse CUDA inputs"
+            ]
+        return []
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, causal: bool, scale: float):
         fmha = _fmha()

@@ -19,6 +19,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .._checks import check_int
+
 LAYOUT_PATTERNS: tuple[str, ...] = ("local_window", "dilated_sparse", "global_local", "random", "hilbert")
 
 #: A user pattern: ``fn(num_blocks) -> bool (n_blocks, n_blocks) or (heads, n_blocks, n_blocks)``.
@@ -35,8 +37,7 @@ def check_sparsity(sparsity: float) -> None:
 
 
 def check_block_size(block_size: int) -> None:
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+    check_int("block_size", block_size)
 
 
 def _causal_candidates(n: int, device: torch.device | None) -> Tensor:
@@ -196,8 +197,7 @@ def hilbert_order(height: int, width: int, device: torch.device | None = None) -
     order of a Hilbert curve over the enclosing power-of-two square (cells
     outside the grid skipped). ``order[i]`` is the grid index visited i-th."""
     for name, v in (("height", height), ("width", width)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"spatial_shape {name} must be a positive int, got {v!r}")
+        check_int(f"spatial_shape {name}", v)
     side = 1 << max(height - 1, width - 1, 1).bit_length()
     y, x = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
     x, y = x.flatten().clone(), y.flatten().clone()

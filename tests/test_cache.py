@@ -6,11 +6,12 @@ import resource
 import pytest
 import torch
 
-from dilated_attention_pytorch import BlockSparseRingDilatedAttention, ImprovedDilatedAttention, functional
-from dilated_attention_pytorch import modules as modules_module
+from dilated_attention_pytorch import BlockSparseRingDilatedAttention, ImprovedDilatedAttention
 from dilated_attention_pytorch._cache import BoundedCache
-from dilated_attention_pytorch.kernels import flex
+from dilated_attention_pytorch.core import merge
 from dilated_attention_pytorch.pattern import _calls
+from dilated_attention_pytorch.sparse import block_mask
+from dilated_attention_pytorch.sparse import modules as sparse_modules
 
 
 def test_bounded_cache_keeps_the_most_recent():
@@ -42,9 +43,9 @@ def test_two_hundred_lengths_keep_every_cache_bounded():
         if n == 140:
             start = _rss_mib()
         sizes.append(len(block_sparse._layouts))
-    assert max(sizes) == modules_module.LAYOUT_CACHE_SIZE
+    assert max(sizes) == sparse_modules.LAYOUT_CACHE_SIZE
     assert _calls.cache_info().currsize <= 256
-    assert len(functional._BRANCH_META) <= functional._BRANCH_META.size
-    assert len(flex.CACHE) <= flex.CACHE.size
+    assert len(merge._BRANCH_META) <= merge._BRANCH_META.size
+    assert len(block_mask.CACHE) <= block_mask.CACHE.size
     # the second hundred lengths add no memory that stays (peak RSS, so only a leak shows)
     assert start is not None and _rss_mib() - start < 50

@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dilated_attention_pytorch import functional
+from dilated_attention_pytorch.core import merge
 from dilated_attention_pytorch.reference import dilated_attention_reference as reference
 
-from .conftest import CPU_IMPLS, TOLERANCES, assert_close, relative_error
+from ..conftest import CPU_IMPLS, TOLERANCES, assert_close, relative_error
 
 IDS = [i.name for i in CPU_IMPLS]
 SCALES = [1.0, 10.0, 100.0, 1000.0, 3000.0]
@@ -76,7 +76,7 @@ def test_float32_gradients_as_accurate_as_dense(impl, scale):
 def test_merge_by_lse_of_equal_large_lses_halves_the_weights():
     lse = torch.full((3,), 2.0e7)  # float32 cannot hold 2e7 + log(2)
     outs = [torch.ones(3, 2), 3 * torch.ones(3, 2)]
-    out, merged = functional.merge_by_lse(outs, [lse, lse])
+    out, merged = merge.merge_by_lse(outs, [lse, lse])
     assert torch.equal(out, 2 * torch.ones(3, 2))
     assert torch.isfinite(merged).all()
 
@@ -96,9 +96,9 @@ def test_online_merge_equals_merge_by_lse(terms):
     )
     top, total = top.double(), total.double()
     for o, lse in zip(outs, lses):
-        functional.merge_online(acc, top, total, o, lse)
-    out, lse = functional.merge_finish(acc, top, total)
-    expected, expected_lse = functional.merge_by_lse(outs, lses)
+        merge.merge_online(acc, top, total, o, lse)
+    out, lse = merge.merge_finish(acc, top, total)
+    expected, expected_lse = merge.merge_by_lse(outs, lses)
     assert_close(out, expected, torch.float64, "out")
     assert torch.equal(lse == -math.inf, expected_lse == -math.inf)
     finite = torch.isfinite(expected_lse)

@@ -3,7 +3,7 @@
 - :func:`merge_into`: one more term of an online lse merge (unnormalised
   output, running max and sum) on strided views, one branch problem at a time
   (problems that span ranks).
-  The torch version (``functional._merge_into``) launches about ten
+  The torch version (``merge.merge_online``) launches about ten
   elementwise kernels per problem and moves ~40 bytes per output element;
   fused it reads the accumulator and the part once and writes it once.
 - :func:`merge_branches`: every branch at once from compact buffers
@@ -12,7 +12,7 @@
   plain sum the "all"-mode backward needs for dq, dk, dv.
 
 Used only where Triton and CUDA are present; the torch versions in
-``functional`` are the fallback and the reference the tests compare with.
+:mod:`.merge` are the fallback and the reference the tests compare with.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ if AVAILABLE:
         BLOCK_R: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):  # fmt: skip
-        # the online merge of functional.merge_online: out holds the outputs weighted
+        # the online merge of merge.merge_online: out holds the outputs weighted
         # by exp(lse - top), unnormalised, so no rounded lse enters a weight
         rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
         row_ok = rows < rows_total
@@ -87,10 +87,12 @@ if AVAILABLE:
         part_ptr,
         plse_ptr,
         meta_ptr,
+        offsets_ptr,
         num_branches,
         rows_total,
         seq_len,
         num_heads,
+        layer_heads,
         first_head,
         head_dim,
         o_b, o_n, o_h,
@@ -101,7 +103,8 @@ if AVAILABLE:
     ):  # fmt: skip
         # one (batch, position, head) per row; meta holds per branch: segment
         # length, dilation, rows per segment, first unit, units per batch (a unit
-        # is one (row, head) of the compact buffers: head_dim elements, one lse).
+        # is one (row, head) of the compact buffers: head_dim elements, one lse);
+        # offsets (branches, layer_heads) holds each head's offset in each branch.
         # Index math per branch in int32: 64-bit division made the kernel
         # instruction-bound (5x slower than its memory traffic).
         rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
@@ -124,7 +127,8 @@ if AVAILABLE:
             segment = p // w
             tin = p - segment * w
             m = tin // r
-            sel = row_ok & (tin - m * r == j % r)
+            offset = tl.load(offsets_ptr + i * layer_heads + j, mask=row_ok, other=-1)
+            sel = row_ok & (tin - m * r == offset)
             unit = tl.load(meta_ptr + 5 * i + 3) + ib * tl.load(meta_ptr + 5 * i + 4)
             unit += ((segment * per_segment + m) * num_heads + ih).to(tl.int64)
             part = tl.load(
@@ -169,7 +173,7 @@ def can_merge(out5: Tensor, part_out: Tensor) -> bool:
 
 
 def merge_into(out5: Tensor, top4: Tensor, total4: Tensor, part_out: Tensor, part_lse: Tensor) -> None:
-    """In place, one more term of an online lse merge (``functional.merge_online``):
+    """In place, one more term of an online lse merge (``merge.merge_online``):
     ``out5`` ``(batch, segments, length, heads, head_dim)`` and ``top4``/``total4``
     (the same without head_dim) take in ``part_out``/``part_lse`` (same shapes)."""
     b, s, m, h, d = out5.shape
@@ -198,11 +202,13 @@ def merge_branches(
     parts: Tensor,
     part_lse: Tensor | None,
     meta: Tensor,
+    offsets: Tensor,
     first_head: int,
 ) -> None:
     """``out`` ``(batch, seq, heads, head_dim)`` (heads ``first_head`` on) from the
     compact branch buffers ``parts`` (flat) described by ``meta`` (int64
-    ``(branches, 5)``, see the kernel). With ``lse``/``part_lse``: the lse merge,
+    ``(branches, 5)``, see the kernel) and ``offsets`` (int32 ``(branches, heads of
+    the layer)``, every head's offset). With ``lse``/``part_lse``: the lse merge,
     writing the merged lse ``(batch, seq, heads)`` too; without: the plain sum."""
     b, n, h, d = out.shape
     rows = b * n * h
@@ -211,8 +217,8 @@ def merge_branches(
     weighted = lse is not None
     with torch.cuda.device(out.device):
         _branches_kernel[(triton.cdiv(rows, block_r),)](
-            out, lse if weighted else out, parts, part_lse if weighted else parts, meta,
-            meta.shape[0], rows, n, h, first_head, d,
+            out, lse if weighted else out, parts, part_lse if weighted else parts, meta, offsets,
+            meta.shape[0], rows, n, h, offsets.shape[1], first_head, d,
             *out.stride()[:3], *(lse.stride() if weighted else (0, 0, 0)),
             WEIGHTED=weighted, BLOCK_R=block_r, BLOCK_D=block_d,
         )  # fmt: skip

@@ -1,18 +1,12 @@
-"""FlexAttention for block-sparse dilated attention.
-
-Not a :class:`~.base.Backend` of the fused path: FlexAttention offers no
-backward that takes a given (merged) output and lse, only autograd. It runs
-the block-sparse path (``method="flex"`` of :func:`functional.dilated_attention`),
-which differentiates through FlexAttention (and its lse, for ``head_mode="all"``).
+"""FlexAttention block masks built analytically from a block layout.
 
 Each branch problem runs in its compact layout (the dilated positions next to
 each other), so a tile of the kernel is 128 dilated queries × 128 dilated keys,
-never a mostly masked tile of the natural layout (DESIGN.md §6: 13 vs 260
-TFLOP/s). The :class:`BlockMask` is built analytically from the block layout:
-a tile is skipped when no block pair it covers is allowed, run without a mask
-when all are (and no mask or causal diagonal cuts it), and masked exactly by
-``mask_mod`` otherwise.
-"""
+never a mostly masked tile of the natural layout (docs/benchmarks.md,
+"Block-sparse dilated attention", has the rates). A tile is skipped when no block pair it covers is allowed,
+run without a mask when all are (and no mask or causal diagonal cuts it), and
+masked exactly by ``mask_mod`` otherwise. Built masks are cached per layout
+(:class:`BlockMaskCache`)."""
 
 from __future__ import annotations
 
@@ -26,77 +20,14 @@ from torch import Tensor
 
 from .._cache import BoundedCache
 from ..pattern import BranchCall
-from .base import StrideRule
 
 try:  # FlexAttention appeared in torch 2.5
-    from torch.nn.attention import flex_attention as _flex_module
+    from torch.nn.attention import flex_attention as flex_module
 except ImportError:  # pragma: no cover - torch < 2.5
-    _flex_module = None
+    flex_module = None
 
 #: FlexAttention's tile (rows and columns of the compact layout)
 TILE = 128
-#: layouts its Triton kernels are given (others are copied first)
-STRIDES = StrideRule(last_dim_contiguous=True, alignment=16)
-_RECOMPILE_LIMIT = 64
-
-
-def not_supported_reasons(
-    device_type: str,
-    requires_grad: bool,
-    compute_capability: tuple[int, int] | None = None,
-    triton_available: bool | None = None,
-    attn_masked: bool = False,
-) -> list[str]:
-    """Why the FlexAttention path cannot run (empty: it can). ``attn_masked``: a
-    ``(seq, seq)`` ``attn_mask`` is given."""
-    reasons = []
-    if _flex_module is None:
-        reasons.append("torch.nn.attention.flex_attention is missing (needs torch >= 2.5)")
-    if device_type == "cuda":
-        if compute_capability is not None and compute_capability < (8, 0):
-            reasons.append(f"needs compute capability >= 8.0, got {compute_capability}")
-        if triton_available is None:
-            triton_available = _has_triton()
-        if not triton_available:
-            reasons.append("Triton is not installed (FlexAttention compiles Triton kernels)")
-        if attn_masked:  # measured on the H100 with torch 2.11 (docs/implementations.md)
-            reasons.append(
-                "attn_mask: the FlexAttention kernel reading a (seq, seq) mask in mask_mod found no "
-                "Triton config within the GPU's shared memory"
-            )
-    elif device_type == "cpu":
-        if requires_grad:
-            reasons.append("FlexAttention on CPU is forward-only (inputs require grad)")
-    else:
-        reasons.append(f"runs on cuda and (forward only) cpu, got {device_type}")
-    return reasons
-
-
-def _has_triton() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-_compiled: Callable[..., Any] | None = None
-
-
-def _flex_attention(device_type: str) -> Callable[..., Any]:
-    """Compiled FlexAttention on CUDA (eager FlexAttention materialises the scores)."""
-    global _compiled
-    if device_type != "cuda":
-        return _flex_module.flex_attention
-    if _compiled is None:
-        # automatic dynamic shapes: the first problem shape compiles static, the
-        # second recompiles with dynamic lengths, which then serves every branch
-        _compiled = torch.compile(_flex_module.flex_attention)
-    return _compiled
-
-
-# --------------------------------------------------------------------------
-# which tiles to run
 
 
 def _tile_starts(call: BranchCall, device: torch.device, layout_offset: int = 0) -> Tensor:
@@ -119,7 +50,7 @@ def _tile_blocks(
     return starts // block_size, (starts + call.dilation * rest) // block_size
 
 
-def _call_layout(layout4: Tensor, call: BranchCall) -> Tensor:
+def call_layout(layout4: Tensor, call: BranchCall) -> Tensor:
     """The layout's heads of ``call``: ``(batch | 1, heads_of_call | 1, nb, nb)``."""
     if layout4.shape[1] == 1:
         return layout4
@@ -133,7 +64,7 @@ def _tile_masks_within_blocks(
     :func:`_tiles_within_blocks`): one gather of the layout at the tiles' blocks,
     a handful of ops instead of prefix sums (the build is host-bound at 64K)."""
     blocks = _tile_starts(call, layout4.device, layout_offset) // block_size  # (segments | 1, tiles)
-    need = _call_layout(layout4, call)[:, :, blocks[:, :, None], blocks[:, None, :]]  # (B', H', S, t, t)
+    need = call_layout(layout4, call)[:, :, blocks[:, :, None], blocks[:, None, :]]  # (B', H', S, t, t)
     if causal:
         need = need.tril()  # a diagonal tile runs if its block allows itself
     if masked:
@@ -163,7 +94,7 @@ def tile_masks(
     # blocks a segment's selected positions can touch, bounded on the host (no sync)
     span = min(nb, (call.dilation * (call.length - 1) + block_size - 1) // block_size + 2)
     idx = torch.clamp(seg_lo + torch.arange(span, device=device), max=nb - 1)  # (S, span)
-    sub = _call_layout(layout4, call)[:, :, idx[:, :, None], idx[:, None, :]]  # (B', H', S, span, span)
+    sub = call_layout(layout4, call)[:, :, idx[:, :, None], idx[:, None, :]]  # (B', H', S, span, span)
     a, b = lo - seg_lo, hi - seg_lo + 1  # half-open block ranges of each tile, per segment
     s = torch.arange(call.num_segments, device=device)[:, None, None]
     aq, bq, ak, bk = a[:, :, None], b[:, :, None], a[:, None, :], b[:, None, :]
@@ -215,8 +146,8 @@ def _from_tiles(
     """The BlockMask running ``need`` tiles, those in ``full`` without ``mask_mod``;
     both bool ``(batch, heads | 1, q tiles, k tiles)``. The backward's per-column
     lists are the same sort of the transposed tiles: ``BlockMask.from_kv_blocks``
-    would rebuild the dense tiles from the row lists first (2.5 of 3.6 ms of a
-    64K build on the H100, most of it host time)."""
+    would rebuild the dense tiles from the row lists first (most of a build's
+    host time; docs/benchmarks.md)."""
     partial = need & ~full
     rows, cols = (partial, full), (partial.transpose(-2, -1), full.transpose(-2, -1))
     if need.shape[-1] == need.shape[-2]:
@@ -224,7 +155,7 @@ def _from_tiles(
     else:
         lists = _to_kv_blocks(*rows) + _to_kv_blocks(*cols)
     (kv_num, kv_idx), (full_num, full_idx), (q_num, q_idx), (full_q_num, full_q_idx) = lists
-    return _flex_module.BlockMask(
+    return flex_module.BlockMask(
         seq_lengths=seq_lengths,
         kv_num_blocks=kv_num,
         kv_indices=kv_idx,
@@ -292,11 +223,10 @@ def _layout_lookup(
     """``allowed(b, h, q_idx, kv_idx)`` from the call's layout, via per-position block
     tables (``(segments · padded_q,)`` and ``(segments · padded_k,)`` int32, problem
     row ``b`` in segment ``b % segments``): two table reads per row and column and
-    one layout read per pair, in int32 and without division. (H100, 64K positions,
-    dilation 4, 90% sparse, every tile partial: forward 182 ms recomputing blocks
-    from positions in the mod, 32 ms with the tables, 4.0 ms for the same tiles
-    unmasked.)"""
-    layout = _call_layout(layout4, call)
+    one layout read per pair, in int32 and without division: recomputing blocks
+    from positions in the mod made partial tiles several times slower
+    (docs/benchmarks.md, "Block-sparse dilated attention")."""
+    layout = call_layout(layout4, call)
     planes_batch, planes_head, nb = layout.shape[0], layout.shape[1], layout.shape[-1]
     index = torch.int32 if layout.numel() < 2**31 else torch.int64
     flat = layout.contiguous().reshape(-1).detach()
@@ -442,7 +372,7 @@ def block_mask(
         return ok
 
     if allowed is None and not causal and not masked:
-        mask_mod = _flex_module.noop_mask  # no partial tile: a kernel without mask code
+        mask_mod = flex_module.noop_mask  # no partial tile: a kernel without mask code
     mask = _from_tiles(need, full, mask_mod, (call.length, call.length))
     return mask, _key_score_mod(key_bias, attn_bias, place)
 
@@ -470,7 +400,7 @@ def gathered_tile_masks(
     q_lo = query_start + call.dilation * first
     q_hi = query_start + call.dilation * (torch.clamp(first + TILE, max=call.length) - 1)
     blocks_lo, blocks_hi = q_lo // block_size, q_hi // block_size
-    layout = _call_layout(layout4, call).to(torch.int32)
+    layout = call_layout(layout4, call).to(torch.int32)
     prefix = torch.nn.functional.pad(layout.cumsum(-2, dtype=torch.int32), (0, 0, 1, 0))
     allowed_rows = prefix[..., blocks_hi + 1, :] - prefix[..., blocks_lo, :]  # (B', H', tq, nb)
     area = (blocks_hi - blocks_lo + 1)[:, None]
@@ -542,48 +472,6 @@ def gathered_block_mask(
 def _has_finite_bias(bias: Tensor | None) -> bool:
     """Whether an additive mask adds anything besides removing keys (-inf)."""
     return bias is not None and bool((torch.isfinite(bias) & (bias != 0)).any())
-
-
-def _kernel_options(q_len: int, kv_len: int) -> dict[str, Any]:
-    """Options of the compiled kernels: lengths that are whole tiles say so. Past
-    the first shape the kernel is compiled for dynamic lengths, where inductor
-    cannot prove divisibility and masks every load and score at the edges
-    (``IS_DIVISIBLE=False``)."""
-    return {"IS_DIVISIBLE": q_len % TILE == 0 and kv_len % TILE == 0}
-
-
-def attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    mask: Any,
-    score_mod: Callable[..., Tensor] | None,
-    scale: float,
-    lse: bool = True,
-) -> tuple[Tensor, Tensor | None]:
-    """``(out, lse)`` of ``(batch, heads, len, head_dim)`` problems; lse float32
-    ``(batch, heads, len)``, differentiable (None unless ``lse``). Rows with no
-    key: out 0 (FlexAttention's own result), lse -inf."""
-    fn = _flex_attention(q.device.type)
-    if not torch.is_grad_enabled():  # FlexAttention refuses inputs that require grad on CPU, even then
-        q, k, v = q.detach(), k.detach(), v.detach()
-    kwargs: dict[str, Any] = {"score_mod": score_mod, "block_mask": mask, "scale": scale}
-    if q.device.type == "cuda":
-        kwargs["kernel_options"] = _kernel_options(q.shape[-2], k.shape[-2])
-    # causal or not, masks or not, dtypes, layouts per head: each a compiled variant;
-    # past dynamo's default limit of 8 FlexAttention would silently run unfused
-    limit = max(_RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
-    with torch._dynamo.config.patch(recompile_limit=limit):
-        if not lse:
-            return fn(q, k, v, **kwargs), None
-        if hasattr(_flex_module, "AuxRequest"):  # torch >= 2.9
-            out, aux = fn(q, k, v, **kwargs, return_aux=_flex_module.AuxRequest(lse=True))
-            row_lse = aux.lse
-        else:
-            out, row_lse = fn(q, k, v, **kwargs, return_lse=True)
-    has_key = torch.isfinite(row_lse)
-    out = torch.where(has_key[..., None], out, 0.0)
-    return out, torch.where(has_key, row_lse, -math.inf)
 
 
 class BlockMaskCache:

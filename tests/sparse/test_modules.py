@@ -23,7 +23,7 @@ from dilated_attention_pytorch import (
 from dilated_attention_pytorch.reference import dilated_attention_reference as reference
 from dilated_attention_pytorch.sparse import layouts
 
-from .conftest import TOLERANCES, assert_close, grads, make_qkv
+from ..conftest import TOLERANCES, assert_close, grads, make_qkv
 
 SEG, DIL = (16, 32, 72), (1, 2, 3)  # partial last segments at seq 72 + 8
 SEQ, HEADS, BLOCK = 80, 5, 8

@@ -13,7 +13,7 @@ from dilated_attention_pytorch import functional  # noqa: E402
 from dilated_attention_pytorch.reference import dilated_attention_reference as reference  # noqa: E402
 from dilated_attention_pytorch.sparse.layouts import expand_layout  # noqa: E402
 
-from .conftest import CPU_IMPLS, LAYOUTS, assert_close, make_strided  # noqa: E402
+from ..conftest import CPU_IMPLS, LAYOUTS, assert_close, make_strided  # noqa: E402
 
 #: the CPU implementations, plus block-sparse (a random block layout, on the exact
 #: gather path, and forward-only FlexAttention)

@@ -8,7 +8,7 @@ import torch
 from dilated_attention_pytorch import functional
 from dilated_attention_pytorch.reference import dilated_attention_reference as reference
 
-from .conftest import CPU_IMPLS, LAYOUTS, assert_close, make_strided
+from ..conftest import CPU_IMPLS, LAYOUTS, assert_close, make_strided
 
 SHAPE = (2, 19, 4, 6)  # partial last segments; head_dim 6
 PATTERN = ((4, 8, 12), (1, 2, 3))

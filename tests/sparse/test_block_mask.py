@@ -8,17 +8,17 @@ import pytest
 import torch
 
 from dilated_attention_pytorch import DilatedPattern
-from dilated_attention_pytorch.functional import _positions
-from dilated_attention_pytorch.kernels import flex
+from dilated_attention_pytorch.core.views import positions
+from dilated_attention_pytorch.sparse import block_mask, flex
 
-T = flex.TILE
+T = block_mask.TILE
 
 
 def _brute_force(call, layout4, block_size, causal):
     """Per (batch', segment, head', q tile, k tile): any / all allowed position pairs."""
-    pos = _positions(call, torch.device("cpu"))  # (S, L)
+    pos = positions(call, torch.device("cpu"))  # (S, L)
     blocks = pos // block_size
-    layout = flex._call_layout(layout4, call)
+    layout = block_mask.call_layout(layout4, call)
     allowed = layout[:, :, blocks[:, :, None], blocks[:, None, :]]  # (B', H', S, L, L)
     if causal:
         allowed = allowed & torch.ones(call.length, call.length, dtype=torch.bool).tril()
@@ -53,23 +53,23 @@ def test_tile_masks_match_the_position_mask(seg, dil, seq, heads, block_size, ca
     layout[:, : nb // 3, : nb // 3] = True  # some full tiles
     layout4 = layout[None]
     for call in pattern.calls(seq, heads):
-        need, full = flex.tile_masks(call, layout4, block_size, causal, masked=False)
+        need, full = block_mask.tile_masks(call, layout4, block_size, causal, masked=False)
         want_need, want_full = _brute_force(call, layout4, block_size, causal)
         assert torch.equal(need, want_need), f"tiles to run differ for {call}"
         # a tile may be treated as partial when it is full (safe), never the reverse
         assert not (full & ~want_full).any(), f"a tile marked full is not for {call}"
         if not causal:
             assert torch.equal(full, want_full & want_need), f"full tiles differ for {call}"
-        masked_need, masked_full = flex.tile_masks(call, layout4, block_size, causal, masked=True)
+        masked_need, masked_full = block_mask.tile_masks(call, layout4, block_size, causal, masked=True)
         assert torch.equal(masked_need, need) and not masked_full.any()
 
 
 def test_tiles_within_blocks_are_recognised():
     """The aligned case above takes the one-gather path; unaligned ones do not."""
     calls = DilatedPattern((512, 1024), (2, 4), "all").calls(2048, 4)
-    assert all(flex._tiles_within_blocks(c, 512, 0) for c in calls)
-    assert not any(flex._tiles_within_blocks(c, 256, 0) for c in calls if c.dilation == 4)
-    assert not flex._tiles_within_blocks(calls[0], 512, 128)  # a shard starting mid-block
+    assert all(block_mask._tiles_within_blocks(c, 512, 0) for c in calls)
+    assert not any(block_mask._tiles_within_blocks(c, 256, 0) for c in calls if c.dilation == 4)
+    assert not block_mask._tiles_within_blocks(calls[0], 512, 128)  # a shard starting mid-block
 
 
 def test_kernel_options_claim_divisibility_only_for_whole_tiles():
@@ -80,9 +80,9 @@ def test_kernel_options_claim_divisibility_only_for_whole_tiles():
 
 def test_stacked_and_one_by_one_block_lists_agree(monkeypatch):
     masks = [torch.rand(2, 3, 9, 9, generator=torch.Generator().manual_seed(i)) < 0.4 for i in range(4)]
-    stacked = flex._to_kv_blocks(*masks)
-    monkeypatch.setattr(flex, "_STACKED_SORT_LIMIT", 0)
-    for (num, idx), (num1, idx1), mask in zip(stacked, flex._to_kv_blocks(*masks), masks):
+    stacked = block_mask._to_kv_blocks(*masks)
+    monkeypatch.setattr(block_mask, "_STACKED_SORT_LIMIT", 0)
+    for (num, idx), (num1, idx1), mask in zip(stacked, block_mask._to_kv_blocks(*masks), masks):
         assert num.is_contiguous() and idx.is_contiguous() and num.dtype == idx.dtype == torch.int32
         assert torch.equal(num, num1) and torch.equal(idx, idx1)
         assert torch.equal(num, mask.sum(-1, dtype=torch.int32))
@@ -95,11 +95,11 @@ def test_block_mask_indices_list_exactly_the_tiles():
     pattern = DilatedPattern((1024,), (2,))
     call = pattern.calls(2048, 2)[0]
     layout = torch.rand(1, 1, 16, 16, generator=torch.Generator().manual_seed(1)) < 0.4
-    mask, score_mod = flex.block_mask(call, layout, 128, False, batch=3)
-    need, _ = flex.tile_masks(call, layout, 128, False, masked=False)
+    mask, score_mod = block_mask.block_mask(call, layout, 128, False, batch=3)
+    need, _ = block_mask.tile_masks(call, layout, 128, False, masked=False)
     dense = mask.to_dense().bool()  # (batch·segments, heads, tq, tk)
     assert dense.shape[0] == 3 * call.num_segments
-    expected = flex._problem_batch(need, 3)
+    expected = block_mask._problem_batch(need, 3)
     assert torch.equal(dense, expected.expand_as(dense))
     assert score_mod is None
     # the backward's per-column lists, built directly, are those FlexAttention derives
@@ -117,11 +117,11 @@ def test_finite_float_masks_get_a_score_mod():
     call = DilatedPattern((256,), (1,)).calls(256, 1)[0]
     layout = torch.ones(1, 1, 2, 2, dtype=torch.bool)
     key_bias = torch.zeros(1, 256)
-    assert flex.block_mask(call, layout, 128, False, 1, key_bias=key_bias)[1] is None
+    assert block_mask.block_mask(call, layout, 128, False, 1, key_bias=key_bias)[1] is None
     key_bias[0, 3] = -math.inf
-    assert flex.block_mask(call, layout, 128, False, 1, key_bias=key_bias)[1] is None
+    assert block_mask.block_mask(call, layout, 128, False, 1, key_bias=key_bias)[1] is None
     key_bias[0, 4] = 0.5
-    assert flex.block_mask(call, layout, 128, False, 1, key_bias=key_bias)[1] is not None
+    assert block_mask.block_mask(call, layout, 128, False, 1, key_bias=key_bias)[1] is not None
 
 
 def test_not_supported_reasons():
@@ -136,7 +136,7 @@ def test_not_supported_reasons():
 
 
 def test_cache_hits_only_the_same_unmodified_layout():
-    cache = flex.BlockMaskCache(size=2)
+    cache = block_mask.BlockMaskCache(size=2)
     builds = []
 
     def build():
@@ -156,11 +156,11 @@ def test_cache_hits_only_the_same_unmodified_layout():
 
 def test_cache_entries_go_with_their_layout():
     # layouts made per forward (BlockSparseAdaptive) must not pile up in the cache
-    cache = flex.BlockMaskCache()
+    cache = block_mask.BlockMaskCache()
     call = DilatedPattern((256,), (1,)).calls(256, 1)[0]
     for _ in range(3):
         layout = torch.ones(1, 1, 2, 2, dtype=torch.bool)
-        cache.get(layout, ("mask",), lambda layout=layout: flex.block_mask(call, layout, 128, False, 1))
+        cache.get(layout, ("mask",), lambda layout=layout: block_mask.block_mask(call, layout, 128, False, 1))
         assert len(cache) == 1  # the previous layout was freed, and its entry with it
     del layout
     gc.collect()
@@ -172,7 +172,7 @@ def test_block_mask_tensors_are_contiguous_for_per_head_layouts():
     # non-mergeable strides (from the segment/head transpose) read out of bounds on GPUs
     call = DilatedPattern((512,), (2,), "all").calls(2048, 3)[0]  # heads 0 and 2 (offset 0)
     layout = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(2)) < 0.5
-    mask, _ = flex.block_mask(call, layout, 128, False, batch=2)
+    mask, _ = block_mask.block_mask(call, layout, 128, False, batch=2)
     for t in (mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices):
         assert t.is_contiguous() and t.shape[:2] == (2 * call.num_segments, call.num_heads)
 
@@ -201,9 +201,9 @@ def test_gathered_tile_masks_match_the_position_mask(dilation, block_size, causa
     heads, count, nb = call.num_heads, call.length, 2048 // block_size
     layout4 = (torch.rand(1, heads, nb, nb, generator=g) < 0.3) | torch.eye(nb, dtype=torch.bool)
     layout4[..., : nb // 2, : nb // 2] = True  # some full tiles
-    need, full = flex.gathered_tile_masks(call, 1024, keys, layout4, block_size, causal, masked=False)
+    need, full = block_mask.gathered_tile_masks(call, 1024, keys, layout4, block_size, causal, masked=False)
 
-    layout = flex._call_layout(layout4, call)
+    layout = block_mask.call_layout(layout4, call)
     allowed = layout[:, :, (q_pos // block_size)[:, None], (keys // block_size)[None, :]]
     if causal:
         allowed = allowed & (q_pos[:, None] >= keys[None, :])
@@ -219,7 +219,9 @@ def test_gathered_tile_masks_match_the_position_mask(dilation, block_size, causa
     if not causal and dilation <= block_size:  # block-exact, so exact here
         assert torch.equal(need, want_need)
         assert torch.equal(full, want_full & want_need)
-    masked_need, masked_full = flex.gathered_tile_masks(call, 1024, keys, layout4, block_size, causal, True)
+    masked_need, masked_full = block_mask.gathered_tile_masks(
+        call, 1024, keys, layout4, block_size, causal, True
+    )
     assert torch.equal(masked_need, need) and not masked_full.any()
 
 
@@ -257,11 +259,11 @@ def test_mask_mod_matches_the_position_mask_on_the_tiles_it_runs(
     g = torch.Generator().manual_seed(4)
     layout4 = torch.rand(batch if batch_layout else 1, heads, nb, nb, generator=g) < 0.4
     for call in pattern.calls(seq, heads):
-        mask, _ = flex.block_mask(call, layout4, block_size, causal, batch)
+        mask, _ = block_mask.block_mask(call, layout4, block_size, causal, batch)
         values, where = _mod_on_needed_tiles(mask, call.length, call.length)
-        pos = _positions(call, torch.device("cpu"))  # (S, L)
+        pos = positions(call, torch.device("cpu"))  # (S, L)
         blocks = pos // block_size
-        layout = flex._call_layout(layout4, call).expand(batch, -1, -1, -1)
+        layout = block_mask.call_layout(layout4, call).expand(batch, -1, -1, -1)
         want = layout[:, :, blocks[:, :, None], blocks[:, None, :]]  # (batch, H', S, L, L)
         want = want.transpose(1, 2).reshape(batch * call.num_segments, -1, call.length, call.length)
         if causal:
@@ -276,9 +278,9 @@ def test_gathered_mask_mod_matches_the_position_mask(dilation, block_size, causa
     call, q_pos, keys, g = _gathered_case(dilation, skip_member=False)
     heads, count, nb = call.num_heads, call.length, 2048 // block_size
     layout4 = torch.rand(1, heads, nb, nb, generator=g) < 0.3
-    mask, _ = flex.gathered_block_mask(call, 1024, keys, layout4, block_size, causal, batch=2)
+    mask, _ = block_mask.gathered_block_mask(call, 1024, keys, layout4, block_size, causal, batch=2)
     values, where = _mod_on_needed_tiles(mask, count, keys.shape[0])
-    layout = flex._call_layout(layout4, call)
+    layout = block_mask.call_layout(layout4, call)
     want = layout[:, :, (q_pos // block_size)[:, None], (keys // block_size)[None, :]]
     if causal:
         want = want & (q_pos[:, None] >= keys[None, :])

@@ -10,11 +10,11 @@ from dilated_attention_pytorch import (
     BlockSparseRingMultiheadDilatedAttention,
     ImprovedMultiheadDilatedAttention,
     MultiheadDilatedAttention,
-    functional,
 )
+from dilated_attention_pytorch.core import fused
 from dilated_attention_pytorch.reference import dilated_attention_reference as reference
 
-from .conftest import CPU_IMPLS, TOLERANCES, assert_close, make_qkv
+from ..conftest import CPU_IMPLS, TOLERANCES, assert_close, make_qkv
 
 IDS = [i.name for i in CPU_IMPLS]
 PATTERN = ((2, 4, 7), (1, 2, 3))
@@ -115,8 +115,8 @@ def test_gradient_penalty_of_a_dense_pattern_equals_nn_multihead_attention(cls):
 
 def test_functorch_detection():
     q = torch.randn(2, 3)
-    assert not functional.functorch_active(q)
+    assert not fused.functorch_active(q)
     seen = []
-    torch.func.vmap(lambda x: seen.append(functional.functorch_active(x)) or x)(q)
+    torch.func.vmap(lambda x: seen.append(fused.functorch_active(x)) or x)(q)
     assert seen == [True]
     assert TOLERANCES[torch.float64] < 1e-9

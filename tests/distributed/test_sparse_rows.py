@@ -18,10 +18,10 @@ from dilated_attention_pytorch import (
     DilatedPattern,
 )
 from dilated_attention_pytorch.distributed import ring_dilated_attention
-from dilated_attention_pytorch.distributed.ring import _spans
-from dilated_attention_pytorch.functional import prepare_layout
+from dilated_attention_pytorch.distributed.geometry import spans
 from dilated_attention_pytorch.reference import dilated_attention_reference as reference
 from dilated_attention_pytorch.sparse import layouts
+from dilated_attention_pytorch.sparse.block_layout import prepare_layout
 
 from ..conftest import TOLERANCES, relative_error
 from .spawn import init, spawn
@@ -109,7 +109,7 @@ def _received_rows(layout: torch.Tensor, causal: bool, world: int, rank: int) ->
     pattern = DilatedPattern([64], [1])
     shard = 64 // world
     prepared = prepare_layout(layout, 8, (1, shard, 2, 4), torch.float64, torch.device("cpu"), 64)
-    (span,) = _spans(pattern.calls(64, 2), rank, None, shard, torch.device("cpu"), prepared, causal)
+    (span,) = spans(pattern.calls(64, 2), rank, None, shard, torch.device("cpu"), prepared, causal)
     return [int(i.numel()) for i in span.keys.recv]
 
 

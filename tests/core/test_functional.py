@@ -6,11 +6,14 @@ import pytest
 import torch
 
 from dilated_attention_pytorch import DilatedPattern, functional
+from dilated_attention_pytorch import pattern as pattern_module
+from dilated_attention_pytorch.core import fused, views
+from dilated_attention_pytorch.core.merge import merge_by_lse
 from dilated_attention_pytorch.kernels.base import ANY_STRIDES
 from dilated_attention_pytorch.pattern import compact_rows
 from dilated_attention_pytorch.reference import dilated_attention_reference as reference
 
-from .conftest import CPU_IMPLS, PATTERNS, TOLERANCES, assert_close, grads, make_qkv
+from ..conftest import CPU_IMPLS, PATTERNS, TOLERANCES, assert_close, grads, make_qkv
 
 IMPL_IDS = [i.name for i in CPU_IMPLS]
 
@@ -152,6 +155,7 @@ class _IntoPlaceMath:
 
     name, description = "math_into_place", "test double"
     strides = ANY_STRIDES
+    WRITES_INTO_PLACE = True
 
     def __init__(self) -> None:
         from dilated_attention_pytorch.kernels.math import MathBackend
@@ -189,7 +193,7 @@ def test_into_place_backends_match_reference(monkeypatch, seg, dil, seq, heads, 
     """A backend that writes outputs and gradients into place (grouped heads, where
     the problem is a view) computes the same function."""
     backend = _IntoPlaceMath()
-    monkeypatch.setattr(functional, "select_backends", lambda query, calls, *a: [backend] * len(calls))
+    monkeypatch.setattr(fused, "select_backends", lambda query, calls, *a: [backend] * len(calls))
     q, k, v = make_qkv(batch, seq, heads)
     expected = reference(q, k, v, seg, dil, head_mode=head_mode, is_causal=causal)
     g = torch.randn_like(expected)
@@ -207,8 +211,8 @@ def test_all_mode_merges_every_branch_at_once(monkeypatch, seg, dil, seq, heads)
     """Local "all"-mode problems go to compact rows: one merge of all branches in
     the forward, one sum per gradient and head chunk in the backward."""
     merged = []
-    real = functional._merge_branches
-    monkeypatch.setattr(functional, "_merge_branches", lambda *a: merged.append(a[-1]) or real(*a))
+    real = fused.merge_branches
+    monkeypatch.setattr(fused, "merge_branches", lambda *a: merged.append(a[-1]) or real(*a))
     q, k, v = make_qkv(2, seq, heads)
     out = functional.dilated_attention(q, k, v, seg, dil, head_mode="all", is_causal=True)
     expected = reference(q, k, v, seg, dil, head_mode="all", is_causal=True)
@@ -217,9 +221,11 @@ def test_all_mode_merges_every_branch_at_once(monkeypatch, seg, dil, seq, heads)
     g = torch.randn_like(out)
     for name, a, b in zip("qkv", grads(out, (q, k, v), g), grads(expected, (q, k, v), g)):
         assert_close(a, b, torch.float64, f"d{name}")
-    rows = compact_rows(DilatedPattern(seg, dil, "all").calls(seq, heads), seq, heads)
+    rows = compact_rows(
+        DilatedPattern(seg, dil, "all"), DilatedPattern(seg, dil, "all").calls(seq, heads), seq, heads
+    )
     per_position = sum(r.num_rows for r in rows.values()) / seq
-    chunk = functional.merge_head_chunk(heads, torch.float64, per_position)
+    chunk = fused.merge_head_chunk(heads, per_position)
     chunks = [range(s, min(s + chunk, heads)) for s in range(0, heads, chunk)]
     assert merged[1:] == [c for c in chunks for _ in range(3)]
 
@@ -230,7 +236,7 @@ def test_merge_by_lse_all_empty_is_zero_with_finite_grads():
         torch.tensor([0.5, -math.inf, -math.inf], dtype=torch.float64, requires_grad=True) for _ in range(2)
     ]
     lses[1] = torch.tensor([1.0, 2.0, -math.inf], dtype=torch.float64, requires_grad=True)
-    out, lse = functional.merge_by_lse(outs, lses)
+    out, lse = merge_by_lse(outs, lses)
     assert torch.equal(out[2], torch.zeros(4, dtype=torch.float64))
     assert lse[2] == -math.inf
     torch.testing.assert_close(out[1], outs[1][1])
@@ -251,9 +257,9 @@ def test_problem_views_select_the_calls_positions_and_heads(
     x = torch.randn(batch, n, h, d, dtype=torch.float64)
     if layout == "heads_first":  # same values, other strides
         x = x.transpose(1, 2).contiguous().transpose(1, 2)
-    pattern = functional.as_pattern((16, 32), (1, 4), head_mode)
+    pattern = pattern_module.as_pattern((16, 32), (1, 4), head_mode)
     for call in pattern.calls(n, h):
-        view = functional._problem_view(x, call)
+        view = views.problem_view(x, call)
         positions = torch.tensor(call.positions()).reshape(call.num_segments, call.length)
         expected = x[:, positions][:, :, :, call.heads()]  # (batch, segments, length, heads, d)
         expected = expected.flatten(0, 1).transpose(1, 2)

@@ -1,0 +1,384 @@
+"""The fused path: every branch problem a strided view, one lse-returning kernel
+call each, results written in place, and a custom autograd Function whose
+backward calls each kernel's backward with the merged output and lse."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import kernels
+from .._checks import accumulation_dtype
+from ..pattern import BranchCall, BranchRows, DilatedPattern, compact_rows, split_heads
+from .bias import call_bias, rows_with_keys, sanitize
+from .blockwise import BlockBackward, blockwise_forward
+from .exchange import KeyExchange
+from .gather import local_problems, run_gathered
+from .merge import BranchBuffers, merge_branches, merge_finish, merge_into
+from .views import from_problem, problem_view, strided
+
+
+@dataclasses.dataclass
+class FusedProblem:
+    """One branch problem of the fused path. ``call`` places the queries (and
+    the output) in the local sequence; keys and values are the same positions,
+    or, with an ``exchange``, the segment's rows on every rank that shares it
+    (one segment per problem). Those run block by block, one block per member:
+    ``bias`` (key padding only) covers all members' keys, and ``causal`` means
+    no key of a later member and causal within a member's own block."""
+
+    call: BranchCall
+    backend: kernels.Backend
+    bias: Tensor | None = None
+    causal: bool = False
+    exchange: KeyExchange | None = None
+
+
+def _into_place(p: FusedProblem, x: Tensor, call: BranchCall) -> Tensor | None:
+    """``x``'s problem view of ``call`` for a backend to write into, where that is
+    exact: a local problem without bias, a backend with ``forward_into``, and a view
+    (not a copy) of ``x``. ``x`` must not be shared with another problem's
+    (position, head): grouped-head outputs, or one branch's compact buffer."""
+    if p.exchange is not None or p.bias is not None or not p.backend.WRITES_INTO_PLACE:
+        return None
+    view = problem_view(x, call)
+    is_view = view.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+    return view if is_view and p.backend.strides.accepts(view) else None
+
+
+def _write(grad: Tensor, call: BranchCall, first_head: int, part5: Tensor, merge: bool) -> None:
+    view = strided(grad, call, first_head)
+    if merge:
+        view.add_(part5)
+    else:  # grouped: problems are disjoint in (position, head)
+        view.copy_(part5)
+
+
+def merge_head_chunk(num_heads: int, rows_per_position: float) -> int:
+    """Heads per chunk of the "all"-mode backward. A chunk of ``c`` heads keeps, in
+    units of one ``(batch, seq, heads, head_dim)`` tensor, every branch's dq, dk, dv
+    in compact rows (3·u·c/h, ``u = rows_per_position``: the branches' rows per
+    position, about Σ 1/r; 2.0 for LongNet's base pattern), one call's dq, dk, dv
+    (3·c/h) and the kernel's float32 dq workspace (2·c/h, cuDNN and flash). Keeping that under
+    1.6 units holds the forward+backward peak within 1.25× of q, k, v, out and
+    their gradients (measured on an H100:
+    ``tests/test_gpu.py::test_peak_memory_within_target``); the price is more,
+    smaller backward calls. The forward needs no chunks: its compact results
+    (``u`` units) are live while no gradient is."""
+    return max(1, int(1.6 * num_heads / (3 * rows_per_position + 5)))
+
+
+def _backward_pieces(
+    problems: Sequence[FusedProblem], num_heads: int, chunk: int
+) -> list[tuple[range, list[tuple[int, BranchCall]]]]:
+    """Per chunk of ``chunk`` heads: ``(problem index, the part of its call in the
+    chunk)``, spanning problems first (their reductions overlap the rest)."""
+    chunks: list[tuple[range, list[tuple[int, BranchCall]]]] = [
+        (range(s, min(s + chunk, num_heads)), []) for s in range(0, num_heads, chunk)
+    ]
+    for i in sorted(range(len(problems)), key=lambda i: problems[i].exchange is None):
+        call = problems[i].call
+        for piece in [call] if chunk >= num_heads else split_heads([call], chunk):
+            chunks[piece.head_start // chunk][1].append((i, piece))
+    return chunks
+
+
+def _bias_heads(bias: Tensor | None, call: BranchCall, piece: BranchCall) -> Tensor | None:
+    """``bias`` of ``call`` restricted to the heads of ``piece`` (a part of it)."""
+    if bias is None or bias.shape[1] == 1 or piece.num_heads == call.num_heads:
+        return bias
+    first = (piece.head_start - call.head_start) // call.head_step
+    return bias[:, first : first + piece.num_heads]
+
+
+class _FusedDilatedAttention(torch.autograd.Function):
+    """Grouped heads: problems are disjoint in (position, head); their results
+    are copied into place, or written there by an :class:`~.kernels.IntoPlaceBackend`.
+    "all": each (position, head) merges one term per branch. Where every problem
+    is local, each branch's results go to compact rows (:class:`~.pattern.BranchRows`,
+    written into place by such a backend) and one pass merges all branches
+    (:func:`merge_branches`); problems that span ranks merge one at a time into
+    float32 sums. With compact rows the backward goes one chunk of
+    :func:`merge_head_chunk` heads at a time (kernel states must not depend on
+    the heads), else all heads at once (no spanning problem may be cut)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        problems: list[FusedProblem],
+        pattern: DilatedPattern,
+        scale: float,
+        recompute: Recompute | None,
+    ) -> Tensor:
+        b, n, h, d = query.shape
+        merge = pattern.merges_branches
+        lse_dtype = accumulation_dtype(query.dtype)
+        # every problem is a view of the inputs with strides that are multiples of theirs:
+        # inputs its kernels take give problems they take, so one check per call
+        query, key, value = _conform_inputs(problems, query, key, value)
+        local = all(p.exchange is None for p in problems)
+        rows = compact_rows(pattern, [p.call for p in problems], n, h) if local else None
+        head_chunk = h
+        if rows is not None:
+            head_chunk = merge_head_chunk(h, sum(r.num_rows for r in rows.values()) / n)
+        if rows is not None:
+            parts = BranchBuffers(rows, b, h, d, query.dtype, query.device)
+            part_lses = BranchBuffers(rows, b, h, None, lse_dtype, query.device)
+            out = query.new_empty(b, n, h, d)
+            lse = query.new_empty((b, n, h), dtype=lse_dtype)
+        else:
+            out = query.new_zeros(b, n, h, d, dtype=lse_dtype if merge else query.dtype)
+            lse = query.new_full((b, n, h), -math.inf, dtype=lse_dtype)
+        # "all" mode one problem at a time: out and lse hold an online merge's acc and top
+        total = query.new_zeros((b, n, h), dtype=lse_dtype) if merge and rows is None else None
+        # every exchange starts first, and its problem runs last: the rest hides it
+        started = {
+            i: p.exchange.start_forward(*(problem_view(x, p.call) for x in (key, value)))
+            for i, p in enumerate(problems)
+            if p.exchange is not None
+        }
+        states: list[Any] = [None] * len(problems)
+        exchanged_kv: list[tuple[Tensor, Tensor] | None] = [None] * len(problems)
+        for i in sorted(range(len(problems)), key=lambda i: i in started):
+            p = problems[i]
+            # where the results go: in place, or the branch's compact rows
+            to_out, to_lse, to_call = out, lse, p.call
+            if rows is not None:
+                branch = p.call.branch
+                to_out, to_lse = parts.blocks[branch], part_lses.blocks[branch]
+                to_call = rows[branch].call_rows(p.call)
+            q = problem_view(query, p.call)
+            if i in started:
+                blocks, exchanged_kv[i] = started[i]()
+                rule = p.backend.strides
+                blocks = ((m, rule.conform(k), rule.conform(v)) for m, k, v in blocks)
+                # consumed even without local queries: the exchange must still happen
+                part_out, part_lse, states[i] = blockwise_forward(p, q, blocks, scale)
+            else:
+                if p.call.length == 0:
+                    continue
+                k, v = (problem_view(x, p.call) for x in (key, value))
+                dest = _into_place(p, to_out, to_call) if rows is not None or not merge else None
+                if dest is not None:
+                    part_lse, states[i] = p.backend.forward_into(q, k, v, p.causal, scale, dest)  # type: ignore[attr-defined]
+                    strided(to_lse, to_call).copy_(from_problem(part_lse, b))
+                    continue
+                part_out, part_lse, states[i] = p.backend.forward(q, k, v, p.bias, p.causal, scale)
+                if p.bias is not None:
+                    part_out, part_lse = sanitize(part_out, part_lse, rows_with_keys(p.bias, p.causal))
+            out5, lse4 = strided(to_out, to_call), strided(to_lse, to_call)
+            part_out, part_lse = from_problem(part_out, b), from_problem(part_lse, b)
+            if total is not None:
+                merge_into(out5, lse4, strided(total, to_call), part_out, part_lse)
+            else:
+                out5.copy_(part_out)
+                lse4.copy_(part_lse)
+        if rows is not None:
+            merge_branches(out, lse, rows, parts, part_lses, range(h))
+        if total is not None:
+            out, lse = merge_finish(out, lse, total)
+        out = out.to(query.dtype)
+        ctx.save_for_backward(query, key, value, out, lse)
+        ctx.problems, ctx.states, ctx.exchanged_kv, ctx.rows = problems, states, exchanged_kv, rows
+        ctx.merge, ctx.scale, ctx.head_chunk, ctx.recompute = merge, scale, head_chunk, recompute
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        # grad mode is on in a backward only under create_graph=True (double backward);
+        # batched gradients (vmap, is_grads_batched) come as functorch tensors
+        if torch.is_grad_enabled() or functorch_active(grad_out):
+            return (*_recomputed_grads(ctx, grad_out), None, None, None, None)
+        query, key, value, out, lse = ctx.saved_tensors
+        query, key, value = _conform_inputs(ctx.problems, query, key, value)
+        b, n, h, d = query.shape
+        grad_out = grad_out.contiguous()
+        rows: dict[int, BranchRows] | None = ctx.rows
+        new = torch.empty if ctx.merge else torch.zeros
+        grads = [new(query.shape, dtype=query.dtype, device=query.device) for _ in range(3)]
+        problems: list[FusedProblem] = ctx.problems
+        for heads, pieces in _backward_pieces(problems, h, ctx.head_chunk):
+            # "all": each branch's gradients go to compact rows and are summed at
+            # the end of the chunk, or, with spanning problems, summed in float32
+            compact = (
+                [BranchBuffers(rows, b, len(heads), d, query.dtype, query.device) for _ in grads]
+                if rows is not None
+                else []
+            )
+            accs = grads
+            if ctx.merge and rows is None:
+                accs = [query.new_zeros(b, n, len(heads), d, dtype=lse.dtype) for _ in grads]
+            reductions: dict[int, Callable[[], tuple[Tensor, Tensor]]] = {}
+            for i, call in pieces:
+                p, kv = problems[i], ctx.exchanged_kv[i]
+                if p.exchange is None and call.length == 0:
+                    continue
+                q, o, do = (problem_view(x, call) for x in (query, out, grad_out))
+                k, v = kv if kv is not None else (problem_view(x, call) for x in (key, value))
+                k, v = p.backend.strides.conform(k), p.backend.strides.conform(v)
+                part_lse = problem_view(lse, call)
+                bias = _bias_heads(p.bias, p.call, call)
+                if bias is not None:
+                    # no key in any branch: every key is masked, so any finite lse gives p = 0
+                    part_lse = torch.where(part_lse == -math.inf, 0.0, part_lse)
+                if rows is not None:
+                    to_call = rows[call.branch].call_rows(call, heads.start)
+                    dests = [_into_place(p, c.blocks[call.branch], to_call) for c in compact]
+                else:
+                    dests = [None if ctx.merge else _into_place(p, grad, call) for grad in grads]
+                if p.exchange is None and all(x is not None for x in dests):
+                    p.backend.backward_into(  # type: ignore[attr-defined]
+                        do, q, k, v, o, part_lse, p.causal, ctx.scale, ctx.states[i], tuple(dests)
+                    )
+                    continue
+                if p.exchange is None:
+                    part_grads = p.backend.backward(
+                        do, q, k, v, o, part_lse, bias, p.causal, ctx.scale, ctx.states[i]
+                    )
+                else:  # dk, dv go home while the rest runs
+                    block = BlockBackward.start(p, do, o, part_lse, ctx.scale, ctx.states[i])
+                    reductions[i] = p.exchange.backward(block, k, v)
+                    part_grads = (block.finish(),)
+                if rows is not None:
+                    for c, part in zip(compact, part_grads):
+                        strided(c.blocks[call.branch], to_call).copy_(from_problem(part, b))
+                    continue
+                for acc, part in zip(accs, part_grads):
+                    _write(acc, call, heads.start, from_problem(part, b), ctx.merge)
+            for i, wait in reductions.items():
+                for acc, part in zip(accs[1:], wait()):
+                    _write(acc, problems[i].call, heads.start, from_problem(part, b), ctx.merge)
+            if rows is not None:
+                for grad, c in zip(grads, compact):
+                    merge_branches(grad[:, :, heads.start : heads.stop], None, rows, c, None, heads)
+            elif ctx.merge:
+                for grad, acc in zip(grads, accs):
+                    grad[:, :, heads.start : heads.stop].copy_(acc)
+        dq, dk, dv = grads
+        return dq, dk, dv, None, None, None, None
+
+
+def _conform_inputs(problems: Sequence[FusedProblem], *inputs: Tensor) -> tuple[Tensor, ...]:
+    """``inputs`` in a layout every problem's backend takes (a copy only where one refuses)."""
+    rule = kernels.StrideRule.strictest(p.backend.strides for p in problems)
+    return tuple(rule.conform(x) for x in inputs)
+
+
+#: ``(query, key, value) -> output`` of the same function in differentiable torch ops
+Recompute = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def functorch_active(*tensors: Tensor) -> bool:
+    """Whether a ``torch.func`` transform (vmap, grad, jacrev, batched gradients)
+    is running or wraps one of ``tensors``: the fused path's in-place strided
+    writes have no batching rule, so such calls take the differentiable path."""
+    if torch._C._are_functorch_transforms_active():
+        return True
+    functorch = torch._C._functorch
+    # is_grads_batched runs the backward under the legacy vmap, whose tensors are not "wrapped"
+    return any(
+        functorch.is_functorch_wrapped_tensor(x) or functorch.is_legacy_batchedtensor(x) for x in tensors
+    )
+
+
+def _recomputed_grads(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``(dq, dk, dv)`` by differentiating the same function recomputed in plain
+    torch ops: exact, and itself differentiable (double backward, gradient
+    penalties) and batchable (``is_grads_batched``, ``torch.func``)."""
+    if ctx.recompute is None:
+        raise RuntimeError(
+            "double backward (create_graph=True) and batched gradients are not supported through "
+            "sequence-parallel dilated attention: its keys come from other ranks. Compute such "
+            "gradients on one device (ImprovedDilatedAttention or DilatedAttention)"
+        )
+    saved = ctx.saved_tensors[:3]
+    needed = ctx.needs_input_grad[:3]
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        # under create_graph the saved inputs carry their history: the gradients stay
+        # functions of them; otherwise fresh leaves suffice
+        inputs = [x if create_graph and x.requires_grad else x.detach().requires_grad_(need)
+                  for x, need in zip(saved, needed)]  # fmt: skip
+        out = ctx.recompute(*inputs)
+        wanted = [x for x, need in zip(inputs, needed) if need]
+        found = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=create_graph, allow_unused=True))
+    result = [next(found) if need else None for need in needed]
+    return tuple(  # type: ignore[return-value]
+        g if g is not None or not need else torch.zeros_like(x) for g, x, need in zip(result, saved, needed)
+    )
+
+
+def select_backends(
+    query: Tensor, calls: Sequence[BranchCall], has_bias: Sequence[bool], backend: str | None
+) -> list[kernels.Backend]:
+    """A kernel per problem. A named backend must suit the inputs; a problem whose
+    length it refuses (cuDNN at length 1, say) goes to the best one that takes it."""
+    spec = kernels.AttentionSpec.from_tensor(query, has_bias=any(has_bias))
+    if backend is not None:
+        kernels.select_backend(spec, backend)
+    named = kernels.REGISTRY.get(backend) if backend is not None else None
+    # problems share few (length, bias) pairs: judge each pair once
+    by_spec: dict[tuple[bool, int], kernels.Backend] = {}
+    chosen = []
+    for call, bias in zip(calls, has_bias):
+        key = (bias, call.length)
+        if key not in by_spec:
+            call_spec = dataclasses.replace(spec, has_bias=bias, seq_len=call.length)
+            if named is not None and not named.not_supported_reasons(call_spec):
+                by_spec[key] = named
+            else:
+                by_spec[key] = kernels.select_backend(call_spec)
+        chosen.append(by_spec[key])
+    return chosen
+
+
+@torch.compiler.disable
+def run_fused(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    problems: list[FusedProblem],
+    pattern: DilatedPattern,
+    scale: float,
+    recompute: Recompute | None = None,
+) -> Tensor:
+    """The fused path, kept out of ``torch.compile`` graphs: compiling through the
+    custom Function's in-place view writes gave wrong gradients on torch 2.11.
+    ``recompute``: the same
+    function in differentiable ops, which double backward and batched gradients
+    differentiate (None: they raise)."""
+    return _FusedDilatedAttention.apply(query, key, value, problems, pattern, scale, recompute)
+
+
+def fused_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_bias: Tensor | None,
+    attn_bias: Tensor | None,
+    pattern: DilatedPattern,
+    is_causal: bool,
+    scale: float,
+    backend: str | None,
+) -> Tensor:
+    b, n, h, _ = query.shape
+    calls = pattern.calls(n, h)
+
+    def recompute(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        problems = local_problems(q, k, v, key_bias, attn_bias, calls, is_causal)
+        return run_gathered(q, problems, pattern, scale, 0.0)
+
+    if functorch_active(query, key, value):
+        return recompute(query, key, value)
+    biases = [call_bias(c, key_bias, attn_bias, b) for c in calls]
+    backends = select_backends(query, calls, [x is not None for x in biases], backend)
+    problems = [FusedProblem(c, be, bias, is_causal) for c, be, bias in zip(calls, backends, biases)]
+    return run_fused(query, key, value, problems, pattern, scale, recompute=recompute)

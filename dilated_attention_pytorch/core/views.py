@@ -1,0 +1,74 @@
+"""A branch call's positions and heads as strided views of ``(batch, seq, heads, ...)``
+tensors: how every problem of the fused path reads its inputs and writes its results
+without copies."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..pattern import BranchCall
+
+
+def positions(call: BranchCall, device: torch.device) -> Tensor:
+    """Sequence positions of ``call``, ``(segments, length)``."""
+    seg = torch.arange(call.num_segments, device=device) * call.segment_length
+    m = torch.arange(call.length, device=device) * call.dilation
+    return call.start + call.offset + seg[:, None] + m[None, :]
+
+
+def strided(x: Tensor, call: BranchCall, first_head: int = 0) -> Tensor:
+    """``x[:, positions, heads]`` as a view ``(batch, segments, length, heads, *rest)``
+    of a ``(batch, seq, heads, *rest)`` tensor, for any input strides; ``x`` may
+    hold only the heads from ``first_head`` on.
+
+    One ``as_strided`` rather than a chain of slices: it is called a dozen times
+    per problem and the slices' host time showed at small n."""
+    stride_b, stride_n, stride_h, *rest = x.stride()
+    return x.as_strided(
+        (x.shape[0], call.num_segments, call.length, call.num_heads, *x.shape[3:]),
+        (
+            stride_b,
+            call.segment_length * stride_n,
+            call.dilation * stride_n,
+            call.head_step * stride_h,
+            *rest,
+        ),
+        _first_element(x, call, first_head),
+    )
+
+
+def _first_element(x: Tensor, call: BranchCall, first_head: int = 0) -> int:
+    """Storage offset of ``x``'s element at the call's first position and head."""
+    _, stride_n, stride_h = x.stride()[:3]
+    return (
+        x.storage_offset() + (call.start + call.offset) * stride_n + (call.head_start - first_head) * stride_h
+    )
+
+
+def problem_view(x: Tensor, call: BranchCall) -> Tensor:
+    """``x[:, positions, heads]`` in problem layout ``(batch·segments, heads, length, *rest)``:
+    one view unless batch > 1, the call has several segments and batch·segments is
+    not one dimension of ``x`` (segments that do not tile it, or an unusual batch
+    stride): then a copy."""
+    stride_b, stride_n, stride_h, *rest = x.stride()
+    batch, segments = x.shape[0], call.num_segments
+    stride_segment = call.segment_length * stride_n
+    if batch > 1 and segments > 1 and stride_b != segments * stride_segment:
+        return strided(x, call).flatten(0, 1).transpose(1, 2)
+    return x.as_strided(
+        (batch * segments, call.num_heads, call.length, *x.shape[3:]),
+        (
+            stride_segment if segments > 1 else stride_b,
+            call.head_step * stride_h,
+            call.dilation * stride_n,
+            *rest,
+        ),
+        _first_element(x, call),
+    )
+
+
+def from_problem(x: Tensor, batch: int) -> Tensor:
+    """Inverse of :func:`problem_view` (may copy)."""
+    x = x.transpose(1, 2)
+    return x.reshape(batch, x.shape[0] // batch, *x.shape[1:])
