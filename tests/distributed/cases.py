@@ -30,6 +30,9 @@ CASES = [
     (6, 24, (8, 16, 24), (1, 2, 3), 5),  # spanning 2 and 4, partial [16, 24) spans 4 and 5
 ]
 
+#: every world size the cases use
+WORLDS = sorted({case[0] for case in CASES})
+
 
 def run_cases(rank: int, world: int, init_file: str, results: dict, exchanges: list[tuple[str, str]]) -> None:
     init(rank, world, init_file)
@@ -78,3 +81,14 @@ def run_cases(rank: int, world: int, init_file: str, results: dict, exchanges: l
         results[rank] = failures
     finally:
         dist.destroy_process_group()
+
+
+def check_strategy(exchanges: list[tuple[str, str]], world: int, tmp_path) -> None:
+    """Every case of ``world`` ranks with each ``(method, exchange)``, on fresh processes."""
+    import functools
+
+    from .spawn import spawn
+
+    results = spawn(functools.partial(run_cases, exchanges=exchanges), world, tmp_path)
+    assert sorted(results) == list(range(world))
+    assert all(not failures for failures in results.values()), results

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -15,29 +17,29 @@ from .spawn import init, spawn
 EXCHANGES = [("fused", "all_gather"), ("fused", "ring"), ("gather", "all_gather")]
 
 
+def _error(call, kind: type[Exception] = ValueError) -> str | None:
+    """The message ``call()`` raises (an exception of ``kind``), or None."""
+    try:
+        call()
+    except kind as e:
+        return str(e)
+    return None
+
+
 def _run_errors(rank: int, world: int, init_file: str, results: dict) -> None:
     init(rank, world, init_file)
     try:
-        messages = []
-        q = torch.randn(1, 8 + rank, 2, 4)  # shards of different lengths
-        try:
-            RingDilatedAttention([8], [1])(q, q, q)
-        except ValueError as e:
-            messages.append(str(e))
+        uneven = torch.randn(1, 8 + rank, 2, 4)  # shards of different lengths
         q = torch.randn(1, 8, 2, 4)
-        try:  # 12 neither divides the shard (8) nor is a multiple of it
-            RingDilatedAttention([12], [1])(q, q, q)
-        except ValueError as e:
-            messages.append(str(e))
-        try:
-            RingDilatedAttention([8], [1])(q, q, q, attn_mask=torch.zeros(8, 8, dtype=torch.bool))
-        except ValueError as e:
-            messages.append(str(e))
-        try:
-            RingDilatedAttention([8], [1])(q, q, q, is_causal=1)
-        except TypeError as e:
-            messages.append(str(e))
-        results[rank] = messages
+        results[rank] = [
+            _error(lambda: RingDilatedAttention([8], [1])(uneven, uneven, uneven)),
+            # 12 neither divides the shard (8) nor is a multiple of it
+            _error(lambda: RingDilatedAttention([12], [1])(q, q, q)),
+            _error(
+                lambda: RingDilatedAttention([8], [1])(q, q, q, attn_mask=torch.zeros(8, 8, dtype=torch.bool))
+            ),
+            _error(lambda: RingDilatedAttention([8], [1])(q, q, q, is_causal=1), TypeError),
+        ]
     finally:
         dist.destroy_process_group()
 
@@ -45,7 +47,7 @@ def _run_errors(rank: int, world: int, init_file: str, results: dict) -> None:
 def test_ring_errors_on_every_rank(tmp_path):
     results = spawn(_run_errors, 2, tmp_path)
     for messages in results.values():
-        assert len(messages) == 4
+        assert len(messages) == 4 and None not in messages, messages
         assert "every rank must pass a shard of the same shape" in messages[0]
         assert "segment_lengths[0]=12" in messages[1] and "shard length 8" in messages[1]
         assert "attn_mask is not supported" in messages[2]
@@ -73,7 +75,6 @@ def _run_disagreeing(rank: int, world: int, init_file: str, results: dict) -> No
     """Each call differs between the ranks in one way; every rank must raise, none hang."""
     init(rank, world, init_file)
     try:
-        messages = []
         q = torch.randn(1, 8, 2, 4, dtype=torch.float64)
         kpm = torch.zeros(1, 8, dtype=torch.bool)
         calls = [
@@ -98,13 +99,7 @@ def _run_disagreeing(rank: int, world: int, init_file: str, results: dict) -> No
                 key_padding_mask=torch.zeros(1, 8 - rank, dtype=torch.bool),
             ),
         ]
-        for call in calls:
-            try:
-                call()
-                messages.append(None)
-            except ValueError as e:
-                messages.append(str(e))
-        results[rank] = messages
+        results[rank] = [_error(call) for call in calls]
     finally:
         dist.destroy_process_group()
 
@@ -127,11 +122,8 @@ def _run_double_backward(rank: int, world: int, init_file: str, results: dict) -
         for method, exchange in EXCHANGES:
             q = torch.randn(1, 8, 2, 4, dtype=torch.float64, requires_grad=True)
             out = ring_dilated_attention(q, q, q, DilatedPattern([16], [2]), method=method, exchange=exchange)
-            try:
-                torch.autograd.grad(out.square().sum(), q, create_graph=True)
-                messages.append(None)
-            except RuntimeError as e:
-                messages.append(str(e))
+            penalty = functools.partial(torch.autograd.grad, out.square().sum(), q, create_graph=True)
+            messages.append(_error(penalty, RuntimeError))
         results[rank] = messages
     finally:
         dist.destroy_process_group()
