@@ -30,17 +30,40 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def check_inputs(query: Tensor, key: Tensor, value: Tensor) -> tuple[int, int, int, int]:
+    """Check the shapes, dtypes and devices of a call; returns ``query.shape``.
+
+    ``query`` ``(batch, seqlen_q, heads, head_dim)``; ``key`` and ``value``
+    ``(batch, seqlen_k, kv_heads, head_dim)`` with ``heads % kv_heads == 0``
+    (grouped-query attention) and ``seqlen_q <= seqlen_k`` (the queries are the
+    last ``seqlen_q`` positions)."""
     for name, x in (("query", query), ("key", key), ("value", value)):
         if not isinstance(x, Tensor):
             raise TypeError(f"{name} must be a Tensor, got {type(x).__name__}")
         if x.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (batch, seq, heads, head_dim), got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"{name} must be 4-D (batch, seq, heads, head_dim), got shape {tuple(x.shape)}; "
+                "for (batch, heads, seq, head_dim) tensors pass x.transpose(1, 2)"
+            )
         if not x.dtype.is_floating_point:
             raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    if key.shape != query.shape or value.shape != query.shape:
+    b, n_q, h, d = query.shape
+    if key.shape != value.shape or key.shape[0] != b or key.shape[3] != d:
         raise ValueError(
-            "query, key and value must have the same shape (batch, seq, heads, head_dim); "
-            f"got query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}"
+            "key and value must have shape (batch, seqlen_k, kv_heads, head_dim) with the query's batch "
+            f"and head_dim (query is (batch, seqlen_q, heads, head_dim) = {tuple(query.shape)}); got key "
+            f"{tuple(key.shape)}, value {tuple(value.shape)}"
+        )
+    n_k, kv_heads = key.shape[1], key.shape[2]
+    if kv_heads == 0 or h % kv_heads:
+        raise ValueError(
+            f"heads % kv_heads must be 0 (grouped-query attention: query head j reads key/value head "
+            f"j // (heads // kv_heads)), got heads = {h} (query.shape[2]) and kv_heads = {kv_heads} "
+            "(key.shape[2])"
+        )
+    if n_q > n_k:
+        raise ValueError(
+            f"seqlen_q must be <= seqlen_k (the queries are the last seqlen_q positions of the keys), "
+            f"got seqlen_q = {n_q} (query.shape[1]) and seqlen_k = {n_k} (key.shape[1])"
         )
     if not (query.dtype == key.dtype == value.dtype):
         raise ValueError(
@@ -126,11 +149,10 @@ def mask_to_bias(mask: Tensor, dtype: torch.dtype, name: str = "mask") -> Tensor
     return mask.to(dtype)
 
 
-def fits_4d(x: Tensor, batch: int, heads: int, size: int) -> bool:
-    """Whether ``x`` is ``(batch | 1, heads | 1, size, size)``."""
-    return (
-        x.dim() == 4 and x.shape[0] in (1, batch) and x.shape[1] in (1, heads) and x.shape[2:] == (size, size)
-    )
+def fits_4d(x: Tensor, batch: int, heads: int, size: int, size_k: int | None = None) -> bool:
+    """Whether ``x`` is ``(batch | 1, heads | 1, size, size_k)`` (``size_k`` defaults to ``size``)."""
+    cols = size if size_k is None else size_k
+    return x.dim() == 4 and x.shape[0] in (1, batch) and x.shape[1] in (1, heads) and x.shape[2:] == (size, cols)
 
 
 def prepare_masks(
@@ -139,19 +161,23 @@ def prepare_masks(
     shape: tuple[int, int, int, int],
     dtype: torch.dtype,
     device: torch.device,
+    seqlen_k: int | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
     """Validate the masks and turn them into additive biases.
 
-    Returns ``key_bias`` ``(batch, seq)`` and ``attn_bias``
-    ``(batch | 1, heads | 1, seq, seq)``, float32 (float64 for float64 inputs).
+    ``shape`` is the query's ``(batch, seqlen_q, heads, head_dim)``;
+    ``seqlen_k`` defaults to ``seqlen_q``. Returns ``key_bias``
+    ``(batch, seqlen_k)`` and ``attn_bias`` ``(batch | 1, heads | 1, seqlen_q,
+    seqlen_k)``, float32 (float64 for float64 inputs).
     """
     b, n, h, _ = shape
+    n_k = n if seqlen_k is None else seqlen_k
     bias_dtype = accumulation_dtype(dtype)
     key_bias = attn_bias = None
     if key_padding_mask is not None:
-        if not isinstance(key_padding_mask, Tensor) or key_padding_mask.shape != (b, n):
+        if not isinstance(key_padding_mask, Tensor) or key_padding_mask.shape != (b, n_k):
             got = tuple(key_padding_mask.shape) if isinstance(key_padding_mask, Tensor) else key_padding_mask
-            raise ValueError(f"key_padding_mask must have shape (batch, seq) = {(b, n)}, got {got}")
+            raise ValueError(f"key_padding_mask must have shape (batch, seqlen_k) = {(b, n_k)}, got {got}")
         if key_padding_mask.device != device:
             raise ValueError(f"key_padding_mask must be on {device}, got {key_padding_mask.device}")
         key_bias = mask_to_bias(key_padding_mask, bias_dtype, "key_padding_mask")
@@ -160,10 +186,10 @@ def prepare_masks(
             raise TypeError(f"attn_mask must be a Tensor, got {type(attn_mask).__name__}")
         if attn_mask.dim() == 2:
             attn_mask = attn_mask[None, None]
-        if not fits_4d(attn_mask, b, h, n):
+        if not fits_4d(attn_mask, b, h, n, n_k):
             raise ValueError(
-                "attn_mask must have shape (seq, seq) or (batch | 1, heads | 1, seq, seq) = "
-                f"({b} | 1, {h} | 1, {n}, {n}), got {tuple(attn_mask.shape)}"
+                "attn_mask must have shape (seqlen_q, seqlen_k) or (batch | 1, heads | 1, seqlen_q, seqlen_k) "
+                f"= ({b} | 1, {h} | 1, {n}, {n_k}), got {tuple(attn_mask.shape)}"
             )
         if attn_mask.device != device:
             raise ValueError(f"attn_mask must be on {device}, got {attn_mask.device}")
@@ -191,7 +217,9 @@ def validate_call(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
-    key_bias, attn_bias = prepare_masks(key_padding_mask, attn_mask, shape, query.dtype, query.device)
+    key_bias, attn_bias = prepare_masks(
+        key_padding_mask, attn_mask, shape, query.dtype, query.device, key.shape[1]
+    )
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(shape[3])
     return shape, key_bias, attn_bias, scale
 

@@ -23,7 +23,8 @@ from .core.fused import functorch_active, fused_attention
 from .core.gather import local_problems, run_gathered
 from .core.merge import merge_by_lse
 from .pattern import DilatedPattern, HeadMode, as_pattern
-from .sparse.block_layout import one_block, prepare_layout
+from .core.window import QueryWindow
+from .sparse.block_layout import BlockLayout, one_block, prepare_layout
 from .sparse.flex import flex_path
 
 __all__ = ["METHODS", "Method", "dilated_attention", "merge_by_lse"]
@@ -47,16 +48,27 @@ def dilated_attention(
     block_layout: Tensor | None = None,
     block_size: int = 128,
 ) -> Tensor:
-    """Dilated attention (docs/semantics.md) of ``(batch, seq, heads, head_dim)`` inputs.
+    """Dilated attention (docs/semantics.md).
 
     Args:
+        query: ``(batch, seqlen_q, heads, head_dim)``, any strides. The queries
+            are the last ``seqlen_q`` positions of the key sequence
+            (``seqlen_q <= seqlen_k``; decoding, chunked prefill): the pattern
+            is evaluated at their absolute positions.
+        key: ``(batch, seqlen_k, kv_heads, head_dim)`` with
+            ``heads % kv_heads == 0`` (grouped-query and multi-query attention):
+            query head ``j`` reads key/value head ``j // (heads // kv_heads)``.
+        value: ``(batch, seqlen_k, kv_heads, head_dim)``.
         segment_lengths, dilation_rates, head_mode: the pattern, or a ready
-            :class:`DilatedPattern` as ``segment_lengths``.
+            :class:`DilatedPattern` as ``segment_lengths``. Head groups
+            (grouped mode) and offsets ("all" mode) are taken over query heads.
         is_causal: a query sees only keys at positions <= its own.
-        key_padding_mask: ``(batch, seq)``; bool True = ignore that key, or float (added).
-        attn_mask: ``(seq, seq)`` or ``(batch | 1, heads | 1, seq, seq)``; bool
-            True = not allowed (the ``nn.MultiheadAttention`` convention), or
-            float (added to the scores). Applied on top of the pattern.
+        key_padding_mask: ``(batch, seqlen_k)``; bool True = ignore that key, or
+            float (added).
+        attn_mask: ``(seqlen_q, seqlen_k)`` or
+            ``(batch | 1, heads | 1, seqlen_q, seqlen_k)``; bool True = not
+            allowed (the ``nn.MultiheadAttention`` convention), or float (added
+            to the scores). Applied on top of the pattern.
         dropout_p: dropout on the attention probabilities (pass 0 in eval).
         softmax_scale: defaults to ``1 / sqrt(head_dim)``.
         method: ``"fused"`` (strided views, fused kernels), ``"gather"``
@@ -72,17 +84,29 @@ def dilated_attention(
             or ``(batch | 1, heads | 1, n_blocks, n_blocks)`` with
             ``n_blocks = ceil(seq / block_size)``: queries of block ``Q`` see keys
             of block ``K`` only where it is True (on top of the pattern and masks).
-            Runs with ``method="flex"`` or ``"gather"``.
+            Runs with ``method="flex"`` or ``"gather"``, and ``seqlen_q == seqlen_k``.
         block_size: positions per block of ``block_layout``.
 
     Returns:
-        ``(batch, seq, heads, head_dim)``; a (position, head) with no key is 0.
+        ``(batch, seqlen_q, heads, head_dim)``; a (position, head) with no key is 0.
     """
     refuse_torchscript()
     pattern = as_pattern(segment_lengths, dilation_rates, head_mode)
     shape, key_bias, attn_bias, scale = validate_call(
         query, key, value, is_causal, key_padding_mask, attn_mask, dropout_p, softmax_scale, method
     )
+    if shape[1] != key.shape[1]:
+        if block_layout is not None:
+            raise ValueError(
+                "block_layout needs seqlen_q == seqlen_k, got seqlen_q = "
+                f"{shape[1]} and seqlen_k = {key.shape[1]}"
+            )
+        window = QueryWindow.of(pattern, shape[1], key.shape[1])
+        out = _attention(
+            window.queries(query), window.keys(key), window.keys(value), window.keys(key_bias),
+            window.attn_mask(attn_bias), pattern, is_causal, scale, dropout_p, method, backend, None,
+        )  # fmt: skip
+        return window.outputs(out)
     layout = None
     if block_layout is not None:
         layout = prepare_layout(block_layout, block_size, shape, query.dtype, query.device)
@@ -90,6 +114,27 @@ def dilated_attention(
             raise ValueError(
                 "block_layout runs with method='flex' (FlexAttention) or method='gather', not 'fused'"
             )
+    return _attention(
+        query, key, value, key_bias, attn_bias, pattern, is_causal, scale, dropout_p, method, backend, layout
+    )
+
+
+def _attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_bias: Tensor | None,
+    attn_bias: Tensor | None,
+    pattern: DilatedPattern,
+    is_causal: bool,
+    scale: float,
+    dropout_p: float,
+    method: Method,
+    backend: str | None,
+    layout: BlockLayout | None,
+) -> Tensor:
+    """:func:`dilated_attention` of checked arguments, ``seqlen_q == seqlen_k``."""
+    shape = query.shape
     if method == "flex" and functorch_active(query, key, value):
         method = "gather"  # the same function in ops torch.func can transform
     if method == "flex":

@@ -63,6 +63,7 @@ class _MultiheadDilatedAttentionBase(nn.MultiheadAttention):
         position_embedding: PositionKind | nn.Module | None = None,
         backend: str | None = None,
         max_weights_bytes: int | None = DEFAULT_MAX_BYTES,
+        num_kv_heads: int | None = None,
         **attention_kwargs: Any,
     ) -> None:
         nn.Module.__init__(self)
@@ -70,6 +71,12 @@ class _MultiheadDilatedAttentionBase(nn.MultiheadAttention):
         check_int("num_heads", num_heads)
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim must be divisible by num_heads, got {embed_dim} and {num_heads}")
+        num_kv_heads = num_heads if num_kv_heads is None else check_int("num_kv_heads", num_kv_heads)
+        if num_heads % num_kv_heads:
+            raise ValueError(
+                f"num_kv_heads must divide num_heads (grouped-query attention), got num_heads = {num_heads} "
+                f"and num_kv_heads = {num_kv_heads}"
+            )
         check_dropout(dropout, "dropout")
         if add_bias_kv:
             raise ValueError(
@@ -85,11 +92,15 @@ class _MultiheadDilatedAttentionBase(nn.MultiheadAttention):
         self.embed_dim = embed_dim
         self.kdim = kdim if kdim is not None else embed_dim
         self.vdim = vdim if vdim is not None else embed_dim
-        self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
         self.num_heads = num_heads
+        #: key/value heads; each is shared by num_heads // num_kv_heads consecutive query heads
+        self.num_kv_heads = num_kv_heads
+        # one (3·embed, embed) in_proj_weight, as nn.MultiheadAttention, where it fits
+        self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim and num_kv_heads == num_heads
         self.dropout = dropout
         self.batch_first = batch_first
         self.head_dim = embed_dim // num_heads
+        kv_dim = num_kv_heads * self.head_dim
         #: need_weights=True computes (batch, heads, L, S) weights densely: refused above this
         #: estimated memory (None: no limit)
         self.max_weights_bytes = max_weights_bytes
@@ -101,11 +112,11 @@ class _MultiheadDilatedAttentionBase(nn.MultiheadAttention):
             self.register_parameter("v_proj_weight", None)
         else:
             self.q_proj_weight = nn.Parameter(torch.empty(embed_dim, embed_dim, **factory_kwargs))
-            self.k_proj_weight = nn.Parameter(torch.empty(embed_dim, self.kdim, **factory_kwargs))
-            self.v_proj_weight = nn.Parameter(torch.empty(embed_dim, self.vdim, **factory_kwargs))
+            self.k_proj_weight = nn.Parameter(torch.empty(kv_dim, self.kdim, **factory_kwargs))
+            self.v_proj_weight = nn.Parameter(torch.empty(kv_dim, self.vdim, **factory_kwargs))
             self.register_parameter("in_proj_weight", None)
         if bias:
-            self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **factory_kwargs))
+            self.in_proj_bias = nn.Parameter(torch.empty(embed_dim + 2 * kv_dim, **factory_kwargs))
         else:
             self.register_parameter("in_proj_bias", None)
         self.out_proj = NonDynamicallyQuantizableLinear(embed_dim, embed_dim, bias=bias, **factory_kwargs)
@@ -136,10 +147,10 @@ class _MultiheadDilatedAttentionBase(nn.MultiheadAttention):
             nn.init.constant_(self.out_proj.bias, 0.0)
 
     def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        e = self.embed_dim
+        e, kv_dim = self.embed_dim, self.num_kv_heads * self.head_dim
         b_q = b_k = b_v = None
         if self.in_proj_bias is not None:
-            b_q, b_k, b_v = self.in_proj_bias.split(e)
+            b_q, b_k, b_v = self.in_proj_bias.split([e, kv_dim, kv_dim])
         if self._qkv_same_embed_dim:
             if query is key and key is value:  # self-attention: one matmul
                 qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias)
@@ -147,12 +158,16 @@ class _MultiheadDilatedAttentionBase(nn.MultiheadAttention):
             w_q, w_k, w_v = self.in_proj_weight.split(e)
         else:
             w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
-        shape = (self.num_heads, self.head_dim)
+        kv_shape = (self.num_kv_heads, self.head_dim)
         return (
-            F.linear(query, w_q, b_q).unflatten(-1, shape),
-            F.linear(key, w_k, b_k).unflatten(-1, shape),
-            F.linear(value, w_v, b_v).unflatten(-1, shape),
+            F.linear(query, w_q, b_q).unflatten(-1, (self.num_heads, self.head_dim)),
+            F.linear(key, w_k, b_k).unflatten(-1, kv_shape),
+            F.linear(value, w_v, b_v).unflatten(-1, kv_shape),
         )
+
+    def _per_query_head(self, x: Tensor) -> Tensor:
+        """Key/value heads repeated per query head (the decoding cache and the dense weights)."""
+        return x.repeat_interleave(self.num_heads // self.num_kv_heads, dim=2)
 
     def forward(
         self,
@@ -170,8 +185,9 @@ class _MultiheadDilatedAttentionBase(nn.MultiheadAttention):
         """Arguments and return value as ``nn.MultiheadAttention.forward``.
 
         ``query``/``key``/``value``: ``(seq, batch, embed)`` (``(batch, seq, embed)``
-        with ``batch_first``) or unbatched ``(seq, embed)``; key and query lengths
-        must be equal. Masks use the ``nn.MultiheadAttention`` conventions (bool
+        with ``batch_first``) or unbatched ``(seq, embed)``; the key length ``S``
+        may exceed the query length ``L``: the queries are then the last ``L``
+        positions of the keys. Masks use the ``nn.MultiheadAttention`` conventions (bool
         True = not allowed; ``attn_mask`` ``(L, S)`` or ``(batch·heads, L, S)``).
         ``is_causal`` applies a causal mask, on top of ``attn_mask`` if both are
         given. ``need_weights=True`` computes the output and the exact dense
@@ -212,14 +228,15 @@ class _MultiheadDilatedAttentionBase(nn.MultiheadAttention):
         ):
             if x.shape[-1] != dim:
                 raise ValueError(f"{name} must have {dim} features, got {x.shape[-1]}")
-        if key.shape[:2] != (batch, seq) or value.shape[:2] != (batch, seq):
+        seq_k = key.shape[1]
+        if key.shape[0] != batch or value.shape[:2] != key.shape[:2] or seq_k < seq:
             raise ValueError(
-                "key and value must have the query's batch size and length "
-                f"(batch={batch}, seq={seq}), got key {tuple(key.shape[:2])} and value "
-                f"{tuple(value.shape[:2])} (batch, seq): dilated attention pairs queries "
-                "and keys by position, so cross-attention needs equal lengths"
+                "key and value must have the query's batch size and one length S >= the query's L "
+                f"(batch={batch}, L={seq}), got key {tuple(key.shape[:2])} and value "
+                f"{tuple(value.shape[:2])} (batch, seq): dilated attention pairs queries and keys by "
+                "position, the queries being the last L positions of the keys"
             )
-        attn_mask = self._attn_mask_4d(attn_mask, batch, seq, unbatched)
+        attn_mask = self._attn_mask_4d(attn_mask, batch, seq, seq_k, unbatched)
         q, k, v = self._project(query, key, value)
         if self.position_embedding is not None:
             q, k = self.position_embedding(q, k, offset=self._position_offset(seq))
@@ -230,7 +247,7 @@ class _MultiheadDilatedAttentionBase(nn.MultiheadAttention):
                     f"kv_cache already holds {kv_cache.length} positions: a full forward only "
                     "fills an empty cache (prefill); continue with decode_step"
                 )
-            kv_cache.append(k, v)
+            kv_cache.append(self._per_query_head(k), self._per_query_head(v))
 
         weights = None
         if need_weights:
@@ -240,7 +257,7 @@ class _MultiheadDilatedAttentionBase(nn.MultiheadAttention):
             )  # fmt: skip
             if self.training and self.dropout > 0.0:
                 weights = F.dropout(weights, self.dropout)
-                out = torch.einsum("bhqk,bkhd->bqhd", weights, v)
+                out = torch.einsum("bhqk,bkhd->bqhd", weights, self._per_query_head(v))
             if average_attn_weights:
                 weights = weights.mean(1)
             if unbatched:
@@ -319,26 +336,29 @@ class _MultiheadDilatedAttentionBase(nn.MultiheadAttention):
         q, k, v = self._project(query, query, query)
         if self.position_embedding is not None:
             q, k = self.position_embedding(q, k, offset=kv_cache.length)
-        kv_cache.append(k, v)
+        kv_cache.append(self._per_query_head(k), self._per_query_head(v))
         out = kv_cache.attend(q, self.attention.softmax_scale)
         return self._output(out)
 
-    def _attn_mask_4d(self, attn_mask: Tensor | None, batch: int, seq: int, unbatched: bool) -> Tensor | None:
+    def _attn_mask_4d(
+        self, attn_mask: Tensor | None, batch: int, seq: int, seq_k: int, unbatched: bool
+    ) -> Tensor | None:
         """``(L, S)`` or ``(batch·heads, L, S)`` (nn.MultiheadAttention) -> 4-D."""
         if attn_mask is None or attn_mask.dim() == 2:
             return attn_mask
         h = self.num_heads
         if attn_mask.dim() == 4 and unbatched:
             return attn_mask
-        if attn_mask.dim() != 3 or attn_mask.shape != (batch * h, seq, seq):
+        if attn_mask.dim() != 3 or attn_mask.shape != (batch * h, seq, seq_k):
             raise ValueError(
-                f"attn_mask must have shape (L, S) = ({seq}, {seq}) or (batch * num_heads, L, S) = "
-                f"({batch * h}, {seq}, {seq}), got {tuple(attn_mask.shape)}"
+                f"attn_mask must have shape (L, S) = ({seq}, {seq_k}) or (batch * num_heads, L, S) = "
+                f"({batch * h}, {seq}, {seq_k}), got {tuple(attn_mask.shape)}"
             )
-        return attn_mask.view(batch, h, seq, seq)
+        return attn_mask.view(batch, h, seq, seq_k)
 
     def extra_repr(self) -> str:
-        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}"
+        kv = f", num_kv_heads={self.num_kv_heads}" if self.num_kv_heads != self.num_heads else ""
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}{kv}, batch_first={self.batch_first}"
 
 
 class MultiheadDilatedAttention(_MultiheadDilatedAttentionBase):
@@ -346,7 +366,11 @@ class MultiheadDilatedAttention(_MultiheadDilatedAttentionBase):
 
     Same constructor arguments, defaults, parameter names and forward as
     ``nn.MultiheadAttention``, plus ``segment_lengths``, ``dilation_rates``
-    (default: LongNet's base setting), ``head_mode``, ``layer_norm`` (MAGNETO
+    (default: LongNet's base setting), ``head_mode``, ``num_kv_heads``
+    (grouped-query attention: ``k_proj_weight``/``v_proj_weight`` project to
+    ``num_kv_heads`` heads, each read by ``num_heads // num_kv_heads`` consecutive
+    query heads; default ``num_heads`` keeps ``nn.MultiheadAttention``'s
+    parameters), ``layer_norm`` (MAGNETO
     sub-LayerNorm before ``out_proj``), ``backend`` and ``max_weights_bytes`` (the
     largest estimated memory ``need_weights=True`` may take for its dense weights,
     4 GiB by default; None: no limit). ``add_bias_kv`` and ``add_zero_attn`` raise:

@@ -328,6 +328,61 @@ def split_heads(calls: Sequence[BranchCall], chunk: int) -> list[BranchCall]:
     return pieces
 
 
+def kv_head(head: int, num_heads: int, kv_heads: int) -> int:
+    """The key/value head that query ``head`` reads (grouped-query attention):
+    consecutive query heads share one, ``head // (num_heads // kv_heads)``, as in
+    flash-attn and SDPA's ``enable_gqa``. The one place this rule lives."""
+    return head // (num_heads // kv_heads)
+
+
+def split_for_kv(calls: Sequence[BranchCall], num_heads: int, kv_heads: int) -> list[BranchCall]:
+    """``calls`` cut into parts whose query heads read key/value heads regularly:
+    in each part, runs of the same number of consecutive query heads share one
+    key/value head, and the key/value heads of successive runs are equally spaced
+    (:func:`kv_call` gives them). Without grouped-query attention, ``calls``."""
+    if kv_heads == num_heads:
+        return list(calls)
+    parts = []
+    for call in calls:
+        kvs = [kv_head(j, num_heads, kv_heads) for j in call.heads()]
+        i = 0
+        while i < len(kvs):
+            run = _run_length(kvs, i)
+            end, step = i + run, None
+            while end < len(kvs) and _run_length(kvs, end) == run:
+                if step is not None and kvs[end] - kvs[end - 1] != step:
+                    break
+                step = kvs[end] - kvs[end - 1]
+                end += run
+            first = call.head_start + call.head_step * i
+            parts.append(dataclasses.replace(call, head_start=first, num_heads=end - i))
+            i = end
+    return parts
+
+
+def _run_length(values: list[int], start: int) -> int:
+    end = start
+    while end < len(values) and values[end] == values[start]:
+        end += 1
+    return end - start
+
+
+def kv_call(call: BranchCall, num_heads: int, kv_heads: int) -> tuple[BranchCall, int]:
+    """``(the same positions on the key/value heads that call's query heads read,
+    query heads per key/value head)`` for a part of :func:`split_for_kv`: query
+    head ``j`` of the part reads key/value head ``j // group`` of the returned call."""
+    if kv_heads == num_heads:
+        return call, 1
+    kvs = [kv_head(j, num_heads, kv_heads) for j in call.heads()]
+    group = _run_length(kvs, 0)
+    count = call.num_heads // group
+    step = kvs[group] - kvs[0] if count > 1 else 1
+    assert call.num_heads % group == 0 and kvs == [kvs[0] + step * (j // group) for j in range(len(kvs))], (
+        "call is not a part of split_for_kv"
+    )
+    return dataclasses.replace(call, head_start=kvs[0], head_step=step, num_heads=count), group
+
+
 def selected_count(segment_length: int, dilation: int, offset: int) -> int:
     """Positions ``t < segment_length`` with ``t % dilation == offset``."""
     if offset >= segment_length:

@@ -59,26 +59,29 @@ class RotaryEmbedding(nn.Module):
         return angles.cos(), angles.sin(), None
 
     def forward(self, query: Tensor, key: Tensor, offset: int = 0) -> tuple[Tensor, Tensor]:
-        """Encode ``query`` and ``key`` ``(batch, seq, heads, head_dim)`` at positions
-        ``offset .. offset + seq - 1``."""
+        """Encode ``key`` ``(batch, seqlen_k, kv_heads, head_dim)`` at positions
+        ``offset .. offset + seqlen_k - 1`` and ``query`` ``(batch, seqlen_q, heads,
+        head_dim)``, ``seqlen_q <= seqlen_k``, at the last ``seqlen_q`` of them."""
         if query.shape[-1] != self.head_dim or key.shape[-1] != self.head_dim:
             raise ValueError(
                 f"query and key must have head_dim {self.head_dim}, got {query.shape[-1]} and {key.shape[-1]}"
             )
-        if query.shape[1] != key.shape[1]:
+        n_q, n_k = query.shape[1], key.shape[1]
+        if n_q > n_k:
             raise ValueError(
-                f"query and key must have the same length, got {query.shape[1]} and {key.shape[1]}"
+                f"query must not be longer than key (the queries are the last positions), got {n_q} and {n_k}"
             )
         compute = accumulation_dtype(query.dtype)
-        positions = torch.arange(offset, offset + query.shape[1], device=query.device)
+        positions = torch.arange(offset, offset + n_k, device=query.device)
         cos, sin, scale = self._factors(positions, compute)
         self._check_range(query.dtype)
 
         def encode(x: Tensor, factor: Tensor | None) -> Tensor:
+            rows = slice(n_k - x.shape[1], None)
             y = x.to(compute)
-            y = y * cos + _rotate_half(y) * sin
+            y = y * cos[rows] + _rotate_half(y) * sin[rows]
             if factor is not None:
-                y = y * factor
+                y = y * factor[rows]
             return y.to(x.dtype)
 
         return encode(query, scale), encode(key, None if scale is None else scale.reciprocal())

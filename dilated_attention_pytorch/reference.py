@@ -65,19 +65,42 @@ def dilated_attention_reference(
     return_weights: bool = False,
     max_bytes: int | None = DEFAULT_MAX_BYTES,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Dilated attention of ``(batch, seq, heads, head_dim)`` inputs.
+    """Dilated attention (docs/semantics.md), computed densely.
 
-    ``key_padding_mask``: ``(batch, seq)``, bool (True = ignore the key) or float
-    (added to the scores). ``attn_mask``: broadcastable to
-    ``(batch, heads, seq, seq)``, bool (True = not allowed) or float (added).
-    ``max_bytes``: refuse calls whose estimated memory (:func:`dense_bytes`) is
-    larger (None: no limit).
-    Returns the output ``(batch, seq, heads, head_dim)`` and, with
-    ``return_weights``, the weights ``(batch, heads, seq, seq)`` with
-    ``output = weights @ value`` per head.
+    Args:
+        query: ``(batch, seqlen_q, heads, head_dim)``: the last ``seqlen_q``
+            positions of the key sequence (``seqlen_q <= seqlen_k``).
+        key: ``(batch, seqlen_k, kv_heads, head_dim)``, ``heads % kv_heads == 0``:
+            query head ``j`` reads key/value head ``j // (heads // kv_heads)``.
+        value: ``(batch, seqlen_k, kv_heads, head_dim_v)``.
+        key_padding_mask: ``(batch, seqlen_k)``, bool (True = ignore the key) or
+            float (added to the scores).
+        attn_mask: broadcastable to ``(batch, heads, seqlen_q, seqlen_k)``, bool
+            (True = not allowed) or float (added).
+        max_bytes: refuse calls whose estimated memory (:func:`dense_bytes`) is
+            larger (None: no limit).
+
+    Returns:
+        The output ``(batch, seqlen_q, heads, head_dim_v)`` and, with
+        ``return_weights``, the weights ``(batch, heads, seqlen_q, seqlen_k)``
+        with ``output = weights @ value`` per head.
     """
     pattern = DilatedPattern(segment_lengths, dilation_rates, head_mode)
-    b, n, h, d = query.shape
+    b, n_q, h, _ = query.shape
+    n, kv_heads = key.shape[1], key.shape[2]
+    if h % kv_heads or n_q > n:
+        raise ValueError(
+            f"the reference takes heads % kv_heads == 0 and seqlen_q <= seqlen_k, got {h} query heads, "
+            f"{kv_heads} key heads, seqlen_q {n_q}, seqlen_k {n}"
+        )
+    # grouped-query attention is multi-head attention with each key/value head shared
+    key, value = (x.repeat_interleave(h // kv_heads, dim=2) for x in (key, value))
+    # queries at the end of the keys: the full-length function's last rows
+    query = torch.cat([query.new_zeros(b, n - n_q, h, query.shape[3]), query], 1)
+    if attn_mask is not None and attn_mask.shape[-2] != n:
+        rows = attn_mask.new_zeros(*attn_mask.shape[:-2], n - attn_mask.shape[-2], n)
+        attn_mask = torch.cat([rows, attn_mask], -2)
+    d = query.shape[3]
     estimate = dense_bytes(b, n, h, query.dtype, pattern.num_branches)
     if max_bytes is not None and estimate > max_bytes:
         raise ValueError(
@@ -121,5 +144,5 @@ def dilated_attention_reference(
     selected = key_count > 0
     safe_lse = torch.where(torch.isfinite(lse), lse, 0.0)[..., None]
     weights = torch.where(selected, key_count * torch.exp(torch.where(selected, scores - safe_lse, 0.0)), 0.0)
-    out = torch.einsum("bhqk,bkhd->bqhd", weights, value)
-    return (out, weights) if return_weights else out
+    out = torch.einsum("bhqk,bkhd->bqhd", weights, value)[:, n - n_q :]
+    return (out, weights[:, :, n - n_q :]) if return_weights else out

@@ -264,7 +264,8 @@ def test_constructor_errors(kwargs, match):
 @pytest.mark.parametrize(
     "call,match",
     [
-        (lambda m, x: m(x, x[:-1], x[:-1]), "cross-attention needs equal lengths"),
+        (lambda m, x: m(x, x[:-1], x[:-1]), "one length S >= the query's L"),
+        (lambda m, x: m(x, x, x[:-1]), "one length S >= the query's L"),
         (lambda m, x: m(x[..., :-1], x, x), "query must have 16 features"),
         (lambda m, x: m(x[0], x, x), "must all be 3-D"),
         (

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .. import kernels
 from .._checks import accumulation_dtype
-from ..pattern import BranchCall, BranchRows, DilatedPattern, compact_rows, split_heads
+from ..pattern import BranchCall, BranchRows, DilatedPattern, compact_rows, kv_call, split_for_kv, split_heads
 from .bias import call_bias, rows_with_keys, sanitize
 from .blockwise import BlockBackward, blockwise_forward
 from .exchange import KeyExchange
@@ -37,6 +37,23 @@ class FusedProblem:
     bias: Tensor | None = None
     causal: bool = False
     exchange: KeyExchange | None = None
+
+
+def _kv_views(p: FusedProblem, call: BranchCall, heads: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, int]:
+    """``(k, v, group)``: key/value problem views of ``call`` (a part of
+    :func:`split_for_kv` under grouped-query attention) on the key/value heads
+    its query heads read; repeated per query head only for a backend that does
+    not take them shared, and then ``group`` query heads' gradients sum into each."""
+    kv, group = kv_call(call, heads, key.shape[2])
+    k, v = (p.backend.strides.conform(problem_view(x, kv)) for x in (key, value))
+    if group == 1 or p.backend.SUPPORTS_GQA:
+        return k, v, 1
+    return k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), group
+
+
+def _kv_grads(grads: Sequence[Tensor], group: int) -> list[Tensor]:
+    """dk, dv per key/value head: summed over the ``group`` query heads of each."""
+    return [x if group == 1 else x.unflatten(1, (-1, group)).sum(2) for x in grads]
 
 
 def _into_place(p: FusedProblem, x: Tensor, call: BranchCall) -> Tensor | None:
@@ -125,6 +142,8 @@ class _FusedDilatedAttention(torch.autograd.Function):
         # inputs its kernels take give problems they take, so one check per call
         query, key, value = _conform_inputs(problems, query, key, value)
         local = all(p.exchange is None for p in problems)
+        # sequence parallelism shares no key/value heads (its entry repeats them)
+        assert local or key.shape[2] == h
         rows = compact_rows(pattern, [p.call for p in problems], n, h) if local else None
         head_chunk = h
         if rows is not None:
@@ -165,7 +184,7 @@ class _FusedDilatedAttention(torch.autograd.Function):
             else:
                 if p.call.length == 0:
                     continue
-                k, v = (problem_view(x, p.call) for x in (key, value))
+                k, v, _ = _kv_views(p, p.call, h, key, value)
                 dest = _into_place(p, to_out, to_call) if rows is not None or not merge else None
                 if dest is not None:
                     part_lse, states[i] = p.backend.forward_into(q, k, v, p.causal, scale, dest)  # type: ignore[attr-defined]
@@ -200,10 +219,15 @@ class _FusedDilatedAttention(torch.autograd.Function):
         query, key, value, out, lse = ctx.saved_tensors
         query, key, value = _conform_inputs(ctx.problems, query, key, value)
         b, n, h, d = query.shape
+        kv_heads = key.shape[2]
         grad_out = grad_out.contiguous()
         rows: dict[int, BranchRows] | None = ctx.rows
         new = torch.empty if ctx.merge else torch.zeros
-        grads = [new(query.shape, dtype=query.dtype, device=query.device) for _ in range(3)]
+        # in query-head space: dq, and dk, dv unless heads share keys; shared keys'
+        # gradients sum over query heads and branches into float32 sums
+        shared = kv_heads != h
+        grads = [new(query.shape, dtype=query.dtype, device=query.device) for _ in range(1 if shared else 3)]
+        kv_sums = [key.new_zeros(key.shape, dtype=lse.dtype) for _ in range(2)] if shared else []
         problems: list[FusedProblem] = ctx.problems
         for heads, pieces in _backward_pieces(problems, h, ctx.head_chunk):
             # "all": each branch's gradients go to compact rows and are summed at
@@ -217,42 +241,51 @@ class _FusedDilatedAttention(torch.autograd.Function):
             if ctx.merge and rows is None:
                 accs = [query.new_zeros(b, n, len(heads), d, dtype=lse.dtype) for _ in grads]
             reductions: dict[int, Callable[[], tuple[Tensor, Tensor]]] = {}
-            for i, call in pieces:
+            for i, piece in pieces:
                 p, kv = problems[i], ctx.exchanged_kv[i]
-                if p.exchange is None and call.length == 0:
+                if p.exchange is None and piece.length == 0:
                     continue
-                q, o, do = (problem_view(x, call) for x in (query, out, grad_out))
-                k, v = kv if kv is not None else (problem_view(x, call) for x in (key, value))
-                k, v = p.backend.strides.conform(k), p.backend.strides.conform(v)
-                part_lse = problem_view(lse, call)
-                bias = _bias_heads(p.bias, p.call, call)
-                if bias is not None:
-                    # no key in any branch: every key is masked, so any finite lse gives p = 0
-                    part_lse = torch.where(part_lse == -math.inf, 0.0, part_lse)
-                if rows is not None:
-                    to_call = rows[call.branch].call_rows(call, heads.start)
-                    dests = [_into_place(p, c.blocks[call.branch], to_call) for c in compact]
-                else:
-                    dests = [None if ctx.merge else _into_place(p, grad, call) for grad in grads]
-                if p.exchange is None and all(x is not None for x in dests):
-                    p.backend.backward_into(  # type: ignore[attr-defined]
-                        do, q, k, v, o, part_lse, p.causal, ctx.scale, ctx.states[i], tuple(dests)
-                    )
-                    continue
-                if p.exchange is None:
-                    part_grads = p.backend.backward(
-                        do, q, k, v, o, part_lse, bias, p.causal, ctx.scale, ctx.states[i]
-                    )
-                else:  # dk, dv go home while the rest runs
-                    block = BlockBackward.start(p, do, o, part_lse, ctx.scale, ctx.states[i])
-                    reductions[i] = p.exchange.backward(block, k, v)
-                    part_grads = (block.finish(),)
-                if rows is not None:
-                    for c, part in zip(compact, part_grads):
-                        strided(c.blocks[call.branch], to_call).copy_(from_problem(part, b))
-                    continue
-                for acc, part in zip(accs, part_grads):
-                    _write(acc, call, heads.start, from_problem(part, b), ctx.merge)
+                for call in split_for_kv([piece], h, kv_heads):
+                    q, o, do = (problem_view(x, call) for x in (query, out, grad_out))
+                    group = 1
+                    if kv is not None:
+                        k, v = (p.backend.strides.conform(x) for x in kv)
+                    else:
+                        k, v, group = _kv_views(p, call, h, key, value)
+                    part_lse = problem_view(lse, call)
+                    bias = _bias_heads(p.bias, p.call, call)
+                    if bias is not None:
+                        # no key in any branch: every key is masked, so any finite lse gives p = 0
+                        part_lse = torch.where(part_lse == -math.inf, 0.0, part_lse)
+                    if rows is not None:
+                        to_call = rows[call.branch].call_rows(call, heads.start)
+                        dests = [_into_place(p, c.blocks[call.branch], to_call) for c in compact]
+                    else:
+                        dests = [None if ctx.merge else _into_place(p, grad, call) for grad in grads]
+                    if p.exchange is None and not shared and all(x is not None for x in dests):
+                        p.backend.backward_into(  # type: ignore[attr-defined]
+                            do, q, k, v, o, part_lse, p.causal, ctx.scale, ctx.states[i], tuple(dests)
+                        )
+                        continue
+                    if p.exchange is None:
+                        part_grads = p.backend.backward(
+                            do, q, k, v, o, part_lse, bias, p.causal, ctx.scale, ctx.states[i]
+                        )
+                    else:  # dk, dv go home while the rest runs
+                        block = BlockBackward.start(p, do, o, part_lse, ctx.scale, ctx.states[i])
+                        reductions[i] = p.exchange.backward(block, k, v)
+                        part_grads = (block.finish(),)
+                    if shared:
+                        kv_part = kv_call(call, h, kv_heads)[0]
+                        for total, part in zip(kv_sums, _kv_grads(part_grads[1:], group)):
+                            strided(total, kv_part).add_(from_problem(part, b))
+                        part_grads = part_grads[:1]
+                    if rows is not None:
+                        for c, part in zip(compact, part_grads):
+                            strided(c.blocks[call.branch], to_call).copy_(from_problem(part, b))
+                        continue
+                    for acc, part in zip(accs, part_grads):
+                        _write(acc, call, heads.start, from_problem(part, b), ctx.merge)
             for i, wait in reductions.items():
                 for acc, part in zip(accs[1:], wait()):
                     _write(acc, problems[i].call, heads.start, from_problem(part, b), ctx.merge)
@@ -262,7 +295,10 @@ class _FusedDilatedAttention(torch.autograd.Function):
             elif ctx.merge:
                 for grad, acc in zip(grads, accs):
                     grad[:, :, heads.start : heads.stop].copy_(acc)
-        dq, dk, dv = grads
+        if shared:
+            dq, dk, dv = grads[0], kv_sums[0].to(key.dtype), kv_sums[1].to(value.dtype)
+        else:
+            dq, dk, dv = grads
         return dq, dk, dv, None, None, None, None
 
 
@@ -370,7 +406,8 @@ def fused_attention(
     backend: str | None,
 ) -> Tensor:
     b, n, h, _ = query.shape
-    calls = pattern.calls(n, h)
+    # grouped-query attention: calls cut where their query heads read key/value heads irregularly
+    calls = split_for_kv(pattern.calls(n, h), h, key.shape[2])
 
     def recompute(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         problems = local_problems(q, k, v, key_bias, attn_bias, calls, is_causal)

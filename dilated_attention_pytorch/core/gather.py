@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .._checks import accumulation_dtype
 from ..kernels import math as math_kernel
-from ..pattern import BranchCall, DilatedPattern
+from ..pattern import BranchCall, DilatedPattern, kv_head
 from ..sparse.block_layout import BlockLayout
 from .bias import call_bias
 from .merge import merge_by_lse
@@ -47,15 +47,17 @@ def local_problems(
     layout: BlockLayout | None = None,
 ) -> Iterator[GatheredProblem]:
     """Copy-gather each call's queries, keys and values from this sequence."""
-    b, _, _, d = query.shape
+    b, _, h, d = query.shape
     for call in calls:
         call_positions = positions(call, query.device)
         s, m = call_positions.shape
         flat = call_positions.reshape(-1, 1)
         heads = torch.tensor(call.heads(), device=query.device)[None, :]
+        # grouped-query attention: each query head gathers the key/value head it reads
+        kv = torch.tensor([kv_head(j, h, key.shape[2]) for j in call.heads()], device=query.device)[None, :]
         q, k, v = (
-            x[:, flat, heads].reshape(b * s, m, call.num_heads, d).transpose(1, 2)
-            for x in (query, key, value)
+            x[:, flat, index].reshape(b * s, m, call.num_heads, x.shape[3]).transpose(1, 2)
+            for x, index in ((query, heads), (key, kv), (value, kv))
         )
         bias = call_bias(call, key_bias, attn_bias, b, call_positions, layout)
         yield GatheredProblem(call, call_positions.reshape(-1), q, k, v, bias, is_causal)

@@ -81,6 +81,12 @@ def ring_dilated_attention(
         shape, key_bias, _, scale = _checks.validate_call(
             query, key, value, is_causal, key_padding_mask, None, dropout_p, softmax_scale, method
         )
+        if key.shape[1] != shape[1]:
+            raise ValueError(
+                "sequence-parallel dilated attention needs seqlen_q == seqlen_k (each rank holds the same "
+                f"positions of queries and keys), got query.shape[1] = {shape[1]} and key.shape[1] = "
+                f"{key.shape[1]}"
+            )
         if fused.functorch_active(query, key, value):
             raise RuntimeError(
                 "torch.func transforms (vmap, grad, jacrev) are not supported by sequence-parallel dilated "
@@ -107,6 +113,8 @@ def ring_dilated_attention(
     rank = dist.get_rank(process_group)
     b, shard, h, _ = shape
     seq = shard * world
+    if key.shape[2] != h:  # grouped-query attention: exchanges move one key/value row per query head
+        key, value = (x.repeat_interleave(h // key.shape[2], dim=2) for x in (key, value))
     check_geometry(pattern, seq, shard)
     if layout is not None:
         layout = dataclasses.replace(layout, offset=rank * shard)

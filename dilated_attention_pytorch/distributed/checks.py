@@ -126,6 +126,7 @@ def describe_call(
     return {
         "pattern": repr(pattern),
         "dtype": str(query.dtype) if isinstance(query, Tensor) else None,
+        "key_shape": tuple(key.shape) if isinstance(key, Tensor) else None,
         "is_causal": is_causal,
         "key_padding_mask": key_padding_mask is not None,
         "dropout_p": dropout_p,

@@ -193,6 +193,10 @@ class KernelBackend:
     MAX_HEAD_DIM: ClassVar[int | None] = None
     SUPPORTS_BIAS: ClassVar[bool] = True
     WRITES_INTO_PLACE: ClassVar[bool] = False
+    #: takes key/value with fewer heads than the query (query head j reads
+    #: key/value head j // (heads // kv_heads)) and returns their gradients
+    #: summed per key/value head; else the fused path repeats them per call
+    SUPPORTS_GQA: ClassVar[bool] = False
 
     def missing_reasons(self) -> list[str]:
         """Why it cannot run at all here (its optional package is not installed)."""

@@ -20,7 +20,7 @@ from .base import ANY_STRIDES, KernelBackend
 def _scores(q: Tensor, k: Tensor, bias: Tensor | None, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     """Masked scores and the bool mask of allowed keys, ``(b, h, len, len)``."""
     ct = accumulation_dtype(q.dtype)
-    s = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale
+    s = torch.matmul(q.to(ct), shared_heads(k, q.shape[1]).to(ct).transpose(-1, -2)) * scale
     if bias is not None:
         s = s + bias.to(ct)
     allowed = s > -math.inf
@@ -28,6 +28,13 @@ def _scores(q: Tensor, k: Tensor, bias: Tensor | None, causal: bool, scale: floa
         n_q, n_k = s.shape[-2:]
         allowed = allowed & torch.ones(n_q, n_k, dtype=torch.bool, device=s.device).tril()
     return s.masked_fill(~allowed, -math.inf), allowed
+
+
+def shared_heads(x: Tensor, num_heads: int) -> Tensor:
+    """``(b, kv_heads, len, d)`` keys or values as ``num_heads`` heads, each
+    shared by ``num_heads // kv_heads`` consecutive query heads (a copy where
+    kv_heads < num_heads; under autograd its gradient sums over the sharing heads)."""
+    return x if x.shape[1] == num_heads else x.repeat_interleave(num_heads // x.shape[1], dim=1)
 
 
 def attention_lse(
@@ -49,7 +56,7 @@ def attention_lse(
     p = torch.exp(s - lse).masked_fill(~allowed, 0.0)
     if dropout_p > 0.0:
         p = F.dropout(p, dropout_p)
-    out = torch.matmul(p, v.to(p.dtype)).to(q.dtype)
+    out = torch.matmul(p, shared_heads(v, q.shape[1]).to(p.dtype)).to(q.dtype)
     lse = torch.where(has_key, lse, -math.inf).squeeze(-1)
     return out, lse
 
@@ -60,6 +67,7 @@ class MathBackend(KernelBackend):
     strides = ANY_STRIDES
     SUPPORTED_DEVICES = None
     SUPPORTED_DTYPES = None
+    SUPPORTS_GQA = True
 
     def forward(
         self,
@@ -86,6 +94,8 @@ class MathBackend(KernelBackend):
         scale: float,
         state: Any,
     ) -> tuple[Tensor, Tensor, Tensor]:
+        kv_heads = k.shape[1]
+        k, v = shared_heads(k, q.shape[1]), shared_heads(v, q.shape[1])
         s, allowed = _scores(q, k, bias, causal, scale)
         ct = s.dtype
         lse = lse.to(ct)
@@ -98,4 +108,5 @@ class MathBackend(KernelBackend):
         ds = p * (dp - delta) * scale
         dq = torch.matmul(ds, k.to(ct))
         dk = torch.matmul(ds.transpose(-1, -2), q.to(ct))
+        dk, dv = (x.unflatten(1, (kv_heads, -1)).sum(2) for x in (dk, dv))
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

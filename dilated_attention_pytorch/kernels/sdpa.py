@@ -120,6 +120,7 @@ class CpuFlashBackend(_SdpaBackend):
     strides = StrideRule(last_dim_contiguous=True)
     SUPPORTED_DEVICES = ("cpu",)
     SUPPORTED_DTYPES = (torch.float64, torch.float32, *_HALF)
+    SUPPORTS_GQA = True
     _ops = (
         "_scaled_dot_product_flash_attention_for_cpu",
         "_scaled_dot_product_flash_attention_for_cpu_backward",

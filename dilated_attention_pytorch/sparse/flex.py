@@ -17,7 +17,7 @@ from ..core.merge import merge_by_lse
 from ..core.views import from_problem, problem_view, strided
 from ..kernels import math as math_kernel
 from ..kernels.base import StrideRule
-from ..pattern import BranchCall, DilatedPattern
+from ..pattern import BranchCall, DilatedPattern, kv_call, split_for_kv
 from .block_layout import BlockLayout
 from .block_mask import CACHE, TILE, block_mask, flex_module
 
@@ -107,6 +107,8 @@ def attention(
     if not torch.is_grad_enabled():  # FlexAttention refuses inputs that require grad on CPU, even then
         q, k, v = q.detach(), k.detach(), v.detach()
     kwargs: dict[str, Any] = {"score_mod": score_mod, "block_mask": mask, "scale": scale}
+    if k.shape[1] != q.shape[1]:  # grouped-query attention, FlexAttention's own
+        kwargs["enable_gqa"] = True
     if q.device.type == "cuda":
         kwargs["kernel_options"] = _kernel_options(q.shape[-2], k.shape[-2])
     # causal or not, masks or not, dtypes, layouts per head: each a compiled variant;
@@ -209,7 +211,14 @@ def flex_path(
     return run_flex(
         query,
         flex_problems(
-            query, key, value, key_bias, attn_bias, pattern.calls(*query.shape[1:3]), layout, is_causal
+            query,
+            key,
+            value,
+            key_bias,
+            attn_bias,
+            split_for_kv(pattern.calls(*query.shape[1:3]), query.shape[2], key.shape[2]),
+            layout,
+            is_causal,
         ),
         pattern,
         scale,
@@ -238,5 +247,7 @@ def flex_problems(
 
         cache_key = (call, layout.block_size, is_causal, b, layout.offset)
         mask, score_mod = build() if masked else CACHE.get(layout.cache_owner, cache_key, build)
-        q, k, v = (STRIDES.conform(problem_view(x, call)) for x in (query, key, value))
+        kv = kv_call(call, query.shape[2], key.shape[2])[0]
+        q = STRIDES.conform(problem_view(query, call))
+        k, v = (STRIDES.conform(problem_view(x, kv)) for x in (key, value))
         yield FlexProblem(call, q, k, v, mask, score_mod)

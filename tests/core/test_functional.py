@@ -275,7 +275,29 @@ Q = torch.zeros(1, 8, 2, 4)
     "kwargs,error,match",
     [
         ({"query": Q[0]}, ValueError, r"query must be 4-D \(batch, seq, heads, head_dim\)"),
-        ({"key": torch.zeros(1, 9, 2, 4)}, ValueError, "query, key and value must have the same shape"),
+        ({"key": torch.zeros(1, 9, 2, 4)}, ValueError, r"key and value must have shape \(batch, seqlen_k"),
+        ({"key": torch.zeros(1, 8, 2, 6), "value": torch.zeros(1, 8, 2, 6)}, ValueError, "query's batch"),
+        ({"key": torch.zeros(2, 8, 2, 4), "value": torch.zeros(2, 8, 2, 4)}, ValueError, "query's batch"),
+        (
+            {"query": torch.zeros(1, 8, 3, 4), "key": torch.zeros(1, 8, 2, 4), "value": torch.zeros(1, 8, 2, 4)},
+            ValueError,
+            r"heads % kv_heads must be 0 .* heads = 3 \(query.shape\[2\]\) and kv_heads = 2",
+        ),
+        (
+            {"query": torch.zeros(1, 9, 2, 4)},
+            ValueError,
+            r"seqlen_q must be <= seqlen_k .* seqlen_q = 9 \(query.shape\[1\]\)",
+        ),
+        (
+            {"query": torch.zeros(1, 4, 2, 4), "block_layout": torch.ones(1, 1, dtype=torch.bool)},
+            ValueError,
+            "block_layout needs seqlen_q == seqlen_k",
+        ),
+        (
+            {"query": torch.zeros(1, 4, 2, 4), "attn_mask": torch.zeros(8, 8, dtype=torch.bool)},
+            ValueError,
+            r"attn_mask must have shape \(seqlen_q, seqlen_k\)",
+        ),
         ({"value": Q.double()}, ValueError, "share a dtype"),
         ({"query": Q.long()}, ValueError, "query must be a floating-point tensor"),
         (
