@@ -152,7 +152,9 @@ def mask_to_bias(mask: Tensor, dtype: torch.dtype, name: str = "mask") -> Tensor
 def fits_4d(x: Tensor, batch: int, heads: int, size: int, size_k: int | None = None) -> bool:
     """Whether ``x`` is ``(batch | 1, heads | 1, size, size_k)`` (``size_k`` defaults to ``size``)."""
     cols = size if size_k is None else size_k
-    return x.dim() == 4 and x.shape[0] in (1, batch) and x.shape[1] in (1, heads) and x.shape[2:] == (size, cols)
+    return (
+        x.dim() == 4 and x.shape[0] in (1, batch) and x.shape[1] in (1, heads) and x.shape[2:] == (size, cols)
+    )
 
 
 def prepare_masks(
@@ -188,8 +190,8 @@ def prepare_masks(
             attn_mask = attn_mask[None, None]
         if not fits_4d(attn_mask, b, h, n, n_k):
             raise ValueError(
-                "attn_mask must have shape (seqlen_q, seqlen_k) or (batch | 1, heads | 1, seqlen_q, seqlen_k) "
-                f"= ({b} | 1, {h} | 1, {n}, {n_k}), got {tuple(attn_mask.shape)}"
+                "attn_mask must have shape (seqlen_q, seqlen_k) or (batch | 1, heads | 1, seqlen_q, "
+                f"seqlen_k) = ({b} | 1, {h} | 1, {n}, {n_k}), got {tuple(attn_mask.shape)}"
             )
         if attn_mask.device != device:
             raise ValueError(f"attn_mask must be on {device}, got {attn_mask.device}")

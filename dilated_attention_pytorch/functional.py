@@ -22,8 +22,8 @@ from ._checks import METHODS, Method, refuse_torchscript, validate_call
 from .core.fused import functorch_active, fused_attention
 from .core.gather import local_problems, run_gathered
 from .core.merge import merge_by_lse
-from .pattern import DilatedPattern, HeadMode, as_pattern
 from .core.window import QueryWindow
+from .pattern import DilatedPattern, HeadMode, as_pattern
 from .sparse.block_layout import BlockLayout, one_block, prepare_layout
 from .sparse.flex import flex_path
 

@@ -96,7 +96,9 @@ class _MultiheadDilatedAttentionBase(nn.MultiheadAttention):
         #: key/value heads; each is shared by num_heads // num_kv_heads consecutive query heads
         self.num_kv_heads = num_kv_heads
         # one (3·embed, embed) in_proj_weight, as nn.MultiheadAttention, where it fits
-        self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim and num_kv_heads == num_heads
+        self._qkv_same_embed_dim = (
+            self.kdim == embed_dim and self.vdim == embed_dim and num_kv_heads == num_heads
+        )
         self.dropout = dropout
         self.batch_first = batch_first
         self.head_dim = embed_dim // num_heads

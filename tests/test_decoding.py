@@ -183,3 +183,14 @@ def _to_cpu64(model: LongNetLM) -> LongNetLM:
     import copy
 
     return copy.deepcopy(model).to("cpu", torch.float64)
+
+
+@pytest.mark.parametrize("head_mode", ["grouped", "all"])
+def test_grouped_query_heads_decode_like_the_full_forward(head_mode: str) -> None:
+    model = _lm((4, 8), (1, 2), 4, head_mode, "rotary", num_kv_heads=2)
+    assert model.layers[0].self_attn.num_kv_heads == 2
+    ids = torch.randint(0, 40, (2, 21), generator=torch.Generator().manual_seed(1))
+    full = model(ids)
+    cache = model.new_cache()
+    steps = torch.cat([model(ids[:, :3], kv_cache=cache), model(ids[:, 3:], kv_cache=cache)], 1)
+    assert_close(steps, full, torch.float64, "stepwise")

@@ -367,3 +367,71 @@ def test_float_masks_of_another_dtype_are_accepted_as_in_nn_multihead_attention(
     out = ours(x, x, x, attn_mask=mask, key_padding_mask=kpm)[0]
     expected = theirs(x, x, x, attn_mask=mask.float(), key_padding_mask=kpm.float(), need_weights=False)[0]
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", MULTIHEAD, ids=IDS)
+@pytest.mark.parametrize("head_mode", ["grouped", "all"])
+def test_grouped_query_heads(cls, head_mode):
+    """num_kv_heads: k/v projections to num_kv_heads heads, each read by
+    num_heads // num_kv_heads consecutive query heads; the same function as the
+    reference on the projections (which repeats the key/value heads)."""
+    torch.manual_seed(0)
+    ours = cls(E, H, num_kv_heads=2, batch_first=True, segment_lengths=[4, 8], dilation_rates=[1, 2],
+               head_mode=head_mode, dtype=torch.float64, position_embedding="rotary")  # fmt: skip
+    head_dim = E // H
+    shapes = {name: tuple(p.shape) for name, p in ours.named_parameters()}
+    assert shapes["q_proj_weight"] == (E, E) and shapes["k_proj_weight"] == (2 * head_dim, E)
+    assert shapes["v_proj_weight"] == (2 * head_dim, E) and shapes["in_proj_bias"] == (E + 4 * head_dim,)
+    assert ours.in_proj_weight is None and "num_kv_heads=2" in repr(ours)
+    x = _inputs(True)[0].requires_grad_()
+    out, _ = ours(x, x, x, is_causal=True)
+    q, k, v = ours._project(x, x, x)
+    assert k.shape[2] == 2
+    q, k = ours.position_embedding(q, k)
+    exp = ours.out_proj(reference(q, k, v, [4, 8], [1, 2], head_mode=head_mode, is_causal=True).flatten(-2))
+    assert_close(out, exp, torch.float64, "output")
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, [x, *ours.parameters()], g),
+                    torch.autograd.grad(exp, [x, *ours.parameters()], g)):  # fmt: skip
+        assert_close(a, b, torch.float64, "gradient")
+    # the weights path and the queries-at-the-end path agree
+    out_w, _ = ours(x, x, x, is_causal=True, need_weights=True)
+    assert_close(out_w, out, torch.float64, "need_weights")
+    tail, _ = ours(x[:, -5:], x, x, is_causal=True)
+    assert_close(tail, out[:, -5:], torch.float64, "last 5 queries")
+
+
+@pytest.mark.parametrize("cls", MULTIHEAD, ids=IDS)
+def test_default_num_kv_heads_keeps_the_nn_multihead_attention_layout(cls):
+    mha = nn.MultiheadAttention(E, H)
+    ours = cls(E, H, num_kv_heads=H, segment_lengths=[4], dilation_rates=[1])
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {
+        k: v.shape for k, v in mha.state_dict().items()
+    }
+
+
+@pytest.mark.parametrize("cls", MULTIHEAD, ids=IDS)
+def test_queries_at_the_end_of_longer_keys(cls):
+    """Key length S > L: the queries are the last L positions (chunked prefill)."""
+    mha, ours = _pair(cls, batch_first=True)
+    x = _inputs(True)[0]
+    full, _ = ours(x, x, x, is_causal=True)
+    tail, _ = ours(x[:, -4:], x, x, is_causal=True)
+    assert_close(tail, full[:, -4:], torch.float64, "last rows")
+    mask = torch.zeros(4, N, dtype=torch.bool)
+    mask[:, 0] = True
+    masked, _ = ours(x[:, -4:], x, x, attn_mask=mask)
+    expected, _ = mha(x[:, -4:], x, x, attn_mask=mask)  # one dense branch: nn's function
+    assert_close(masked, expected, torch.float64, "rectangular attn_mask")
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"num_kv_heads": 3}, "num_kv_heads must divide num_heads"),
+        ({"num_kv_heads": 0}, "num_kv_heads must be a positive int"),
+    ],
+)
+def test_num_kv_heads_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MultiheadDilatedAttention(E, H, **kwargs)

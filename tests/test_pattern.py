@@ -8,7 +8,10 @@ from dilated_attention_pytorch.pattern import (
     DilatedPattern,
     as_pattern,
     compact_rows,
+    kv_call,
+    kv_head,
     selected_count,
+    split_for_kv,
     split_heads,
 )
 from dilated_attention_pytorch.reference import branch_mask
@@ -180,3 +183,21 @@ def test_as_pattern():
         as_pattern(p, [2])
     with pytest.raises(ValueError, match="dilation_rates is required"):
         as_pattern([4])
+
+
+@pytest.mark.parametrize("head_mode", ["grouped", "all"])
+@pytest.mark.parametrize("heads,kv_heads", [(32, 8), (12, 4), (6, 3), (8, 1), (6, 2), (12, 3), (5, 5)])
+def test_split_for_kv_keeps_every_head_and_reads_the_rule(head_mode, heads, kv_heads):
+    pattern = DilatedPattern((8, 16, 32), (1, 2, 4), head_mode)
+    calls = pattern.calls(40, heads)
+    parts = split_for_kv(calls, heads, kv_heads)
+    covered = sorted((c.branch, c.start, j) for c in parts for j in c.heads())
+    assert covered == sorted((c.branch, c.start, j) for c in calls for j in c.heads())
+    for part in parts:
+        kv, group = kv_call(part, heads, kv_heads)
+        assert [kv_head(j, heads, kv_heads) for j in part.heads()] == [
+            kv.heads()[i // group] for i in range(part.num_heads)
+        ]
+        assert kv.positions() == part.positions()
+    if heads % (kv_heads * 4) == 0 and head_mode == "all":  # r | group: no call is cut
+        assert len(parts) == len(calls)

@@ -39,7 +39,9 @@ class FusedProblem:
     exchange: KeyExchange | None = None
 
 
-def _kv_views(p: FusedProblem, call: BranchCall, heads: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, int]:
+def _kv_views(
+    p: FusedProblem, call: BranchCall, heads: int, key: Tensor, value: Tensor
+) -> tuple[Tensor, Tensor, int]:
     """``(k, v, group)``: key/value problem views of ``call`` (a part of
     :func:`split_for_kv` under grouped-query attention) on the key/value heads
     its query heads read; repeated per query head only for a backend that does

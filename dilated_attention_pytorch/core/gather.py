@@ -47,7 +47,7 @@ def local_problems(
     layout: BlockLayout | None = None,
 ) -> Iterator[GatheredProblem]:
     """Copy-gather each call's queries, keys and values from this sequence."""
-    b, _, h, d = query.shape
+    b, _, h, _ = query.shape
     for call in calls:
         call_positions = positions(call, query.device)
         s, m = call_positions.shape

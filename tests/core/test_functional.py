@@ -279,7 +279,11 @@ Q = torch.zeros(1, 8, 2, 4)
         ({"key": torch.zeros(1, 8, 2, 6), "value": torch.zeros(1, 8, 2, 6)}, ValueError, "query's batch"),
         ({"key": torch.zeros(2, 8, 2, 4), "value": torch.zeros(2, 8, 2, 4)}, ValueError, "query's batch"),
         (
-            {"query": torch.zeros(1, 8, 3, 4), "key": torch.zeros(1, 8, 2, 4), "value": torch.zeros(1, 8, 2, 4)},
+            {
+                "query": torch.zeros(1, 8, 3, 4),
+                "key": torch.zeros(1, 8, 2, 4),
+                "value": torch.zeros(1, 8, 2, 4),
+            },
             ValueError,
             r"heads % kv_heads must be 0 .* heads = 3 \(query.shape\[2\]\) and kv_heads = 2",
         ),
