@@ -400,6 +400,8 @@ class BlockSparseAdaptive(_BlockSparseBase):
         if world > 1:  # every rank scores its query blocks against every key block
             keys = all_gather_cat(keys, 2, self.process_group)
             first = torch.distributed.get_rank(self.process_group) * nb_local
+        # grouped-query attention: each query head scores the key head it reads
+        keys = keys.repeat_interleave(query.shape[2] // key.shape[2], dim=1)
         scores = pooled(query) @ keys.transpose(-1, -2)  # (b, h, nb_local, nb)
         q_idx = first + torch.arange(nb_local, device=query.device)
         k_idx = torch.arange(nb, device=query.device)

@@ -50,8 +50,13 @@ def run_cases(rank: int, world: int, init_file: str, results: dict, exchanges: l
                         g = torch.Generator().manual_seed(
                             zlib.crc32(repr((seq, seg, head_mode, causal)).encode())
                         )
-                        q, k, v, grad = (
-                            torch.randn(2, seq, heads, 4, generator=g, dtype=torch.float64) for _ in range(4)
+                        # with the mask, even head counts share key/value heads (grouped-query)
+                        kv_heads = heads // 2 if with_mask and heads % 2 == 0 else heads
+                        q, grad = (
+                            torch.randn(2, seq, heads, 4, generator=g, dtype=torch.float64) for _ in "qg"
+                        )
+                        k, v = (
+                            torch.randn(2, seq, kv_heads, 4, generator=g, dtype=torch.float64) for _ in "kv"
                         )
                         kpm = torch.rand(2, seq, generator=g) < 0.25 if with_mask else None
                         for x in (q, k, v):
@@ -76,7 +81,17 @@ def run_cases(rank: int, world: int, init_file: str, results: dict, exchanges: l
                                 relative_error(a.grad, b[:, part]) for a, b in zip((ql, kl, vl), exp_grads)
                             ]
                             if not torch.isfinite(out).all() or max(errors) > TOLERANCES[torch.float64]:
-                                case = (method, exchange, seq, seg, dil, head_mode, causal, with_mask)
+                                case = (
+                                    method,
+                                    exchange,
+                                    seq,
+                                    seg,
+                                    dil,
+                                    head_mode,
+                                    causal,
+                                    with_mask,
+                                    kv_heads,
+                                )
                                 failures.append(f"{case}: {errors}")
         results[rank] = failures
     finally:

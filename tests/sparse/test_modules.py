@@ -517,3 +517,25 @@ def test_adaptive_validates_before_building_its_layout(make, match):
     q = torch.randn(1, 16, 2, 4)
     with pytest.raises((ValueError, TypeError), match=match):
         BlockSparseAdaptive([8], [1], block_size=4)(*make(q))
+
+
+@pytest.mark.parametrize("adaptive", [False, True], ids=["fixed", "adaptive"])
+@pytest.mark.parametrize("head_mode", ["grouped", "all"])
+def test_grouped_query_heads(adaptive, head_mode):
+    """Key/value with fewer heads than the query: the reference on the same
+    layout (adaptive: each query head scores the key head it reads)."""
+    if adaptive:
+        module = BlockSparseAdaptive(SEG, DIL, block_size=BLOCK, sparsity=0.7, head_mode=head_mode)
+    else:
+        module = BlockSparseRingDilatedAttention(
+            SEG, DIL, block_size=BLOCK, pattern="dilated_sparse", sparsity=0.6, head_mode=head_mode
+        )
+    q = make_qkv(2, SEQ, 6)[0]
+    k, v = make_qkv(2, SEQ, 2, seed=1)[:2]
+    out = module(q, k, v, is_causal=True)
+    layout = module.last_layout() if adaptive else module.block_layout(SEQ, True)
+    expected = _masked_reference(q, k, v, layout, BLOCK, is_causal=True, head_mode=head_mode)
+    assert_close(out, expected, torch.float64, "output")
+    g = torch.randn_like(expected)
+    for name, a, b in zip("qkv", grads(out, (q, k, v), g), grads(expected, (q, k, v), g)):
+        assert_close(a, b, torch.float64, f"d{name}")
