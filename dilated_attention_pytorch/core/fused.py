@@ -115,8 +115,30 @@ def _bias_heads(bias: Tensor | None, call: BranchCall, piece: BranchCall) -> Ten
     return bias[:, first : first + piece.num_heads]
 
 
-class _FusedDilatedAttention(torch.autograd.Function):
-    """Grouped heads: problems are disjoint in (position, head); their results
+@dataclasses.dataclass
+class FusedRun:
+    """What a forward leaves for its backward besides the saved tensors."""
+
+    problems: list[FusedProblem]
+    states: list[Any]
+    exchanged_kv: list[tuple[Tensor, Tensor] | None]
+    rows: dict[int, BranchRows] | None
+    merge: bool
+    scale: float
+    head_chunk: int
+
+
+def fused_forward(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    problems: list[FusedProblem],
+    pattern: DilatedPattern,
+    scale: float,
+) -> tuple[Tensor, Tensor, FusedRun]:
+    """``(out, lse, run)`` of every problem.
+
+    Grouped heads: problems are disjoint in (position, head); their results
     are copied into place, or written there by an :class:`~.kernels.IntoPlaceBackend`.
     "all": each (position, head) merges one term per branch. Where every problem
     is local, each branch's results go to compact rows (:class:`~.pattern.BranchRows`,
@@ -125,6 +147,172 @@ class _FusedDilatedAttention(torch.autograd.Function):
     float32 sums. With compact rows the backward goes one chunk of
     :func:`merge_head_chunk` heads at a time (kernel states must not depend on
     the heads), else all heads at once (no spanning problem may be cut)."""
+    b, n, h, d = query.shape
+    merge = pattern.merges_branches
+    lse_dtype = accumulation_dtype(query.dtype)
+    # every problem is a view of the inputs with strides that are multiples of theirs:
+    # inputs its kernels take give problems they take, so one check per call
+    query, key, value = _conform_inputs(problems, query, key, value)
+    local = all(p.exchange is None for p in problems)
+    # sequence parallelism shares no key/value heads (its entry repeats them)
+    assert local or key.shape[2] == h
+    rows = compact_rows(pattern, [p.call for p in problems], n, h) if local else None
+    head_chunk = h
+    if rows is not None:
+        head_chunk = merge_head_chunk(h, sum(r.num_rows for r in rows.values()) / n)
+    if rows is not None:
+        parts = BranchBuffers(rows, b, h, d, query.dtype, query.device)
+        part_lses = BranchBuffers(rows, b, h, None, lse_dtype, query.device)
+        out = query.new_empty(b, n, h, d)
+        lse = query.new_empty((b, n, h), dtype=lse_dtype)
+    else:
+        out = query.new_zeros(b, n, h, d, dtype=lse_dtype if merge else query.dtype)
+        lse = query.new_full((b, n, h), -math.inf, dtype=lse_dtype)
+    # "all" mode one problem at a time: out and lse hold an online merge's acc and top
+    total = query.new_zeros((b, n, h), dtype=lse_dtype) if merge and rows is None else None
+    # every exchange starts first, and its problem runs last: the rest hides it
+    started = {
+        i: p.exchange.start_forward(*(problem_view(x, p.call) for x in (key, value)))
+        for i, p in enumerate(problems)
+        if p.exchange is not None
+    }
+    states: list[Any] = [None] * len(problems)
+    exchanged_kv: list[tuple[Tensor, Tensor] | None] = [None] * len(problems)
+    for i in sorted(range(len(problems)), key=lambda i: i in started):
+        p = problems[i]
+        # where the results go: in place, or the branch's compact rows
+        to_out, to_lse, to_call = out, lse, p.call
+        if rows is not None:
+            branch = p.call.branch
+            to_out, to_lse = parts.blocks[branch], part_lses.blocks[branch]
+            to_call = rows[branch].call_rows(p.call)
+        q = problem_view(query, p.call)
+        if i in started:
+            blocks, exchanged_kv[i] = started[i]()
+            rule = p.backend.strides
+            blocks = ((m, rule.conform(k), rule.conform(v)) for m, k, v in blocks)
+            # consumed even without local queries: the exchange must still happen
+            part_out, part_lse, states[i] = blockwise_forward(p, q, blocks, scale)
+        else:
+            if p.call.length == 0:
+                continue
+            k, v, _ = _kv_views(p, p.call, h, key, value)
+            dest = _into_place(p, to_out, to_call) if rows is not None or not merge else None
+            if dest is not None:
+                part_lse, states[i] = p.backend.forward_into(q, k, v, p.causal, scale, dest)  # type: ignore[attr-defined]
+                strided(to_lse, to_call).copy_(from_problem(part_lse, b))
+                continue
+            part_out, part_lse, states[i] = p.backend.forward(q, k, v, p.bias, p.causal, scale)
+            if p.bias is not None:
+                part_out, part_lse = sanitize(part_out, part_lse, rows_with_keys(p.bias, p.causal))
+        out5, lse4 = strided(to_out, to_call), strided(to_lse, to_call)
+        part_out, part_lse = from_problem(part_out, b), from_problem(part_lse, b)
+        if total is not None:
+            merge_into(out5, lse4, strided(total, to_call), part_out, part_lse)
+        else:
+            out5.copy_(part_out)
+            lse4.copy_(part_lse)
+    if rows is not None:
+        merge_branches(out, lse, rows, parts, part_lses, range(h))
+    if total is not None:
+        out, lse = merge_finish(out, lse, total)
+    out = out.to(query.dtype)
+    return out, lse, FusedRun(problems, states, exchanged_kv, rows, merge, scale, head_chunk)
+
+
+def fused_backward(
+    run: FusedRun, grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv)`` of a :func:`fused_forward`: each kernel's backward with
+    the merged output and lse, in the forward's head chunks."""
+    query, key, value = _conform_inputs(run.problems, query, key, value)
+    b, n, h, d = query.shape
+    kv_heads = key.shape[2]
+    grad_out = grad_out.contiguous()
+    rows: dict[int, BranchRows] | None = run.rows
+    new = torch.empty if run.merge else torch.zeros
+    # in query-head space: dq, and dk, dv unless heads share keys; shared keys'
+    # gradients sum over query heads and branches into float32 sums
+    shared = kv_heads != h
+    grads = [new(query.shape, dtype=query.dtype, device=query.device) for _ in range(1 if shared else 3)]
+    kv_sums = [key.new_zeros(key.shape, dtype=lse.dtype) for _ in range(2)] if shared else []
+    problems: list[FusedProblem] = run.problems
+    for heads, pieces in _backward_pieces(problems, h, run.head_chunk):
+        # "all": each branch's gradients go to compact rows and are summed at
+        # the end of the chunk, or, with spanning problems, summed in float32
+        compact = (
+            [BranchBuffers(rows, b, len(heads), d, query.dtype, query.device) for _ in grads]
+            if rows is not None
+            else []
+        )
+        accs = grads
+        if run.merge and rows is None:
+            accs = [query.new_zeros(b, n, len(heads), d, dtype=lse.dtype) for _ in grads]
+        reductions: dict[int, Callable[[], tuple[Tensor, Tensor]]] = {}
+        for i, piece in pieces:
+            p, kv = problems[i], run.exchanged_kv[i]
+            if p.exchange is None and piece.length == 0:
+                continue
+            for call in split_for_kv([piece], h, kv_heads):
+                q, o, do = (problem_view(x, call) for x in (query, out, grad_out))
+                group = 1
+                if kv is not None:
+                    k, v = (p.backend.strides.conform(x) for x in kv)
+                else:
+                    k, v, group = _kv_views(p, call, h, key, value)
+                part_lse = problem_view(lse, call)
+                bias = _bias_heads(p.bias, p.call, call)
+                if bias is not None:
+                    # no key in any branch: every key is masked, so any finite lse gives p = 0
+                    part_lse = torch.where(part_lse == -math.inf, 0.0, part_lse)
+                if rows is not None:
+                    to_call = rows[call.branch].call_rows(call, heads.start)
+                    dests = [_into_place(p, c.blocks[call.branch], to_call) for c in compact]
+                else:
+                    dests = [None if run.merge else _into_place(p, grad, call) for grad in grads]
+                if p.exchange is None and not shared and all(x is not None for x in dests):
+                    p.backend.backward_into(  # type: ignore[attr-defined]
+                        do, q, k, v, o, part_lse, p.causal, run.scale, run.states[i], tuple(dests)
+                    )
+                    continue
+                if p.exchange is None:
+                    part_grads = p.backend.backward(
+                        do, q, k, v, o, part_lse, bias, p.causal, run.scale, run.states[i]
+                    )
+                else:  # dk, dv go home while the rest runs
+                    block = BlockBackward.start(p, do, o, part_lse, run.scale, run.states[i])
+                    reductions[i] = p.exchange.backward(block, k, v)
+                    part_grads = (block.finish(),)
+                if shared:
+                    kv_part = kv_call(call, h, kv_heads)[0]
+                    for total, part in zip(kv_sums, _kv_grads(part_grads[1:], group)):
+                        strided(total, kv_part).add_(from_problem(part, b))
+                    part_grads = part_grads[:1]
+                if rows is not None:
+                    for c, part in zip(compact, part_grads):
+                        strided(c.blocks[call.branch], to_call).copy_(from_problem(part, b))
+                    continue
+                for acc, part in zip(accs, part_grads):
+                    _write(acc, call, heads.start, from_problem(part, b), run.merge)
+        for i, wait in reductions.items():
+            for acc, part in zip(accs[1:], wait()):
+                _write(acc, problems[i].call, heads.start, from_problem(part, b), run.merge)
+        if rows is not None:
+            for grad, c in zip(grads, compact):
+                merge_branches(grad[:, :, heads.start : heads.stop], None, rows, c, None, heads)
+        elif run.merge:
+            for grad, acc in zip(grads, accs):
+                grad[:, :, heads.start : heads.stop].copy_(acc)
+    if shared:
+        dq, dk, dv = grads[0], kv_sums[0].to(key.dtype), kv_sums[1].to(value.dtype)
+    else:
+        dq, dk, dv = grads
+    return dq, dk, dv
+
+
+class _FusedDilatedAttention(torch.autograd.Function):
+    """:func:`fused_forward` / :func:`fused_backward` under autograd (the
+    sequence-parallel path; one device runs them through :mod:`.ops`)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -137,79 +325,9 @@ class _FusedDilatedAttention(torch.autograd.Function):
         scale: float,
         recompute: Recompute | None,
     ) -> Tensor:
-        b, n, h, d = query.shape
-        merge = pattern.merges_branches
-        lse_dtype = accumulation_dtype(query.dtype)
-        # every problem is a view of the inputs with strides that are multiples of theirs:
-        # inputs its kernels take give problems they take, so one check per call
-        query, key, value = _conform_inputs(problems, query, key, value)
-        local = all(p.exchange is None for p in problems)
-        # sequence parallelism shares no key/value heads (its entry repeats them)
-        assert local or key.shape[2] == h
-        rows = compact_rows(pattern, [p.call for p in problems], n, h) if local else None
-        head_chunk = h
-        if rows is not None:
-            head_chunk = merge_head_chunk(h, sum(r.num_rows for r in rows.values()) / n)
-        if rows is not None:
-            parts = BranchBuffers(rows, b, h, d, query.dtype, query.device)
-            part_lses = BranchBuffers(rows, b, h, None, lse_dtype, query.device)
-            out = query.new_empty(b, n, h, d)
-            lse = query.new_empty((b, n, h), dtype=lse_dtype)
-        else:
-            out = query.new_zeros(b, n, h, d, dtype=lse_dtype if merge else query.dtype)
-            lse = query.new_full((b, n, h), -math.inf, dtype=lse_dtype)
-        # "all" mode one problem at a time: out and lse hold an online merge's acc and top
-        total = query.new_zeros((b, n, h), dtype=lse_dtype) if merge and rows is None else None
-        # every exchange starts first, and its problem runs last: the rest hides it
-        started = {
-            i: p.exchange.start_forward(*(problem_view(x, p.call) for x in (key, value)))
-            for i, p in enumerate(problems)
-            if p.exchange is not None
-        }
-        states: list[Any] = [None] * len(problems)
-        exchanged_kv: list[tuple[Tensor, Tensor] | None] = [None] * len(problems)
-        for i in sorted(range(len(problems)), key=lambda i: i in started):
-            p = problems[i]
-            # where the results go: in place, or the branch's compact rows
-            to_out, to_lse, to_call = out, lse, p.call
-            if rows is not None:
-                branch = p.call.branch
-                to_out, to_lse = parts.blocks[branch], part_lses.blocks[branch]
-                to_call = rows[branch].call_rows(p.call)
-            q = problem_view(query, p.call)
-            if i in started:
-                blocks, exchanged_kv[i] = started[i]()
-                rule = p.backend.strides
-                blocks = ((m, rule.conform(k), rule.conform(v)) for m, k, v in blocks)
-                # consumed even without local queries: the exchange must still happen
-                part_out, part_lse, states[i] = blockwise_forward(p, q, blocks, scale)
-            else:
-                if p.call.length == 0:
-                    continue
-                k, v, _ = _kv_views(p, p.call, h, key, value)
-                dest = _into_place(p, to_out, to_call) if rows is not None or not merge else None
-                if dest is not None:
-                    part_lse, states[i] = p.backend.forward_into(q, k, v, p.causal, scale, dest)  # type: ignore[attr-defined]
-                    strided(to_lse, to_call).copy_(from_problem(part_lse, b))
-                    continue
-                part_out, part_lse, states[i] = p.backend.forward(q, k, v, p.bias, p.causal, scale)
-                if p.bias is not None:
-                    part_out, part_lse = sanitize(part_out, part_lse, rows_with_keys(p.bias, p.causal))
-            out5, lse4 = strided(to_out, to_call), strided(to_lse, to_call)
-            part_out, part_lse = from_problem(part_out, b), from_problem(part_lse, b)
-            if total is not None:
-                merge_into(out5, lse4, strided(total, to_call), part_out, part_lse)
-            else:
-                out5.copy_(part_out)
-                lse4.copy_(part_lse)
-        if rows is not None:
-            merge_branches(out, lse, rows, parts, part_lses, range(h))
-        if total is not None:
-            out, lse = merge_finish(out, lse, total)
-        out = out.to(query.dtype)
+        out, lse, run = fused_forward(query, key, value, problems, pattern, scale)
         ctx.save_for_backward(query, key, value, out, lse)
-        ctx.problems, ctx.states, ctx.exchanged_kv, ctx.rows = problems, states, exchanged_kv, rows
-        ctx.merge, ctx.scale, ctx.head_chunk, ctx.recompute = merge, scale, head_chunk, recompute
+        ctx.run, ctx.recompute = run, recompute
         return out
 
     @staticmethod
@@ -217,91 +335,9 @@ class _FusedDilatedAttention(torch.autograd.Function):
         # grad mode is on in a backward only under create_graph=True (double backward);
         # batched gradients (vmap, is_grads_batched) come as functorch tensors
         if torch.is_grad_enabled() or functorch_active(grad_out):
-            return (*_recomputed_grads(ctx, grad_out), None, None, None, None)
-        query, key, value, out, lse = ctx.saved_tensors
-        query, key, value = _conform_inputs(ctx.problems, query, key, value)
-        b, n, h, d = query.shape
-        kv_heads = key.shape[2]
-        grad_out = grad_out.contiguous()
-        rows: dict[int, BranchRows] | None = ctx.rows
-        new = torch.empty if ctx.merge else torch.zeros
-        # in query-head space: dq, and dk, dv unless heads share keys; shared keys'
-        # gradients sum over query heads and branches into float32 sums
-        shared = kv_heads != h
-        grads = [new(query.shape, dtype=query.dtype, device=query.device) for _ in range(1 if shared else 3)]
-        kv_sums = [key.new_zeros(key.shape, dtype=lse.dtype) for _ in range(2)] if shared else []
-        problems: list[FusedProblem] = ctx.problems
-        for heads, pieces in _backward_pieces(problems, h, ctx.head_chunk):
-            # "all": each branch's gradients go to compact rows and are summed at
-            # the end of the chunk, or, with spanning problems, summed in float32
-            compact = (
-                [BranchBuffers(rows, b, len(heads), d, query.dtype, query.device) for _ in grads]
-                if rows is not None
-                else []
-            )
-            accs = grads
-            if ctx.merge and rows is None:
-                accs = [query.new_zeros(b, n, len(heads), d, dtype=lse.dtype) for _ in grads]
-            reductions: dict[int, Callable[[], tuple[Tensor, Tensor]]] = {}
-            for i, piece in pieces:
-                p, kv = problems[i], ctx.exchanged_kv[i]
-                if p.exchange is None and piece.length == 0:
-                    continue
-                for call in split_for_kv([piece], h, kv_heads):
-                    q, o, do = (problem_view(x, call) for x in (query, out, grad_out))
-                    group = 1
-                    if kv is not None:
-                        k, v = (p.backend.strides.conform(x) for x in kv)
-                    else:
-                        k, v, group = _kv_views(p, call, h, key, value)
-                    part_lse = problem_view(lse, call)
-                    bias = _bias_heads(p.bias, p.call, call)
-                    if bias is not None:
-                        # no key in any branch: every key is masked, so any finite lse gives p = 0
-                        part_lse = torch.where(part_lse == -math.inf, 0.0, part_lse)
-                    if rows is not None:
-                        to_call = rows[call.branch].call_rows(call, heads.start)
-                        dests = [_into_place(p, c.blocks[call.branch], to_call) for c in compact]
-                    else:
-                        dests = [None if ctx.merge else _into_place(p, grad, call) for grad in grads]
-                    if p.exchange is None and not shared and all(x is not None for x in dests):
-                        p.backend.backward_into(  # type: ignore[attr-defined]
-                            do, q, k, v, o, part_lse, p.causal, ctx.scale, ctx.states[i], tuple(dests)
-                        )
-                        continue
-                    if p.exchange is None:
-                        part_grads = p.backend.backward(
-                            do, q, k, v, o, part_lse, bias, p.causal, ctx.scale, ctx.states[i]
-                        )
-                    else:  # dk, dv go home while the rest runs
-                        block = BlockBackward.start(p, do, o, part_lse, ctx.scale, ctx.states[i])
-                        reductions[i] = p.exchange.backward(block, k, v)
-                        part_grads = (block.finish(),)
-                    if shared:
-                        kv_part = kv_call(call, h, kv_heads)[0]
-                        for total, part in zip(kv_sums, _kv_grads(part_grads[1:], group)):
-                            strided(total, kv_part).add_(from_problem(part, b))
-                        part_grads = part_grads[:1]
-                    if rows is not None:
-                        for c, part in zip(compact, part_grads):
-                            strided(c.blocks[call.branch], to_call).copy_(from_problem(part, b))
-                        continue
-                    for acc, part in zip(accs, part_grads):
-                        _write(acc, call, heads.start, from_problem(part, b), ctx.merge)
-            for i, wait in reductions.items():
-                for acc, part in zip(accs[1:], wait()):
-                    _write(acc, problems[i].call, heads.start, from_problem(part, b), ctx.merge)
-            if rows is not None:
-                for grad, c in zip(grads, compact):
-                    merge_branches(grad[:, :, heads.start : heads.stop], None, rows, c, None, heads)
-            elif ctx.merge:
-                for grad, acc in zip(grads, accs):
-                    grad[:, :, heads.start : heads.stop].copy_(acc)
-        if shared:
-            dq, dk, dv = grads[0], kv_sums[0].to(key.dtype), kv_sums[1].to(value.dtype)
-        else:
-            dq, dk, dv = grads
-        return dq, dk, dv, None, None, None, None
+            grads = recomputed_grads(ctx.recompute, ctx.saved_tensors[:3], ctx.needs_input_grad[:3], grad_out)
+            return (*grads, None, None, None, None)
+        return (*fused_backward(ctx.run, grad_out, *ctx.saved_tensors), None, None, None, None)
 
 
 def _conform_inputs(problems: Sequence[FusedProblem], *inputs: Tensor) -> tuple[Tensor, ...]:
@@ -327,29 +363,29 @@ def functorch_active(*tensors: Tensor) -> bool:
     )
 
 
-def _recomputed_grads(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+def recomputed_grads(
+    recompute: Recompute | None, saved: Sequence[Tensor], needed: Sequence[bool], grad_out: Tensor
+) -> tuple[Tensor | None, ...]:
     """``(dq, dk, dv)`` by differentiating the same function recomputed in plain
     torch ops: exact, and itself differentiable (double backward, gradient
     penalties) and batchable (``is_grads_batched``, ``torch.func``)."""
-    if ctx.recompute is None:
+    if recompute is None:
         raise RuntimeError(
             "double backward (create_graph=True) and batched gradients are not supported through "
             "sequence-parallel dilated attention: its keys come from other ranks. Compute such "
             "gradients on one device (ImprovedDilatedAttention or DilatedAttention)"
         )
-    saved = ctx.saved_tensors[:3]
-    needed = ctx.needs_input_grad[:3]
     create_graph = torch.is_grad_enabled()
     with torch.enable_grad():
         # under create_graph the saved inputs carry their history: the gradients stay
         # functions of them; otherwise fresh leaves suffice
         inputs = [x if create_graph and x.requires_grad else x.detach().requires_grad_(need)
                   for x, need in zip(saved, needed)]  # fmt: skip
-        out = ctx.recompute(*inputs)
+        out = recompute(*inputs)
         wanted = [x for x, need in zip(inputs, needed) if need]
         found = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=create_graph, allow_unused=True))
     result = [next(found) if need else None for need in needed]
-    return tuple(  # type: ignore[return-value]
+    return tuple(
         g if g is not None or not need else torch.zeros_like(x) for g, x, need in zip(result, saved, needed)
     )
 
