@@ -19,9 +19,10 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from ._checks import METHODS, Method, refuse_torchscript, validate_call
-from .core.fused import functorch_active, fused_attention
+from .core.fused import functorch_active
 from .core.gather import local_problems, run_gathered
 from .core.merge import merge_by_lse
+from .core.ops import fused_local
 from .core.window import QueryWindow
 from .pattern import DilatedPattern, HeadMode, as_pattern
 from .sparse.block_layout import BlockLayout, one_block, prepare_layout
@@ -151,4 +152,4 @@ def _attention(
         return run_gathered(
             query, problems, pattern, scale, dropout_p, sdpa=method == "fused" and layout is None
         )
-    return fused_attention(query, key, value, key_bias, attn_bias, pattern, is_causal, scale, backend)
+    return fused_local(query, key, value, key_bias, attn_bias, pattern, is_causal, scale, backend)[0]

@@ -15,10 +15,9 @@ from torch import Tensor
 from .. import kernels
 from .._checks import accumulation_dtype
 from ..pattern import BranchCall, BranchRows, DilatedPattern, compact_rows, kv_call, split_for_kv, split_heads
-from .bias import call_bias, rows_with_keys, sanitize
+from .bias import rows_with_keys, sanitize
 from .blockwise import BlockBackward, blockwise_forward
 from .exchange import KeyExchange
-from .gather import local_problems, run_gathered
 from .merge import BranchBuffers, merge_branches, merge_finish, merge_into
 from .views import from_problem, problem_view, strided
 
@@ -128,6 +127,30 @@ class FusedRun:
     head_chunk: int
 
 
+def _merge_layout(
+    problems: Sequence[FusedProblem], pattern: DilatedPattern, seq_len: int, num_heads: int
+) -> tuple[dict[int, BranchRows] | None, int]:
+    """The compact rows of "all" mode (None unless every problem is local and they
+    fill them) and the backward's heads per chunk."""
+    local = all(p.exchange is None for p in problems)
+    rows = compact_rows(pattern, [p.call for p in problems], seq_len, num_heads) if local else None
+    if rows is None:
+        return None, num_heads
+    return rows, merge_head_chunk(num_heads, sum(r.num_rows for r in rows.values()) / seq_len)
+
+
+def replayed_run(
+    problems: list[FusedProblem], pattern: DilatedPattern, seq_len: int, num_heads: int, scale: float
+) -> FusedRun:
+    """The :class:`FusedRun` a forward of local, dropout-free problems leaves,
+    rebuilt without it: the backward of a registered operator gets only tensors."""
+    rows, head_chunk = _merge_layout(problems, pattern, seq_len, num_heads)
+    states = [p.backend.replay_state(p.call.length) for p in problems]
+    return FusedRun(
+        problems, states, [None] * len(problems), rows, pattern.merges_branches, scale, head_chunk
+    )
+
+
 def fused_forward(
     query: Tensor,
     key: Tensor,
@@ -156,10 +179,7 @@ def fused_forward(
     local = all(p.exchange is None for p in problems)
     # sequence parallelism shares no key/value heads (its entry repeats them)
     assert local or key.shape[2] == h
-    rows = compact_rows(pattern, [p.call for p in problems], n, h) if local else None
-    head_chunk = h
-    if rows is not None:
-        head_chunk = merge_head_chunk(h, sum(r.num_rows for r in rows.values()) / n)
+    rows, head_chunk = _merge_layout(problems, pattern, n, h)
     if rows is not None:
         parts = BranchBuffers(rows, b, h, d, query.dtype, query.device)
         part_lses = BranchBuffers(rows, b, h, None, lse_dtype, query.device)
@@ -356,6 +376,8 @@ def functorch_active(*tensors: Tensor) -> bool:
     writes have no batching rule, so such calls take the differentiable path."""
     if torch._C._are_functorch_transforms_active():
         return True
+    if torch.compiler.is_compiling():  # traced tensors are plain (dynamo handles the transforms)
+        return False
     functorch = torch._C._functorch
     # is_grads_batched runs the backward under the legacy vmap, whose tensors are not "wrapped"
     return any(
@@ -424,36 +446,10 @@ def run_fused(
     scale: float,
     recompute: Recompute | None = None,
 ) -> Tensor:
-    """The fused path, kept out of ``torch.compile`` graphs: compiling through the
-    custom Function's in-place view writes gave wrong gradients on torch 2.11.
-    ``recompute``: the same
+    """The fused path under its autograd Function, kept out of ``torch.compile``
+    graphs (compiling through its in-place view writes gave wrong gradients on
+    torch 2.11): the sequence-parallel path, whose exchanges are communication.
+    One device runs the registered operators of :mod:`.ops`. ``recompute``: the same
     function in differentiable ops, which double backward and batched gradients
     differentiate (None: they raise)."""
     return _FusedDilatedAttention.apply(query, key, value, problems, pattern, scale, recompute)
-
-
-def fused_attention(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    key_bias: Tensor | None,
-    attn_bias: Tensor | None,
-    pattern: DilatedPattern,
-    is_causal: bool,
-    scale: float,
-    backend: str | None,
-) -> Tensor:
-    b, n, h, _ = query.shape
-    # grouped-query attention: calls cut where their query heads read key/value heads irregularly
-    calls = split_for_kv(pattern.calls(n, h), h, key.shape[2])
-
-    def recompute(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        problems = local_problems(q, k, v, key_bias, attn_bias, calls, is_causal)
-        return run_gathered(q, problems, pattern, scale, 0.0)
-
-    if functorch_active(query, key, value):
-        return recompute(query, key, value)
-    biases = [call_bias(c, key_bias, attn_bias, b) for c in calls]
-    backends = select_backends(query, calls, [x is not None for x in biases], backend)
-    problems = [FusedProblem(c, be, bias, is_causal) for c, be, bias in zip(calls, backends, biases)]
-    return run_fused(query, key, value, problems, pattern, scale, recompute=recompute)

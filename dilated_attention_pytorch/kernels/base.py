@@ -103,9 +103,15 @@ class Backend(Protocol):
     strides: StrideRule
     #: whether it offers ``forward_into``/``backward_into`` (:class:`IntoPlaceBackend`)
     WRITES_INTO_PLACE: bool
+    #: whether key/value may have fewer heads than the query (see :class:`KernelBackend`)
+    SUPPORTS_GQA: bool
 
     def not_supported_reasons(self, spec: AttentionSpec) -> list[str]:
         """Empty when the backend can run ``spec``; else why not, one reason each."""
+        ...
+
+    def replay_state(self, length: int) -> Any:
+        """The ``state`` of a ``length``-row forward, rebuilt without it."""
         ...
 
     def forward(
@@ -201,6 +207,12 @@ class KernelBackend:
     def missing_reasons(self) -> list[str]:
         """Why it cannot run at all here (its optional package is not installed)."""
         return []
+
+    def replay_state(self, length: int) -> Any:
+        """The state :meth:`forward` returns for a ``length``-row problem, rebuilt
+        without running it (there is no dropout on the fused path): what the
+        backward of a registered operator passes, which gets only tensors."""
+        return None
 
     def release_reasons(self) -> list[str]:
         """Why the installed release cannot be trusted (untested, changed schemas)."""

@@ -103,6 +103,9 @@ _CUDA_STRIDES = StrideRule(last_dim_contiguous=True, alignment=16)
 
 _HALF = (torch.float16, torch.bfloat16)
 
+#: the Philox seed and offset of a kernel call without dropout, which no backward reads
+_NO_RNG = torch.empty((), dtype=torch.int64)
+
 
 class _SdpaBackend(KernelBackend):
     """A backend on SDPA's private ops: unusable where their schemas changed."""
@@ -177,6 +180,10 @@ class FlashBackend(_SdpaBackend):
         )
         return out, lse, (cum_q, cum_k, max_q, max_k, rng, unused)
 
+    def replay_state(self, length: int) -> Any:
+        # without dropout the backward reads neither the Philox seed nor its offset
+        return (None, None, length, length, _NO_RNG, _NO_RNG)
+
     def backward(self, grad_out, q, k, v, out, lse, bias, causal, scale, state):
         cum_q, cum_k, max_q, max_k, rng, unused = state
         return aten._scaled_dot_product_flash_attention_backward(
@@ -247,6 +254,9 @@ class EfficientBackend(_SdpaBackend):
         # head, so a backward may run on a subset of the heads
         return out.to(dtype), lse[..., : q.shape[2]], (seed, offset, lse.shape[-1])
 
+    def replay_state(self, length: int) -> Any:
+        return (_NO_RNG, _NO_RNG, -(-length // 32) * 32)
+
     def backward(self, grad_out, q, k, v, out, lse, bias, causal, scale, state):
         seed, offset, padded_len = state
         dtype = q.dtype
@@ -303,12 +313,18 @@ class CudnnBackend(_SdpaBackend):
             quirks.append("cuDNN does not support length-1 problems (s_q = s_kv = 1)")
         return quirks
 
+    #: dims of the lse cuDNN returns (4 or 3 by torch release), as its backward wants it back
+    _lse_dims = 4
+
     def forward(self, q, k, v, bias, causal, scale):
         out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = aten._scaled_dot_product_cudnn_attention(
             q, k, v, None, True, 0.0, causal, False, scale=scale
         )
-        lse_dims = lse.dim()
-        return out, lse.reshape(q.shape[:3]), (cum_q, cum_k, max_q, max_k, seed, offset, lse_dims)
+        CudnnBackend._lse_dims = lse.dim()
+        return out, lse.reshape(q.shape[:3]), (cum_q, cum_k, max_q, max_k, seed, offset, lse.dim())
+
+    def replay_state(self, length: int) -> Any:
+        return (None, None, length, length, _NO_RNG, _NO_RNG, CudnnBackend._lse_dims)
 
     def backward(self, grad_out, q, k, v, out, lse, bias, causal, scale, state):
         cum_q, cum_k, max_q, max_k, seed, offset, lse_dims = state
