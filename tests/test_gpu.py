@@ -383,3 +383,99 @@ def test_torch_func_on_gpu_takes_the_differentiable_path():
     batched = torch.func.vmap(fn)(q, k, v)
     one_by_one = torch.stack([fn(*x) for x in zip(q, k, v)])
     assert_close(batched, one_by_one, torch.float32, "vmap")
+
+
+# ---------------------------------------------------------------- today's models: GQA, queries at the end, compile
+
+
+@pytest.mark.parametrize("name", CUDA_BACKENDS)
+def test_backend_shares_key_value_heads_as_declared(name):
+    """SUPPORTS_GQA is what the kernel does: a backend that declares it takes
+    key/value with fewer heads (outputs and summed gradients as the math backend
+    on repeated heads); one that does not either refuses such a call or gets it
+    wrong, else its declaration is stale."""
+    backend = _backend_or_skip(name)
+    from dilated_attention_pytorch.kernels.math import MathBackend
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(2, 8, 48, 64, device="cuda", dtype=torch.bfloat16, generator=g)
+    k, v = (torch.randn(2, 2, 48, 64, device="cuda", dtype=torch.bfloat16, generator=g) for _ in "kv")
+    exp_out, exp_lse, _ = MathBackend().forward(q.double(), k.double(), v.double(), None, True, 0.125)
+    grad = torch.randn_like(q)
+    expected = MathBackend().backward(
+        grad.double(), q.double(), k.double(), v.double(), exp_out, exp_lse, None, True, 0.125, None
+    )
+    try:
+        out, lse, state = backend.forward(q, k, v, None, True, 0.125)
+        got = backend.backward(grad, q, k, v, out, lse, None, True, 0.125, state)
+        ok = out.shape == exp_out.shape and all(a.shape == b.shape for a, b in zip(got, expected))
+        ok = ok and relative_error(out, exp_out) <= 2e-2
+        ok = ok and all(relative_error(a, b) <= 2e-2 for a, b in zip(got, expected))
+    except RuntimeError as error:
+        assert not backend.SUPPORTS_GQA, f"{name} declares SUPPORTS_GQA but raised: {error}"
+        return
+    assert ok == backend.SUPPORTS_GQA, (
+        f"{name}: shares key/value heads correctly = {ok}, declared {backend.SUPPORTS_GQA}"
+    )
+
+
+@pytest.mark.parametrize("impl", GPU_IMPLS, ids=[i.name for i in GPU_IMPLS])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("head_mode", ["grouped", "all"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_grouped_query_heads_match_reference(impl, dtype, head_mode, causal):
+    _runnable(impl, dtype, 64, False)
+    seg, dil = (64, 128, 256), (1, 2, 4)
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 300, 8, 64, generator=gen, dtype=torch.float64).cuda().requires_grad_()
+    k, v = (
+        torch.randn(2, 300, 2, 64, generator=gen, dtype=torch.float64).cuda().requires_grad_() for _ in "kv"
+    )
+    expected = reference(q, k, v, seg, dil, head_mode=head_mode, is_causal=causal)
+    g = torch.randn_like(expected)
+    exp_grads = grads(expected, (q, k, v), g)
+    qd, kd, vd = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
+    out = impl(qd, kd, vd, seg, dil, head_mode=head_mode, is_causal=causal)
+    assert_close(out, expected, dtype, f"{impl.name} output")
+    for name, a, b in zip("qkv", grads(out, (qd, kd, vd), g.to(dtype)), exp_grads):
+        assert_close(a, b, dtype, f"{impl.name} d{name}")
+
+
+@pytest.mark.parametrize("impl", GPU_IMPLS, ids=[i.name for i in GPU_IMPLS])
+@pytest.mark.parametrize("seq_q", [1, 100, 300])
+def test_queries_at_the_end_match_reference(impl, seq_q):
+    _runnable(impl, torch.bfloat16, 64, False)
+    seg, dil = (64, 128, 256), (1, 2, 4)
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(2, seq_q, 8, 64, generator=gen, dtype=torch.float64).cuda().requires_grad_()
+    k, v = (
+        torch.randn(2, 300, 2, 64, generator=gen, dtype=torch.float64).cuda().requires_grad_() for _ in "kv"
+    )
+    expected = reference(q, k, v, seg, dil, head_mode="all", is_causal=True)
+    g = torch.randn_like(expected)
+    exp_grads = grads(expected, (q, k, v), g)
+    qd, kd, vd = (x.detach().to(torch.bfloat16).requires_grad_() for x in (q, k, v))
+    out = impl(qd, kd, vd, seg, dil, head_mode="all", is_causal=True)
+    assert_close(out, expected, torch.bfloat16, f"{impl.name} output")
+    for name, a, b in zip("qkv", grads(out, (qd, kd, vd), g.to(torch.bfloat16)), exp_grads):
+        assert_close(a, b, torch.bfloat16, f"{impl.name} d{name}")
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_multihead_equals_eager_on_gpu(mode):
+    torch.manual_seed(0)
+    module = ImprovedMultiheadDilatedAttention(
+        256, 8, num_kv_heads=2, segment_lengths=[128, 256, 512], dilation_rates=[1, 2, 4], batch_first=True,
+        device="cuda", dtype=torch.bfloat16,
+    )  # fmt: skip
+    x = torch.randn(2, 1024, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    assert torch._dynamo.explain(module)(x, x, x, is_causal=True).graph_break_count == 0
+    compiled = torch.compile(module, mode=mode, fullgraph=True)
+    for _ in range(3):  # reduce-overhead records its CUDA graph after warm-ups
+        out = compiled(x, x, x, is_causal=True)[0]
+    expected = module(x, x, x, is_causal=True)[0]
+    assert_close(out, expected, torch.bfloat16, f"{mode} output")
+    g = torch.randn_like(out)
+    params = [x, *module.parameters()]
+    for a, b in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(expected, params, g)):
+        assert_close(a, b, torch.bfloat16, f"{mode} gradient")

@@ -1,0 +1,136 @@
+"""What today's decoder models exercise: grouped-query heads, queries at the end
+of the keys, and torch.compile, measured on one GPU.
+
+    python benchmarks/models.py --output benchmarks/results/h200_models.json
+
+Records (one JSON list):
+
+- ``gqa``: forward+backward of the fused path with 32 query heads and
+  ``kv_heads`` in {32, 8, 1}, causal or not, both head modes: median ms (CUDA
+  events after warm-up), peak MiB above the inputs, and the bytes of K, V and
+  their gradients; ``native`` False repeats key/value per call (the fallback of
+  a kernel that does not share heads), for the same shapes.
+- ``window``: forward of ``seqlen_q`` queries at the end of ``seqlen_k`` keys
+  against the full-length forward.
+- ``compile``: forward+backward of ``ImprovedMultiheadDilatedAttention`` eager,
+  ``torch.compile`` (default) and ``mode="reduce-overhead"`` (CUDA graphs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import Timer, fwd_bwd, peak_mib
+
+from dilated_attention_pytorch import ImprovedMultiheadDilatedAttention, dilated_attention, kernels
+
+SEG = [2048, 4096, 8192, 16384, 32768]
+DIL = [1, 2, 4, 6, 12]
+
+
+def _gqa(args: argparse.Namespace, timer: Timer, device: torch.device) -> list[dict[str, Any]]:
+    records = []
+    n, h, d = args.gqa_seq_len, 32, 128
+    for kv_heads in (32, 8, 1):
+        for head_mode in ("grouped", "all"):
+            for causal in (False, True):
+                for native in (True, False) if kv_heads < h else (True,):
+                    q = torch.randn(1, n, h, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+                    k, v = (torch.randn(1, n, kv_heads, d, device=device, dtype=torch.bfloat16,
+                                        requires_grad=True) for _ in "kv")  # fmt: skip
+                    grad = torch.randn_like(q)
+                    chosen = kernels.select_backend(kernels.AttentionSpec.from_tensor(q))
+                    saved = type(chosen).SUPPORTS_GQA
+                    type(chosen).SUPPORTS_GQA = saved and native
+                    try:
+                        step = fwd_bwd(
+                            lambda: dilated_attention(
+                                q, k, v, SEG, DIL, head_mode=head_mode, is_causal=causal
+                            ),
+                            (q, k, v),
+                            grad,
+                        )
+                        inputs_mib = sum(x.numel() * x.element_size() for x in (q, k, v, grad)) / 2**20
+                        peak = peak_mib(device, step, (q, k, v))
+                        ms = timer(step)
+                    finally:
+                        type(chosen).SUPPORTS_GQA = saved
+                    kv_bytes = 4 * k.numel() * k.element_size()  # K, V and their gradients
+                    records.append({
+                        "bench": "gqa", "seq_len": n, "heads": h, "kv_heads": kv_heads, "head_dim": d,
+                        "head_mode": head_mode, "causal": causal, "backend": chosen.name,
+                        "native": bool(saved and native), "fwd_bwd_ms": ms,
+                        "peak_mib_above_inputs": None if peak is None else peak - inputs_mib,
+                        "kv_and_grads_mib": kv_bytes / 2**20,
+                    })  # fmt: skip
+                    print(records[-1], flush=True)
+                    del q, k, v, grad
+                    torch.cuda.empty_cache()
+    return records
+
+
+def _window(args: argparse.Namespace, timer: Timer, device: torch.device) -> list[dict[str, Any]]:
+    records = []
+    n, h, d = args.window_seq_len, 32, 128
+    k, v = (torch.randn(1, n, 8, d, device=device, dtype=torch.bfloat16) for _ in "kv")
+    for seq_q in (1, 4096, n):
+        q = torch.randn(1, seq_q, h, d, device=device, dtype=torch.bfloat16)
+        with torch.no_grad():
+            ms = timer(lambda: dilated_attention(q, k, v, SEG, DIL, head_mode="all", is_causal=True))
+        records.append({"bench": "window", "seq_k": n, "seq_q": seq_q, "kv_heads": 8, "fwd_ms": ms})
+        print(records[-1], flush=True)
+    return records
+
+
+def _compile(args: argparse.Namespace, timer: Timer, device: torch.device) -> list[dict[str, Any]]:
+    records = []
+    for n in args.compile_seq_lens:
+        torch.manual_seed(0)
+        module = ImprovedMultiheadDilatedAttention(
+            768, 12, segment_lengths=SEG, dilation_rates=DIL, batch_first=True, device=device,
+            dtype=torch.bfloat16,
+        )  # fmt: skip
+        x = torch.randn(1, n, 768, device=device, dtype=torch.bfloat16, requires_grad=True)
+        grad = torch.randn_like(x)
+        for mode in ("eager", "default", "reduce-overhead"):
+            fn = module if mode == "eager" else torch.compile(module, mode=mode, fullgraph=True)
+
+            def step(fn: Any = fn) -> None:
+                x.grad = None
+                fn(x, x, x, is_causal=True)[0].backward(grad)
+
+            ms = timer(step)
+            records.append({"bench": "compile", "seq_len": n, "mode": mode, "fwd_bwd_ms": ms, "heads": 12})
+            print(records[-1], flush=True)
+        torch._dynamo.reset()
+    return records
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output", type=Path, help="write the records as JSON")
+    p.add_argument("--gqa-seq-len", type=int, default=1 << 20)
+    p.add_argument("--window-seq-len", type=int, default=1 << 20)
+    p.add_argument("--compile-seq-lens", type=int, nargs="+", default=[32768, 131072])
+    p.add_argument("--benches", nargs="+", default=["gqa", "window", "compile"])
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=10)
+    args = p.parse_args()
+    device = torch.device("cuda")
+    timer = Timer(device, args.warmup, args.repeats)
+    header = {"bench": "header", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "cuda": torch.version.cuda}  # fmt: skip
+    print(header, flush=True)
+    records: list[dict[str, Any]] = [header]
+    for bench in args.benches:
+        records += {"gqa": _gqa, "window": _window, "compile": _compile}[bench](args, timer, device)
+        if args.output:
+            args.output.write_text(json.dumps(records, indent=1))
+
+
+if __name__ == "__main__":
+    main()
