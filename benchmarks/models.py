@@ -32,43 +32,48 @@ SEG = [2048, 4096, 8192, 16384, 32768]
 DIL = [1, 2, 4, 6, 12]
 
 
+def _gqa_record(
+    timer: Timer, device: torch.device, n: int, kv_heads: int, head_mode: str, causal: bool, native: bool
+) -> dict[str, Any]:
+    h, d = 32, 128
+    q = torch.randn(1, n, h, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+    k, v = (
+        torch.randn(1, n, kv_heads, d, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in "kv"
+    )
+    grad = torch.randn_like(q)
+    chosen = kernels.select_backend(kernels.AttentionSpec.from_tensor(q))
+    declared = type(chosen).SUPPORTS_GQA
+    type(chosen).SUPPORTS_GQA = declared and native
+    try:
+        step = fwd_bwd(
+            lambda: dilated_attention(q, k, v, SEG, DIL, head_mode=head_mode, is_causal=causal),
+            (q, k, v),
+            grad,
+        )
+        inputs_mib = sum(x.numel() * x.element_size() for x in (q, k, v, grad)) / 2**20
+        peak = peak_mib(device, step, (q, k, v))
+        ms = timer(step)
+    finally:
+        type(chosen).SUPPORTS_GQA = declared
+    return {
+        "bench": "gqa", "seq_len": n, "heads": h, "kv_heads": kv_heads, "head_dim": d, "head_mode": head_mode,
+        "causal": causal, "backend": chosen.name, "native": bool(declared and native), "fwd_bwd_ms": ms,
+        "peak_mib_above_inputs": None if peak is None else peak - inputs_mib,
+        # K, V and their gradients
+        "kv_and_grads_mib": 4 * k.numel() * k.element_size() / 2**20,
+    }  # fmt: skip
+
+
 def _gqa(args: argparse.Namespace, timer: Timer, device: torch.device) -> list[dict[str, Any]]:
     records = []
-    n, h, d = args.gqa_seq_len, 32, 128
     for kv_heads in (32, 8, 1):
         for head_mode in ("grouped", "all"):
             for causal in (False, True):
-                for native in (True, False) if kv_heads < h else (True,):
-                    q = torch.randn(1, n, h, d, device=device, dtype=torch.bfloat16, requires_grad=True)
-                    k, v = (torch.randn(1, n, kv_heads, d, device=device, dtype=torch.bfloat16,
-                                        requires_grad=True) for _ in "kv")  # fmt: skip
-                    grad = torch.randn_like(q)
-                    chosen = kernels.select_backend(kernels.AttentionSpec.from_tensor(q))
-                    saved = type(chosen).SUPPORTS_GQA
-                    type(chosen).SUPPORTS_GQA = saved and native
-                    try:
-                        step = fwd_bwd(
-                            lambda: dilated_attention(
-                                q, k, v, SEG, DIL, head_mode=head_mode, is_causal=causal
-                            ),
-                            (q, k, v),
-                            grad,
-                        )
-                        inputs_mib = sum(x.numel() * x.element_size() for x in (q, k, v, grad)) / 2**20
-                        peak = peak_mib(device, step, (q, k, v))
-                        ms = timer(step)
-                    finally:
-                        type(chosen).SUPPORTS_GQA = saved
-                    kv_bytes = 4 * k.numel() * k.element_size()  # K, V and their gradients
-                    records.append({
-                        "bench": "gqa", "seq_len": n, "heads": h, "kv_heads": kv_heads, "head_dim": d,
-                        "head_mode": head_mode, "causal": causal, "backend": chosen.name,
-                        "native": bool(saved and native), "fwd_bwd_ms": ms,
-                        "peak_mib_above_inputs": None if peak is None else peak - inputs_mib,
-                        "kv_and_grads_mib": kv_bytes / 2**20,
-                    })  # fmt: skip
+                for native in (True, False) if kv_heads < 32 else (True,):
+                    records.append(
+                        _gqa_record(timer, device, args.gqa_seq_len, kv_heads, head_mode, causal, native)
+                    )
                     print(records[-1], flush=True)
-                    del q, k, v, grad
                     torch.cuda.empty_cache()
     return records
 
@@ -80,7 +85,7 @@ def _window(args: argparse.Namespace, timer: Timer, device: torch.device) -> lis
     for seq_q in (1, 4096, n):
         q = torch.randn(1, seq_q, h, d, device=device, dtype=torch.bfloat16)
         with torch.no_grad():
-            ms = timer(lambda: dilated_attention(q, k, v, SEG, DIL, head_mode="all", is_causal=True))
+            ms = timer(lambda q=q: dilated_attention(q, k, v, SEG, DIL, head_mode="all", is_causal=True))
         records.append({"bench": "window", "seq_k": n, "seq_q": seq_q, "kv_heads": 8, "fwd_ms": ms})
         print(records[-1], flush=True)
     return records
@@ -99,7 +104,7 @@ def _compile(args: argparse.Namespace, timer: Timer, device: torch.device) -> li
         for mode in ("eager", "default", "reduce-overhead"):
             fn = module if mode == "eager" else torch.compile(module, mode=mode, fullgraph=True)
 
-            def step(fn: Any = fn) -> None:
+            def step(fn: Any = fn, x: torch.Tensor = x, grad: torch.Tensor = grad) -> None:
                 x.grad = None
                 fn(x, x, x, is_causal=True)[0].backward(grad)
 

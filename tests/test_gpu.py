@@ -385,7 +385,7 @@ def test_torch_func_on_gpu_takes_the_differentiable_path():
     assert_close(batched, one_by_one, torch.float32, "vmap")
 
 
-# ---------------------------------------------------------------- today's models: GQA, queries at the end, compile
+# ------------------------------------------------ today's models: GQA, queries at the end, compile
 
 
 @pytest.mark.parametrize("name", CUDA_BACKENDS)
