@@ -140,12 +140,17 @@ def _merge_layout(
 
 
 def replayed_run(
-    problems: list[FusedProblem], pattern: DilatedPattern, seq_len: int, num_heads: int, scale: float
+    problems: list[FusedProblem],
+    pattern: DilatedPattern,
+    seq_len: int,
+    num_heads: int,
+    scale: float,
+    device: torch.device,
 ) -> FusedRun:
     """The :class:`FusedRun` a forward of local, dropout-free problems leaves,
     rebuilt without it: the backward of a registered operator gets only tensors."""
     rows, head_chunk = _merge_layout(problems, pattern, seq_len, num_heads)
-    states = [p.backend.replay_state(p.call.length) for p in problems]
+    states = [p.backend.replay_state(p.call.length, device) for p in problems]
     return FusedRun(
         problems, states, [None] * len(problems), rows, pattern.merges_branches, scale, head_chunk
     )

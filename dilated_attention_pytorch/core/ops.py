@@ -94,7 +94,7 @@ def fused_backward_op(
     """``(dq, dk, dv)`` of :func:`fused_forward_op`, contiguous, in the inputs' shapes."""
     pattern = DilatedPattern(segment_lengths, dilation_rates, head_mode)  # type: ignore[arg-type]
     problems = _problems(query, key, key_bias, attn_bias, pattern, is_causal, backend)
-    run = replayed_run(problems, pattern, query.shape[1], query.shape[2], scale)
+    run = replayed_run(problems, pattern, query.shape[1], query.shape[2], scale, query.device)
     return fused_backward(run, grad_out, query, key, value, out, lse)
 
 

@@ -110,8 +110,8 @@ class Backend(Protocol):
         """Empty when the backend can run ``spec``; else why not, one reason each."""
         ...
 
-    def replay_state(self, length: int) -> Any:
-        """The ``state`` of a ``length``-row forward, rebuilt without it."""
+    def replay_state(self, length: int, device: torch.device) -> Any:
+        """The ``state`` of a ``length``-row forward on ``device``, rebuilt without it."""
         ...
 
     def forward(
@@ -208,7 +208,7 @@ class KernelBackend:
         """Why it cannot run at all here (its optional package is not installed)."""
         return []
 
-    def replay_state(self, length: int) -> Any:
+    def replay_state(self, length: int, device: torch.device) -> Any:
         """The state :meth:`forward` returns for a ``length``-row problem, rebuilt
         without running it (there is no dropout on the fused path): what the
         backward of a registered operator passes, which gets only tensors."""

@@ -103,8 +103,11 @@ _CUDA_STRIDES = StrideRule(last_dim_contiguous=True, alignment=16)
 
 _HALF = (torch.float16, torch.bfloat16)
 
-#: the Philox seed and offset of a kernel call without dropout, which no backward reads
-_NO_RNG = torch.empty((), dtype=torch.int64)
+
+def _no_rng(device: torch.device) -> Tensor:
+    """A Philox seed or offset of a call without dropout: never read, but cuDNN's
+    backward wants it on the inputs' device."""
+    return torch.zeros((), dtype=torch.int64, device=device)
 
 
 class _SdpaBackend(KernelBackend):
@@ -164,6 +167,7 @@ class FlashBackend(_SdpaBackend):
     MIN_COMPUTE_CAPABILITY = (8, 0)
     HEAD_DIM_MULTIPLE, MAX_HEAD_DIM = 8, 256
     SUPPORTS_BIAS = False
+    SUPPORTS_GQA = True
     _ops = (
         "_scaled_dot_product_flash_attention",
         "_scaled_dot_product_flash_attention_backward",
@@ -180,9 +184,9 @@ class FlashBackend(_SdpaBackend):
         )
         return out, lse, (cum_q, cum_k, max_q, max_k, rng, unused)
 
-    def replay_state(self, length: int) -> Any:
+    def replay_state(self, length: int, device: torch.device) -> Any:
         # without dropout the backward reads neither the Philox seed nor its offset
-        return (None, None, length, length, _NO_RNG, _NO_RNG)
+        return (None, None, length, length, _no_rng(device), _no_rng(device))
 
     def backward(self, grad_out, q, k, v, out, lse, bias, causal, scale, state):
         cum_q, cum_k, max_q, max_k, rng, unused = state
@@ -254,8 +258,8 @@ class EfficientBackend(_SdpaBackend):
         # head, so a backward may run on a subset of the heads
         return out.to(dtype), lse[..., : q.shape[2]], (seed, offset, lse.shape[-1])
 
-    def replay_state(self, length: int) -> Any:
-        return (_NO_RNG, _NO_RNG, -(-length // 32) * 32)
+    def replay_state(self, length: int, device: torch.device) -> Any:
+        return (_no_rng(device), _no_rng(device), -(-length // 32) * 32)
 
     def backward(self, grad_out, q, k, v, out, lse, bias, causal, scale, state):
         seed, offset, padded_len = state
@@ -300,6 +304,7 @@ class CudnnBackend(_SdpaBackend):
     MIN_COMPUTE_CAPABILITY = (9, 0)
     HEAD_DIM_MULTIPLE, MAX_HEAD_DIM = 8, 128
     SUPPORTS_BIAS = False
+    SUPPORTS_GQA = True
     _ops = (
         "_scaled_dot_product_cudnn_attention",
         "_scaled_dot_product_cudnn_attention_backward",
@@ -323,8 +328,8 @@ class CudnnBackend(_SdpaBackend):
         CudnnBackend._lse_dims = lse.dim()
         return out, lse.reshape(q.shape[:3]), (cum_q, cum_k, max_q, max_k, seed, offset, lse.dim())
 
-    def replay_state(self, length: int) -> Any:
-        return (None, None, length, length, _NO_RNG, _NO_RNG, CudnnBackend._lse_dims)
+    def replay_state(self, length: int, device: torch.device) -> Any:
+        return (None, None, length, length, _no_rng(device), _no_rng(device), CudnnBackend._lse_dims)
 
     def backward(self, grad_out, q, k, v, out, lse, bias, causal, scale, state):
         cum_q, cum_k, max_q, max_k, seed, offset, lse_dims = state

@@ -5,10 +5,12 @@ a failure with a message, never a stuck CI."""
 from __future__ import annotations
 
 import datetime
+import os
 import time
 from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -19,6 +21,8 @@ HARNESS_TIMEOUT_S = 300
 
 
 def init(rank: int, world: int, init_file: str, backend: str = "gloo") -> None:
+    # the ranks share the machine's cores: one thread each, not a full pool each
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group(
         backend,
         init_method=f"file://{init_file}",
