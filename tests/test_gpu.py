@@ -479,3 +479,19 @@ def test_compiled_multihead_equals_eager_on_gpu(mode):
     params = [x, *module.parameters()]
     for a, b in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(expected, params, g)):
         assert_close(a, b, torch.bfloat16, f"{mode} gradient")
+
+
+@pytest.mark.parametrize("head_mode", ["grouped", "all"])
+def test_outputs_past_two_to_the_31_elements(head_mode):
+    """A (batch, seq, heads, head_dim) output of more than 2**31 elements: the last
+    positions (where 32-bit offsets would wrap) equal the same queries computed on
+    the short window of keys they see (queries at the end of the keys)."""
+    n, h, d, seg, dil = 600_000, 32, 128, (2048, 4096), (1, 2)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k, v = (torch.randn(1, n, 8, d, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in "kv")
+    with torch.no_grad():
+        full = functional.dilated_attention(q, k, v, seg, dil, head_mode=head_mode, is_causal=True)[:, -1000:]
+        tail = functional.dilated_attention(q[:, -1000:], k, v, seg, dil, head_mode=head_mode, is_causal=True)
+    assert q.numel() > 2**31
+    assert_close(full, tail.float(), torch.bfloat16, "last rows")

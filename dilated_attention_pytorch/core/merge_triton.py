@@ -154,9 +154,12 @@ if AVAILABLE:
             acc = acc / norm[:, None]
             merged = tl.where(has_key, tl.where(has_key, top, 0.0) + tl.log(norm), float("-inf"))
             tl.store(
-                lse_ptr + ib * l_b + p * l_n + ih * l_h, merged.to(lse_ptr.dtype.element_ty), mask=row_ok
+                lse_ptr + ib * l_b + position * l_n + ih * l_h,
+                merged.to(lse_ptr.dtype.element_ty),
+                mask=row_ok,
             )
-        o_off = (ib * o_b + p * o_n + ih * o_h)[:, None] + cols[None, :]
+        # int64: position · (heads · head_dim) passes 2**31 from 2**19 positions of 32 heads of 128
+        o_off = (ib * o_b + position * o_n + ih * o_h)[:, None] + cols[None, :]
         tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
