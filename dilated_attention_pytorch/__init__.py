@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .core.varlen import cu_seqlens_from_document_ids
 from .decoding import DilatedKVCache, LayerKVCache
 from .factory import (
     ATTENTION_TYPES,
@@ -13,7 +14,7 @@ from .factory import (
     create_multihead_dilated_attention,
     explain_auto,
 )
-from .functional import dilated_attention, merge_by_lse
+from .functional import dilated_attention, dilated_attention_varlen, merge_by_lse
 from .modules import DilatedAttention, ImprovedDilatedAttention, RingDilatedAttention
 from .multihead import (
     ImprovedMultiheadDilatedAttention,
@@ -60,8 +61,10 @@ __all__ = [
     "create_block_sparse_attention",
     "create_dilated_attention",
     "create_multihead_dilated_attention",
+    "cu_seqlens_from_document_ids",
     "dilated_attention",
     "dilated_attention_reference",
+    "dilated_attention_varlen",
     "explain_auto",
     "merge_by_lse",
 ]

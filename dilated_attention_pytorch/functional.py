@@ -1,4 +1,5 @@
-"""The public functional API: :func:`dilated_attention`.
+"""The public functional API: :func:`dilated_attention` and, for packed
+documents, :func:`dilated_attention_varlen`.
 
 The function is docs/semantics.md's. Each branch of the pattern is cut into
 batched attention problems (:meth:`DilatedPattern.calls`): all segments of one
@@ -23,12 +24,13 @@ from .core.fused import functorch_active
 from .core.gather import local_problems, run_gathered
 from .core.merge import merge_by_lse
 from .core.ops import fused_local
+from .core.varlen import check_cu_seqlens, document_groups, scatter_back
 from .core.window import QueryWindow
 from .pattern import DilatedPattern, HeadMode, as_pattern
 from .sparse.block_layout import BlockLayout, one_block, prepare_layout
 from .sparse.flex import flex_path
 
-__all__ = ["METHODS", "Method", "dilated_attention", "merge_by_lse"]
+__all__ = ["METHODS", "Method", "dilated_attention", "dilated_attention_varlen", "merge_by_lse"]
 
 
 def dilated_attention(
@@ -153,3 +155,68 @@ def _attention(
             query, problems, pattern, scale, dropout_p, sdpa=method == "fused" and layout is None
         )
     return fused_local(query, key, value, key_bias, attn_bias, pattern, is_causal, scale, backend)[0]
+
+
+def dilated_attention_varlen(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int | None,
+    segment_lengths: Sequence[int] | DilatedPattern,
+    dilation_rates: Sequence[int] | None = None,
+    *,
+    head_mode: HeadMode = "grouped",
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    method: Method = "fused",
+    backend: str | None = None,
+) -> Tensor:
+    """Dilated attention of packed documents (the flash-attn varlen layout): each
+    document is its own sequence (segments start at its first token, its last
+    segment may be shorter, nothing attends across documents).
+
+    Args:
+        query: ``(total_tokens, heads, head_dim)``, the documents one after another.
+        key: ``(total_tokens, kv_heads, head_dim)``, ``heads % kv_heads == 0``.
+        value: ``(total_tokens, kv_heads, head_dim)``.
+        cu_seqlens: int32 or int64 ``(num_docs + 1,)``: document ``i`` is rows
+            ``cu_seqlens[i] .. cu_seqlens[i + 1]``; starts at 0, non-decreasing, ends
+            at ``total_tokens``, on the inputs' device. From per-token document ids:
+            :func:`~.core.varlen.cu_seqlens_from_document_ids`.
+        max_seqlen: the longest document's length (checked; None: not given).
+        segment_lengths, dilation_rates, head_mode, is_causal, dropout_p,
+        softmax_scale, method, backend: as :func:`dilated_attention`.
+
+    Returns:
+        ``(total_tokens, heads, head_dim)``.
+
+    Reads ``cu_seqlens`` on the host (one sync; under ``torch.compile`` a graph
+    break). Documents run in groups of equal padded length, one batched call each.
+    """
+    for name, x in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(x, Tensor) or x.dim() != 3:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"{name} must be 3-D (total_tokens, heads, head_dim) with cu_seqlens, got {got}")
+    if key.shape[0] != query.shape[0]:
+        raise ValueError(
+            f"key and value must have the query's total_tokens ({query.shape[0]}), got {key.shape[0]}"
+        )
+    bounds = check_cu_seqlens(cu_seqlens, query.shape[0], max_seqlen, query.device)
+    pattern = as_pattern(segment_lengths, dilation_rates, head_mode)
+    # every other rule (heads, dtypes, devices, scale, dropout) on a batch-1 view
+    validate_call(
+        query[None], key[None], value[None], is_causal, None, None, dropout_p, softmax_scale, method
+    )
+    results = []
+    for group in document_groups(bounds, query.device):
+        # causal queries never see the padding after them; otherwise it is masked
+        padding = None if is_causal or group.valid.all() else group.key_padding_mask()
+        out = dilated_attention(
+            group.gather(query), group.gather(key), group.gather(value), pattern, is_causal=is_causal,
+            key_padding_mask=padding, dropout_p=dropout_p, softmax_scale=softmax_scale, method=method,
+            backend=backend,
+        )  # fmt: skip
+        results.append((group, out))
+    return scatter_back(results, query)
