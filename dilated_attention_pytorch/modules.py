@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import Method, canonical_mask, check_dropout, check_scale, refuse_torchscript
-from .functional import dilated_attention
+from .functional import dilated_attention, dilated_attention_varlen
 from .pattern import DilatedPattern, HeadMode
 from .reference import DEFAULT_MAX_BYTES, dilated_attention_reference
 
@@ -56,13 +56,30 @@ class _DilatedAttentionBase(nn.Module):
         is_causal: bool = False,
         key_padding_mask: Tensor | None = None,
         attn_mask: Tensor | None = None,
+        *,
+        cu_seqlens: Tensor | None = None,
+        max_seqlen: int | None = None,
     ) -> Tensor:
-        """``query, key, value``: ``(batch, seq, heads, head_dim)``; returns the same shape.
+        """``query`` ``(batch, seqlen_q, heads, head_dim)``, ``key``/``value``
+        ``(batch, seqlen_k, kv_heads, head_dim)`` (``heads % kv_heads == 0``,
+        ``seqlen_q <= seqlen_k``: the queries are the last positions); returns
+        ``(batch, seqlen_q, heads, head_dim)``. Not ``(batch, heads, seq,
+        head_dim)``, SDPA's layout: transpose such tensors first.
 
-        ``key_padding_mask``: ``(batch, seq)``, True = ignore. ``attn_mask``:
-        ``(seq, seq)`` or ``(batch | 1, heads | 1, seq, seq)``, bool True = not
-        allowed (as in ``nn.MultiheadAttention``) or additive float.
+        ``key_padding_mask``: ``(batch, seqlen_k)``, True = ignore. ``attn_mask``:
+        ``(seqlen_q, seqlen_k)`` or ``(batch | 1, heads | 1, seqlen_q, seqlen_k)``,
+        bool True = not allowed (as in ``nn.MultiheadAttention``) or additive float.
+        ``cu_seqlens``/``max_seqlen``: packed documents (see
+        :func:`~dilated_attention_pytorch.functional.dilated_attention_varlen`):
+        inputs ``(total_tokens, heads, head_dim)``, no masks.
         """
+        if cu_seqlens is not None:
+            if key_padding_mask is not None or attn_mask is not None:
+                raise ValueError(
+                    "key_padding_mask and attn_mask are not taken with cu_seqlens (packed documents): each "
+                    "document is a whole sequence; leave padding out of the packing"
+                )
+            return self._attend_packed(query, key, value, cu_seqlens, max_seqlen, is_causal)
         return self._attend(
             query,
             key,
@@ -77,6 +94,21 @@ class _DilatedAttentionBase(nn.Module):
 
     def _attend(self, *args: Any, **kwargs: Any) -> Tensor:
         return dilated_attention(*args, method=self.method, backend=self.backend, **kwargs)
+
+    def _attend_packed(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        cu_seqlens: Tensor,
+        max_seqlen: int | None,
+        causal: bool,
+    ) -> Tensor:
+        return dilated_attention_varlen(
+            query, key, value, cu_seqlens, max_seqlen, self.pattern, is_causal=causal,
+            dropout_p=self.attention_dropout if self.training else 0.0, softmax_scale=self.softmax_scale,
+            method=self.method, backend=self.backend,
+        )  # fmt: skip
 
     def __prepare_scriptable__(self) -> nn.Module:
         refuse_torchscript(scripting=True)
@@ -172,6 +204,12 @@ class RingDilatedAttention(_DilatedAttentionBase):
         raise ValueError(
             f"need_weights=True is not supported by {type(self).__name__} (dense_weights): the weights "
             "of one query of a sharded sequence live on several ranks"
+        )
+
+    def _attend_packed(self, *args: Any) -> Tensor:
+        raise NotImplementedError(
+            f"packed documents (cu_seqlens) are not supported by {type(self).__name__}: a document may "
+            "span ranks. Shard whole documents per rank (data parallelism), or pad them to sequences"
         )
 
     def _attend(self, *args: Any, **kwargs: Any) -> Tensor:

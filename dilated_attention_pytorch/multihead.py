@@ -19,7 +19,7 @@ from .modules import (
     _DilatedAttentionBase,
 )
 from .pattern import LONGNET_DILATION_RATES, LONGNET_SEGMENT_LENGTHS, HeadMode
-from .positions import PositionKind, make_position_embedding
+from .positions import PositionKind, XPos, make_position_embedding
 from .reference import DEFAULT_MAX_BYTES
 
 
@@ -183,6 +183,8 @@ class _MultiheadDilatedAttentionBase(nn.MultiheadAttention):
         is_causal: bool = False,
         *,
         kv_cache: LayerKVCache | None = None,
+        cu_seqlens: Tensor | None = None,
+        max_seqlen: int | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Arguments and return value as ``nn.MultiheadAttention.forward``.
 
@@ -197,6 +199,11 @@ class _MultiheadDilatedAttentionBase(nn.MultiheadAttention):
 
         ``kv_cache`` (self-attention, causal, empty cache): also store the keys and
         values that later :meth:`decode_step` calls can still read (prefill).
+
+        ``cu_seqlens``/``max_seqlen``: packed documents (see
+        :func:`~dilated_attention_pytorch.functional.dilated_attention_varlen`):
+        inputs of one packed row, ``(total_tokens, embed)`` or with a batch of 1,
+        each document its own sequence; no masks, weights or cache.
         """
         refuse_torchscript()
         for name, x in (("query", query), ("key", key), ("value", value)):
@@ -239,6 +246,8 @@ class _MultiheadDilatedAttentionBase(nn.MultiheadAttention):
                 "position, the queries being the last L positions of the keys"
             )
         attn_mask = self._attn_mask_4d(attn_mask, batch, seq, seq_k, unbatched)
+        if cu_seqlens is not None:
+            self._check_packed(batch, seq, seq_k, key_padding_mask, attn_mask, need_weights, kv_cache)
         q, k, v = self._project(query, key, value)
         if self.position_embedding is not None:
             q, k = self.position_embedding(q, k, offset=self._position_offset(seq))
@@ -264,6 +273,9 @@ class _MultiheadDilatedAttentionBase(nn.MultiheadAttention):
                 weights = weights.mean(1)
             if unbatched:
                 weights = weights[0]
+        elif cu_seqlens is not None:
+            out = self.attention(q[0], k[0], v[0], is_causal=is_causal, cu_seqlens=cu_seqlens,
+                                 max_seqlen=max_seqlen)[None]  # fmt: skip
         else:
             out = self.attention(
                 q, k, v, is_causal=is_causal, key_padding_mask=key_padding_mask, attn_mask=attn_mask
@@ -274,6 +286,25 @@ class _MultiheadDilatedAttentionBase(nn.MultiheadAttention):
         elif not self.batch_first:
             out = out.transpose(0, 1)
         return out, weights
+
+    def _check_packed(
+        self, batch: int, seq: int, seq_k: int, key_padding_mask: Tensor | None, attn_mask: Tensor | None,
+        need_weights: bool, kv_cache: LayerKVCache | None,
+    ) -> None:  # fmt: skip
+        if batch != 1 or seq != seq_k:
+            raise ValueError(
+                "with cu_seqlens, query, key and value must be one packed row of the same total_tokens "
+                f"((total_tokens, embed) or a batch of 1), got batch {batch}, lengths {seq} and {seq_k}"
+            )
+        if key_padding_mask is not None or attn_mask is not None or need_weights or kv_cache is not None:
+            raise ValueError(
+                "cu_seqlens (packed documents) takes no key_padding_mask, attn_mask, need_weights or kv_cache"
+            )
+        if isinstance(self.position_embedding, XPos):
+            raise ValueError(
+                "position_embedding='xpos' is not supported with cu_seqlens: its scales follow the packed "
+                "positions, not each document's; rotary (relative) is exact"
+            )
 
     def _check_dtypes(self, *inputs: Tensor) -> None:
         """Inputs in the parameters' dtype (autocast casts them itself)."""

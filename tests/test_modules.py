@@ -65,3 +65,29 @@ def test_improved_backend_is_passed_through():
 def test_constructor_errors(cls, kwargs, match):
     with pytest.raises(ValueError, match=match):
         cls([4], [1], **kwargs)
+
+
+def test_core_modules_take_packed_documents_and_the_others_say_why_not():
+    from dilated_attention_pytorch import (
+        BlockSparseRingDilatedAttention,
+        DilatedAttention,
+        ImprovedDilatedAttention,
+        RingDilatedAttention,
+        dilated_attention_varlen,
+    )
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(30, 4, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(30, 2, 8, generator=g, dtype=torch.float64) for _ in "kv")
+    cu = torch.tensor([0, 7, 30], dtype=torch.int32)
+    expected = dilated_attention_varlen(q, k, v, cu, 23, (4, 8), (1, 2), is_causal=True)
+    for cls in (DilatedAttention, ImprovedDilatedAttention):
+        out = cls((4, 8), (1, 2))(q, k, v, is_causal=True, cu_seqlens=cu, max_seqlen=23)
+        torch.testing.assert_close(out, expected)
+    for module in (RingDilatedAttention((4, 8), (1, 2)), BlockSparseRingDilatedAttention((4, 8), (1, 2))):
+        with pytest.raises(NotImplementedError, match="packed documents"):
+            module(q, k, v, cu_seqlens=cu)
+    with pytest.raises(ValueError, match="not taken with cu_seqlens"):
+        DilatedAttention((4,), (1,))(
+            q, k, v, cu_seqlens=cu, key_padding_mask=torch.zeros(1, 30, dtype=torch.bool)
+        )

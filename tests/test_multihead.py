@@ -435,3 +435,27 @@ def test_queries_at_the_end_of_longer_keys(cls):
 def test_num_kv_heads_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         MultiheadDilatedAttention(E, H, **kwargs)
+
+
+@pytest.mark.parametrize("cls", MULTIHEAD, ids=IDS)
+def test_packed_documents(cls):
+    """cu_seqlens: each document of one packed row is its own sequence (rotary is
+    relative, so packed positions give each document's own result)."""
+    torch.manual_seed(0)
+    ours = cls(E, H, num_kv_heads=2, batch_first=True, segment_lengths=[4, 8], dilation_rates=[1, 2],
+               head_mode="all", dtype=torch.float64, position_embedding="rotary")  # fmt: skip
+    lengths = [5, 1, 13, 9]
+    x = torch.randn(1, sum(lengths), E, dtype=torch.float64, requires_grad=True)
+    cu = torch.tensor([0, 5, 6, 19, 28], dtype=torch.int32)
+    packed, _ = ours(x, x, x, is_causal=True, cu_seqlens=cu, max_seqlen=13)
+    alone = torch.cat([ours(x[:, a:b], x[:, a:b], x[:, a:b], is_causal=True)[0] for a, b in
+                       zip(cu[:-1].tolist(), cu[1:].tolist())], 1)  # fmt: skip
+    assert_close(packed, alone, torch.float64, "packed vs one document at a time")
+    g = torch.randn_like(packed)
+    assert_close(
+        torch.autograd.grad(packed, x, g)[0], torch.autograd.grad(alone, x, g)[0], torch.float64, "dx"
+    )
+    with pytest.raises(ValueError, match="takes no key_padding_mask"):
+        ours(x, x, x, cu_seqlens=cu, key_padding_mask=torch.zeros(1, 28, dtype=torch.bool))
+    with pytest.raises(ValueError, match="one packed row"):
+        ours(x.expand(2, -1, -1), x.expand(2, -1, -1), x.expand(2, -1, -1), cu_seqlens=cu)

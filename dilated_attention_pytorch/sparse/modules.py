@@ -67,6 +67,12 @@ class _BlockSparseBase(_DilatedAttentionBase):
         """Whether each rank holds a shard of the sequence (a ``process_group`` of size > 1)."""
         return self._world_size > 1
 
+    def _attend_packed(self, *args: Any) -> Tensor:
+        raise NotImplementedError(
+            f"packed documents (cu_seqlens) are not supported by {type(self).__name__}: its block layout "
+            "is over the positions of one sequence; pad the documents to sequences of a batch"
+        )
+
     @property
     def _world_size(self) -> int:
         if self.process_group is None:
