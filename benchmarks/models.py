@@ -12,6 +12,9 @@ Records (one JSON list):
   a kernel that does not share heads), for the same shapes.
 - ``window``: forward of ``seqlen_q`` queries at the end of ``seqlen_k`` keys
   against the full-length forward.
+- ``varlen``: packed documents (a long-tailed mix summing to n tokens) against
+  one unpacked n-token sequence, forward+backward, and the pattern's TFLOP/s
+  of each (the packed FLOPs are counted per document).
 - ``compile``: forward+backward of ``ImprovedMultiheadDilatedAttention`` eager,
   ``torch.compile`` (default) and ``mode="reduce-overhead"`` (CUDA graphs).
 """
@@ -19,6 +22,7 @@ Records (one JSON list):
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -26,7 +30,13 @@ from typing import Any
 import torch
 from common import Timer, fwd_bwd, peak_mib
 
-from dilated_attention_pytorch import ImprovedMultiheadDilatedAttention, dilated_attention, kernels
+from dilated_attention_pytorch import (
+    DilatedPattern,
+    ImprovedMultiheadDilatedAttention,
+    dilated_attention,
+    dilated_attention_varlen,
+    kernels,
+)
 
 SEG = [2048, 4096, 8192, 16384, 32768]
 DIL = [1, 2, 4, 6, 12]
@@ -91,6 +101,61 @@ def _window(args: argparse.Namespace, timer: Timer, device: torch.device) -> lis
     return records
 
 
+def long_tailed_lengths(total: int, seed: int = 0) -> list[int]:
+    """Document lengths of a long-tailed mix (log-uniform over 64 .. 256K tokens) summing to ``total``."""
+    g = torch.Generator().manual_seed(seed)
+    lengths: list[int] = []
+    while sum(lengths) < total:
+        lengths.append(int(2 ** (6 + 12 * torch.rand((), generator=g).item())))
+    lengths[-1] -= sum(lengths) - total
+    return [n for n in lengths if n > 0]
+
+
+def _varlen_record(
+    timer: Timer, device: torch.device, lengths: list[int], head_mode: str, causal: bool
+) -> dict[str, Any]:
+    n, h, kv_heads, d = sum(lengths), 32, 8, 128
+    pattern = DilatedPattern(SEG, DIL, head_mode)
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=device)
+    q = torch.randn(n, h, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+    k, v = (
+        torch.randn(n, kv_heads, d, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in "kv"
+    )
+    grad = torch.randn_like(q)
+    packed = fwd_bwd(
+        lambda: dilated_attention_varlen(q, k, v, cu, max(lengths), pattern, is_causal=causal),
+        (q, k, v),
+        grad,
+    )
+    unpacked = fwd_bwd(
+        lambda: dilated_attention(q[None], k[None], v[None], pattern, is_causal=causal)[0], (q, k, v), grad
+    )
+    packed_ms, unpacked_ms = timer(packed), timer(unpacked)
+    flops_packed = sum(pattern.flops(m, h, d, causal=causal, backward=True) for m in lengths)
+    flops_unpacked = pattern.flops(n, h, d, causal=causal, backward=True)
+    return {
+        "bench": "varlen", "total_tokens": n, "num_docs": len(lengths), "longest": max(lengths),
+        "shortest": min(lengths), "heads": h, "kv_heads": kv_heads, "head_dim": d, "head_mode": head_mode,
+        "causal": causal, "packed_fwd_bwd_ms": packed_ms, "unpacked_fwd_bwd_ms": unpacked_ms,
+        "time_ratio": packed_ms / unpacked_ms, "packed_tflops": flops_packed / packed_ms / 1e9,
+        "unpacked_tflops": flops_unpacked / unpacked_ms / 1e9,
+        "tflops_ratio": (flops_packed / packed_ms) / (flops_unpacked / unpacked_ms),
+    }  # fmt: skip
+
+
+def _varlen(args: argparse.Namespace, timer: Timer, device: torch.device) -> list[dict[str, Any]]:
+    """Packed documents summing to n tokens against one unpacked n-token sequence:
+    fwd+bwd time and the pattern's FLOPs per second of each (FLOPs counted per document)."""
+    records = []
+    lengths = long_tailed_lengths(args.varlen_seq_len)
+    for head_mode in ("grouped", "all"):
+        for causal in (True, False):
+            records.append(_varlen_record(timer, device, lengths, head_mode, causal))
+            print(records[-1], flush=True)
+            torch.cuda.empty_cache()
+    return records
+
+
 def _compile(args: argparse.Namespace, timer: Timer, device: torch.device) -> list[dict[str, Any]]:
     records = []
     for n in args.compile_seq_lens:
@@ -121,7 +186,8 @@ def main() -> None:
     p.add_argument("--gqa-seq-len", type=int, default=1 << 20)
     p.add_argument("--window-seq-len", type=int, default=1 << 20)
     p.add_argument("--compile-seq-lens", type=int, nargs="+", default=[32768, 131072])
-    p.add_argument("--benches", nargs="+", default=["gqa", "window", "compile"])
+    p.add_argument("--varlen-seq-len", type=int, default=1 << 20)
+    p.add_argument("--benches", nargs="+", default=["gqa", "window", "compile", "varlen"])
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
     args = p.parse_args()
@@ -132,7 +198,9 @@ def main() -> None:
     print(header, flush=True)
     records: list[dict[str, Any]] = [header]
     for bench in args.benches:
-        records += {"gqa": _gqa, "window": _window, "compile": _compile}[bench](args, timer, device)
+        records += {"gqa": _gqa, "window": _window, "compile": _compile, "varlen": _varlen}[bench](
+            args, timer, device
+        )
         if args.output:
             args.output.write_text(json.dumps(records, indent=1))
 

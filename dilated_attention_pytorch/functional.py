@@ -212,11 +212,11 @@ def dilated_attention_varlen(
     results = []
     for group in document_groups(bounds, query.device):
         # causal queries never see the padding after them; otherwise it is masked
-        padding = None if is_causal or group.valid.all() else group.key_padding_mask()
+        padding = None if is_causal else group.key_padding_mask()
         out = dilated_attention(
             group.gather(query), group.gather(key), group.gather(value), pattern, is_causal=is_causal,
             key_padding_mask=padding, dropout_p=dropout_p, softmax_scale=softmax_scale, method=method,
             backend=backend,
         )  # fmt: skip
         results.append((group, out))
-    return scatter_back(results, query)
+    return scatter_back(results)

@@ -2,16 +2,16 @@
 ``(total_tokens, heads, head_dim)`` inputs and ``cu_seqlens`` offsets, each
 document its own sequence.
 
-Documents are grouped by their length rounded up to a power of two; each group
-runs as one batch of that length (one call of the dense-batch path, so every
-method and backend applies), copied in and out by index. Padding goes after a
-document's last token, where it changes nothing a real query computes: segments
-still start at the document's first token, and a position's index in its
-segment is unchanged. Causal queries never see the padded keys (they come
-after every real query); without causality a key padding mask removes them.
-The padded queries' results are dropped (zero gradient). So the FLOPs are at
-most those of the padded lengths (under 2x the documents'), there is no
-``(total, total)`` mask, and a group of a thousand tiny documents is one call.
+Documents of one length run as one batch (one call of the dense-batch path,
+so every method and backend applies), copied in and out by index. With many
+distinct lengths, lengths are rounded up to a power of two instead (fewer
+calls); padding goes after a document's last token, where it changes nothing a
+real query computes: segments still start at the document's first token, and a
+position's index in its segment is unchanged. Causal queries never see the
+padded keys (they come after every real query); without causality a key
+padding mask removes them. The padded queries' results are dropped (zero
+gradient). There is no ``(total, total)`` mask, and a thousand tiny documents
+of a few lengths are a few calls.
 """
 
 from __future__ import annotations
@@ -27,22 +27,34 @@ from .._checks import check_int
 
 @dataclasses.dataclass(frozen=True)
 class DocumentGroup:
-    """Documents padded to ``length``: ``rows`` (``(docs·length,)`` int64) are their
-    tokens' indices in the packed tensor and ``valid`` marks real (not padding) rows."""
+    """``num_docs`` documents as a batch of ``length`` rows each: ``tokens`` are
+    their rows in the packed tensor (document-major) and ``slots`` where those
+    go in the flattened ``(num_docs·length)`` batch (None: every slot, no padding)."""
 
     length: int
-    rows: Tensor
-    valid: Tensor
     num_docs: int
+    tokens: Tensor
+    slots: Tensor | None
 
     def gather(self, x: Tensor) -> Tensor:
-        """``(docs, length, ...)`` of a packed ``(total, ...)`` tensor; padding rows are 0."""
-        picked = x.index_select(0, self.rows) * self.valid.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+        """``(num_docs, length, ...)`` of a packed ``(total, ...)`` tensor; padding is 0.
+        Each token is read once, so the backward adds no two gradients into one row."""
+        picked = x.index_select(0, self.tokens)
+        if self.slots is not None:
+            picked = x.new_zeros(self.num_docs * self.length, *x.shape[1:]).index_copy(0, self.slots, picked)
         return picked.view(self.num_docs, self.length, *x.shape[1:])
 
-    def key_padding_mask(self) -> Tensor:
-        """``(docs, length)`` bool, True where a row is padding."""
-        return ~self.valid.view(self.num_docs, self.length)
+    def results(self, out: Tensor) -> Tensor:
+        """The real rows of a ``(num_docs, length, ...)`` result, in ``tokens`` order."""
+        flat = out.flatten(0, 1)
+        return flat if self.slots is None else flat.index_select(0, self.slots)
+
+    def key_padding_mask(self) -> Tensor | None:
+        """``(num_docs, length)`` bool, True where a row is padding (None: none is)."""
+        if self.slots is None:
+            return None
+        real = torch.zeros(self.num_docs * self.length, dtype=torch.bool, device=self.slots.device)
+        return ~real.index_fill(0, self.slots, True).view(self.num_docs, self.length)
 
 
 def check_cu_seqlens(
@@ -103,28 +115,35 @@ def cu_seqlens_from_document_ids(document_ids: Tensor) -> tuple[Tensor, int]:
     return cu_seqlens, int((starts[1:] - starts[:-1]).max())
 
 
+#: at most this many distinct document lengths run unpadded, one group per length
+EXACT_GROUPS = 32
+
+
 def document_groups(bounds: list[int], device: torch.device) -> list[DocumentGroup]:
-    """Documents grouped by their length rounded up to a power of two."""
+    """Documents grouped by length: one group per distinct length where there are
+    at most :data:`EXACT_GROUPS` of them (no padding), else by length rounded up
+    to a power of two (fewer, padded groups: fewer calls for many distinct lengths)."""
+    docs = [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
+    exact = len({b - a for a, b in docs}) <= EXACT_GROUPS
     by_length: dict[int, list[tuple[int, int]]] = {}
-    for start, end in itertools.pairwise(bounds):
-        if end > start:
-            by_length.setdefault(1 << (end - start - 1).bit_length(), []).append((start, end))
+    for start, end in docs:
+        length = end - start if exact else 1 << (end - start - 1).bit_length()
+        by_length.setdefault(length, []).append((start, end))
     groups = []
-    for length, docs in sorted(by_length.items()):
-        starts = torch.tensor([s for s, _ in docs], dtype=torch.int64)
-        counts = torch.tensor([e - s for s, e in docs], dtype=torch.int64)
+    for length, members in sorted(by_length.items()):
+        starts = torch.tensor([a for a, _ in members], dtype=torch.int64)
+        counts = torch.tensor([b - a for a, b in members], dtype=torch.int64)
         offsets = torch.arange(length, dtype=torch.int64)
-        valid = offsets[None, :] < counts[:, None]
-        rows = torch.where(valid, starts[:, None] + offsets[None, :], 0)
-        groups.append(DocumentGroup(length, rows.flatten().to(device), valid.flatten().to(device), len(docs)))
+        valid = (offsets[None, :] < counts[:, None]).flatten()
+        tokens = (starts[:, None] + offsets[None, :]).flatten()[valid]
+        slots = None if bool(valid.all()) else torch.nonzero(valid).flatten().to(device)
+        groups.append(DocumentGroup(length, len(members), tokens.to(device), slots))
     return groups
 
 
-def scatter_back(outputs: list[tuple[DocumentGroup, Tensor]], like: Tensor) -> Tensor:
-    """The packed ``(total, heads, head_dim)`` output from each group's
-    ``(docs, length, heads, head_dim)`` result (real rows only)."""
-    out = like.new_zeros(like.shape[0], *outputs[0][1].shape[2:]) if outputs else like.new_zeros(like.shape)
-    for group, result in outputs:
-        keep = torch.nonzero(group.valid).flatten()
-        out = out.index_copy(0, group.rows[keep], result.flatten(0, 1).index_select(0, keep))
-    return out
+def scatter_back(outputs: list[tuple[DocumentGroup, Tensor]]) -> Tensor:
+    """The packed ``(total, ...)`` output from each group's ``(num_docs, length, ...)``
+    result: the real rows of all groups, put back in token order by one gather."""
+    tokens = torch.cat([group.tokens for group, _ in outputs])
+    rows = torch.cat([group.results(out) for group, out in outputs])
+    return rows.index_select(0, torch.argsort(tokens))

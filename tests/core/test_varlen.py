@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dilated_attention_pytorch import cu_seqlens_from_document_ids, dilated_attention_varlen
+from dilated_attention_pytorch.core import varlen
 from dilated_attention_pytorch.reference import dilated_attention_reference as reference
 
 from ..conftest import CPU_IMPLS, assert_close
@@ -40,7 +41,10 @@ def _per_document(q, k, v, cu, **kw):
 @pytest.mark.parametrize("lengths", list(LENGTHS))
 @pytest.mark.parametrize("head_mode", ["grouped", "all"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_each_document_is_its_own_sequence(impl, lengths, head_mode, causal):
+@pytest.mark.parametrize("grouping", ["exact", "padded"])
+def test_each_document_is_its_own_sequence(impl, lengths, head_mode, causal, grouping, monkeypatch):
+    # "padded": every document padded to a power of two (the grouping of many distinct lengths)
+    monkeypatch.setattr(varlen, "EXACT_GROUPS", 10**9 if grouping == "exact" else 0)
     q, k, v, cu = _packed(LENGTHS[lengths])
     grad_out = torch.randn(q.shape, dtype=q.dtype)
     expected = _per_document(q, k, v, cu, head_mode=head_mode, is_causal=causal)
@@ -54,10 +58,10 @@ def test_each_document_is_its_own_sequence(impl, lengths, head_mode, causal):
         assert_close(a, b, torch.float64, f"{impl.name} d{name}")
 
 
-def test_thousands_of_tiny_documents():
-    lengths = [1 + i % 5 for i in range(2000)]
+def test_thousands_of_tiny_documents_of_many_lengths():
+    lengths = [1 + i % 50 for i in range(2000)]  # 50 distinct lengths: padded groups
     q, k, v, cu = _packed(lengths, heads=2, kv_heads=1)
-    out = dilated_attention_varlen(q, k, v, cu, 5, *PATTERN, head_mode="all", is_causal=True)
+    out = dilated_attention_varlen(q, k, v, cu, 50, *PATTERN, head_mode="all", is_causal=True)
     assert_close(out, _per_document(q, k, v, cu, head_mode="all", is_causal=True), torch.float64, "output")
 
 
