@@ -7,7 +7,7 @@ import torch
 
 from dilated_attention_pytorch import DilatedPattern, functional
 from dilated_attention_pytorch import pattern as pattern_module
-from dilated_attention_pytorch.core import fused, views
+from dilated_attention_pytorch.core import fused, ops, views
 from dilated_attention_pytorch.core.merge import merge_by_lse
 from dilated_attention_pytorch.kernels.base import ANY_STRIDES
 from dilated_attention_pytorch.pattern import compact_rows
@@ -156,6 +156,10 @@ class _IntoPlaceMath:
     name, description = "math_into_place", "test double"
     strides = ANY_STRIDES
     WRITES_INTO_PLACE = True
+    SUPPORTS_GQA = False
+
+    def replay_state(self, length, device):
+        return None
 
     def __init__(self) -> None:
         from dilated_attention_pytorch.kernels.math import MathBackend
@@ -193,7 +197,7 @@ def test_into_place_backends_match_reference(monkeypatch, seg, dil, seq, heads, 
     """A backend that writes outputs and gradients into place (grouped heads, where
     the problem is a view) computes the same function."""
     backend = _IntoPlaceMath()
-    monkeypatch.setattr(fused, "select_backends", lambda query, calls, *a: [backend] * len(calls))
+    monkeypatch.setattr(ops, "select_backends", lambda query, calls, *a: [backend] * len(calls))
     q, k, v = make_qkv(batch, seq, heads)
     expected = reference(q, k, v, seg, dil, head_mode=head_mode, is_causal=causal)
     g = torch.randn_like(expected)
