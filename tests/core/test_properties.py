@@ -52,6 +52,7 @@ def _masks(kind, batch, seq, g):
     return {}
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None, derandomize=True, database=None)
 @given(calls())
 def test_every_implementation_matches_reference(c):

@@ -3,6 +3,7 @@ module, an 8-layer stack, the torchrun example, memory freed without gc."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -104,6 +105,7 @@ def _run_stack(rank: int, world: int, init_file: str, results: dict) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_eight_layer_stack_matches_single_device(tmp_path):
     results = spawn(_run_stack, 4, tmp_path)
     for (loss, norm), (ring_loss, ring_norm) in results.values():
