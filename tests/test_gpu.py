@@ -2,6 +2,7 @@
 outputs and gradients. Marked ``gpu``; skipped without CUDA."""
 
 import importlib.util
+import itertools
 
 import pytest
 import torch
@@ -495,3 +496,30 @@ def test_outputs_past_two_to_the_31_elements(head_mode):
         tail = functional.dilated_attention(q[:, -1000:], k, v, seg, dil, head_mode=head_mode, is_causal=True)
     assert q.numel() > 2**31
     assert_close(full, tail.float(), torch.bfloat16, "last rows")
+
+
+@pytest.mark.parametrize("impl", GPU_IMPLS, ids=[i.name for i in GPU_IMPLS])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_packed_documents_match_reference_per_document(impl, causal):
+    if impl.backend is not None:
+        _runnable(impl, torch.bfloat16, 64, not causal)
+    seg, dil = (64, 128), (1, 2)
+    lengths = [7, 300, 64, 129, 1, 200]
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device="cuda")
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(sum(lengths), 8, 64, generator=gen, dtype=torch.float64).cuda().requires_grad_()
+    k, v = (
+        torch.randn(sum(lengths), 2, 64, generator=gen, dtype=torch.float64).cuda().requires_grad_()
+        for _ in "kv"
+    )
+    bounds = cu.tolist()
+    expected = torch.cat([reference(q[None, a:b], k[None, a:b], v[None, a:b], seg, dil, head_mode="all",
+                                    is_causal=causal)[0] for a, b in itertools.pairwise(bounds)])  # fmt: skip
+    g = torch.randn_like(expected)
+    exp_grads = grads(expected, (q, k, v), g)
+    qd, kd, vd = (x.detach().to(torch.bfloat16).requires_grad_() for x in (q, k, v))
+    out = functional.dilated_attention_varlen(qd, kd, vd, cu, 300, seg, dil, head_mode="all", is_causal=causal,
+                                              method=impl.method, backend=impl.backend)  # fmt: skip
+    assert_close(out, expected, torch.bfloat16, f"{impl.name} output")
+    for name, a, b in zip("qkv", grads(out, (qd, kd, vd), g.to(torch.bfloat16)), exp_grads):
+        assert_close(a, b, torch.bfloat16, f"{impl.name} d{name}")
