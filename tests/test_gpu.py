@@ -518,8 +518,19 @@ def test_packed_documents_match_reference_per_document(impl, causal):
     g = torch.randn_like(expected)
     exp_grads = grads(expected, (q, k, v), g)
     qd, kd, vd = (x.detach().to(torch.bfloat16).requires_grad_() for x in (q, k, v))
-    out = functional.dilated_attention_varlen(qd, kd, vd, cu, 300, seg, dil, head_mode="all", is_causal=causal,
-                                              method=impl.method, backend=impl.backend)  # fmt: skip
+    out = functional.dilated_attention_varlen(
+        qd,
+        kd,
+        vd,
+        cu,
+        300,
+        seg,
+        dil,
+        head_mode="all",
+        is_causal=causal,
+        method=impl.method,
+        backend=impl.backend,
+    )
     assert_close(out, expected, torch.bfloat16, f"{impl.name} output")
     for name, a, b in zip("qkv", grads(out, (qd, kd, vd), g.to(torch.bfloat16)), exp_grads):
         assert_close(a, b, torch.bfloat16, f"{impl.name} d{name}")
