@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,31 +75,27 @@ def _gqa_record(
     }  # fmt: skip
 
 
-def _gqa(args: argparse.Namespace, timer: Timer, device: torch.device) -> list[dict[str, Any]]:
-    records = []
+def _gqa(args: argparse.Namespace, timer: Timer, device: torch.device) -> Iterator[dict[str, Any]]:
     for kv_heads in (32, 8, 1):
         for head_mode in ("grouped", "all"):
             for causal in (False, True):
                 for native in (True, False) if kv_heads < 32 else (True,):
-                    records.append(
-                        _gqa_record(timer, device, args.gqa_seq_len, kv_heads, head_mode, causal, native)
-                    )
-                    print(records[-1], flush=True)
+                    record = _gqa_record(timer, device, args.gqa_seq_len, kv_heads, head_mode, causal, native)
+                    print(record, flush=True)
+                    yield record
                     torch.cuda.empty_cache()
-    return records
 
 
-def _window(args: argparse.Namespace, timer: Timer, device: torch.device) -> list[dict[str, Any]]:
-    records = []
+def _window(args: argparse.Namespace, timer: Timer, device: torch.device) -> Iterator[dict[str, Any]]:
     n, h, d = args.window_seq_len, 32, 128
     k, v = (torch.randn(1, n, 8, d, device=device, dtype=torch.bfloat16) for _ in "kv")
     for seq_q in (1, 4096, n):
         q = torch.randn(1, seq_q, h, d, device=device, dtype=torch.bfloat16)
         with torch.no_grad():
             ms = timer(lambda q=q: dilated_attention(q, k, v, SEG, DIL, head_mode="all", is_causal=True))
-        records.append({"bench": "window", "seq_k": n, "seq_q": seq_q, "kv_heads": 8, "fwd_ms": ms})
-        print(records[-1], flush=True)
-    return records
+        record = {"bench": "window", "seq_k": n, "seq_q": seq_q, "kv_heads": 8, "fwd_ms": ms}
+        print(record, flush=True)
+        yield record
 
 
 def long_tailed_lengths(total: int, seed: int = 0) -> list[int]:
@@ -143,21 +140,19 @@ def _varlen_record(
     }  # fmt: skip
 
 
-def _varlen(args: argparse.Namespace, timer: Timer, device: torch.device) -> list[dict[str, Any]]:
+def _varlen(args: argparse.Namespace, timer: Timer, device: torch.device) -> Iterator[dict[str, Any]]:
     """Packed documents summing to n tokens against one unpacked n-token sequence:
     fwd+bwd time and the pattern's FLOPs per second of each (FLOPs counted per document)."""
-    records = []
     lengths = long_tailed_lengths(args.varlen_seq_len)
     for head_mode in ("grouped", "all"):
         for causal in (True, False):
-            records.append(_varlen_record(timer, device, lengths, head_mode, causal))
-            print(records[-1], flush=True)
+            record = _varlen_record(timer, device, lengths, head_mode, causal)
+            print(record, flush=True)
+            yield record
             torch.cuda.empty_cache()
-    return records
 
 
-def _compile(args: argparse.Namespace, timer: Timer, device: torch.device) -> list[dict[str, Any]]:
-    records = []
+def _compile(args: argparse.Namespace, timer: Timer, device: torch.device) -> Iterator[dict[str, Any]]:
     for n in args.compile_seq_lens:
         torch.manual_seed(0)
         module = ImprovedMultiheadDilatedAttention(
@@ -174,10 +169,10 @@ def _compile(args: argparse.Namespace, timer: Timer, device: torch.device) -> li
                 fn(x, x, x, is_causal=True)[0].backward(grad)
 
             ms = timer(step)
-            records.append({"bench": "compile", "seq_len": n, "mode": mode, "fwd_bwd_ms": ms, "heads": 12})
-            print(records[-1], flush=True)
+            record = {"bench": "compile", "seq_len": n, "mode": mode, "fwd_bwd_ms": ms, "heads": 12}
+            print(record, flush=True)
+            yield record
         torch._dynamo.reset()
-    return records
 
 
 def main() -> None:
@@ -198,11 +193,13 @@ def main() -> None:
     print(header, flush=True)
     records: list[dict[str, Any]] = [header]
     for bench in args.benches:
-        records += {"gqa": _gqa, "window": _window, "compile": _compile, "varlen": _varlen}[bench](
+        # every record is written as soon as it is measured: a later failure keeps the rest
+        for record in {"gqa": _gqa, "window": _window, "compile": _compile, "varlen": _varlen}[bench](
             args, timer, device
-        )
-        if args.output:
-            args.output.write_text(json.dumps(records, indent=1))
+        ):
+            records.append(record)
+            if args.output:
+                args.output.write_text(json.dumps(records, indent=1))
 
 
 if __name__ == "__main__":

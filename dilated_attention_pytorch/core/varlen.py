@@ -116,7 +116,7 @@ def cu_seqlens_from_document_ids(document_ids: Tensor) -> tuple[Tensor, int]:
 
 
 #: at most this many distinct document lengths run unpadded, one group per length
-EXACT_GROUPS = 32
+EXACT_GROUPS = 64
 
 
 def document_groups(bounds: list[int], device: torch.device) -> list[DocumentGroup]:
