@@ -24,7 +24,7 @@ from .core.fused import functorch_active
 from .core.gather import local_problems, run_gathered
 from .core.merge import merge_by_lse
 from .core.ops import fused_local
-from .core.varlen import check_cu_seqlens, document_groups, scatter_back
+from .core.varlen import by_group, check_cu_seqlens, document_groups, scatter_back
 from .core.window import QueryWindow
 from .pattern import DilatedPattern, HeadMode, as_pattern
 from .sparse.block_layout import BlockLayout, one_block, prepare_layout
@@ -209,14 +209,14 @@ def dilated_attention_varlen(
     validate_call(
         query[None], key[None], value[None], is_causal, None, None, dropout_p, softmax_scale, method
     )
+    groups = document_groups(bounds, query.device)
     results = []
-    for group in document_groups(bounds, query.device):
+    for group, q, k, v in zip(groups, *(by_group(x, groups) for x in (query, key, value))):
         # causal queries never see the padding after them; otherwise it is masked
         padding = None if is_causal else group.key_padding_mask()
         out = dilated_attention(
-            group.gather(query), group.gather(key), group.gather(value), pattern, is_causal=is_causal,
-            key_padding_mask=padding, dropout_p=dropout_p, softmax_scale=softmax_scale, method=method,
-            backend=backend,
+            q, k, v, pattern, is_causal=is_causal, key_padding_mask=padding, dropout_p=dropout_p,
+            softmax_scale=softmax_scale, method=method, backend=backend,
         )  # fmt: skip
         results.append((group, out))
     return scatter_back(results)

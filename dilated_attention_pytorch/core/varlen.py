@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -36,13 +37,12 @@ class DocumentGroup:
     tokens: Tensor
     slots: Tensor | None
 
-    def gather(self, x: Tensor) -> Tensor:
-        """``(num_docs, length, ...)`` of a packed ``(total, ...)`` tensor; padding is 0.
-        Each token is read once, so the backward adds no two gradients into one row."""
-        picked = x.index_select(0, self.tokens)
+    def batch(self, picked: Tensor) -> Tensor:
+        """``(num_docs, length, ...)`` from the group's tokens ``(tokens, ...)``; padding is 0."""
+        rest = picked.shape[1:]
         if self.slots is not None:
-            picked = x.new_zeros(self.num_docs * self.length, *x.shape[1:]).index_copy(0, self.slots, picked)
-        return picked.view(self.num_docs, self.length, *x.shape[1:])
+            picked = picked.new_zeros(self.num_docs * self.length, *rest).index_copy(0, self.slots, picked)
+        return picked.view(self.num_docs, self.length, *rest)
 
     def results(self, out: Tensor) -> Tensor:
         """The real rows of a ``(num_docs, length, ...)`` result, in ``tokens`` order."""
@@ -141,9 +141,31 @@ def document_groups(bounds: list[int], device: torch.device) -> list[DocumentGro
     return groups
 
 
+class _Permute(torch.autograd.Function):
+    """``x[order]`` for a permutation ``order``, whose backward is the inverse
+    gather (``index_select``'s own backward scatter-adds, with atomics)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, order: Tensor, inverse: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, order)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def by_group(x: Tensor, groups: list[DocumentGroup]) -> list[Tensor]:
+    """A packed ``(total, ...)`` tensor as each group's ``(num_docs, length, ...)`` batch."""
+    order = torch.cat([g.tokens for g in groups])
+    picked = _Permute.apply(x, order, torch.argsort(order))
+    return [g.batch(part) for g, part in zip(groups, picked.split([len(g.tokens) for g in groups]))]
+
+
 def scatter_back(outputs: list[tuple[DocumentGroup, Tensor]]) -> Tensor:
     """The packed ``(total, ...)`` output from each group's ``(num_docs, length, ...)``
     result: the real rows of all groups, put back in token order by one gather."""
     tokens = torch.cat([group.tokens for group, _ in outputs])
     rows = torch.cat([group.results(out) for group, out in outputs])
-    return rows.index_select(0, torch.argsort(tokens))
+    return _Permute.apply(rows, torch.argsort(tokens), tokens)
