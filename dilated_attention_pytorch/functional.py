@@ -16,7 +16,9 @@ length and all heads that share an offset form one
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
+import torch
 from torch import Tensor
 
 from ._checks import METHODS, Method, refuse_torchscript, validate_call
@@ -50,7 +52,8 @@ def dilated_attention(
     backend: str | None = None,
     block_layout: Tensor | None = None,
     block_size: int = 128,
-) -> Tensor:
+    return_lse: bool = False,
+) -> Any:
     """Dilated attention (docs/semantics.md).
 
     Args:
@@ -89,9 +92,15 @@ def dilated_attention(
             of block ``K`` only where it is True (on top of the pattern and masks).
             Runs with ``method="flex"`` or ``"gather"``, and ``seqlen_q == seqlen_k``.
         block_size: positions per block of ``block_layout``.
+        return_lse: also return the merged log-sum-exp, to merge this attention
+            with another (say a global-token branch) by :func:`merge_by_lse`.
 
     Returns:
         ``(batch, seqlen_q, heads, head_dim)``; a (position, head) with no key is 0.
+        With ``return_lse``: ``(out, lse)``, lse ``(batch, seqlen_q, heads)`` float32
+        (float64 for float64 inputs), -inf where no key. It is differentiable: where
+        gradients are recorded the call runs the gather path (the fused kernels'
+        backward takes no lse gradient); without them, the fused path.
     """
     refuse_torchscript()
     pattern = as_pattern(segment_lengths, dilation_rates, head_mode)
@@ -105,11 +114,12 @@ def dilated_attention(
                 f"{shape[1]} and seqlen_k = {key.shape[1]}"
             )
         window = QueryWindow.of(pattern, shape[1], key.shape[1])
-        out = _attention(
+        result = _attention(
             window.queries(query), window.keys(key), window.keys(value), window.keys(key_bias),
             window.attn_mask(attn_bias), pattern, is_causal, scale, dropout_p, method, backend, None,
+            return_lse,
         )  # fmt: skip
-        return window.outputs(out)
+        return tuple(window.outputs(x) for x in result) if return_lse else window.outputs(result)
     layout = None
     if block_layout is not None:
         layout = prepare_layout(block_layout, block_size, shape, query.dtype, query.device)
@@ -118,8 +128,9 @@ def dilated_attention(
                 "block_layout runs with method='flex' (FlexAttention) or method='gather', not 'fused'"
             )
     return _attention(
-        query, key, value, key_bias, attn_bias, pattern, is_causal, scale, dropout_p, method, backend, layout
-    )
+        query, key, value, key_bias, attn_bias, pattern, is_causal, scale, dropout_p, method, backend, layout,
+        return_lse,
+    )  # fmt: skip
 
 
 def _attention(
@@ -135,9 +146,15 @@ def _attention(
     method: Method,
     backend: str | None,
     layout: BlockLayout | None,
-) -> Tensor:
+    return_lse: bool = False,
+) -> Any:
     """:func:`dilated_attention` of checked arguments, ``seqlen_q == seqlen_k``."""
     shape = query.shape
+    if return_lse and method == "flex":
+        raise ValueError("return_lse is not supported with method='flex'; use method='fused' or 'gather'")
+    recording = torch.is_grad_enabled() and any(x.requires_grad for x in (query, key, value))
+    if return_lse and (recording or functorch_active(query, key, value)):
+        method = "gather"  # the one path whose lse carries a gradient
     if method == "flex" and functorch_active(query, key, value):
         method = "gather"  # the same function in ops torch.func can transform
     if method == "flex":
@@ -152,9 +169,11 @@ def _attention(
         calls = pattern.calls(shape[1], shape[2])
         problems = local_problems(query, key, value, key_bias, attn_bias, calls, is_causal, layout)
         return run_gathered(
-            query, problems, pattern, scale, dropout_p, sdpa=method == "fused" and layout is None
-        )
-    return fused_local(query, key, value, key_bias, attn_bias, pattern, is_causal, scale, backend)[0]
+            query, problems, pattern, scale, dropout_p, sdpa=method == "fused" and layout is None,
+            return_lse=return_lse,
+        )  # fmt: skip
+    out, lse = fused_local(query, key, value, key_bias, attn_bias, pattern, is_causal, scale, backend)
+    return (out, lse) if return_lse else out
 
 
 def dilated_attention_varlen(

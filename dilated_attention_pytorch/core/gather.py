@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -70,20 +71,24 @@ def run_gathered(
     scale: float,
     dropout_p: float,
     sdpa: bool = False,
-) -> Tensor:
+    return_lse: bool = False,
+) -> Any:
     """Attention of every problem under autograd, scattered into a ``query``-shaped
     output; "all"-mode branches merge by lse. Plain torch, or with ``sdpa`` and
     where no lse and no mask is needed (grouped heads), PyTorch's fused SDPA
-    kernels, which also do dropout without O(length²) memory."""
+    kernels, which also do dropout without O(length²) memory. With
+    ``return_lse``: ``(out, lse)``, the merged lse ``(batch, seq, heads)``
+    (float32; -inf where no key), differentiable."""
     b, n, h, d = query.shape
     merge = pattern.merges_branches
     lse_dtype = accumulation_dtype(query.dtype)
     k = pattern.num_branches
     out = query.new_zeros(b, n, h, d)
+    lse = query.new_full((b, n, h), -math.inf, dtype=lse_dtype) if return_lse and not merge else None
     branch_outs = [query.new_zeros(b, n, h, d) for _ in range(k)] if merge else []
     branch_lses = [query.new_full((b, n, h), -math.inf, dtype=lse_dtype) for _ in range(k)] if merge else []
     for p in problems:
-        if sdpa and not merge and p.bias is None:
+        if sdpa and not merge and p.bias is None and not return_lse:
             part_out = F.scaled_dot_product_attention(
                 p.q, p.k, p.v, dropout_p=dropout_p, is_causal=p.causal, scale=scale
             )
@@ -92,12 +97,16 @@ def run_gathered(
         heads = torch.tensor(p.call.heads(), device=query.device)[None, :]
         index = (p.positions[:, None], heads)
         part_out = part_out.transpose(1, 2).reshape(b, -1, p.call.num_heads, d)
+        if merge or lse is not None:
+            part_lse = part_lse.transpose(1, 2).reshape(b, -1, p.call.num_heads).to(lse_dtype)
         if merge:
             branch_outs[p.call.branch][:, index[0], index[1]] = part_out
-            part_lse = part_lse.transpose(1, 2).reshape(b, -1, p.call.num_heads)
-            branch_lses[p.call.branch][:, index[0], index[1]] = part_lse.to(lse_dtype)
+            branch_lses[p.call.branch][:, index[0], index[1]] = part_lse
         else:
             out[:, index[0], index[1]] = part_out
+            if lse is not None:
+                lse[:, index[0], index[1]] = part_lse
     if merge:
-        out = merge_by_lse(branch_outs, branch_lses)[0].to(query.dtype)
-    return out
+        out, lse = merge_by_lse(branch_outs, branch_lses)
+        out = out.to(query.dtype)
+    return (out, lse) if return_lse else out

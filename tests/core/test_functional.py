@@ -400,3 +400,40 @@ def test_nan_in_values_of_padded_keys_propagates_as_in_sdpa():
         *(x.transpose(1, 2) for x in (q, k, v)), attn_mask=~kpm[:, None, None, :]
     ).transpose(1, 2)
     assert torch.equal(out.isnan(), sdpa.isnan())
+
+
+@pytest.mark.parametrize("method", ["fused", "gather"])
+@pytest.mark.parametrize("head_mode", ["grouped", "all"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_return_lse_merges_with_another_attention(method, head_mode, grad):
+    """return_lse: the merged lse, so that merging this attention with a second one
+    (here: the same call on the other half of a dense pattern's keys) by
+    merge_by_lse gives the attention over both; differentiable where recorded."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 16, 4, 8, generator=g, dtype=torch.float64).requires_grad_(grad) for _ in "qkv")
+    mask = torch.zeros(16, 16, dtype=torch.bool)
+    mask[:, 8:] = True  # first half of the keys
+    kw = {"head_mode": head_mode, "method": method, "return_lse": True}
+    with torch.set_grad_enabled(grad):
+        out_a, lse_a = functional.dilated_attention(q, k, v, (16,), (1,), attn_mask=mask, **kw)
+        out_b, lse_b = functional.dilated_attention(q, k, v, (16,), (1,), attn_mask=~mask, **kw)
+        merged, _ = merge_by_lse([out_a, out_b], [lse_a, lse_b])
+    expected = reference(q, k, v, (16,), (1,))
+    assert lse_a.shape == (2, 16, 4) and lse_a.dtype == torch.float64
+    assert_close(merged, expected, torch.float64, "merged")
+    if grad:
+        grad_out = torch.randn_like(expected)
+        for name, a, b in zip(
+            "qkv", grads(merged, (q, k, v), grad_out), grads(expected, (q, k, v), grad_out)
+        ):
+            assert_close(a, b, torch.float64, f"d{name}")
+
+
+def test_return_lse_of_queries_at_the_end():
+    q, k, v = make_qkv(1, 20, 2, seed=4)
+    out, lse = functional.dilated_attention(q[:, -5:], k, v, (4, 8), (1, 2), head_mode="all", return_lse=True)
+    full_out, full_lse = functional.dilated_attention(
+        q, k, v, (4, 8), (1, 2), head_mode="all", return_lse=True
+    )
+    assert_close(out, full_out[:, -5:], torch.float64, "out")
+    assert_close(lse, full_lse[:, -5:], torch.float64, "lse")
