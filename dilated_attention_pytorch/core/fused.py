@@ -5,6 +5,7 @@ backward calls each kernel's backward with the merged output and lse."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -441,7 +442,6 @@ def select_backends(
     return chosen
 
 
-@torch.compiler.disable
 def run_fused(
     query: Tensor,
     key: Tensor,
@@ -457,4 +457,11 @@ def run_fused(
     One device runs the registered operators of :mod:`.ops`. ``recompute``: the same
     function in differentiable ops, which double backward and batched gradients
     differentiate (None: they raise)."""
-    return _FusedDilatedAttention.apply(query, key, value, problems, pattern, scale, recompute)
+    return _uncompiled_apply()(query, key, value, problems, pattern, scale, recompute)
+
+
+@functools.cache
+def _uncompiled_apply() -> Callable[..., Tensor]:
+    # made on first use: torch.compiler.disable imports torch._dynamo (2 s), which
+    # `import dilated_attention_pytorch` should not pay for
+    return torch.compiler.disable(_FusedDilatedAttention.apply)
