@@ -4,6 +4,8 @@ naming the argument and the rule (the checks of NATTEN's ``utils/checks.py``).""
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -233,4 +235,28 @@ def refuse_torchscript(scripting: bool = False) -> None:
             "TorchScript (torch.jit.script / torch.jit.trace) is not supported by dilated attention: "
             "its problems depend on the sequence length, which a trace would freeze. Use torch.compile, "
             "or torch.export.export for a graph of the model"
+        )
+
+
+def warn_unusual_layout(
+    segment_lengths: Sequence[int], head_mode: str, shape: tuple[int, int, int, int]
+) -> None:
+    """Warn about shapes that run but are likely a mistake: more "heads" than
+    positions with every segment covering the sequence (a ``(batch, heads, seq,
+    head_dim)`` tensor, SDPA's layout, read as ``(batch, seq, heads, head_dim)``),
+    and grouped heads fewer than branches (the branches without a head are unused)."""
+    _, n, h, _ = shape
+    if h > n and all(w >= n for w in segment_lengths):
+        warnings.warn(
+            f"query has {h} heads and {n} positions, and every segment covers the sequence: inputs are "
+            "(batch, seq, heads, head_dim); for (batch, heads, seq, head_dim) tensors (SDPA's layout) pass "
+            "x.transpose(1, 2)",
+            stacklevel=3,
+        )
+    if head_mode == "grouped" and h < len(segment_lengths):
+        warnings.warn(
+            f"head_mode='grouped' with {h} heads and {len(segment_lengths)} branches: branches "
+            f"{list(range(h, len(segment_lengths)))} (the longest segments) get no head and are not used; "
+            "use more heads or head_mode='all'",
+            stacklevel=3,
         )

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._checks import METHODS, Method, refuse_torchscript, validate_call
+from ._checks import METHODS, Method, refuse_torchscript, validate_call, warn_unusual_layout
 from .core.fused import functorch_active
 from .core.gather import local_problems, run_gathered
 from .core.merge import merge_by_lse
@@ -107,6 +107,7 @@ def dilated_attention(
     shape, key_bias, attn_bias, scale = validate_call(
         query, key, value, is_causal, key_padding_mask, attn_mask, dropout_p, softmax_scale, method
     )
+    warn_unusual_layout(pattern.segment_lengths, pattern.head_mode, (shape[0], key.shape[1], *shape[2:]))
     if shape[1] != key.shape[1]:
         if block_layout is not None:
             raise ValueError(

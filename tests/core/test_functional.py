@@ -1,6 +1,7 @@
 """Every CPU implementation against the reference: outputs and gradients."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -437,3 +438,18 @@ def test_return_lse_of_queries_at_the_end():
     )
     assert_close(out, full_out[:, -5:], torch.float64, "out")
     assert_close(lse, full_lse[:, -5:], torch.float64, "lse")
+
+
+def test_likely_layout_mistakes_warn():
+    """An SDPA-layout (batch, heads, seq, head_dim) tensor read as (batch, seq, heads,
+    head_dim), and grouped heads fewer than branches, run but warn; a usual call does not."""
+    sdpa_layout = torch.zeros(1, 4, 64, 8)  # 4 heads, 64 positions, in SDPA's order
+    with pytest.warns(UserWarning, match=r"pass x.transpose\(1, 2\)"):
+        functional.dilated_attention(sdpa_layout, sdpa_layout, sdpa_layout, (2048,), (1,))
+    q = torch.zeros(1, 32, 2, 8)
+    with pytest.warns(UserWarning, match=r"branches \[2\] \(the longest segments\) get no head"):
+        functional.dilated_attention(q, q, q, (4, 8, 16), (1, 2, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        usual = torch.zeros(1, 64, 4, 8)
+        functional.dilated_attention(usual, usual, usual, (16, 32), (1, 2))
