@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ._checks import METHODS, Method, refuse_torchscript, validate_call, warn_unusual_layout
 from .core.fused import functorch_active
-from .core.gather import local_problems, run_gathered
+from .core.gather import gathered_attention
 from .core.merge import merge_by_lse
 from .core.ops import fused_local
 from .core.varlen import by_group, check_cu_seqlens, document_groups, scatter_back
@@ -167,11 +167,9 @@ def _attention(
             layout = prepare_layout(one_block(query.device), shape[1], shape, query.dtype, query.device)
         return flex_path(query, key, value, key_bias, attn_bias, pattern, layout, is_causal, scale)
     if method == "gather" or dropout_p > 0.0:
-        calls = pattern.calls(shape[1], shape[2])
-        problems = local_problems(query, key, value, key_bias, attn_bias, calls, is_causal, layout)
-        return run_gathered(
-            query, problems, pattern, scale, dropout_p, sdpa=method == "fused" and layout is None,
-            return_lse=return_lse,
+        return gathered_attention(
+            query, key, value, key_bias, attn_bias, pattern, is_causal, scale, dropout_p, layout,
+            sdpa=method == "fused" and layout is None, return_lse=return_lse,
         )  # fmt: skip
     out, lse = fused_local(query, key, value, key_bias, attn_bias, pattern, is_causal, scale, backend)
     return (out, lse) if return_lse else out

@@ -40,13 +40,12 @@ class FusedProblem:
 
 
 def _kv_views(
-    p: FusedProblem, call: BranchCall, heads: int, key: Tensor, value: Tensor
+    p: FusedProblem, kv: BranchCall, group: int, key: Tensor, value: Tensor
 ) -> tuple[Tensor, Tensor, int]:
-    """``(k, v, group)``: key/value problem views of ``call`` (a part of
-    :func:`split_for_kv` under grouped-query attention) on the key/value heads
-    its query heads read; repeated per query head only for a backend that does
-    not take them shared, and then ``group`` query heads' gradients sum into each."""
-    kv, group = kv_call(call, heads, key.shape[2])
+    """``(k, v, group)``: key/value problem views of ``kv`` (:func:`kv_call` of a
+    part of :func:`split_for_kv`, ``group`` query heads per key/value head);
+    repeated per query head only for a backend that does not take them shared,
+    and then ``group`` query heads' gradients sum into each (else 1)."""
     k, v = (p.backend.strides.conform(problem_view(x, kv)) for x in (key, value))
     if group == 1 or p.backend.SUPPORTS_GQA:
         return k, v, 1
@@ -222,7 +221,7 @@ def fused_forward(
         else:
             if p.call.length == 0:
                 continue
-            k, v, _ = _kv_views(p, p.call, h, key, value)
+            k, v, _ = _kv_views(p, *kv_call(p.call, h, key.shape[2]), key, value)
             dest = _into_place(p, to_out, to_call) if rows is not None or not merge else None
             if dest is not None:
                 part_lse, states[i] = p.backend.forward_into(q, k, v, p.causal, scale, dest)  # type: ignore[attr-defined]
@@ -282,10 +281,11 @@ def fused_backward(
             for call in split_for_kv([piece], h, kv_heads):
                 q, o, do = (problem_view(x, call) for x in (query, out, grad_out))
                 group = 1
+                kv_part, kv_group = kv_call(call, h, kv_heads)
                 if kv is not None:
                     k, v = (p.backend.strides.conform(x) for x in kv)
                 else:
-                    k, v, group = _kv_views(p, call, h, key, value)
+                    k, v, group = _kv_views(p, kv_part, kv_group, key, value)
                 part_lse = problem_view(lse, call)
                 bias = _bias_heads(p.bias, p.call, call)
                 if bias is not None:
@@ -310,7 +310,6 @@ def fused_backward(
                     reductions[i] = p.exchange.backward(block, k, v)
                     part_grads = (block.finish(),)
                 if shared:
-                    kv_part = kv_call(call, h, kv_heads)[0]
                     for total, part in zip(kv_sums, _kv_grads(part_grads[1:], group)):
                         strided(total, kv_part).add_(from_problem(part, b))
                     part_grads = part_grads[:1]

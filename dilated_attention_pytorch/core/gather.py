@@ -110,3 +110,24 @@ def run_gathered(
         out, lse = merge_by_lse(branch_outs, branch_lses)
         out = out.to(query.dtype)
     return (out, lse) if return_lse else out
+
+
+def gathered_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_bias: Tensor | None,
+    attn_bias: Tensor | None,
+    pattern: DilatedPattern,
+    is_causal: bool,
+    scale: float,
+    dropout_p: float = 0.0,
+    layout: BlockLayout | None = None,
+    sdpa: bool = False,
+    return_lse: bool = False,
+) -> Any:
+    """The gather path of one sequence: every call of the pattern gathered
+    (:func:`local_problems`) and run (:func:`run_gathered`)."""
+    calls = pattern.calls(query.shape[1], query.shape[2])
+    problems = local_problems(query, key, value, key_bias, attn_bias, calls, is_causal, layout)
+    return run_gathered(query, problems, pattern, scale, dropout_p, sdpa=sdpa, return_lse=return_lse)

@@ -26,7 +26,7 @@ from .fused import (
     replayed_run,
     select_backends,
 )
-from .gather import local_problems, run_gathered
+from .gather import gathered_attention
 
 
 def _problems(
@@ -128,9 +128,7 @@ def _backward(ctx: Any, grad_out: Tensor, _grad_lse: Tensor | None) -> tuple[Ten
         pattern = DilatedPattern(segment_lengths, dilation_rates, head_mode)
 
         def recompute(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            calls = pattern.calls(q.shape[1], q.shape[2])
-            problems = local_problems(q, k, v, key_bias, attn_bias, calls, is_causal)
-            return run_gathered(q, problems, pattern, scale, 0.0)
+            return gathered_attention(q, k, v, key_bias, attn_bias, pattern, is_causal, scale)
 
         grads = recomputed_grads(recompute, (query, key, value), ctx.needs_input_grad[:3], grad_out)
         return (*grads, *none)
@@ -155,9 +153,7 @@ def fused_local(
     """``(out, lse)`` of one device's fused path through the registered operators;
     under ``torch.func`` transforms the same function in differentiable ops (lse None)."""
     if functorch_active(query, key, value):
-        calls = pattern.calls(query.shape[1], query.shape[2])
-        problems = local_problems(query, key, value, key_bias, attn_bias, calls, is_causal)
-        return run_gathered(query, problems, pattern, scale, 0.0), None
+        return gathered_attention(query, key, value, key_bias, attn_bias, pattern, is_causal, scale), None
     return fused_forward_op(
         query,
         key,
