@@ -37,12 +37,18 @@ WORKLOADS = {
 
 
 def progress(items: list, desc: str) -> Iterable:
+    """A tqdm bar where tqdm is installed (the ``[bench]`` extra), a plain counter on stderr otherwise."""
     try:
         from tqdm import tqdm
-
-        return tqdm(items, desc=desc)
     except ImportError:
-        return items
+        return _counted(items, desc)
+    return tqdm(items, desc=desc)
+
+
+def _counted(items: list, desc: str) -> Iterable:
+    for i, item in enumerate(items, 1):
+        print(f"{desc}: {i}/{len(items)}", file=sys.stderr, flush=True)
+        yield item
 
 
 def cuda_graphed(fn: Callable[[], Any], device: torch.device, warmup: int = 3) -> torch.cuda.CUDAGraph:

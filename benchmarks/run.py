@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,9 @@ DENSE_BACKENDS = {
 DENSE_KERNEL_BACKENDS = ("flash_attn_4", "xformers")
 
 
-def _implementations(args: argparse.Namespace, pattern: DilatedPattern, causal: bool) -> dict[str, Callable]:
+def _implementations(
+    args: argparse.Namespace, pattern: DilatedPattern, seq: int, causal: bool
+) -> dict[str, Callable]:
     impls: dict[str, Callable] = {}
     if "improved" in args.impls:
         impls["improved"] = lambda q, k, v: functional.dilated_attention(
@@ -60,6 +63,11 @@ def _implementations(args: argparse.Namespace, pattern: DilatedPattern, causal: 
         impls["baseline"] = lambda q, k, v: baseline_dilated_attention(
             q, k, v, pattern.segment_lengths, pattern.dilation_rates, causal
         )
+    if "dense_full" in args.impls and seq <= args.full_dense_max_seq:
+        # what dilated attention replaces: dense attention over the whole sequence (SDPA picks the kernel)
+        impls["dense_full"] = lambda q, k, v: F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal
+        ).transpose(1, 2)
     return impls
 
 
@@ -146,6 +154,16 @@ def _dense_ceiling(
     return results
 
 
+def _rebase_full_dense(rec: dict[str, Any], seq: int, args: argparse.Namespace, causal: bool) -> None:
+    flops = 4 * args.batch * args.heads * seq * seq * args.head_dim * (0.5 if causal else 1.0)
+    rec["flops_fwd"], rec["flops_fwdbwd"] = flops, 3.5 * flops
+    for key in ("ratio_to_dense_fwd", "ratio_to_dense_fwdbwd", "best_dense_fwd", "best_dense_fwdbwd"):
+        rec.pop(key, None)
+    for key, ms in (("tflops_fwd", "fwd_ms"), ("tflops_fwdbwd", "fwdbwd_ms")):
+        if rec.get(ms):
+            rec[key] = rec["flops" + key[6:]] / rec[ms] / 1e9
+
+
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -201,15 +219,13 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         )
         grad = torch.randn_like(q)
         spec = kernels.AttentionSpec.from_tensor(q)
-        for name, impl in _implementations(args, pattern, causal).items():
+        for name, impl in _implementations(args, pattern, seq, causal).items():
 
             def fn(impl=impl, q=q, k=k, v=v):
                 return impl(q, k, v)
 
             rec = {**common, "implementation": name}
-            rec["backend"] = (
-                kernels.select_backend(spec, args.backend).name if name == "improved" else "math/sdpa"
-            )
+            rec["backend"] = kernels.select_backend(spec, args.backend).name if name == "improved" else "sdpa"
             try:
                 with torch.no_grad():
                     rec["fwd_ms"] = timer(fn)
@@ -233,12 +249,20 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             except torch.OutOfMemoryError:
                 rec["error"] = "out of memory"
                 torch.cuda.empty_cache()
+            if name == "dense_full":  # another function: its own FLOPs, no ratio to the pattern's ceiling
+                _rebase_full_dense(rec, seq, args, causal)
             records.append(rec)
         del q, k, v, grad
     return records
 
 
+def _pattern_label(r: dict[str, Any]) -> str:
+    w = ",".join(f"{s // 1024}K" if s >= 1024 else str(s) for s in r["segment_lengths"])
+    return f"w=({w}) r=({','.join(map(str, r['dilation_rates']))})"
+
+
 def plot(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    """One PNG per metric, head mode and masking: time and peak memory against the sequence length."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -248,31 +272,62 @@ def plot(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     paths = []
     groups = sorted({(r["head_mode"], r["causal"]) for r in records})
     for metric, label in (
-        ("fwdbwd_ms", "forward+backward ms"),
-        ("peak_mem_mib", "peak memory MiB (fwd+bwd)"),
+        ("fwdbwd_ms", "forward+backward time (ms)"),
+        ("peak_mem_mib", "peak memory, forward+backward (MiB)"),
     ):
-        fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 4), squeeze=False)
-        for ax, (hm, causal) in zip(axes[0], groups):
+        for hm, causal in groups:
             rows = [r for r in records if r["head_mode"] == hm and r["causal"] == causal and r.get(metric)]
+            if not rows:  # e.g. memory on CPU: nothing measured, no empty figure
+                continue
+            fig, ax = plt.subplots(figsize=(7, 4.8))
             for impl in sorted({r["implementation"] for r in rows}):
                 pts = sorted((r["seq_len"], r[metric]) for r in rows if r["implementation"] == impl)
-                ax.loglog(*zip(*pts), marker="o", label=impl)
-            ax.set_title(f"{hm}, {'causal' if causal else 'full'}")
-            ax.set_xlabel("sequence length")
-            ax.set_ylabel(label)
+                ax.loglog(*zip(*pts), marker="o", linewidth=2, label=impl)
+            r0 = rows[0]
+            ax.set_title(
+                f"{r0['device']}, {r0['dtype']}, {r0['num_heads']} heads x {r0['head_dim']}\n"
+                f"{_pattern_label(r0)}, {hm} heads, {'causal' if causal else 'no mask'}",
+                fontsize=11,
+            )
+            ax.set_xlabel("sequence length (tokens)", fontsize=11)
+            ax.set_ylabel(label, fontsize=11)
+            ax.tick_params(labelsize=10)
             ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        path = out_dir / f"{metric}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+            ax.legend(fontsize=10)
+            fig.tight_layout()
+            path = out_dir / f"{metric}_{hm}_{'causal' if causal else 'full'}.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            paths.append(path)
     return paths
+
+
+def _bool(text: str) -> bool:
+    value = text.lower()
+    if value in ("1", "true", "yes", "causal"):
+        return True
+    if value in ("0", "false", "no", "full"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false (or 1/0, yes/no), got {text!r}")
+
+
+def _given(argv: list[str], parser: argparse.ArgumentParser) -> set[str]:
+    """The destinations of the options named on the command line."""
+    given = set()
+    for action in parser._actions:
+        for opt in action.option_strings:
+            if any(a == opt or a.startswith(opt + "=") for a in argv):
+                given.add(action.dest)
+    return given
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny sizes, few repeats (CPU smoke run)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny sizes and few repeats (a CPU smoke run); options given explicitly are kept",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--output", type=Path, help="write the records as JSON")
     p.add_argument("--plot", type=Path, help="write PNG plots into this folder")
@@ -285,8 +340,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--segment-lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384, 32768])
     p.add_argument("--dilation-rates", type=int, nargs="+", default=[1, 2, 4, 6, 12])
     p.add_argument("--head-modes", nargs="+", default=["grouped"], choices=["grouped", "all"])
-    p.add_argument("--causal", nargs="+", type=lambda s: s.lower() in ("1", "true", "yes"), default=[False])
-    p.add_argument("--impls", nargs="+", default=["improved", "standard", "baseline", "dense"])
+    p.add_argument("--causal", nargs="+", type=_bool, default=[False], help="one run per value: true/false")
+    p.add_argument(
+        "--impls",
+        nargs="+",
+        default=["improved", "standard", "baseline", "dense"],
+        choices=["improved", "standard", "baseline", "dense", "dense_full"],
+        help="dense: the dense kernels on the pattern's own sub-problems (the ceiling); "
+        "dense_full: dense attention over the whole sequence",
+    )
+    p.add_argument(
+        "--full-dense-max-seq",
+        type=int,
+        default=262144,
+        help="longest sequence dense_full runs at (its time grows with the square of the length)",
+    )
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--no-backward", action="store_true")
@@ -296,22 +364,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="time CUDA-graph replays of every implementation and dense problem (no host time per kernel)",
     )
     p.add_argument("--backend", help="kernel backend of 'improved' (default: what 'auto' picks)")
+    argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
-    if args.workload:
-        for key, value in WORKLOADS[args.workload].items():
-            setattr(args, key, value)
+    given = _given(argv, p)
+    presets: dict[str, Any] = dict(WORKLOADS[args.workload]) if args.workload else {}
     if args.quick:
-        args.seq_lens = [s for s in args.seq_lens if s <= 512] or [256, 512]
-        args.heads, args.head_dim = 4, 16
-        args.segment_lengths, args.dilation_rates = [64, 128, 256], [1, 2, 4]
-        args.warmup, args.repeats = 1, 3
-        if args.dtype == "bfloat16" and args.device == "cpu":
-            args.dtype = "float32"
+        presets.update(seq_lens=[256, 512], heads=4, head_dim=16, segment_lengths=[64, 128, 256])
+        presets.update(dilation_rates=[1, 2, 4], warmup=1, repeats=3)
+        if args.device == "cpu":
+            presets["dtype"] = "float32"
+    for key, value in presets.items():
+        if key not in given:
+            setattr(args, key, value)
     return args
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
+    gpu = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
+    print(
+        f"# {gpu}, torch {torch.__version__}, {args.dtype}, batch {args.batch}, {args.heads} heads x "
+        f"{args.head_dim}, segment_lengths {args.segment_lengths}, dilation_rates {args.dilation_rates}, "
+        f"head modes {args.head_modes}, causal {args.causal}, lengths {args.seq_lens}, "
+        f"{args.warmup} warm-up + median of {args.repeats}{', CUDA graphs' if args.cuda_graph else ''}"
+    )
     records = run(args)
     for r in records:
         cols = [r["implementation"], r["seq_len"], r["head_mode"], "causal" if r["causal"] else "full"]
