@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+try:  # written from the git tag when the package is built or installed
+    from ._version import __version__
+except ImportError:  # a source tree used without installing it
+    __version__ = "0.0.0+unknown"
 
 from .core.varlen import cu_seqlens_from_document_ids
 from .decoding import DilatedKVCache, LayerKVCache

@@ -9,11 +9,12 @@ import torch
 from torch import nn
 
 from . import kernels
-from .modules import DilatedAttention, ImprovedDilatedAttention, RingDilatedAttention
+from .modules import DilatedAttention, ImprovedDilatedAttention, RingDilatedAttention, _DilatedAttentionBase
 from .multihead import (
     ImprovedMultiheadDilatedAttention,
     MultiheadDilatedAttention,
     RingMultiheadDilatedAttention,
+    _MultiheadDilatedAttentionBase,
 )
 from .pattern import LONGNET_DILATION_RATES, LONGNET_SEGMENT_LENGTHS
 from .sparse.modules import (
@@ -24,13 +25,13 @@ from .sparse.modules import (
 
 ATTENTION_TYPES: tuple[str, ...] = ("auto", "standard", "improved", "ring", "block_sparse_ring")
 
-_CORE: dict[str, type[nn.Module]] = {
+_CORE: dict[str, type[_DilatedAttentionBase]] = {
     "standard": DilatedAttention,
     "improved": ImprovedDilatedAttention,
     "ring": RingDilatedAttention,
     "block_sparse_ring": BlockSparseRingDilatedAttention,
 }
-_MULTIHEAD: dict[str, type[nn.Module]] = {
+_MULTIHEAD: dict[str, type[_MultiheadDilatedAttentionBase]] = {
     "standard": MultiheadDilatedAttention,
     "improved": ImprovedMultiheadDilatedAttention,
     "ring": RingMultiheadDilatedAttention,
@@ -154,7 +155,7 @@ def create_dilated_attention(attention_type: str = "auto", **kwargs: Any) -> nn.
     return module
 
 
-def create_multihead_dilated_attention(attention_type: str = "auto", **kwargs: Any) -> nn.Module:
+def create_multihead_dilated_attention(attention_type: str = "auto", **kwargs: Any) -> nn.MultiheadAttention:
     """A drop-in ``nn.MultiheadAttention`` replacement.
 
     Every argument of :class:`MultiheadDilatedAttention` can be given; missing

@@ -65,9 +65,13 @@ def dilated_attention(
             ``heads % kv_heads == 0`` (grouped-query and multi-query attention):
             query head ``j`` reads key/value head ``j // (heads // kv_heads)``.
         value: ``(batch, seqlen_k, kv_heads, head_dim)``.
-        segment_lengths, dilation_rates, head_mode: the pattern, or a ready
-            :class:`DilatedPattern` as ``segment_lengths``. Head groups
-            (grouped mode) and offsets ("all" mode) are taken over query heads.
+        segment_lengths: the branches' segment lengths, or a ready
+            :class:`DilatedPattern` (then ``dilation_rates`` and ``head_mode``
+            are ignored).
+        dilation_rates: one per segment length.
+        head_mode: ``"grouped"`` (heads split into one group per branch) or
+            ``"all"`` (every head in every branch). Head groups and offsets are
+            taken over query heads.
         is_causal: a query sees only keys at positions <= its own.
         key_padding_mask: ``(batch, seqlen_k)``; bool True = ignore that key, or
             float (added).
@@ -104,10 +108,36 @@ def dilated_attention(
     """
     refuse_torchscript()
     pattern = as_pattern(segment_lengths, dilation_rates, head_mode)
+    return _dilated_attention(
+        query, key, value, pattern, is_causal, key_padding_mask, attn_mask, dropout_p, softmax_scale,
+        method, backend, block_layout, block_size, return_lse, warn_layout=True,
+    )  # fmt: skip
+
+
+def _dilated_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    pattern: DilatedPattern,
+    is_causal: bool,
+    key_padding_mask: Tensor | None,
+    attn_mask: Tensor | None,
+    dropout_p: float,
+    softmax_scale: float | None,
+    method: Method,
+    backend: str | None,
+    block_layout: Tensor | None,
+    block_size: int,
+    return_lse: bool,
+    warn_layout: bool,
+) -> Any:
+    """:func:`dilated_attention` of a built pattern; ``warn_layout``: warn about
+    likely layout mistakes (not for the per-document calls of packed inputs)."""
     shape, key_bias, attn_bias, scale = validate_call(
         query, key, value, is_causal, key_padding_mask, attn_mask, dropout_p, softmax_scale, method
     )
-    warn_unusual_layout(pattern.segment_lengths, pattern.head_mode, (shape[0], key.shape[1], *shape[2:]))
+    if warn_layout:
+        warn_unusual_layout(pattern.segment_lengths, pattern.head_mode, (shape[0], key.shape[1], *shape[2:]))
     if shape[1] != key.shape[1]:
         if block_layout is not None:
             raise ValueError(
@@ -204,8 +234,14 @@ def dilated_attention_varlen(
             at ``total_tokens``, on the inputs' device. From per-token document ids:
             :func:`~.core.varlen.cu_seqlens_from_document_ids`.
         max_seqlen: the longest document's length (checked; None: not given).
-        segment_lengths, dilation_rates, head_mode, is_causal, dropout_p,
-        softmax_scale, method, backend: as :func:`dilated_attention`.
+        segment_lengths: as in :func:`dilated_attention`.
+        dilation_rates: as in :func:`dilated_attention`.
+        head_mode: as in :func:`dilated_attention`.
+        is_causal: as in :func:`dilated_attention`.
+        dropout_p: as in :func:`dilated_attention`.
+        softmax_scale: as in :func:`dilated_attention`.
+        method: as in :func:`dilated_attention`.
+        backend: as in :func:`dilated_attention`.
 
     Returns:
         ``(total_tokens, heads, head_dim)``.
@@ -227,14 +263,16 @@ def dilated_attention_varlen(
     validate_call(
         query[None], key[None], value[None], is_causal, None, None, dropout_p, softmax_scale, method
     )
+    # the grouped-heads check only: a short document is no layout mistake
+    warn_unusual_layout(pattern.segment_lengths, pattern.head_mode, (1, query.shape[0], *query.shape[1:]))
     groups = document_groups(bounds, query.device)
     results = []
     for group, q, k, v in zip(groups, *(by_group(x, groups) for x in (query, key, value))):
         # causal queries never see the padding after them; otherwise it is masked
         padding = None if is_causal else group.key_padding_mask()
-        out = dilated_attention(
-            q, k, v, pattern, is_causal=is_causal, key_padding_mask=padding, dropout_p=dropout_p,
-            softmax_scale=softmax_scale, method=method, backend=backend,
+        out = _dilated_attention(
+            q, k, v, pattern, is_causal, padding, None, dropout_p, softmax_scale, method, backend,
+            None, 128, False, warn_layout=False,
         )  # fmt: skip
         results.append((group, out))
     return scatter_back(results)

@@ -17,6 +17,8 @@ from .reference import DEFAULT_MAX_BYTES, dilated_attention_reference
 
 class _DilatedAttentionBase(nn.Module):
     method: ClassVar[Method]
+    #: set by the factories: what "auto" chose and why (``AutoChoice``), None otherwise
+    auto_choice: Any = None
 
     def __init__(
         self,
@@ -187,11 +189,27 @@ class RingDilatedAttention(_DilatedAttentionBase):
     method = "fused"
 
     def __init__(
-        self, *args: Any, process_group: Any = None, exchange: str = "all_gather", **kwargs: Any
+        self,
+        segment_lengths: Sequence[int],
+        dilation_rates: Sequence[int],
+        *,
+        head_mode: HeadMode = "grouped",
+        softmax_scale: float | None = None,
+        attention_dropout: float = 0.0,
+        backend: str | None = None,
+        process_group: Any = None,
+        exchange: str = "all_gather",
     ) -> None:
         from .distributed.checks import check_exchange
 
-        super().__init__(*args, **kwargs)
+        super().__init__(
+            segment_lengths,
+            dilation_rates,
+            head_mode=head_mode,
+            softmax_scale=softmax_scale,
+            attention_dropout=attention_dropout,
+            backend=backend,
+        )
         self.process_group = process_group
         self.exchange = check_exchange(exchange)
 

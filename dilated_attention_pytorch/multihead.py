@@ -38,6 +38,9 @@ class _MultiheadDilatedAttentionBase(nn.MultiheadAttention):
     ``nn.MultiheadAttention.__init__`` is not run (it would build parameters
     that are then replaced); everything its methods read is set here."""
 
+    #: set by the factories: what "auto" chose and why (``AutoChoice``), None otherwise
+    auto_choice: Any = None
+
     attention_class: ClassVar[type[_DilatedAttentionBase]]
 
     __constants__ = ["batch_first"]
@@ -334,7 +337,7 @@ class _MultiheadDilatedAttentionBase(nn.MultiheadAttention):
         """Absolute position of this call's first query (a shard's start when the
         attention shards the sequence over a process group)."""
         if getattr(self.attention, "sharded", False):
-            return torch.distributed.get_rank(self.attention.process_group) * seq
+            return torch.distributed.get_rank(getattr(self.attention, "process_group", None)) * seq
         return 0
 
     def new_kv_cache(self) -> LayerKVCache:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from ._checks import check_int
 from .decoding import DilatedKVCache, LayerKVCache
 from .factory import create_multihead_dilated_attention
+from .multihead import _MultiheadDilatedAttentionBase
 from .pattern import LONGNET_DILATION_RATES, LONGNET_SEGMENT_LENGTHS, HeadMode
 from .positions import PositionKind
 
@@ -39,6 +40,11 @@ class _DilatedLayer(nn.Module):
     linear2: nn.Linear
     dropout: nn.Dropout
     activation: Callable[[Tensor], Tensor]
+    norm1: nn.LayerNorm
+    norm2: nn.LayerNorm
+    norm_first: bool
+    #: a dilated drop-in (a subclass of nn.MultiheadAttention, as the nn layers declare)
+    self_attn: nn.MultiheadAttention
     #: the dropout after the feed-forward block (nn's encoder layer: dropout2, decoder layer: dropout3)
     _ff_output_dropout: str
 
@@ -167,13 +173,17 @@ class DilatedTransformerEncoderLayer(_DilatedLayer, nn.TransformerEncoderLayer):
         )[0]
         return self.dropout1(x)
 
+    @property
+    def _dilated_attn(self) -> _MultiheadDilatedAttentionBase:
+        return cast(_MultiheadDilatedAttentionBase, self.self_attn)
+
     def decode_step(self, x: Tensor, kv_cache: LayerKVCache) -> Tensor:
         """One causal step: ``x`` ``(batch, 1, d_model)`` (batch first) at position
         ``kv_cache.length``; returns the layer output for it."""
         if self.norm_first:
-            x = x + self.self_attn.decode_step(self.norm1(x), kv_cache)
+            x = x + self._dilated_attn.decode_step(self.norm1(x), kv_cache)
             return x + self._ff_block(self.norm2(x))
-        x = self.norm1(x + self.self_attn.decode_step(x, kv_cache))
+        x = self.norm1(x + self._dilated_attn.decode_step(x, kv_cache))
         return self.norm2(x + self._ff_block(x))
 
 
@@ -195,6 +205,7 @@ def magneto_gain_(layers: Iterable[nn.Module], gain: float) -> None:
     feed-forward weights of each layer's dilated self-attention by ``gain``."""
     with torch.no_grad():
         for layer in layers:
+            assert isinstance(layer, _DilatedLayer)
             attn = layer.self_attn
             if attn.in_proj_weight is not None:
                 attn.in_proj_weight[2 * attn.embed_dim :].mul_(gain)
@@ -374,7 +385,8 @@ class LongNetLM(nn.Module):
 
     def new_cache(self) -> DilatedKVCache:
         """An empty decoding cache for :meth:`forward` / :meth:`generate`."""
-        return DilatedKVCache(self.layers[0].self_attn.attention.pattern, self.num_heads, len(self.layers))
+        first = cast(DilatedTransformerEncoderLayer, self.layers[0])
+        return DilatedKVCache(first._dilated_attn.attention.pattern, self.num_heads, len(self.layers))
 
     def _check_ids(self, input_ids: Tensor) -> None:
         if (
@@ -421,7 +433,7 @@ class LongNetLM(nn.Module):
     def _step(self, token: Tensor, kv_cache: DilatedKVCache) -> Tensor:
         x = self.embed(token[:, None])
         for i, layer in enumerate(self.layers):
-            x = layer.decode_step(x, kv_cache[i])
+            x = cast(DilatedTransformerEncoderLayer, layer).decode_step(x, kv_cache[i])
         return self.lm_head(self.norm(x))
 
     @torch.no_grad()

@@ -26,7 +26,9 @@ def call_bias(
     if key_bias is None and attn_bias is None and layout is None:
         return None
     if call_positions is None:
-        ref = next(x for x in (key_bias, attn_bias, layout and layout.blocks) if x is not None)
+        ref = next(
+            x for x in (key_bias, attn_bias, layout.blocks if layout is not None else None) if x is not None
+        )
         call_positions = positions(call, ref.device)
     s, m = call_positions.shape
 

@@ -115,7 +115,9 @@ def blockwise_forward(
             sets[0].q.new_zeros(sets[0].q.shape),
             sets[0].q.new_full(sets[0].q.shape[:3], -math.inf, dtype=acc_dtype),
         )
-    out, lse = results[0]
+    first_result = results[0]
+    assert first_result is not None
+    out, lse = first_result
     bal = p.exchange.balance if p.exchange is not None else None
     if bal is not None and bal.lender:  # the lent rows' results come back, in float32
         shape = (*out.shape[:2], bal.rows)
@@ -167,6 +169,7 @@ class BlockBackward:
         acc = accumulation_dtype(k.dtype)
         grads: list[Tensor] | None = None
         for s, rows in enumerate(self.rows):
+            assert rows.grad_out is not None and rows.out is not None and rows.lse is not None
             for piece, (keys, bias, causal) in enumerate(_pieces(self.p, rows, members)):
                 dq, dk, dv = self.p.backend.backward(
                     rows.grad_out, rows.q, k[:, :, keys], v[:, :, keys], rows.out, rows.lse,

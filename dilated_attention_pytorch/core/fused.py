@@ -301,6 +301,7 @@ def fused_backward(
                         do, q, k, v, o, part_lse, p.causal, run.scale, run.states[i], tuple(dests)
                     )
                     continue
+                part_grads: tuple[Tensor, ...]
                 if p.exchange is None:
                     part_grads = p.backend.backward(
                         do, q, k, v, o, part_lse, bias, p.causal, run.scale, run.states[i]

@@ -222,6 +222,6 @@ def merge_branches(
         _branches_kernel[(triton.cdiv(rows, block_r),)](
             out, lse if weighted else out, parts, part_lse if weighted else parts, meta, offsets,
             meta.shape[0], rows, n, h, offsets.shape[1], first_head, d,
-            *out.stride()[:3], *(lse.stride() if weighted else (0, 0, 0)),
+            *out.stride()[:3], *(lse.stride() if weighted and lse is not None else (0, 0, 0)),
             WEIGHTED=weighted, BLOCK_R=block_r, BLOCK_D=block_d,
         )  # fmt: skip

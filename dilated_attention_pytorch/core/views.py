@@ -41,7 +41,7 @@ def strided(x: Tensor, call: BranchCall, first_head: int = 0) -> Tensor:
 def _first_element(x: Tensor, call: BranchCall, first_head: int = 0) -> int:
     """Storage offset of ``x``'s element at the call's first position and head."""
     _, stride_n, stride_h = x.stride()[:3]
-    return (
+    return int(
         x.storage_offset() + (call.start + call.offset) * stride_n + (call.head_start - first_head) * stride_h
     )
 

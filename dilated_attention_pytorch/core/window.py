@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import overload
 
 import torch
 from torch import Tensor
@@ -43,6 +44,10 @@ class QueryWindow:
         b, _, h, d = query.shape
         return torch.cat([query.new_zeros(b, self.pad, h, d), query], 1)
 
+    @overload
+    def keys(self, x: Tensor) -> Tensor: ...
+    @overload
+    def keys(self, x: None) -> None: ...
     def keys(self, x: Tensor | None) -> Tensor | None:
         """A ``(batch, seqlen_k, ...)`` tensor (keys, values, key padding) in the window."""
         return None if x is None else x[:, self.start :]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -15,6 +15,7 @@ from torch import Tensor
 from .. import _checks
 from ..core import fused, gather, views
 from ..core.bias import call_bias
+from ..core.exchange import KeyExchange
 from ..core.fused import FusedProblem
 from ..core.gather import GatheredProblem
 from ..pattern import DilatedPattern
@@ -127,11 +128,11 @@ def ring_dilated_attention(
     if method == "flex":
         assert layout is not None
         flex.check_flex(query, key, value)
-        problems = flex.flex_problems(query, key, value, key_bias, None, local, layout, is_causal)
+        local_problems = flex.flex_problems(query, key, value, key_bias, None, local, layout, is_causal)
         return flex.run_flex(
             query,
             itertools.chain(
-                problems, _flex_span_problems(query, key, value, key_bias, found, layout, is_causal)
+                local_problems, _flex_span_problems(query, key, value, key_bias, found, layout, is_causal)
             ),
             pattern,
             scale,
@@ -160,7 +161,8 @@ def ring_dilated_attention(
     problems_fused = [
         FusedProblem(c, be, bias, is_causal) for c, be, bias in zip(local, backends, local_biases)
     ] + [
-        FusedProblem(sp.local, be, bias, is_causal, exchange=sp.keys)
+        # no block layout here, so the keys travel as a KeyExchange (never SparseRows)
+        FusedProblem(sp.local, be, bias, is_causal, exchange=cast(KeyExchange, sp.keys))
         for sp, be, bias in zip(found, backends[len(local) :], span_biases)
     ]
     return fused.run_fused(query, key, value, problems_fused, pattern, scale)

@@ -5,7 +5,7 @@ again with their key/value gradients."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -87,16 +87,19 @@ def ring_backward(ring: RotatingRows, block: BlockBackward, k: Tensor, v: Tensor
     key/value gradients travel with it and reach their owner after the last step."""
     incoming: Callable[[], list[Tensor]] | None = None
     for members, k_block, v_block in ring_blocks(ring, k, v):
-        grads = block(members, k_block, v_block)
+        block_grads = block(members, k_block, v_block)
         received = incoming() if incoming is not None else None  # the earlier members' share
-        if grads is None:
+        grads: Sequence[Tensor]
+        if block_grads is None:
             grads = (
                 received if received is not None else (torch.zeros_like(k_block), torch.zeros_like(v_block))
             )
         else:  # summed in float32, sent in the input dtype
+            summed: Sequence[Tensor] = block_grads
             if received is not None:
-                grads = tuple(accumulate(g, r, accumulation_dtype(k.dtype)) for g, r in zip(grads, received))
-            grads = tuple(g.to(k.dtype) for g in grads)
+                acc = accumulation_dtype(k.dtype)
+                summed = tuple(accumulate(g, r, acc) for g, r in zip(block_grads, received))
+            grads = tuple(g.to(k.dtype) for g in summed)
         incoming = ring.start_shift(list(grads), members.start, channel=1)
     assert incoming is not None
     dk, dv = incoming()  # this rank's own rows, summed over every member

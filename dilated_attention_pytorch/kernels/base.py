@@ -96,15 +96,15 @@ class Backend(Protocol):
     ``bias`` is additive, broadcastable to ``(batch, heads, len, len)``.
     """
 
-    name: str
+    name: ClassVar[str]
     #: one line for `info` and the docs
-    description: str
+    description: ClassVar[str]
     #: the layouts its kernels take, for inputs, outputs and gradients alike
-    strides: StrideRule
+    strides: ClassVar[StrideRule]
     #: whether it offers ``forward_into``/``backward_into`` (:class:`IntoPlaceBackend`)
-    WRITES_INTO_PLACE: bool
+    WRITES_INTO_PLACE: ClassVar[bool]
     #: whether key/value may have fewer heads than the query (see :class:`KernelBackend`)
-    SUPPORTS_GQA: bool
+    SUPPORTS_GQA: ClassVar[bool]
 
     def not_supported_reasons(self, spec: AttentionSpec) -> list[str]:
         """Empty when the backend can run ``spec``; else why not, one reason each."""

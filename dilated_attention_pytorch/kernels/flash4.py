@@ -50,7 +50,7 @@ class Flash4Backend(KernelBackend):
 
     def missing_reasons(self) -> list[str]:
         if installed_version() is None:
-            return ["flash-attn-4 is not installed (pip install flash-attn-4)"]
+            return ['flash-attn-4 is not installed (pip install "torch-dilated-attention[flash4]")']
         return []
 
     def release_reasons(self) -> list[str]:

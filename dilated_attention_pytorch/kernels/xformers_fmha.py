@@ -76,7 +76,7 @@ class XformersBackend(KernelBackend):
 
     def missing_reasons(self) -> list[str]:
         if installed_version() is None:
-            return ["xformers is not installed (pip install xformers)"]
+            return ['xformers is not installed (pip install "torch-dilated-attention[xformers]")']
         return []
 
     def quirk_reasons(self, spec: AttentionSpec, reasons: list[str]) -> list[str]:

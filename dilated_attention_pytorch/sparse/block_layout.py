@@ -37,7 +37,7 @@ class BlockLayout:
 def prepare_layout(
     block_layout: Tensor,
     block_size: int,
-    shape: tuple[int, int, int, int],
+    shape: Sequence[int],
     dtype: torch.dtype,
     device: torch.device,
     seq_len: int | None = None,

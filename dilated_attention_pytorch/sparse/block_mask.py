@@ -24,7 +24,7 @@ from ..pattern import BranchCall
 try:  # FlexAttention appeared in torch 2.5
     from torch.nn.attention import flex_attention as flex_module
 except ImportError:  # pragma: no cover - torch < 2.5
-    flex_module = None
+    flex_module = None  # type: ignore[assignment]
 
 #: FlexAttention's tile (rows and columns of the compact layout)
 TILE = 128
@@ -354,6 +354,7 @@ def block_mask(
 
     def place(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> tuple[Tensor, ...]:
         """Batch, head, query and key positions of problem row ``b``, head ``h``."""
+        assert geom is not None  # only masked calls place positions
         row = geom[2] + (b % geom[0]) * geom[1]
         pq = row + geom[3] * _at_most(q_idx, geom[6])
         pk = row + geom[3] * _at_most(kv_idx, geom[6])
@@ -372,7 +373,7 @@ def block_mask(
         return ok
 
     if allowed is None and not causal and not masked:
-        mask_mod = flex_module.noop_mask  # no partial tile: a kernel without mask code
+        mask_mod = flex_module.noop_mask  # type: ignore[assignment]  # no partial tile: a kernel without mask code
     mask = _from_tiles(need, full, mask_mod, (call.length, call.length))
     return mask, _key_score_mod(key_bias, attn_bias, place)
 

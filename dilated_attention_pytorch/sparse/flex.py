@@ -161,6 +161,7 @@ def run_flex(query: Tensor, problems: Iterable[FlexProblem], pattern: DilatedPat
         lses = [query.new_full((b, n, h), -math.inf, dtype=accumulation_dtype(query.dtype)) for _ in outs]
         for p in problems:
             part_out, part_lse = _flex_problem(p, scale, lse=True)
+            assert part_lse is not None
             strided(outs[p.call.branch], p.call).copy_(from_problem(part_out.to(query.dtype), b))
             strided(lses[p.call.branch], p.call).copy_(from_problem(part_lse, b))
         return merge_by_lse(outs, lses)[0].to(query.dtype)

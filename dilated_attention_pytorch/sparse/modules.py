@@ -375,8 +375,30 @@ class BlockSparseAdaptive(_BlockSparseBase):
     layout (the exchange plan needs it); ``block_size`` must divide the shard.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        segment_lengths: Sequence[int],
+        dilation_rates: Sequence[int],
+        *,
+        block_size: int = 128,
+        sparsity: float = 0.9,
+        head_mode: HeadMode = "grouped",
+        softmax_scale: float | None = None,
+        attention_dropout: float = 0.0,
+        backend: str | None = None,
+        process_group: Any = None,
+    ) -> None:
+        super().__init__(
+            segment_lengths,
+            dilation_rates,
+            block_size=block_size,
+            sparsity=sparsity,
+            head_mode=head_mode,
+            softmax_scale=softmax_scale,
+            attention_dropout=attention_dropout,
+            backend=backend,
+            process_group=process_group,
+        )
         self._last_layout: Tensor | None = None
 
     def last_layout(self) -> Tensor | None:

@@ -50,7 +50,9 @@ def test_flash_attn_4_reasons(monkeypatch):
     backend = kernels.REGISTRY["flash_attn_4"]
     spec = kernels.AttentionSpec("cuda", torch.bfloat16, 64, compute_capability=(9, 0))
     monkeypatch.setattr(flash4, "installed_version", lambda: None)
-    assert backend.not_supported_reasons(spec) == ["flash-attn-4 is not installed (pip install flash-attn-4)"]
+    assert backend.not_supported_reasons(spec) == [
+        'flash-attn-4 is not installed (pip install "torch-dilated-attention[flash4]")'
+    ]
     monkeypatch.setattr(flash4, "installed_version", lambda: flash4.TESTED_VERSIONS[0])
     assert backend.not_supported_reasons(spec) == []
     bad = kernels.AttentionSpec("cuda", torch.float32, 256, has_bias=True, compute_capability=(8, 0))
@@ -74,7 +76,9 @@ def test_xformers_reasons(monkeypatch):
     backend = kernels.REGISTRY["xformers"]
     spec = kernels.AttentionSpec("cuda", torch.float32, 64, compute_capability=(9, 0))
     monkeypatch.setattr(xformers_fmha, "installed_version", lambda: None)
-    assert backend.not_supported_reasons(spec) == ["xformers is not installed (pip install xformers)"]
+    assert backend.not_supported_reasons(spec) == [
+        'xformers is not installed (pip install "torch-dilated-attention[xformers]")'
+    ]
     monkeypatch.setattr(xformers_fmha, "installed_version", lambda: "0.0.99")
     monkeypatch.setattr(xformers_fmha, "import_error", lambda: None)
     assert backend.not_supported_reasons(spec) == []  # public API: other releases are not refused
