@@ -56,6 +56,8 @@ class AutoChoice:
     spec: kernels.AttentionSpec
     rejected_types: dict[str, list[str]] = field(default_factory=dict)
     rejected_backends: dict[str, list[str]] = field(default_factory=dict)
+    #: set when the question is about hardware this machine does not have
+    hypothetical: str | None = None
 
     def explain(self) -> str:
         lines = [
@@ -65,6 +67,8 @@ class AutoChoice:
                 f", compute capability {self.spec.compute_capability}" if self.spec.compute_capability else ""
             ),
         ]
+        if self.hypothetical:
+            lines.append(f"  hypothetical: {self.hypothetical}")
         for name, reasons in self.rejected_types.items():
             lines.append(f"  type {name!r} not chosen: {'; '.join(reasons)}")
         for name, reasons in self.rejected_backends.items():
@@ -100,6 +104,12 @@ def explain_auto(
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if compute_capability is None and device.type == "cuda" and torch.cuda.is_available():
         compute_capability = torch.cuda.get_device_capability(device)
+    hypothetical = None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        built = "a CPU-only build" if torch.version.cuda is None else f"built with CUDA {torch.version.cuda}"
+        hypothetical = f"this machine has no usable CUDA device (torch {torch.__version__}, {built})"
+        if compute_capability is None:
+            hypothetical += "; compute capability unknown, pass compute_capability=(9, 0) to ask about a GPU"
     spec = kernels.AttentionSpec(device.type, dtype, head_dim, has_mask, compute_capability)
     world = _distributed_world_size() if world_size is None else world_size
     reasons = kernels.not_supported_reasons(spec)
@@ -124,7 +134,7 @@ def explain_auto(
             "'auto' never substitutes it; ask for it by name"
         ],
     }
-    return AutoChoice("improved", backend, spec, rejected_types, rejected_backends)
+    return AutoChoice("improved", backend, spec, rejected_types, rejected_backends, hypothetical)
 
 
 def _resolve(attention_type: str, **spec: Any) -> tuple[str, AutoChoice | None]:

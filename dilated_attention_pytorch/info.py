@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import os
+import platform
+import sys
 
 import torch
 
 from . import __version__, kernels
 from .factory import explain_auto
+
+#: the distribution of this package (the import package is dilated_attention_pytorch)
+DISTRIBUTION = "torch-dilated-attention"
 
 
 def _dist_version(*names: str) -> str | None:
@@ -20,17 +26,44 @@ def _dist_version(*names: str) -> str | None:
     return None
 
 
-def _optional(import_name: str, *dist_names: str, used_by: str = "not used by this version") -> str:
+def _optional(
+    import_name: str, *dist_names: str, used_by: str = "not used by this version", extra: str | None = None
+) -> str:
     if importlib.util.find_spec(import_name) is None:
-        return "not installed"
+        return f'not installed (pip install "{DISTRIBUTION}[{extra}]")' if extra else "not installed"
     return f"installed ({_dist_version(*dist_names) or 'version unknown'}); {used_by}"
+
+
+def _cuda_line() -> str:
+    if torch.version.cuda is None:
+        return "CUDA: CPU-only build of torch" + (" (ROCm build)" if torch.version.hip else "")
+    return f"CUDA: built with CUDA {torch.version.cuda}, available: {torch.cuda.is_available()}"
+
+
+def _determinism() -> str:
+    flags = {
+        "torch.are_deterministic_algorithms_enabled()": torch.are_deterministic_algorithms_enabled(),
+        "cudnn.deterministic": torch.backends.cudnn.deterministic,
+        "cudnn.benchmark": torch.backends.cudnn.benchmark,
+    }
+    config = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    return (
+        "determinism: "
+        + ", ".join(f"{k}={v}" for k, v in flags.items())
+        + (f", CUBLAS_WORKSPACE_CONFIG={config}" if config else "")
+    )
 
 
 def report() -> str:
     lines = [
-        f"dilated_attention_pytorch {__version__}",
+        f"dilated_attention_pytorch {__version__} (distribution {DISTRIBUTION})",
+        f"Python {platform.python_version()} ({sys.implementation.name}), {platform.platform()}",
+        f"CPU threads: torch uses {torch.get_num_threads()} of {os.cpu_count()} logical CPUs",
         f"torch {torch.__version__}",
-        f"CUDA available: {torch.cuda.is_available()} (built with CUDA {torch.version.cuda})",
+        _dist_version("einops") or "einops: not installed (required)",
+        "triton: " + (_dist_version("triton", "pytorch-triton") or "not installed"),
+        _cuda_line(),
+        _determinism(),
     ]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
@@ -49,10 +82,15 @@ def report() -> str:
     lines += [
         f"FlexAttention: {'available' if flex else 'not available'}; used by method='flex' and block-sparse",
         "flash-attn-4: "
-        + _optional("flash_attn", "flash-attn-4", used_by="backend 'flash_attn_4' (see below)"),
+        + _optional(
+            "flash_attn", "flash-attn-4", used_by="backend 'flash_attn_4' (see below)", extra="flash4"
+        ),
         f"flash-attn 2: {_optional('flash_attn_2_cuda', 'flash-attn', 'flash_attn')} "
         "(no backend of its own; xformers' dispatcher uses it where both are installed)",
-        "xformers: " + _optional("xformers", "xformers", used_by="backend 'xformers' (see below)"),
+        "xformers: "
+        + _optional("xformers", "xformers", used_by="backend 'xformers' (see below)", extra="xformers"),
+        "matplotlib: "
+        + _optional("matplotlib", "matplotlib", used_by="visualize and benchmarks", extra="viz"),
         "",
         "kernel backends (registry order = preference):",
     ]

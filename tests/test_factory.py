@@ -99,3 +99,18 @@ def test_auto_choice_describes_the_modules_own_calls():
     spec = m.auto_choice.spec
     assert (spec.head_dim, spec.dtype, spec.device_type) == (256, torch.float64, "cpu")
     assert "head_dim 256" in m.auto_choice.explain()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks about CUDA on a machine without it")
+def test_explain_auto_about_cuda_without_cuda_says_it_is_hypothetical():
+    choice = explain_auto(device="cuda", dtype=torch.bfloat16)
+    assert choice.hypothetical is not None and "no usable CUDA device" in choice.hypothetical
+    assert "compute_capability=(9, 0)" in choice.hypothetical
+    assert "hypothetical: " in choice.explain()
+    # a named GPU still says the answer is not about this machine, but no longer asks for the capability
+    named = explain_auto(device="cuda", dtype=torch.bfloat16, compute_capability=(9, 0))
+    assert named.hypothetical is not None and "compute_capability" not in named.hypothetical
+
+
+def test_explain_auto_about_this_machine_is_not_hypothetical():
+    assert explain_auto(device="cpu").hypothetical is None

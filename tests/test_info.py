@@ -30,3 +30,32 @@ def test_module_entry_point():
         [sys.executable, "-m", "dilated_attention_pytorch.info"], capture_output=True, text=True, check=True
     )
     assert "auto -> attention_type=" in result.stdout
+
+
+def test_report_lists_platform_threads_versions_and_determinism():
+    import platform
+
+    text = report()
+    assert f"Python {platform.python_version()}" in text
+    assert platform.system() in text
+    assert f"torch uses {torch.get_num_threads()} of" in text
+    assert "einops " in text and "triton: " in text
+    assert "determinism: torch.are_deterministic_algorithms_enabled()=" in text
+    if torch.version.cuda is None:
+        assert "CPU-only build of torch" in text and "built with CUDA None" not in text
+
+
+def test_install_hints_name_this_distribution_and_its_extras(monkeypatch):
+    import importlib.util
+
+    from dilated_attention_pytorch import info
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        info.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name in ("flash_attn", "xformers") else real(name, *a),
+    )
+    text = info.report()
+    assert 'flash-attn-4: not installed (pip install "torch-dilated-attention[flash4]")' in text
+    assert 'xformers: not installed (pip install "torch-dilated-attention[xformers]")' in text
