@@ -3,6 +3,7 @@ input factories and the GPU marker."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -11,6 +12,18 @@ import torch
 from torch import Tensor
 
 from dilated_attention_pytorch import functional
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # each xdist worker takes its share of the cores: N workers x all cores oversubscribes the CPU
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+#: both head modes, "all" (every head in every branch: several times the calls) in the slow set;
+#: for the heavy numerical checks (gradcheck and friends)
+HEAD_MODES_ALL_SLOW = ["grouped", pytest.param("all", marks=pytest.mark.slow)]
 
 #: max |actual - expected| / max |expected|, per dtype of the implementation's inputs.
 TOLERANCES: dict[torch.dtype, float] = {

@@ -137,6 +137,7 @@ def test_magneto_gain_scales_value_out_and_ffn_weights_only() -> None:
             torch.testing.assert_close(value, before[name])
 
 
+@pytest.mark.slow
 def test_longnet_lm_is_causal_and_trains() -> None:
     torch.manual_seed(0)
     model = LongNetLM(

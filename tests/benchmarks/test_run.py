@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_quick_cpu_run_writes_records(tmp_path):
     out = tmp_path / "quick.json"
     subprocess.run(

@@ -14,7 +14,7 @@ from dilated_attention_pytorch import (
 from dilated_attention_pytorch.core import fused
 from dilated_attention_pytorch.reference import dilated_attention_reference as reference
 
-from ..conftest import CPU_IMPLS, TOLERANCES, assert_close, make_qkv
+from ..conftest import CPU_IMPLS, HEAD_MODES_ALL_SLOW, TOLERANCES, assert_close, make_qkv
 
 IDS = [i.name for i in CPU_IMPLS]
 PATTERN = ((2, 4, 7), (1, 2, 3))
@@ -40,13 +40,13 @@ TWICE = [i for i in CPU_IMPLS if i.backend is None]
 
 
 @pytest.mark.parametrize("impl", TWICE, ids=[i.name for i in TWICE])
-@pytest.mark.parametrize("head_mode", ["grouped", "all"])
+@pytest.mark.parametrize("head_mode", HEAD_MODES_ALL_SLOW)
 def test_gradgradcheck(impl, head_mode):
     assert torch.autograd.gradgradcheck(_fn(impl, head_mode), make_qkv(1, 7, 2, 2))
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS, ids=IDS)
-@pytest.mark.parametrize("head_mode", ["grouped", "all"])
+@pytest.mark.parametrize("head_mode", HEAD_MODES_ALL_SLOW)
 def test_batched_gradcheck(impl, head_mode):
     assert torch.autograd.gradcheck(_fn(impl, head_mode), make_qkv(1, 7, 3, 2), check_batched_grad=True)
 

@@ -14,7 +14,7 @@ from dilated_attention_pytorch.kernels.base import ANY_STRIDES
 from dilated_attention_pytorch.pattern import compact_rows
 from dilated_attention_pytorch.reference import dilated_attention_reference as reference
 
-from ..conftest import CPU_IMPLS, PATTERNS, TOLERANCES, assert_close, grads, make_qkv
+from ..conftest import CPU_IMPLS, HEAD_MODES_ALL_SLOW, PATTERNS, TOLERANCES, assert_close, grads, make_qkv
 
 IMPL_IDS = [i.name for i in CPU_IMPLS]
 
@@ -78,7 +78,7 @@ def test_low_precision_within_tolerance(impl, dtype, head_mode):
 
 
 @pytest.mark.parametrize("impl", CPU_IMPLS, ids=IMPL_IDS)
-@pytest.mark.parametrize("head_mode", ["grouped", "all"])
+@pytest.mark.parametrize("head_mode", HEAD_MODES_ALL_SLOW)
 def test_gradcheck(impl, head_mode):
     q, k, v = make_qkv(1, 7, 3, 2)
     kpm = torch.tensor([[False, False, True, False, False, False, True]])
@@ -132,7 +132,7 @@ def test_softmax_scale():
         assert_close(out, reference(q, k, v, (4,), (2,), softmax_scale=0.3), torch.float64, impl.name)
 
 
-@pytest.mark.parametrize("head_mode", ["grouped", "all"])
+@pytest.mark.parametrize("head_mode", HEAD_MODES_ALL_SLOW)
 @pytest.mark.parametrize("method", ["gather", "fused"])
 def test_dropout_is_unbiased_and_seeded(method, head_mode):
     q, k, v = make_qkv(1, 8, 2, requires_grad=False)

@@ -58,7 +58,8 @@ def test_float32_forward_as_accurate_as_dense(impl, head_mode, scale):
 def test_float32_gradients_as_accurate_as_dense(impl, scale):
     q, k, v = (x.requires_grad_() for x in _inputs(scale))
     expected = reference(q, k, v, *PATTERN, head_mode="all", is_causal=True)
-    g = torch.randn_like(expected)
+    # seeded: with the global generator the incoming gradient, and so the bound, depended on test order
+    g = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1), dtype=expected.dtype)
     expected_grads = torch.autograd.grad(expected, (q, k, v), g)
     qf, kf, vf = (x.detach().float().requires_grad_() for x in (q, k, v))
     out = impl(qf, kf, vf, *PATTERN, head_mode="all", is_causal=True)

@@ -58,6 +58,7 @@ def test_each_document_is_its_own_sequence(impl, lengths, head_mode, causal, gro
         assert_close(a, b, torch.float64, f"{impl.name} d{name}")
 
 
+@pytest.mark.slow
 def test_thousands_of_tiny_documents_of_many_lengths():
     lengths = [1 + i % 50 for i in range(2000)]  # 50 distinct lengths: padded groups
     q, k, v, cu = _packed(lengths, heads=2, kv_heads=1)

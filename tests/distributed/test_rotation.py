@@ -8,7 +8,7 @@ from .cases import WORLDS, check_strategy
 
 # the rotation shares the geometry with all_gather (tested at every world there)
 @pytest.mark.parametrize(
-    "world", [pytest.param(w, marks=pytest.mark.slow) if w > 4 else w for w in WORLDS if w in (2, 3, 4, 8)]
+    "world", [pytest.param(w, marks=pytest.mark.slow) if w > 2 else w for w in WORLDS if w in (2, 3, 4, 8)]
 )
 def test_rotation_matches_reference(world, tmp_path):
     check_strategy([("fused", "ring")], world, tmp_path)

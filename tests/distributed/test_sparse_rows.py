@@ -99,7 +99,7 @@ def _run_cases(rank: int, world: int, init_file: str, results: dict) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [2, 4, pytest.param(8, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("world", [2, *(pytest.param(w, marks=pytest.mark.slow) for w in (4, 8))])
 def test_block_sparse_ring_matches_reference(world, tmp_path):
     results = spawn(_run_cases, world, tmp_path)
     assert sorted(results) == list(range(world))

@@ -81,6 +81,7 @@ def test_xformers_reasons(monkeypatch):
     ]
     monkeypatch.setattr(xformers_fmha, "installed_version", lambda: "0.0.99")
     monkeypatch.setattr(xformers_fmha, "import_error", lambda: None)
+    monkeypatch.setattr(xformers_fmha, "_extension_loaded", lambda: True)  # on a CUDA machine it is asked
     assert backend.not_supported_reasons(spec) == []  # public API: other releases are not refused
     bad = kernels.AttentionSpec("cuda", torch.float64, 256, has_bias=True, compute_capability=(7, 5))
     reasons = " | ".join(backend.not_supported_reasons(bad))

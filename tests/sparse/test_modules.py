@@ -96,7 +96,11 @@ def test_flex_forward_on_cpu_matches_reference(causal, head_mode):
 # blocks a multiple of dilation x 128 (FlexAttention's tile): every tile lies in one
 # block pair, so the mask_mod reads no layout (causal only, or no mask_mod at all); a
 # single branch of dilation 1 returns FlexAttention's output as the output
-TILE_ALIGNED = [((2048,), (1,), 128), ((1024, 2048), (1, 2), 256), ((512, 2048), (1, 4), 512)]
+TILE_ALIGNED = [
+    ((2048,), (1,), 128),
+    pytest.param((1024, 2048), (1, 2), 256, marks=pytest.mark.slow),
+    pytest.param((512, 2048), (1, 4), 512, marks=pytest.mark.slow),
+]
 
 
 def _aligned_layout(n: int, block: int, device: str = "cpu") -> torch.Tensor:
