@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         ("fwdbwd_ms", "forward + backward time (ms)", 1.0, "time"),
         ("peak_mem_mib", "peak memory, forward + backward (GiB)", 1 / 1024, "memory"),
     ):
-        fig, ax = plt.subplots(figsize=(8, 5))
+        fig, ax = plt.subplots(figsize=(8, 6.4))
         for name, pts in _series(records, metric).items():
             style = {"linestyle": "--"} if name in ("ceiling", "dense_full") else {}
             ax.loglog(
@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
         ax.set_ylabel(ylabel, fontsize=12)
         ax.tick_params(labelsize=11)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=10, loc="lower right")
+        # below the axes: inside, it would hide the lines it names
+        ax.legend(fontsize=10, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=1, frameon=False)
         fig.tight_layout()
         path = args.output_dir / f"{args.prefix}_{suffix}.png"
         fig.savefig(path, dpi=100)

@@ -1,5 +1,4 @@
-"""Griffe extension for the API page: reST roles in docstrings become links or code,
-and private base classes are not shown.
+"""Griffe extension for the API page: reST roles in docstrings become links or code.
 
 The docstrings are written to read well in ``help()`` and editors, with roles
 such as ``:class:`RingDilatedAttention```; mkdocstrings renders Markdown, so a role
@@ -58,6 +57,3 @@ class DocsExtension(griffe.Extension):
     def on_instance(self, *, obj: griffe.Object, **kwargs: Any) -> None:
         if obj.docstring is not None:
             obj.docstring.value = convert_roles(obj.docstring.value)
-
-    def on_class_members(self, *, cls: griffe.Class, **kwargs: Any) -> None:
-        cls.bases = [b for b in cls.bases if not str(b).split(".")[-1].startswith("_")]
