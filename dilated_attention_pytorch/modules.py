@@ -158,7 +158,9 @@ class _DilatedAttentionBase(nn.Module):
 class DilatedAttention(_DilatedAttentionBase):
     """LongNet dilated attention, the readable way: each branch copy-gathers its
     positions, runs plain torch attention and scatters back. Supports every
-    option; slower and hungrier than :class:`ImprovedDilatedAttention`."""
+    option; slower and hungrier than :class:`ImprovedDilatedAttention`.
+    Tensors are ``(batch, seq, heads, head_dim)`` in and out (flash-attn's
+    layout, not SDPA's ``(batch, heads, seq, head_dim)``)."""
 
     method = "gather"
 
@@ -167,7 +169,8 @@ class ImprovedDilatedAttention(_DilatedAttentionBase):
     """LongNet dilated attention on fused kernels: strided views (no copies),
     one lse-returning kernel call per branch and offset, outputs and gradients
     written in place. ``backend`` forces a kernel (see ``kernels.REGISTRY``).
-    Dropout runs the gather path."""
+    Dropout runs the gather path. Tensors are ``(batch, seq, heads, head_dim)``
+    in and out (flash-attn's layout, not SDPA's ``(batch, heads, seq, head_dim)``)."""
 
     method = "fused"
 

@@ -236,7 +236,8 @@ class _BlockSparseBase(_DilatedAttentionBase):
 
 
 class BlockSparseRingDilatedAttention(_BlockSparseBase):
-    """Dilated attention restricted to a fixed block layout.
+    """Dilated attention restricted to a fixed block layout. Tensors are
+    ``(batch, seq, heads, head_dim)`` in and out, as in the other core modules.
 
     ``pattern``: "local_window", "dilated_sparse", "global_local", "random"
     (reproducible from ``seed``), "hilbert" (2-D inputs of ``spatial_shape=(H, W)``,
@@ -359,7 +360,8 @@ class BlockSparseRingDilatedAttention(_BlockSparseBase):
 
 
 class BlockSparseAdaptive(_BlockSparseBase):
-    """Dilated attention over key blocks chosen from the content.
+    """Dilated attention over key blocks chosen from the content. Tensors are
+    ``(batch, seq, heads, head_dim)`` in and out, as in the other core modules.
 
     Per batch, head and query block, the key blocks with the highest
     mean-pooled ``q · k`` score are kept (a ``1 - sparsity`` share of the
