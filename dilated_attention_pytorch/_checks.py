@@ -239,14 +239,14 @@ def refuse_torchscript(scripting: bool = False) -> None:
 
 
 def warn_unusual_layout(
-    segment_lengths: Sequence[int], head_mode: str, shape: tuple[int, int, int, int]
+    segment_lengths: Sequence[int], head_mode: str, shape: tuple[int, int, int, int], sdpa_layout: bool = True
 ) -> None:
     """Warn about shapes that run but are likely a mistake: more "heads" than
     positions with every segment covering the sequence (a ``(batch, heads, seq,
     head_dim)`` tensor, SDPA's layout, read as ``(batch, seq, heads, head_dim)``),
     and grouped heads fewer than branches (the branches without a head are unused)."""
     _, n, h, _ = shape
-    if h > n and all(w >= n for w in segment_lengths):
+    if sdpa_layout and h > n and all(w >= n for w in segment_lengths):
         warnings.warn(
             f"query has {h} heads and {n} positions, and every segment covers the sequence: inputs are "
             "(batch, seq, heads, head_dim); for (batch, heads, seq, head_dim) tensors (SDPA's layout) pass "

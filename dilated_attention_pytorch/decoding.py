@@ -97,6 +97,44 @@ class LayerKVCache:
                 self.values[i][:, slots, local] = value[:, rows, layer]
         self.length = end
 
+    def window_start(self) -> int:
+        """The first position of :meth:`window`: the last multiple of the segment
+        lengths' least common multiple at or before ``length``, where every branch
+        starts a segment (so positions relative to it keep the pattern)."""
+        period = math.lcm(*self.pattern.segment_lengths)
+        return (self.length // period) * period
+
+    def window(self, start: int | None = None) -> tuple[Tensor, Tensor]:
+        """Keys and values of positions ``start .. length - 1`` (default
+        :meth:`window_start`), ``(batch, length - start, heads, head_dim)``: every
+        position a causal query at ``length`` or later can still read is filled
+        (from whichever branch keeps it), the rest are zeros no such query reads.
+        With the new positions' keys appended after it, it is the key sequence of a
+        chunk of queries that continues the cache (chunked prefill)."""
+        if not self.keys:
+            raise ValueError("the cache is empty: nothing to continue from")
+        start = self.window_start() if start is None else start
+        n = self.length
+        if start % math.lcm(*self.pattern.segment_lengths) or not 0 <= start <= n:
+            raise ValueError(f"start must be a multiple of lcm(segment_lengths) in [0, {n}], got {start}")
+        b, d, dv = self.keys[0].shape[0], self.keys[0].shape[-1], self.values[0].shape[-1]
+        keys = self.keys[0].new_zeros(b, n - start, self.num_heads, d)
+        values = self.values[0].new_zeros(b, n - start, self.num_heads, dv)
+        for i, (w, r) in enumerate(zip(self.pattern.segment_lengths, self.pattern.dilation_rates)):
+            segment_start = (n // w) * w
+            if segment_start == n:  # position n starts a segment: nothing kept is read again
+                continue
+            for residue in range(r):
+                selected = self._selected(i, residue)
+                count = len(range(residue, n - segment_start, r))
+                if selected is None or count == 0:
+                    continue
+                local, layer = selected
+                rows = slice(segment_start + residue - start, n - start, r)
+                keys[:, rows, layer] = self.keys[i][:, :count, local]
+                values[:, rows, layer] = self.values[i][:, :count, local]
+        return keys, values
+
     def attend(self, query: Tensor, softmax_scale: float | None = None) -> Tensor:
         """Causal dilated attention of ``query`` ``(batch, 1, heads, head_dim)`` at
         position ``length - 1`` over the cached keys; returns ``(batch, 1, heads, head_dim)``."""

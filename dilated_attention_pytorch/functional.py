@@ -131,13 +131,18 @@ def _dilated_attention(
     return_lse: bool,
     warn_layout: bool,
 ) -> Any:
-    """:func:`dilated_attention` of a built pattern; ``warn_layout``: warn about
-    likely layout mistakes (not for the per-document calls of packed inputs)."""
+    """:func:`dilated_attention` of a built pattern; ``warn_layout``: warn about a
+    likely SDPA-layout input (not for the per-document calls of packed inputs, nor
+    for the multihead modules, whose projections fix the layout)."""
     shape, key_bias, attn_bias, scale = validate_call(
         query, key, value, is_causal, key_padding_mask, attn_mask, dropout_p, softmax_scale, method
     )
-    if warn_layout:
-        warn_unusual_layout(pattern.segment_lengths, pattern.head_mode, (shape[0], key.shape[1], *shape[2:]))
+    warn_unusual_layout(
+        pattern.segment_lengths,
+        pattern.head_mode,
+        (shape[0], key.shape[1], *shape[2:]),
+        sdpa_layout=warn_layout,
+    )
     if shape[1] != key.shape[1]:
         if block_layout is not None:
             raise ValueError(
@@ -263,8 +268,6 @@ def dilated_attention_varlen(
     validate_call(
         query[None], key[None], value[None], is_causal, None, None, dropout_p, softmax_scale, method
     )
-    # the grouped-heads check only: a short document is no layout mistake
-    warn_unusual_layout(pattern.segment_lengths, pattern.head_mode, (1, query.shape[0], *query.shape[1:]))
     groups = document_groups(bounds, query.device)
     results = []
     for group, q, k, v in zip(groups, *(by_group(x, groups) for x in (query, key, value))):

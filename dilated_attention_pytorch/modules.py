@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import Method, canonical_mask, check_dropout, check_scale, refuse_torchscript
-from .functional import dilated_attention, dilated_attention_varlen
+from .functional import _dilated_attention, dilated_attention_varlen
 from .pattern import DilatedPattern, HeadMode
 from .reference import DEFAULT_MAX_BYTES, dilated_attention_reference
 
@@ -19,6 +19,9 @@ class _DilatedAttentionBase(nn.Module):
     method: ClassVar[Method]
     #: set by the factories: what "auto" chose and why (``AutoChoice``), None otherwise
     auto_choice: Any = None
+    #: warn when an input looks like an SDPA-layout ``(batch, heads, seq, head_dim)`` tensor;
+    #: the multihead modules turn it off (their projections fix the layout)
+    warn_layout: bool = True
 
     def __init__(
         self,
@@ -94,8 +97,14 @@ class _DilatedAttentionBase(nn.Module):
             softmax_scale=self.softmax_scale,
         )
 
-    def _attend(self, *args: Any, **kwargs: Any) -> Tensor:
-        return dilated_attention(*args, method=self.method, backend=self.backend, **kwargs)
+    def _attend(
+        self, query: Tensor, key: Tensor, value: Tensor, pattern: DilatedPattern, **kwargs: Any
+    ) -> Tensor:
+        refuse_torchscript()
+        return _dilated_attention(
+            query, key, value, pattern, method=self.method, backend=self.backend, block_layout=None,
+            block_size=128, return_lse=False, warn_layout=self.warn_layout, **kwargs,
+        )  # fmt: skip
 
     def _attend_packed(
         self,

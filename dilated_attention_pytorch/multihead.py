@@ -133,6 +133,7 @@ class _MultiheadDilatedAttentionBase(nn.MultiheadAttention):
             segment_lengths, dilation_rates, head_mode=head_mode, attention_dropout=dropout, backend=backend,
             **attention_kwargs,
         )  # fmt: skip
+        self.attention.warn_layout = False  # the projections fix the layout; short sequences are no mistake
         # rotary/xPos on the projected queries and keys, at absolute positions
         self.position_embedding = make_position_embedding(
             position_embedding, self.head_dim, tuple(segment_lengths)
@@ -251,17 +252,29 @@ class _MultiheadDilatedAttentionBase(nn.MultiheadAttention):
         attn_mask = self._attn_mask_4d(attn_mask, batch, seq, seq_k, unbatched)
         if cu_seqlens is not None:
             self._check_packed(batch, seq, seq_k, key_padding_mask, attn_mask, need_weights, kv_cache)
-        q, k, v = self._project(query, key, value)
-        if self.position_embedding is not None:
-            q, k = self.position_embedding(q, k, offset=self._position_offset(seq))
+        past = 0
         if kv_cache is not None:
             self._check_decoding(kv_cache, is_causal)
-            if kv_cache.length:
+            past = kv_cache.length
+            if past and (
+                seq_k != seq or key_padding_mask is not None or attn_mask is not None or need_weights
+            ):
                 raise ValueError(
-                    f"kv_cache already holds {kv_cache.length} positions: a full forward only "
-                    "fills an empty cache (prefill); continue with decode_step"
+                    f"kv_cache already holds {past} positions: continuing from it (chunked prefill) takes "
+                    "self-attention of the new positions only, without key_padding_mask, attn_mask or "
+                    "need_weights"
                 )
-            kv_cache.append(self._per_query_head(k), self._per_query_head(v))
+        q, k, v = self._project(query, key, value)
+        if self.position_embedding is not None:
+            q, k = self.position_embedding(q, k, offset=past if past else self._position_offset(seq))
+        if kv_cache is not None:
+            if past:  # the new queries sit at the end of the cached window's keys
+                past_k, past_v = kv_cache.window()
+                k, v = self._per_query_head(k), self._per_query_head(v)
+                kv_cache.append(k, v)
+                k, v = torch.cat([past_k, k], 1), torch.cat([past_v, v], 1)
+            else:
+                kv_cache.append(self._per_query_head(k), self._per_query_head(v))
 
         weights = None
         if need_weights:

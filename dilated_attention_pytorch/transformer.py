@@ -412,14 +412,17 @@ class LongNetLM(nn.Module):
 
         ``key_padding_mask``: ``(batch, seq)``, True = padding (full forward only).
         ``kv_cache``: an empty cache is filled from a full forward (prefill); a
-        non-empty one continues from position ``kv_cache.length``, one token at a
-        time (eval mode), and only the new tokens' logits are returned.
+        non-empty one continues from position ``kv_cache.length`` (eval mode): one
+        token through the constant-cost decoding step, several at once as a chunk
+        (chunked prefill) whose queries attend to the cached keys and their own.
+        Only the new tokens' logits are returned.
         """
         self._check_ids(input_ids)
         if kv_cache is not None and kv_cache.length:
             if key_padding_mask is not None:
                 raise ValueError("key_padding_mask is not supported when continuing from a kv_cache")
-            return torch.cat([self._step(input_ids[:, i], kv_cache) for i in range(input_ids.shape[1])], 1)
+            if input_ids.shape[1] == 1:
+                return self._step(input_ids[:, 0], kv_cache)
         x = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
             x = layer(

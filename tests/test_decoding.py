@@ -4,6 +4,7 @@ generate() equals greedy decoding by repeated full forwards."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 from dilated_attention_pytorch import (
     BlockSparseRingMultiheadDilatedAttention,
+    DilatedKVCache,
     DilatedPattern,
     ImprovedMultiheadDilatedAttention,
     LongNetLM,
@@ -124,13 +126,18 @@ def test_decoding_errors() -> None:
     cache = model.new_cache()
     model(torch.randint(0, 40, (1, 3)), kv_cache=cache)
     attn = model.layers[0].self_attn
-    with pytest.raises(ValueError, match="already holds 3 positions"):
-        attn(
-            torch.randn(1, 2, 16, dtype=torch.float64),
-            *[torch.randn(1, 2, 16, dtype=torch.float64)] * 2,
-            is_causal=True,
-            kv_cache=cache[0],
-        )
+    x = torch.randn(1, 2, 16, dtype=torch.float64)
+    for bad in (
+        {"key_padding_mask": torch.zeros(1, 2, dtype=torch.bool)},
+        {"attn_mask": torch.zeros(2, 2, dtype=torch.bool)},
+        {"need_weights": True},
+    ):
+        with pytest.raises(ValueError, match="already holds 3 positions: continuing from it"):
+            attn(x, x, x, is_causal=True, kv_cache=cache[0], **bad)
+    with pytest.raises(ValueError, match="already holds 3 positions: continuing from it"):
+        longer = torch.randn(1, 3, 16, dtype=torch.float64)
+        attn(x, longer, longer, is_causal=True, kv_cache=cache[0])  # keys beyond the new positions
+    assert cache[0].length == 3  # refused calls leave the cache as it was
     with pytest.raises(ValueError, match="is_causal=True"):
         x = torch.randn(1, 2, 16, dtype=torch.float64)
         attn(x, x, x, kv_cache=attn.new_kv_cache())
@@ -194,3 +201,68 @@ def test_grouped_query_heads_decode_like_the_full_forward(head_mode: str) -> Non
     cache = model.new_cache()
     steps = torch.cat([model(ids[:, :3], kv_cache=cache), model(ids[:, 3:], kv_cache=cache)], 1)
     assert_close(steps, full, torch.float64, "stepwise")
+
+
+@pytest.mark.parametrize("position", [None, "rotary", "xpos"])
+@pytest.mark.parametrize("head_mode", ["grouped", "all"])
+@pytest.mark.parametrize(("segment_lengths", "dilation_rates", "seq_len", "heads"), PATTERNS)
+def test_chunked_prefill_equals_full_forward(
+    segment_lengths, dilation_rates, seq_len, heads, head_mode, position
+):
+    """Chunks of several tokens continue a non-empty cache, across segment boundaries and
+    between single decoding steps: the logits are the full forward's."""
+    nested = all(max(segment_lengths) % w == 0 for w in segment_lengths)
+    if position == "xpos" and not nested:
+        pytest.skip("xpos needs nested segment lengths (checked in test_positions)")
+    model = _lm(segment_lengths, dilation_rates, heads, head_mode, position)
+    n = 2 * seq_len + 5
+    ids = torch.randint(0, 40, (2, n), generator=torch.Generator().manual_seed(2))
+    full = model(ids)
+    cache = model.new_cache()
+    bounds = [0, 3, 10, 11, seq_len, seq_len + 1, n]  # chunks of 3, 7, 1, ..., 1, the rest
+    pieces = [model(ids[:, a:b], kv_cache=cache) for a, b in itertools.pairwise(bounds) if b > a]
+    assert cache.length == n
+    assert_close(torch.cat(pieces, 1), full, torch.float64, "chunked")
+
+
+@pytest.mark.parametrize("cls", [MultiheadDilatedAttention, ImprovedMultiheadDilatedAttention])
+@pytest.mark.parametrize("head_mode", ["grouped", "all"])
+def test_multihead_chunk_after_cache_equals_last_rows(cls, head_mode: str) -> None:
+    torch.manual_seed(0)
+    e, h, kv, n = 24, 6, 2, 29
+    mha = cls(
+        e, h, segment_lengths=(4, 6, 12), dilation_rates=(1, 2, 3), head_mode=head_mode,
+        num_kv_heads=kv, batch_first=True, dtype=torch.float64,
+    )  # fmt: skip
+    x = torch.randn(2, n, e, dtype=torch.float64)
+    full, _ = mha(x, x, x, is_causal=True)
+    for split in (5, 12, 13, 24):  # within a segment, on a boundary of all, just after one
+        cache = mha.new_kv_cache()
+        head, _ = mha(x[:, :split], x[:, :split], x[:, :split], is_causal=True, kv_cache=cache)
+        tail = x[:, split:]
+        rest, _ = mha(tail, tail, tail, is_causal=True, kv_cache=cache)
+        assert cache.length == n
+        assert_close(torch.cat([head, rest], 1), full, torch.float64, f"split {split}")
+
+
+def test_window_holds_only_what_later_queries_read() -> None:
+    """Every key a query at length or later can read is in the window, with its true value
+    (keys the cache still holds but no later query reads may be there too)."""
+    pattern = DilatedPattern((4, 6, 12), (1, 2, 3), "all")
+    heads, n = 6, 17
+    cache = DilatedKVCache(pattern, heads, 1)[0]
+    keys = torch.randn(1, n, heads, 2, dtype=torch.float64)
+    cache.append(keys, keys)
+    start = cache.window_start()
+    assert start == 12  # lcm(4, 6, 12)
+    window, _ = cache.window()
+    assert window.shape == (1, n - start, heads, 2)
+    from dilated_attention_pytorch.reference import branch_mask
+
+    readable = torch.zeros(n - start, heads, dtype=torch.bool)
+    for i in range(pattern.num_branches):
+        mask = branch_mask(pattern, i, n + 12, heads)  # (heads, queries, keys)
+        readable |= mask[:, n:, start:n].any(1).T
+    filled = window[0].abs().sum(-1) > 0
+    assert filled[readable].all() and readable.any()
+    assert torch.equal(window[0][filled], keys[0, start:][filled])  # never a stale key
