@@ -49,11 +49,12 @@ def check_inputs(query: Tensor, key: Tensor, value: Tensor) -> tuple[int, int, i
         if not x.dtype.is_floating_point:
             raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
     b, n_q, h, d = query.shape
-    if key.shape != value.shape or key.shape[0] != b or key.shape[3] != d:
+    if key.shape[:3] != value.shape[:3] or key.shape[0] != b or key.shape[3] != d:
         raise ValueError(
-            "key and value must have shape (batch, seqlen_k, kv_heads, head_dim) with the query's batch "
-            f"and head_dim (query is (batch, seqlen_q, heads, head_dim) = {tuple(query.shape)}); got key "
-            f"{tuple(key.shape)}, value {tuple(value.shape)}"
+            "key must have shape (batch, seqlen_k, kv_heads, head_dim) with the query's batch and head_dim, "
+            "and value (batch, seqlen_k, kv_heads, head_dim_v) with the key's first three sizes (query is "
+            f"(batch, seqlen_q, heads, head_dim) = {tuple(query.shape)}); got key {tuple(key.shape)}, value "
+            f"{tuple(value.shape)}"
         )
     n_k, kv_heads = key.shape[1], key.shape[2]
     if kv_heads == 0 or h % kv_heads:

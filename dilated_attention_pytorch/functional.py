@@ -15,12 +15,14 @@ length and all heads that share an offset form one
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from . import kernels
 from ._checks import METHODS, Method, refuse_torchscript, validate_call, warn_unusual_layout
 from .core.fused import functorch_active
 from .core.gather import gathered_attention
@@ -193,6 +195,8 @@ def _attention(
         method = "gather"  # the one path whose lse carries a gradient
     if method == "flex" and functorch_active(query, key, value):
         method = "gather"  # the same function in ops torch.func can transform
+    if value.shape[3] != shape[3] and method != "gather":
+        method = _method_for_value_head_dim(query, value, method, backend)
     if method == "flex":
         if dropout_p > 0.0:
             raise ValueError(
@@ -208,6 +212,21 @@ def _attention(
         )  # fmt: skip
     out, lse = fused_local(query, key, value, key_bias, attn_bias, pattern, is_causal, scale, backend)
     return (out, lse) if return_lse else out
+
+
+def _method_for_value_head_dim(query: Tensor, value: Tensor, method: Method, backend: str | None) -> Method:
+    """A value head_dim other than the query's: no fused kernel takes it (each
+    backend's reasons say so), so "fused" runs the gather path; a named backend or
+    FlexAttention refuses."""
+    if method == "flex":
+        raise ValueError(
+            f"method='flex' needs the value's head_dim ({value.shape[3]}) to equal the query's "
+            f"({query.shape[3]}); use method='gather'"
+        )
+    if backend is not None:  # raises with the backend's reasons unless it takes the call
+        spec = dataclasses.replace(kernels.AttentionSpec.from_tensor(query), value_head_dim=value.shape[3])
+        kernels.select_backend(spec, backend)
+    return "gather"
 
 
 def dilated_attention_varlen(

@@ -72,14 +72,17 @@ def run_gathered(
     dropout_p: float,
     sdpa: bool = False,
     return_lse: bool = False,
+    value_head_dim: int | None = None,
 ) -> Any:
-    """Attention of every problem under autograd, scattered into a ``query``-shaped
-    output; "all"-mode branches merge by lse. Plain torch, or with ``sdpa`` and
+    """Attention of every problem under autograd, scattered into a ``(batch, seq,
+    heads, value_head_dim)`` output (``value_head_dim`` defaults to the query's);
+    "all"-mode branches merge by lse. Plain torch, or with ``sdpa`` and
     where no lse and no mask is needed (grouped heads), PyTorch's fused SDPA
     kernels, which also do dropout without O(length²) memory. With
     ``return_lse``: ``(out, lse)``, the merged lse ``(batch, seq, heads)``
     (float32; -inf where no key), differentiable."""
-    b, n, h, d = query.shape
+    b, n, h, _ = query.shape
+    d = query.shape[3] if value_head_dim is None else value_head_dim
     merge = pattern.merges_branches
     lse_dtype = accumulation_dtype(query.dtype)
     k = pattern.num_branches
@@ -130,4 +133,9 @@ def gathered_attention(
     (:func:`local_problems`) and run (:func:`run_gathered`)."""
     calls = pattern.calls(query.shape[1], query.shape[2])
     problems = local_problems(query, key, value, key_bias, attn_bias, calls, is_causal, layout)
-    return run_gathered(query, problems, pattern, scale, dropout_p, sdpa=sdpa, return_lse=return_lse)
+    # SDPA's fused kernels take one head_dim for q, k and v
+    sdpa = sdpa and value.shape[3] == query.shape[3]
+    return run_gathered(
+        query, problems, pattern, scale, dropout_p, sdpa=sdpa, return_lse=return_lse,
+        value_head_dim=value.shape[3],
+    )  # fmt: skip

@@ -82,6 +82,11 @@ def ring_dilated_attention(
         shape, key_bias, _, scale = _checks.validate_call(
             query, key, value, is_causal, key_padding_mask, None, dropout_p, softmax_scale, method
         )
+        if value.shape[3] != shape[3]:
+            raise ValueError(
+                "sequence-parallel dilated attention needs the value's head_dim to equal the query's, got "
+                f"{value.shape[3]} and {shape[3]}: its exchanges move keys and values in one layout"
+            )
         if key.shape[1] != shape[1]:
             raise ValueError(
                 "sequence-parallel dilated attention needs seqlen_q == seqlen_k (each rank holds the same "

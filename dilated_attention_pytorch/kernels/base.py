@@ -27,6 +27,8 @@ class AttentionSpec:
     compute_capability: tuple[int, int] | None = None
     #: query/key length of the problem, when known (None: any)
     seq_len: int | None = None
+    #: the value's head_dim, when it differs from ``head_dim`` (None: the same)
+    value_head_dim: int | None = None
 
     @classmethod
     def from_tensor(cls, x: Tensor, *, has_bias: bool = False, seq_len: int | None = None) -> AttentionSpec:
@@ -203,6 +205,9 @@ class KernelBackend:
     #: key/value head j // (heads // kv_heads)) and returns their gradients
     #: summed per key/value head; else the fused path repeats them per call
     SUPPORTS_GQA: ClassVar[bool] = False
+    #: takes a value head_dim other than the query's (no backend here does yet:
+    #: such calls run the gather path, plain torch)
+    SUPPORTS_VALUE_HEAD_DIM: ClassVar[bool] = False
 
     def missing_reasons(self) -> list[str]:
         """Why it cannot run at all here (its optional package is not installed)."""
@@ -245,6 +250,12 @@ class KernelBackend:
             reasons.append(f"head_dim must be a multiple of {multiple}{bounds}, got {spec.head_dim}")
         if spec.has_bias and not self.SUPPORTS_BIAS:
             reasons.append("takes no attention bias (key_padding_mask / attn_mask)")
+        value_dim = spec.value_head_dim
+        if value_dim is not None and value_dim != spec.head_dim and not self.SUPPORTS_VALUE_HEAD_DIM:
+            reasons.append(
+                f"value head_dim must equal the query's ({spec.head_dim}), got {value_dim}: its kernels "
+                "take one head_dim (method='gather' runs any)"
+            )
         return reasons + self.quirk_reasons(spec, reasons)
 
 

@@ -280,7 +280,7 @@ Q = torch.zeros(1, 8, 2, 4)
     "kwargs,error,match",
     [
         ({"query": Q[0]}, ValueError, r"query must be 4-D \(batch, seq, heads, head_dim\)"),
-        ({"key": torch.zeros(1, 9, 2, 4)}, ValueError, r"key and value must have shape \(batch, seqlen_k"),
+        ({"key": torch.zeros(1, 9, 2, 4)}, ValueError, r"key must have shape \(batch, seqlen_k"),
         ({"key": torch.zeros(1, 8, 2, 6), "value": torch.zeros(1, 8, 2, 6)}, ValueError, "query's batch"),
         ({"key": torch.zeros(2, 8, 2, 4), "value": torch.zeros(2, 8, 2, 4)}, ValueError, "query's batch"),
         (

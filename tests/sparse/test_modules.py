@@ -511,7 +511,7 @@ def test_gpu_flex_with_tiles_within_blocks(seg, dil, block, causal):
         (lambda q: (q[0], q[0], q[0]), r"query must be 4-D \(batch, seq, heads, head_dim\)"),
         (lambda q: (q, q[:, :8], q[:, :8]), "seqlen_q must be <= seqlen_k"),
         (lambda q: (q[:, :0], q[:, :0], q[:, :0]), "query must have non-empty"),
-        (lambda q: (q, q[..., :2], q), r"key and value must have shape \(batch, seqlen_k, kv_heads"),
+        (lambda q: (q, q[..., :2], q), r"key must have shape \(batch, seqlen_k, kv_heads"),
         (lambda q: (q.tolist(), q, q), "query must be a Tensor"),
     ],
 )
