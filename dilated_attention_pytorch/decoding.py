@@ -69,6 +69,16 @@ class LayerKVCache:
             slice(heads.start, heads.stop, heads.step),
         )
 
+    @staticmethod
+    def _residue_span(first: int, stop: int, residue: int, r: int) -> tuple[slice, slice] | None:
+        """Indices ``first <= t < stop`` of a segment with ``t % r == residue``: their
+        slots in the branch buffer (slot ``t // r``) and their indices, or None."""
+        t0 = first + (residue - first) % r  # first index >= first with this residue
+        if t0 >= stop:
+            return None
+        count = len(range(t0, stop, r))
+        return slice(t0 // r, t0 // r + count), slice(t0, stop, r)
+
     def append(self, key: Tensor, value: Tensor) -> None:
         """Write ``key``/``value`` ``(batch, m, heads, head_dim)`` at positions
         ``length .. length + m - 1``. Only the last segment of each branch is kept."""
@@ -86,13 +96,11 @@ class LayerKVCache:
             residues = [first % r] if m == 1 else range(r)
             for residue in residues:
                 selected = self._selected(i, residue)
-                t0 = first + (residue - first) % r  # first index >= first with this residue
-                if selected is None or t0 >= stop:
+                span = self._residue_span(first, stop, residue, r)
+                if selected is None or span is None:
                     continue
-                local, layer = selected
-                count = len(range(t0, stop, r))
-                slots = slice(t0 // r, t0 // r + count)
-                rows = slice(t0 + segment_start - start, stop + segment_start - start, r)
+                (local, layer), (slots, index) = selected, span
+                rows = slice(index.start + segment_start - start, index.stop + segment_start - start, r)
                 self.keys[i][:, slots, local] = key[:, rows, layer]
                 self.values[i][:, slots, local] = value[:, rows, layer]
         self.length = end
@@ -126,13 +134,13 @@ class LayerKVCache:
                 continue
             for residue in range(r):
                 selected = self._selected(i, residue)
-                count = len(range(residue, n - segment_start, r))
-                if selected is None or count == 0:
+                span = self._residue_span(0, n - segment_start, residue, r)
+                if selected is None or span is None:
                     continue
-                local, layer = selected
-                rows = slice(segment_start + residue - start, n - start, r)
-                keys[:, rows, layer] = self.keys[i][:, :count, local]
-                values[:, rows, layer] = self.values[i][:, :count, local]
+                (local, layer), (slots, index) = selected, span
+                rows = slice(index.start + segment_start - start, index.stop + segment_start - start, r)
+                keys[:, rows, layer] = self.keys[i][:, slots, local]
+                values[:, rows, layer] = self.values[i][:, slots, local]
         return keys, values
 
     def attend(self, query: Tensor, softmax_scale: float | None = None) -> Tensor:

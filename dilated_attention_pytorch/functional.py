@@ -128,10 +128,10 @@ def _dilated_attention(
     softmax_scale: float | None,
     method: Method,
     backend: str | None,
-    block_layout: Tensor | None,
-    block_size: int,
-    return_lse: bool,
-    warn_layout: bool,
+    block_layout: Tensor | None = None,
+    block_size: int = 128,
+    return_lse: bool = False,
+    warn_layout: bool = True,
 ) -> Any:
     """:func:`dilated_attention` of a built pattern; ``warn_layout``: warn about a
     likely SDPA-layout input (not for the per-document calls of packed inputs, nor
@@ -294,7 +294,7 @@ def dilated_attention_varlen(
         padding = None if is_causal else group.key_padding_mask()
         out = _dilated_attention(
             q, k, v, pattern, is_causal, padding, None, dropout_p, softmax_scale, method, backend,
-            None, 128, False, warn_layout=False,
+            warn_layout=False,
         )  # fmt: skip
         results.append((group, out))
     return scatter_back(results)

@@ -102,8 +102,8 @@ class _DilatedAttentionBase(nn.Module):
     ) -> Tensor:
         refuse_torchscript()
         return _dilated_attention(
-            query, key, value, pattern, method=self.method, backend=self.backend, block_layout=None,
-            block_size=128, return_lse=False, warn_layout=self.warn_layout, **kwargs,
+            query, key, value, pattern, method=self.method, backend=self.backend,
+            warn_layout=self.warn_layout, **kwargs,
         )  # fmt: skip
 
     def _attend_packed(

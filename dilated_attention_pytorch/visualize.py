@@ -11,7 +11,7 @@ themselves (:func:`pattern_masks`) need only torch.
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,10 +41,17 @@ def pattern_masks(
     """Bool ``(branches, heads, seq, seq)``: True where branch ``i`` lets query
     ``p`` (row) of head ``j`` see key ``k`` (column)."""
     pattern = DilatedPattern(segment_lengths, dilation_rates, head_mode)
-    masks = torch.stack([branch_mask(pattern, i, seq_len, num_heads) for i in range(pattern.num_branches)])
-    if is_causal:
-        masks &= torch.ones(seq_len, seq_len, dtype=torch.bool).tril()
-    return masks
+    return torch.stack(list(_branch_masks(pattern, seq_len, num_heads, num_heads, is_causal)))
+
+
+def _branch_masks(
+    pattern: DilatedPattern, seq_len: int, num_heads: int, heads: int, is_causal: bool
+) -> Iterator[Tensor]:
+    """Per branch, bool ``(heads, seq, seq)`` of the first ``heads`` heads, one branch at a time."""
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril() if is_causal else None
+    for i in range(pattern.num_branches):
+        mask = branch_mask(pattern, i, seq_len, num_heads)[:heads]
+        yield mask & causal if causal is not None else mask
 
 
 def _pyplot() -> Any:
@@ -106,15 +113,10 @@ def plot_pattern(
     pattern = DilatedPattern(segment_lengths, dilation_rates, head_mode)
     k = pattern.num_branches
     heads = min(num_heads, max_heads)
-    causal = torch.ones(seq_len, seq_len, dtype=torch.bool).tril() if is_causal else None
-    # per branch, pooled at once: never more than one branch's (heads, seq, seq) masks alive
-    pooled = []
-    for i in range(k):
-        mask = branch_mask(pattern, i, seq_len, num_heads)[:heads]
-        if causal is not None:
-            mask &= causal
-        pooled.append(pool_mask(mask, max_pixels))
-    masks = torch.stack(pooled)
+    # pooled as they come: never more than one branch's (heads, seq, seq) masks alive
+    masks = torch.stack(
+        [pool_mask(m, max_pixels) for m in _branch_masks(pattern, seq_len, num_heads, heads, is_causal)]
+    )
     m = masks.shape[-1]
     scale = seq_len / m
     fig, axes = plt.subplots(
