@@ -14,7 +14,9 @@ Records (one JSON list):
   against the full-length forward.
 - ``varlen``: packed documents (a long-tailed mix summing to n tokens) against
   one unpacked n-token sequence, forward+backward, and the pattern's TFLOP/s
-  of each (the packed FLOPs are counted per document).
+  of each (the packed FLOPs are counted per document); the varlen kernel that
+  ran, peak MiB, and with ``--varlen-groups`` the time of the equal-length
+  groups path (the path of kernels without a varlen form) in the same run.
 - ``compile``: forward+backward of ``ImprovedMultiheadDilatedAttention`` eager,
   ``torch.compile`` (default) and ``mode="reduce-overhead"`` (CUDA graphs).
 """
@@ -36,8 +38,10 @@ from dilated_attention_pytorch import (
     ImprovedMultiheadDilatedAttention,
     dilated_attention,
     dilated_attention_varlen,
+    functional,
     kernels,
 )
+from dilated_attention_pytorch.core.packed import packed_backend
 
 SEG = [2048, 4096, 8192, 16384, 32768]
 DIL = [1, 2, 4, 6, 12]
@@ -109,7 +113,7 @@ def long_tailed_lengths(total: int, seed: int = 0) -> list[int]:
 
 
 def _varlen_record(
-    timer: Timer, device: torch.device, lengths: list[int], head_mode: str, causal: bool
+    timer: Timer, device: torch.device, lengths: list[int], head_mode: str, causal: bool, groups_too: bool
 ) -> dict[str, Any]:
     n, h, kv_heads, d = sum(lengths), 32, 8, 128
     pattern = DilatedPattern(SEG, DIL, head_mode)
@@ -127,16 +131,30 @@ def _varlen_record(
     unpacked = fwd_bwd(
         lambda: dilated_attention(q[None], k[None], v[None], pattern, is_causal=causal)[0], (q, k, v), grad
     )
+    chosen = packed_backend(q, v, None)
+    inputs_mib = sum(x.numel() * x.element_size() for x in (q, k, v, grad)) / 2**20
+    packed_peak, unpacked_peak = (peak_mib(device, f, (q, k, v)) for f in (packed, unpacked))
     packed_ms, unpacked_ms = timer(packed), timer(unpacked)
+    groups_ms = None
+    if groups_too:  # the path of kernels without a varlen form: documents of one length per call
+        real = functional.packed_backend
+        functional.packed_backend = lambda *a: None  # type: ignore[assignment]
+        try:
+            groups_ms = timer(packed)
+        finally:
+            functional.packed_backend = real
     flops_packed = sum(pattern.flops(m, h, d, causal=causal, backward=True) for m in lengths)
     flops_unpacked = pattern.flops(n, h, d, causal=causal, backward=True)
     return {
         "bench": "varlen", "total_tokens": n, "num_docs": len(lengths), "longest": max(lengths),
         "shortest": min(lengths), "heads": h, "kv_heads": kv_heads, "head_dim": d, "head_mode": head_mode,
-        "causal": causal, "packed_fwd_bwd_ms": packed_ms, "unpacked_fwd_bwd_ms": unpacked_ms,
+        "causal": causal, "packed_backend": None if chosen is None else chosen.name,
+        "packed_fwd_bwd_ms": packed_ms, "unpacked_fwd_bwd_ms": unpacked_ms, "groups_fwd_bwd_ms": groups_ms,
         "time_ratio": packed_ms / unpacked_ms, "packed_tflops": flops_packed / packed_ms / 1e9,
         "unpacked_tflops": flops_unpacked / unpacked_ms / 1e9,
         "tflops_ratio": (flops_packed / packed_ms) / (flops_unpacked / unpacked_ms),
+        "packed_peak_mib_above_inputs": None if packed_peak is None else packed_peak - inputs_mib,
+        "unpacked_peak_mib_above_inputs": None if unpacked_peak is None else unpacked_peak - inputs_mib,
     }  # fmt: skip
 
 
@@ -146,7 +164,7 @@ def _varlen(args: argparse.Namespace, timer: Timer, device: torch.device) -> Ite
     lengths = long_tailed_lengths(args.varlen_seq_len)
     for head_mode in ("grouped", "all"):
         for causal in (True, False):
-            record = _varlen_record(timer, device, lengths, head_mode, causal)
+            record = _varlen_record(timer, device, lengths, head_mode, causal, args.varlen_groups)
             print(record, flush=True)
             yield record
             torch.cuda.empty_cache()
@@ -182,6 +200,9 @@ def main() -> None:
     p.add_argument("--window-seq-len", type=int, default=1 << 20)
     p.add_argument("--compile-seq-lens", type=int, nargs="+", default=[32768, 131072])
     p.add_argument("--varlen-seq-len", type=int, default=1 << 20)
+    p.add_argument(
+        "--varlen-groups", action="store_true", help="also time the equal-length groups path (A/B)"
+    )
     p.add_argument("--benches", nargs="+", default=["gqa", "window", "compile", "varlen"])
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)

@@ -28,7 +28,8 @@ from .core.fused import functorch_active
 from .core.gather import gathered_attention
 from .core.merge import merge_by_lse
 from .core.ops import fused_local
-from .core.varlen import by_group, check_cu_seqlens, document_groups, scatter_back
+from .core.packed import packed_attention, packed_backend
+from .core.varlen import check_cu_seqlens, grouped_by_length
 from .core.window import QueryWindow
 from .pattern import DilatedPattern, HeadMode, as_pattern
 from .sparse.block_layout import BlockLayout, one_block, prepare_layout
@@ -270,8 +271,12 @@ def dilated_attention_varlen(
     Returns:
         ``(total_tokens, heads, head_dim)``.
 
-    Reads ``cu_seqlens`` on the host (one sync; under ``torch.compile`` a graph
-    break). Documents run in groups of equal padded length, one batched call each.
+    With ``method="fused"`` on a kernel with a varlen form (SDPA's flash kernel
+    on CUDA; on CPU the flash kernel's padded form), each branch problem is one
+    call across all documents (:mod:`.core.packed`); otherwise documents run in
+    groups of equal padded length, one batched call each (:mod:`.core.varlen`).
+    Reads ``cu_seqlens`` on the host (one sync); under ``torch.compile`` inside
+    the registered operator of the varlen form (no graph break), else a graph break.
     """
     for name, x in (("query", query), ("key", key), ("value", value)):
         if not isinstance(x, Tensor) or x.dim() != 3:
@@ -281,20 +286,27 @@ def dilated_attention_varlen(
         raise ValueError(
             f"key and value must have the query's total_tokens ({query.shape[0]}), got {key.shape[0]}"
         )
-    bounds = check_cu_seqlens(cu_seqlens, query.shape[0], max_seqlen, query.device)
     pattern = as_pattern(segment_lengths, dilation_rates, head_mode)
     # every other rule (heads, dtypes, devices, scale, dropout) on a batch-1 view
-    validate_call(
+    *_, scale = validate_call(
         query[None], key[None], value[None], is_causal, None, None, dropout_p, softmax_scale, method
     )
-    groups = document_groups(bounds, query.device)
-    results = []
-    for group, q, k, v in zip(groups, *(by_group(x, groups) for x in (query, key, value))):
+    chosen = None
+    if method == "fused" and dropout_p == 0.0 and not functorch_active(query, key, value):
+        chosen = packed_backend(query, value, backend)
+    if chosen is not None:  # cu_seqlens is checked inside its operator (no graph break)
+        out, _ = packed_attention(
+            query, key, value, cu_seqlens, max_seqlen, pattern, is_causal, scale, chosen
+        )
+        return out
+
+    bounds = check_cu_seqlens(cu_seqlens, query.shape[0], max_seqlen, query.device)
+
+    def attention(q: Tensor, k: Tensor, v: Tensor, padding: Tensor | None) -> Tensor:
         # causal queries never see the padding after them; otherwise it is masked
-        padding = None if is_causal else group.key_padding_mask()
-        out = _dilated_attention(
-            q, k, v, pattern, is_causal, padding, None, dropout_p, softmax_scale, method, backend,
-            warn_layout=False,
+        return _dilated_attention(
+            q, k, v, pattern, is_causal, None if is_causal else padding, None, dropout_p, softmax_scale,
+            method, backend, warn_layout=False,
         )  # fmt: skip
-        results.append((group, out))
-    return scatter_back(results)
+
+    return grouped_by_length(query, key, value, bounds, attention)

@@ -14,6 +14,7 @@ from dilated_attention_pytorch import (
     kernels,
 )
 from dilated_attention_pytorch import pattern as pattern_module
+from dilated_attention_pytorch.core import packed
 from dilated_attention_pytorch.reference import dilated_attention_reference as reference
 
 from .conftest import (
@@ -500,37 +501,41 @@ def test_outputs_past_two_to_the_31_elements(head_mode):
 
 @pytest.mark.parametrize("impl", GPU_IMPLS, ids=[i.name for i in GPU_IMPLS])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_packed_documents_match_reference_per_document(impl, causal):
-    if impl.backend is not None:
-        _runnable(impl, torch.bfloat16, 64, not causal)
-    seg, dil = (64, 128), (1, 2)
-    lengths = [7, 300, 64, 129, 1, 200]
+@pytest.mark.parametrize("head_mode", ["grouped", "all"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("layout", ["contiguous", "sliced"])
+def test_packed_documents_match_reference_per_document(impl, causal, head_mode, dtype, layout, monkeypatch):
+    """Each implementation on packed documents; where its kernel has a varlen
+    form (core/packed.py), that form must be what runs."""
+    seg, dil = (64, 128, 256), (1, 2, 4)
+    lengths = [7, 300, 64, 129, 1, 200, 0, 513]
     cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device="cuda")
+    total = sum(lengths)
     gen = torch.Generator().manual_seed(2)
-    q = torch.randn(sum(lengths), 8, 64, generator=gen, dtype=torch.float64).cuda().requires_grad_()
+    q = torch.randn(total, 8, 64, generator=gen, dtype=torch.float64).cuda().requires_grad_()
     k, v = (
-        torch.randn(sum(lengths), 2, 64, generator=gen, dtype=torch.float64).cuda().requires_grad_()
-        for _ in "kv"
+        torch.randn(total, 2, 64, generator=gen, dtype=torch.float64).cuda().requires_grad_() for _ in "kv"
     )
+    chosen = packed.packed_backend(q.to(dtype), v.to(dtype), impl.backend) if impl.method == "fused" else None
+    if impl.backend is not None and chosen is None:
+        _runnable(impl, dtype, 64, not causal)
+    ran = []
+    real = packed.packed_forward
+    monkeypatch.setattr(packed, "packed_forward", lambda *a: ran.append(a[4].name) or real(*a))
     bounds = cu.tolist()
-    expected = torch.cat([reference(q[None, a:b], k[None, a:b], v[None, a:b], seg, dil, head_mode="all",
+    expected = torch.cat([reference(q[None, a:b], k[None, a:b], v[None, a:b], seg, dil, head_mode=head_mode,
                                     is_causal=causal)[0] for a, b in itertools.pairwise(bounds)])  # fmt: skip
     g = torch.randn_like(expected)
     exp_grads = grads(expected, (q, k, v), g)
-    qd, kd, vd = (x.detach().to(torch.bfloat16).requires_grad_() for x in (q, k, v))
+    leaves = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+    inputs = leaves
+    if layout == "sliced":  # rows of a wider (total, heads, 2·d) buffer, as a fused projection gives
+        inputs = [torch.cat([x, x], -1)[..., :64] for x in leaves]
     out = functional.dilated_attention_varlen(
-        qd,
-        kd,
-        vd,
-        cu,
-        300,
-        seg,
-        dil,
-        head_mode="all",
-        is_causal=causal,
-        method=impl.method,
+        *inputs, cu, 513, seg, dil, head_mode=head_mode, is_causal=causal, method=impl.method,
         backend=impl.backend,
-    )
-    assert_close(out, expected, torch.bfloat16, f"{impl.name} output")
-    for name, a, b in zip("qkv", grads(out, (qd, kd, vd), g.to(torch.bfloat16)), exp_grads):
-        assert_close(a, b, torch.bfloat16, f"{impl.name} d{name}")
+    )  # fmt: skip
+    assert ran == ([chosen.name] if chosen is not None else [])
+    assert_close(out, expected, dtype, f"{impl.name} output")
+    for name, a, b in zip("qkv", grads(out, leaves, g.to(dtype)), exp_grads):
+        assert_close(a, b, dtype, f"{impl.name} d{name}")

@@ -1,6 +1,7 @@
 """Packed documents (variable-length sequences, the flash-attn varlen layout):
 ``(total_tokens, heads, head_dim)`` inputs and ``cu_seqlens`` offsets, each
-document its own sequence.
+document its own sequence: the checks, and the path for kernels without a
+varlen form (with one, :mod:`.packed` runs them).
 
 Documents of one length run as one batch (one call of the dense-batch path,
 so every method and backend applies), copied in and out by index. With many
@@ -18,12 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from .._checks import check_int
+from ..kernels.varlen_padding import padded_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,13 +134,8 @@ def document_groups(bounds: list[int], device: torch.device) -> list[DocumentGro
         by_length.setdefault(length, []).append((start, end))
     groups = []
     for length, members in sorted(by_length.items()):
-        starts = torch.tensor([a for a, _ in members], dtype=torch.int64)
-        counts = torch.tensor([b - a for a, b in members], dtype=torch.int64)
-        offsets = torch.arange(length, dtype=torch.int64)
-        valid = (offsets[None, :] < counts[:, None]).flatten()
-        tokens = (starts[:, None] + offsets[None, :]).flatten()[valid]
-        slots = None if bool(valid.all()) else torch.nonzero(valid).flatten().to(device)
-        groups.append(DocumentGroup(length, len(members), tokens.to(device), slots))
+        tokens, slots = padded_rows([(a, b - a) for a, b in members], length, device)
+        groups.append(DocumentGroup(length, len(members), tokens, slots))
     return groups
 
 
@@ -169,3 +167,20 @@ def scatter_back(outputs: list[tuple[DocumentGroup, Tensor]]) -> Tensor:
     tokens = torch.cat([group.tokens for group, _ in outputs])
     rows = torch.cat([group.results(out) for group, out in outputs])
     return _Permute.apply(rows, torch.argsort(tokens), tokens)
+
+
+#: ``(q, k, v, key_padding_mask) -> out`` of one group's ``(num_docs, length, ...)``
+#: batch; the mask ``(num_docs, length)`` is True on padding (None: none)
+GroupAttention = Callable[[Tensor, Tensor, Tensor, Tensor | None], Tensor]
+
+
+def grouped_by_length(
+    query: Tensor, key: Tensor, value: Tensor, bounds: list[int], attention: GroupAttention
+) -> Tensor:
+    """Packed ``(total, ...)`` documents ``bounds`` run as :func:`document_groups`,
+    one ``attention`` call per group, and put back in token order."""
+    groups = document_groups(bounds, query.device)
+    results = []
+    for group, q, k, v in zip(groups, *(by_group(x, groups) for x in (query, key, value))):
+        results.append((group, attention(q, k, v, group.key_padding_mask())))
+    return scatter_back(results)

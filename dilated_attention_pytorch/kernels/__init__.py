@@ -7,7 +7,15 @@ order and the measurements behind it: docs/implementations.md, "auto").
 
 from __future__ import annotations
 
-from .base import ANY_STRIDES, AttentionSpec, Backend, IntoPlaceBackend, KernelBackend, StrideRule
+from .base import (
+    ANY_STRIDES,
+    AttentionSpec,
+    Backend,
+    IntoPlaceBackend,
+    KernelBackend,
+    PackedSequences,
+    StrideRule,
+)
 from .flash4 import Flash4Backend
 from .math import MathBackend
 from .sdpa import CpuFlashBackend, CudnnBackend, EfficientBackend, FlashBackend
@@ -57,6 +65,7 @@ __all__ = [
     "Backend",
     "IntoPlaceBackend",
     "KernelBackend",
+    "PackedSequences",
     "StrideRule",
     "not_supported_reasons",
     "select_backend",

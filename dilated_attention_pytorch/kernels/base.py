@@ -7,10 +7,13 @@ import importlib.util
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 from torch import Tensor
+
+from .._checks import accumulation_dtype
+from .varlen_padding import buckets
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,8 @@ class AttentionSpec:
     seq_len: int | None = None
     #: the value's head_dim, when it differs from ``head_dim`` (None: the same)
     value_head_dim: int | None = None
+    #: packed sequences (``cu_seqlens``): needs a backend with a varlen form
+    varlen: bool = False
 
     @classmethod
     def from_tensor(cls, x: Tensor, *, has_bias: bool = False, seq_len: int | None = None) -> AttentionSpec:
@@ -87,6 +92,21 @@ class StrideRule:
 ANY_STRIDES = StrideRule(last_dim_contiguous=False)
 
 
+#: "native": a varlen kernel (one call for all sequences); "padded": the
+#: sequences padded into batches of power-of-two length (:mod:`.varlen_padding`)
+VarlenForm = Literal["native", "padded"] | None
+
+
+@dataclass(frozen=True)
+class PackedSequences:
+    """Sequences packed one after another: ``cu_seqlens`` int32 ``(num_seqs + 1,)``
+    on the inputs' device, ``lengths`` the same on the host, ``max_len`` the longest."""
+
+    cu_seqlens: Tensor
+    lengths: tuple[int, ...]
+    max_len: int
+
+
 class Backend(Protocol):
     """One attention kernel that returns the log-sum-exp and has a backward.
 
@@ -107,6 +127,8 @@ class Backend(Protocol):
     WRITES_INTO_PLACE: ClassVar[bool]
     #: whether key/value may have fewer heads than the query (see :class:`KernelBackend`)
     SUPPORTS_GQA: ClassVar[bool]
+    #: its varlen form (see :class:`KernelBackend`): "native", "padded" or None
+    VARLEN: ClassVar[VarlenForm]
 
     def not_supported_reasons(self, spec: AttentionSpec) -> list[str]:
         """Empty when the backend can run ``spec``; else why not, one reason each."""
@@ -148,6 +170,30 @@ class Backend(Protocol):
         Passing a merged ``out``/``lse`` (several branches) gives that branch's
         share of the merged gradient: the ring-attention identity.
         """
+        ...
+
+    def forward_varlen(
+        self, q: Tensor, k: Tensor, v: Tensor, seqs: PackedSequences, causal: bool, scale: float
+    ) -> tuple[Tensor, Tensor, Any]:
+        """``(out, lse, state)`` of packed sequences: ``q`` ``(rows, heads, d)``,
+        ``k``, ``v`` ``(rows, kv_heads, d)``, sequence ``i`` rows
+        ``seqs.cu_seqlens[i] .. [i + 1]``; ``out`` like ``q``, ``lse`` ``(rows, heads)``."""
+        ...
+
+    def backward_varlen(
+        self,
+        grad_out: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        seqs: PackedSequences,
+        causal: bool,
+        scale: float,
+        state: Any,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(dq, dk, dv)`` of :meth:`forward_varlen`, given the (merged) ``out``, ``lse``."""
         ...
 
 
@@ -208,6 +254,11 @@ class KernelBackend:
     #: takes a value head_dim other than the query's (no backend here does yet:
     #: such calls run the gather path, plain torch)
     SUPPORTS_VALUE_HEAD_DIM: ClassVar[bool] = False
+    #: packed sequences in one call: "native" overrides :meth:`forward_varlen` and
+    #: :meth:`backward_varlen`; "padded" uses this class's (batches of padded
+    #: sequences through :meth:`forward`/:meth:`backward`, which needs a bias
+    #: for calls without causality); None: no varlen form
+    VARLEN: ClassVar[VarlenForm] = None
 
     def missing_reasons(self) -> list[str]:
         """Why it cannot run at all here (its optional package is not installed)."""
@@ -250,6 +301,8 @@ class KernelBackend:
             reasons.append(f"head_dim must be a multiple of {multiple}{bounds}, got {spec.head_dim}")
         if spec.has_bias and not self.SUPPORTS_BIAS:
             reasons.append("takes no attention bias (key_padding_mask / attn_mask)")
+        if spec.varlen and self.VARLEN is None:
+            reasons.append("has no varlen form (packed sequences in one call)")
         value_dim = spec.value_head_dim
         if value_dim is not None and value_dim != spec.head_dim and not self.SUPPORTS_VALUE_HEAD_DIM:
             reasons.append(
@@ -257,6 +310,70 @@ class KernelBackend:
                 "take one head_dim (method='gather' runs any)"
             )
         return reasons + self.quirk_reasons(spec, reasons)
+
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, causal: bool, scale: float
+    ) -> tuple[Tensor, Tensor, Any]:
+        raise NotImplementedError
+
+    def backward(
+        self,
+        grad_out: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        bias: Tensor | None,
+        causal: bool,
+        scale: float,
+        state: Any,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        raise NotImplementedError
+
+    def forward_varlen(
+        self, q: Tensor, k: Tensor, v: Tensor, seqs: PackedSequences, causal: bool, scale: float
+    ) -> tuple[Tensor, Tensor, Any]:
+        """The "padded" form: one :meth:`forward` per length bucket."""
+        out = q.new_empty(q.shape[:2] + v.shape[2:])
+        lse = q.new_empty(q.shape[:2], dtype=accumulation_dtype(q.dtype))
+        states = []
+        for bucket in buckets(list(seqs.lengths), q.device):
+            bias = None if causal else bucket.key_bias(q.dtype)
+            bq, bk, bv = (bucket.batch(x) for x in (q, k, v))
+            part_out, part_lse, state = self.forward(bq, bk, bv, bias, causal, scale)
+            bucket.put(out, part_out)
+            bucket.put(lse, part_lse)
+            states.append(state)
+        return out, lse, states
+
+    def backward_varlen(
+        self,
+        grad_out: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        seqs: PackedSequences,
+        causal: bool,
+        scale: float,
+        state: Any,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The "padded" form: one :meth:`backward` per length bucket (``state``:
+        the forward's, or None after a replay)."""
+        grads = [torch.empty_like(x) for x in (q, k, v)]
+        groups = buckets(list(seqs.lengths), q.device)
+        states = state if state is not None else [self.replay_state(g.length, q.device) for g in groups]
+        for bucket, part_state in zip(groups, states):
+            bias = None if causal else bucket.key_bias(q.dtype)
+            # padded rows get lse 0: their queries are 0, so every score is 0, p <= 1
+            lse_batch = bucket.batch(lse[..., None])[..., 0]
+            bdo, bq, bk, bv, bo = (bucket.batch(x) for x in (grad_out, q, k, v, out))
+            parts = self.backward(bdo, bq, bk, bv, bo, lse_batch, bias, causal, scale, part_state)
+            for dest, part in zip(grads, parts):
+                bucket.put(dest, part)
+        return grads[0], grads[1], grads[2]
 
 
 def distribution_version(import_name: str, distribution: str) -> str | None:

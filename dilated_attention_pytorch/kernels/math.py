@@ -7,14 +7,14 @@ with no allowed key give output 0 and lse -inf, with finite gradients.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .._checks import accumulation_dtype
-from .base import ANY_STRIDES, KernelBackend
+from .base import ANY_STRIDES, KernelBackend, VarlenForm
 
 
 def _scores(q: Tensor, k: Tensor, bias: Tensor | None, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
@@ -68,6 +68,7 @@ class MathBackend(KernelBackend):
     SUPPORTED_DEVICES = None
     SUPPORTED_DTYPES = None
     SUPPORTS_GQA = True
+    VARLEN: ClassVar[VarlenForm] = "padded"
 
     def forward(
         self,

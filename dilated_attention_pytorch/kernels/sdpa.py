@@ -10,13 +10,13 @@ is checked by the tests against the installed torch.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from .._checks import accumulation_dtype
-from .base import ANY_STRIDES, AttentionSpec, KernelBackend, StrideRule
+from .base import ANY_STRIDES, AttentionSpec, KernelBackend, PackedSequences, StrideRule, VarlenForm
 
 aten = torch.ops.aten
 
@@ -78,6 +78,34 @@ PINNED_SCHEMAS: dict[str, str] = {
 }
 
 
+#: The varlen ops FlashBackend calls, by the start of their schemas: later
+#: releases append keyword arguments (paged KV, splits) this module does not pass.
+VARLEN_SCHEMA_PREFIXES: dict[str, str] = {
+    "_flash_attention_forward": (
+        "aten::_flash_attention_forward(Tensor query, Tensor key, Tensor value, Tensor? cum_seq_q, "
+        "Tensor? cum_seq_k, SymInt max_q, SymInt max_k, float dropout_p, bool is_causal, "
+        "bool return_debug_mask, *, float? scale=None"
+    ),
+    "_flash_attention_backward": (
+        "aten::_flash_attention_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, "
+        "Tensor out, Tensor logsumexp, Tensor cum_seq_q, Tensor cum_seq_k, SymInt max_q, SymInt max_k, "
+        "float dropout_p, bool is_causal, Tensor rng_state, Tensor unused, *, float? scale=None"
+    ),
+}
+
+
+@functools.cache
+def _varlen_schema_reasons() -> tuple[str, ...]:
+    reasons = []
+    for name, prefix in VARLEN_SCHEMA_PREFIXES.items():
+        found = installed_schema(name)
+        if found is None:
+            reasons.append(f"torch.ops.aten.{name} (varlen) is missing in torch {torch.__version__}")
+        elif not found.startswith(prefix):
+            reasons.append(f"torch.ops.aten.{name} (varlen) changed its schema in torch {torch.__version__}")
+    return tuple(reasons)
+
+
 def installed_schema(op_name: str) -> str | None:
     op = getattr(aten, op_name, None)
     return None if op is None else str(op.default._schema)
@@ -127,6 +155,7 @@ class CpuFlashBackend(_SdpaBackend):
     SUPPORTED_DEVICES = ("cpu",)
     SUPPORTED_DTYPES = (torch.float64, torch.float32, *_HALF)
     SUPPORTS_GQA = True
+    VARLEN: ClassVar[VarlenForm] = "padded"
     _ops = (
         "_scaled_dot_product_flash_attention_for_cpu",
         "_scaled_dot_product_flash_attention_for_cpu_backward",
@@ -168,6 +197,7 @@ class FlashBackend(_SdpaBackend):
     HEAD_DIM_MULTIPLE, MAX_HEAD_DIM = 8, 256
     SUPPORTS_BIAS = False
     SUPPORTS_GQA = True
+    VARLEN: ClassVar[VarlenForm] = "native"
     _ops = (
         "_scaled_dot_product_flash_attention",
         "_scaled_dot_product_flash_attention_backward",
@@ -176,7 +206,42 @@ class FlashBackend(_SdpaBackend):
     def quirk_reasons(self, spec: AttentionSpec, reasons: list[str]) -> list[str]:
         if _cuda_here(spec) and not torch.backends.cuda.is_flash_attention_available():
             return ["this torch build has no flash attention"]
-        return []
+        return list(_varlen_schema_reasons()) if spec.varlen else []
+
+    def forward_varlen(
+        self, q: Tensor, k: Tensor, v: Tensor, seqs: PackedSequences, causal: bool, scale: float
+    ) -> tuple[Tensor, Tensor, Any]:
+        cu, n = seqs.cu_seqlens, seqs.max_len
+        out, lse, rng, unused, _ = aten._flash_attention_forward(
+            q, k, v, cu, cu, n, n, 0.0, causal, False, scale=scale
+        )
+        if lse.shape != (q.shape[1], q.shape[0]):
+            raise RuntimeError(
+                f"aten._flash_attention_forward returned a varlen lse of shape {tuple(lse.shape)}, "
+                f"expected (heads, rows) = {(q.shape[1], q.shape[0])} (torch {torch.__version__})"
+            )
+        return out, lse.t(), (rng, unused)
+
+    def backward_varlen(
+        self,
+        grad_out: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        seqs: PackedSequences,
+        causal: bool,
+        scale: float,
+        state: Any,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        # without dropout the backward reads neither the Philox seed nor its offset
+        rng, unused = state if state is not None else (_no_rng(q.device), _no_rng(q.device))
+        cu, n = seqs.cu_seqlens, seqs.max_len
+        dq, dk, dv = aten._flash_attention_backward(
+            grad_out, q, k, v, out, lse.t().contiguous(), cu, cu, n, n, 0.0, causal, rng, unused, scale=scale
+        )
+        return dq, dk, dv
 
     def forward(self, q, k, v, bias, causal, scale):
         out, lse, cum_q, cum_k, max_q, max_k, rng, unused, _ = aten._scaled_dot_product_flash_attention(

@@ -8,8 +8,8 @@ import itertools
 import pytest
 import torch
 
-from dilated_attention_pytorch import cu_seqlens_from_document_ids, dilated_attention_varlen
-from dilated_attention_pytorch.core import varlen
+from dilated_attention_pytorch import cu_seqlens_from_document_ids, dilated_attention_varlen, functional
+from dilated_attention_pytorch.core import packed, varlen
 from dilated_attention_pytorch.reference import dilated_attention_reference as reference
 
 from ..conftest import CPU_IMPLS, assert_close
@@ -41,11 +41,22 @@ def _per_document(q, k, v, cu, **kw):
 @pytest.mark.parametrize("lengths", list(LENGTHS))
 @pytest.mark.parametrize("head_mode", ["grouped", "all"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("grouping", ["exact", "padded"])
-def test_each_document_is_its_own_sequence(impl, lengths, head_mode, causal, grouping, monkeypatch):
-    # "padded": every document padded to a power of two (the grouping of many distinct lengths)
-    monkeypatch.setattr(varlen, "EXACT_GROUPS", 10**9 if grouping == "exact" else 0)
+@pytest.mark.parametrize("path", ["packed", "groups-exact", "groups-padded"])
+def test_each_document_is_its_own_sequence(impl, lengths, head_mode, causal, path, monkeypatch):
+    """``packed``: one varlen call per branch problem (core/packed.py), where the
+    implementation's kernel has a varlen form; ``groups-*``: documents of one
+    length as one batch, or every document padded to a power of two."""
     q, k, v, cu = _packed(LENGTHS[lengths])
+    chosen = packed.packed_backend(q, v, impl.backend) if impl.method == "fused" else None
+    if path == "packed" and chosen is None:
+        pytest.skip(f"{impl.name} has no varlen form")
+    ran = []
+    if path == "packed":
+        real = packed.packed_forward
+        monkeypatch.setattr(packed, "packed_forward", lambda *a: ran.append(a[4].name) or real(*a))
+    else:
+        monkeypatch.setattr(functional, "packed_backend", lambda *a: None)
+        monkeypatch.setattr(varlen, "EXACT_GROUPS", 10**9 if path == "groups-exact" else 0)
     grad_out = torch.randn(q.shape, dtype=q.dtype)
     expected = _per_document(q, k, v, cu, head_mode=head_mode, is_causal=causal)
     expected_grads = torch.autograd.grad(expected, (q, k, v), grad_out)
@@ -56,6 +67,7 @@ def test_each_document_is_its_own_sequence(impl, lengths, head_mode, causal, gro
     assert_close(out, expected, torch.float64, f"{impl.name} output")
     for name, a, b in zip("qkv", torch.autograd.grad(out, (q, k, v), grad_out), expected_grads):
         assert_close(a, b, torch.float64, f"{impl.name} d{name}")
+    assert ran == ([chosen.name] if path == "packed" else [])
 
 
 @pytest.mark.slow
