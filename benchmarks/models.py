@@ -15,8 +15,10 @@ Records (one JSON list):
 - ``varlen``: packed documents (a long-tailed mix summing to n tokens) against
   one unpacked n-token sequence, forward+backward, and the pattern's TFLOP/s
   of each (the packed FLOPs are counted per document); the varlen kernel that
-  ran, peak MiB, and with ``--varlen-groups`` the time of the equal-length
-  groups path (the path of kernels without a varlen form) in the same run.
+  ran, peak MiB, the time with the varlen kernel for every row (where whole
+  segments run on a dense kernel beside it), and with ``--varlen-groups`` the
+  time of the equal-length groups path (kernels without a varlen form), all in
+  the same run.
 - ``compile``: forward+backward of ``ImprovedMultiheadDilatedAttention`` eager,
   ``torch.compile`` (default) and ``mode="reduce-overhead"`` (CUDA graphs).
 """
@@ -41,7 +43,7 @@ from dilated_attention_pytorch import (
     functional,
     kernels,
 )
-from dilated_attention_pytorch.core.packed import packed_backend
+from dilated_attention_pytorch.core.packed import PackedKernels, packed_backend
 
 SEG = [2048, 4096, 8192, 16384, 32768]
 DIL = [1, 2, 4, 6, 12]
@@ -135,12 +137,18 @@ def _varlen_record(
     inputs_mib = sum(x.numel() * x.element_size() for x in (q, k, v, grad)) / 2**20
     packed_peak, unpacked_peak = (peak_mib(device, f, (q, k, v)) for f in (packed, unpacked))
     packed_ms, unpacked_ms = timer(packed), timer(unpacked)
-    groups_ms = None
+    groups_ms = varlen_only_ms = None
+    real = functional.packed_backend
     if groups_too:  # the path of kernels without a varlen form: documents of one length per call
-        real = functional.packed_backend
         functional.packed_backend = lambda *a: None  # type: ignore[assignment]
         try:
             groups_ms = timer(packed)
+        finally:
+            functional.packed_backend = real
+    if chosen is not None and chosen.dense is not None:  # A/B: the varlen kernel for every row
+        functional.packed_backend = lambda *a: PackedKernels(chosen.varlen)  # type: ignore[assignment]
+        try:
+            varlen_only_ms = timer(packed)
         finally:
             functional.packed_backend = real
     flops_packed = sum(pattern.flops(m, h, d, causal=causal, backward=True) for m in lengths)
@@ -148,8 +156,9 @@ def _varlen_record(
     return {
         "bench": "varlen", "total_tokens": n, "num_docs": len(lengths), "longest": max(lengths),
         "shortest": min(lengths), "heads": h, "kv_heads": kv_heads, "head_dim": d, "head_mode": head_mode,
-        "causal": causal, "packed_backend": None if chosen is None else chosen.name,
+        "causal": causal, "packed_kernels": None if chosen is None else chosen.name,
         "packed_fwd_bwd_ms": packed_ms, "unpacked_fwd_bwd_ms": unpacked_ms, "groups_fwd_bwd_ms": groups_ms,
+        "varlen_only_fwd_bwd_ms": varlen_only_ms,
         "time_ratio": packed_ms / unpacked_ms, "packed_tflops": flops_packed / packed_ms / 1e9,
         "unpacked_tflops": flops_unpacked / unpacked_ms / 1e9,
         "tflops_ratio": (flops_packed / packed_ms) / (flops_unpacked / unpacked_ms),

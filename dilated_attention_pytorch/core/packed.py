@@ -16,7 +16,7 @@ of kernel calls is that of one unpacked sequence, whatever the documents.
 
 # no `from __future__ import annotations`: custom_op reads the signature's types
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
@@ -34,17 +34,73 @@ from .varlen import check_cu_seqlens, grouped_by_length
 
 
 @dataclasses.dataclass(frozen=True)
+class DenseBlock:
+    """The leading ``num_seqs · length`` rows of a call: sequences of one length
+    (whole segments), run as one ``(num_seqs, heads, length, d)`` batch on a
+    dense kernel."""
+
+    num_seqs: int
+    length: int
+
+    @property
+    def num_rows(self) -> int:
+        return self.num_seqs * self.length
+
+    def batch(self, x: Tensor) -> Tensor:
+        """``(num_seqs, heads, length[, d])`` view of the leading rows of ``(rows, heads[, d])``."""
+        return x[: self.num_rows].unflatten(0, (self.num_seqs, self.length)).transpose(1, 2)
+
+    def rows_of(self, batched: Tensor) -> Tensor:
+        """``(num_rows, heads[, d])`` of a ``(num_seqs, heads, length[, d])`` result."""
+        return batched.transpose(1, 2).flatten(0, 1)
+
+
+@dataclasses.dataclass(frozen=True)
 class PackedCall:
-    """One kernel call: the query heads of ``heads`` (a part of :func:`split_for_kv`;
+    """One problem: the query heads of ``heads`` (a part of :func:`split_for_kv`;
     only its head fields count) read the key/value heads of ``kv``, ``group``
     query heads each, on ``rows`` of the packed tensors (None: every row, in
-    order), cut into sequences by ``seqs``."""
+    order). Its leading rows may be a ``dense`` batch of whole segments; the
+    rest are sequences ``seqs`` for the varlen kernel (None: no rest)."""
 
     heads: BranchCall
     kv: BranchCall
     group: int
     rows: Tensor | None
-    seqs: PackedSequences
+    dense: DenseBlock | None
+    seqs: PackedSequences | None
+
+    def pieces(self) -> list[tuple[slice, DenseBlock | None]]:
+        """``(rows of the call, dense block or None for the varlen part)``."""
+        split = 0 if self.dense is None else self.dense.num_rows
+        found: list[tuple[slice, DenseBlock | None]] = []
+        if self.dense is not None:
+            found.append((slice(0, split), self.dense))
+        if self.seqs is not None:
+            found.append((slice(split, None), None))
+        return found
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedKernels:
+    """The varlen kernel, and the dense one that runs whole segments (None: the
+    varlen kernel runs everything)."""
+
+    varlen: kernels.Backend
+    dense: kernels.Backend | None = None
+
+    @property
+    def name(self) -> str:
+        return self.varlen.name if self.dense is None else f"{self.varlen.name}+{self.dense.name}"
+
+    @property
+    def strides(self) -> kernels.StrideRule:
+        rules = [self.varlen.strides] + ([] if self.dense is None else [self.dense.strides])
+        return kernels.StrideRule.strictest(rules)
+
+    @property
+    def shares_kv(self) -> bool:
+        return self.varlen.SUPPORTS_GQA and (self.dense is None or self.dense.SUPPORTS_GQA)
 
 
 def head_view(x: Tensor, call: BranchCall) -> Tensor:
@@ -54,11 +110,17 @@ def head_view(x: Tensor, call: BranchCall) -> Tensor:
 
 
 def _branch_rows(
-    bounds: tuple[int, ...], segment_length: int, dilation: int, offset: int, device: torch.device
-) -> tuple[Tensor | None, PackedSequences] | None:
-    """``(rows, seqs)`` of one branch and offset over the documents ``bounds``
-    (None: no position selected). Host arithmetic on segments, one gather
-    index built on ``device``."""
+    bounds: tuple[int, ...],
+    segment_length: int,
+    dilation: int,
+    offset: int,
+    device: torch.device,
+    dense_ok: Callable[[int], bool],
+) -> tuple[Tensor | None, DenseBlock | None, PackedSequences | None] | None:
+    """``(rows, dense, seqs)`` of one branch and offset over the documents
+    ``bounds`` (None: no position selected). Whole segments go first as the
+    dense block where ``dense_ok(their length)``. Host arithmetic on segments,
+    one gather index built on ``device``."""
     w, r = segment_length, dilation
     starts = torch.tensor(bounds[:-1], dtype=torch.int64)
     lengths = torch.tensor(bounds[1:], dtype=torch.int64) - starts
@@ -69,46 +131,64 @@ def _branch_rows(
     segment_len = torch.clamp(lengths[doc] - index * w, max=w)
     count = torch.div(segment_len - offset + r - 1, r, rounding_mode="floor").clamp_min(0)
     keep = count > 0
-    segment_start, count = segment_start[keep], count[keep]
+    segment_start, segment_len, count = segment_start[keep], segment_len[keep], count[keep]
     if count.numel() == 0:
         return None
-    cu = torch.zeros(count.numel() + 1, dtype=torch.int64)
-    torch.cumsum(count, 0, out=cu[1:])
-    seqs = PackedSequences(cu.to(device=device, dtype=torch.int32), tuple(count.tolist()), int(count.max()))
-    if r == 1:  # offset 0: every token, in order
-        return None, seqs
-    num_rows = int(cu[-1])
-    # row i of sequence s is position segment_start[s] + offset + r * (i - cu[s])
-    base = (segment_start + offset - r * cu[:-1]).to(device)
+    whole = segment_len == w
+    dense = None
+    if bool(whole.any()) and dense_ok(int(count[whole][0])):
+        dense = DenseBlock(int(whole.sum()), int(count[whole][0]))
+        order = torch.cat([torch.nonzero(whole).flatten(), torch.nonzero(~whole).flatten()])
+        segment_start, count, whole = segment_start[order], count[order], whole[order]
+    ragged = count[dense.num_seqs :] if dense is not None else count
+    seqs = None
+    if ragged.numel():
+        cu = torch.zeros(ragged.numel() + 1, dtype=torch.int64)
+        torch.cumsum(ragged, 0, out=cu[1:])
+        seqs = PackedSequences(
+            cu.to(device=device, dtype=torch.int32), tuple(ragged.tolist()), int(ragged.max())
+        )
+    if r == 1 and (dense is None or seqs is None):  # offset 0: every token, in order
+        return None, dense, seqs
+    first = torch.cumsum(count, 0) - count
+    num_rows = int(count.sum())
+    # row i of segment s is position segment_start[s] + offset + r * (i - first[s])
+    base = (segment_start + offset - r * first).to(device)
     rows = torch.repeat_interleave(base, count.to(device), output_size=num_rows)
-    return rows + r * torch.arange(num_rows, device=device), seqs
+    return rows + r * torch.arange(num_rows, device=device), dense, seqs
 
 
 _CALLS: BoundedCache[list[PackedCall]] = BoundedCache(64)
 
 
 def packed_calls(
-    bounds: tuple[int, ...], pattern: DilatedPattern, num_heads: int, kv_heads: int, device: torch.device
+    bounds: tuple[int, ...],
+    pattern: DilatedPattern,
+    num_heads: int,
+    kv_heads: int,
+    device: torch.device,
+    dense_ok: Callable[[int], bool] | None = None,
+    key: Hashable = None,
 ) -> list[PackedCall]:
-    """Every kernel call of the pattern on the documents ``bounds`` (kept: the
-    backward and the next step of a fixed packing ask again)."""
+    """Every problem of the pattern on the documents ``bounds``; ``dense_ok``:
+    whether whole segments of a length run on the dense kernel (None: never).
+    Kept under ``key`` (the backward and the next step of a fixed packing ask again)."""
 
     def build() -> list[PackedCall]:
         calls = []
         for branch, (w, r) in enumerate(zip(pattern.segment_lengths, pattern.dilation_rates)):
             for offset, heads in pattern.branch_heads(branch, num_heads):
-                found = _branch_rows(bounds, w, r, offset, device)
+                found = _branch_rows(bounds, w, r, offset, device, dense_ok or (lambda length: False))
                 if found is None:
                     continue
-                rows, seqs = found
                 # only the head fields of these calls count
                 whole = BranchCall(branch, offset, r, 0, w, 1, 1, heads.start, heads.step, len(heads))
                 for part in split_for_kv([whole], num_heads, kv_heads):
                     kv, group = kv_call(part, num_heads, kv_heads)
-                    calls.append(PackedCall(part, kv, group, rows, seqs))
+                    calls.append(PackedCall(part, kv, group, *found))
         return calls
 
-    return _CALLS.get((bounds, pattern, num_heads, kv_heads, device), build)
+    return _CALLS.get((bounds, pattern, num_heads, kv_heads, device, key), build)
 
 
 def _take(x: Tensor, rows: Tensor | None) -> Tensor:
@@ -117,7 +197,7 @@ def _take(x: Tensor, rows: Tensor | None) -> Tensor:
 
 def _put(dest: Tensor, rows: Tensor | None, part: Tensor, add: bool) -> None:
     """``part`` into ``dest`` (a strided view) at ``rows``: added, or copied where
-    no other call writes the same (row, head)."""
+    no other problem writes the same (row, head)."""
     part = part.to(dest.dtype)
     if rows is None:
         dest.add_(part) if add else dest.copy_(part)
@@ -127,18 +207,42 @@ def _put(dest: Tensor, rows: Tensor | None, part: Tensor, add: bool) -> None:
         dest.index_copy_(0, rows, part)
 
 
+def _piece_rows(rows: Tensor | None, piece: slice) -> Tensor | None:
+    # rows is None only for a call of one piece (every row, in order)
+    return None if rows is None else rows[piece]
+
+
 def _operands(
-    call: PackedCall, backend: kernels.Backend, query: Tensor, key: Tensor, value: Tensor
+    call: PackedCall, chosen: PackedKernels, query: Tensor, key: Tensor, value: Tensor
 ) -> tuple[Tensor, Tensor, Tensor, int]:
-    """``(q, k, v, repeats)``: the call's rows and heads in the backend's layout;
-    key/value repeated per query head (``repeats`` of them) only for a backend
+    """``(q, k, v, repeats)``: the call's rows and heads in the kernels' layout;
+    key/value repeated per query head (``repeats`` of them) only for a kernel
     that does not take them shared."""
-    rule = backend.strides
+    rule = chosen.strides
     q = rule.conform(_take(head_view(query, call.heads), call.rows))
     k, v = (rule.conform(_take(head_view(x, call.kv), call.rows)) for x in (key, value))
-    if call.group == 1 or backend.SUPPORTS_GQA:
+    if call.group == 1 or chosen.shares_kv:
         return q, k, v, 1
     return q, k.repeat_interleave(call.group, dim=1), v.repeat_interleave(call.group, dim=1), call.group
+
+
+def _forward_pieces(
+    call: PackedCall, chosen: PackedKernels, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float
+) -> list[tuple[slice, Tensor, Tensor]]:
+    """``(rows of the call, out, lse)`` of each piece: out ``(rows, heads, d)``, lse ``(rows, heads)``."""
+    found = []
+    for piece, dense in call.pieces():
+        if dense is not None:
+            assert chosen.dense is not None
+            bq, bk, bv = (dense.batch(x) for x in (q, k, v))
+            out, lse, _ = chosen.dense.forward(bq, bk, bv, None, causal, scale)
+            found.append((piece, dense.rows_of(out), dense.rows_of(lse[..., None])[..., 0]))
+        else:
+            assert call.seqs is not None
+            pq, pk, pv = (x[piece] for x in (q, k, v))
+            out, lse, _ = chosen.varlen.forward_varlen(pq, pk, pv, call.seqs, causal, scale)
+            found.append((piece, out, lse))
+    return found
 
 
 def packed_forward(
@@ -146,38 +250,36 @@ def packed_forward(
     key: Tensor,
     value: Tensor,
     calls: list[PackedCall],
-    backend: kernels.Backend,
+    chosen: PackedKernels,
     merge: bool,
     causal: bool,
     scale: float,
-) -> tuple[Tensor, Tensor, list[Any]]:
-    """``(out, lse, states)``: out ``(total, heads, head_dim)``, lse ``(total, heads)``
+) -> tuple[Tensor, Tensor]:
+    """``(out, lse)``: out ``(total, heads, head_dim)``, lse ``(total, heads)``
     float32 (float64 for float64 inputs), -inf where a (position, head) has no branch."""
     num_rows, h, _ = query.shape
     acc_dtype = accumulation_dtype(query.dtype)
-    shape = (num_rows, h, value.shape[2])
-    out = query.new_zeros(shape, dtype=acc_dtype if merge else query.dtype)
+    out = query.new_zeros((num_rows, h, value.shape[2]), dtype=acc_dtype if merge else query.dtype)
     lse = query.new_full((num_rows, h), float("-inf"), dtype=acc_dtype)
     # "all": out and lse hold an online merge's weighted sum and largest lse
     weights = query.new_zeros((num_rows, h), dtype=acc_dtype) if merge else None
-    states = []
     for call in calls:
-        q, k, v, _ = _operands(call, backend, query, key, value)
-        part_out, part_lse, state = backend.forward_varlen(q, k, v, call.seqs, causal, scale)
-        states.append(state)
-        if weights is None:
-            _put(head_view(out, call.heads), call.rows, part_out, add=False)
-            _put(head_view(lse, call.heads), call.rows, part_lse, add=False)
-            continue
-        views = [head_view(x, call.heads) for x in (out, lse, weights)]
-        acc, top, total = (_take(x, call.rows) for x in views)  # the views themselves without rows
-        merge_online(acc, top, total, part_out.to(acc_dtype), part_lse.to(acc_dtype))
-        if call.rows is not None:
-            for dest, merged in zip(views, (acc, top, total)):
-                dest.index_copy_(0, call.rows, merged)
+        q, k, v, _ = _operands(call, chosen, query, key, value)
+        for piece, part_out, part_lse in _forward_pieces(call, chosen, q, k, v, causal, scale):
+            rows = _piece_rows(call.rows, piece)
+            if weights is None:
+                _put(head_view(out, call.heads), rows, part_out, add=False)
+                _put(head_view(lse, call.heads), rows, part_lse, add=False)
+                continue
+            views = [head_view(x, call.heads) for x in (out, lse, weights)]
+            acc, top, total = (_take(x, rows) for x in views)  # the views themselves without rows
+            merge_online(acc, top, total, part_out.to(acc_dtype), part_lse.to(acc_dtype))
+            if rows is not None:
+                for dest, merged in zip(views, (acc, top, total)):
+                    dest.index_copy_(0, rows, merged)
     if weights is not None:
         out, lse = merge_finish(out, lse, weights)
-    return out.to(query.dtype), lse, states
+    return out.to(query.dtype), lse
 
 
 def packed_backward(
@@ -188,44 +290,66 @@ def packed_backward(
     out: Tensor,
     lse: Tensor,
     calls: list[PackedCall],
-    backend: kernels.Backend,
+    chosen: PackedKernels,
     merge: bool,
     causal: bool,
     scale: float,
-    states: list[Any] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dq, dk, dv)`` of :func:`packed_forward`, in the inputs' shapes and dtypes
-    (``states``: the forward's, or None after a replay)."""
+    """``(dq, dk, dv)`` of :func:`packed_forward`, in the inputs' shapes and dtypes:
+    each kernel's backward with the merged output and lse (kernel states replayed:
+    there is no dropout here)."""
     acc_dtype = accumulation_dtype(query.dtype)
-    # a key/value (row, head) gets several calls' gradients: "all", or query heads sharing it
+    # a key/value (row, head) gets several problems' gradients: "all", or query heads sharing it
     shared = merge or key.shape[1] != query.shape[1]
     dq = query.new_zeros(query.shape, dtype=acc_dtype if merge else query.dtype)
     dk, dv = (x.new_zeros(x.shape, dtype=acc_dtype if shared else x.dtype) for x in (key, value))
-    rule = backend.strides
-    for i, call in enumerate(calls):
-        q, k, v, repeats = _operands(call, backend, query, key, value)
+    rule = chosen.strides
+    for call in calls:
+        q, k, v, repeats = _operands(call, chosen, query, key, value)
         do, o = (rule.conform(_take(head_view(x, call.heads), call.rows)) for x in (grad_out, out))
-        part_lse = _take(head_view(lse, call.heads), call.rows)
-        state = None if states is None else states[i]
-        part_dq, part_dk, part_dv = backend.backward_varlen(
-            do, q, k, v, o, part_lse, call.seqs, causal, scale, state
-        )
-        if repeats > 1:
-            part_dk, part_dv = (x.unflatten(1, (-1, repeats)).sum(2) for x in (part_dk, part_dv))
-        _put(head_view(dq, call.heads), call.rows, part_dq, add=merge)
-        _put(head_view(dk, call.kv), call.rows, part_dk, add=shared)
-        _put(head_view(dv, call.kv), call.rows, part_dv, add=shared)
+        call_lse = _take(head_view(lse, call.heads), call.rows)
+        for piece, dense in call.pieces():
+            p_do, p_q, p_k, p_v, p_o = (x[piece] for x in (do, q, k, v, o))
+            if dense is not None:
+                assert chosen.dense is not None
+                state = chosen.dense.replay_state(dense.length, q.device)
+                b_do, b_q, b_k, b_v, b_o = (dense.batch(x) for x in (p_do, p_q, p_k, p_v, p_o))
+                part_lse = dense.batch(call_lse[piece][..., None])[..., 0]
+                grads = chosen.dense.backward(b_do, b_q, b_k, b_v, b_o, part_lse, None, causal, scale, state)
+                part_dq, part_dk, part_dv = (dense.rows_of(x) for x in grads)
+            else:
+                assert call.seqs is not None
+                part_dq, part_dk, part_dv = chosen.varlen.backward_varlen(
+                    p_do, p_q, p_k, p_v, p_o, call_lse[piece], call.seqs, causal, scale, None
+                )
+            if repeats > 1:
+                part_dk, part_dv = (x.unflatten(1, (-1, repeats)).sum(2) for x in (part_dk, part_dv))
+            rows = _piece_rows(call.rows, piece)
+            _put(head_view(dq, call.heads), rows, part_dq, add=merge)
+            _put(head_view(dk, call.kv), rows, part_dk, add=shared)
+            _put(head_view(dv, call.kv), rows, part_dv, add=shared)
     return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype)
 
 
 def _setup(
     query: Tensor, key: Tensor, cu_seqlens: Tensor, max_seqlen: int | None, segment_lengths: list[int],
-    dilation_rates: list[int], head_mode: str, backend: str,
-) -> tuple[list[PackedCall], kernels.Backend, DilatedPattern]:  # fmt: skip
+    dilation_rates: list[int], head_mode: str, varlen_backend: str, dense_backend: str | None,
+) -> tuple[list[PackedCall], PackedKernels, DilatedPattern]:  # fmt: skip
     bounds = check_cu_seqlens(cu_seqlens, query.shape[0], max_seqlen, query.device)
     pattern = DilatedPattern(segment_lengths, dilation_rates, head_mode)  # type: ignore[arg-type]
-    calls = packed_calls(tuple(bounds), pattern, query.shape[1], key.shape[1], query.device)
-    return calls, kernels.REGISTRY[backend], pattern
+    dense = None if dense_backend is None else kernels.REGISTRY[dense_backend]
+    chosen = PackedKernels(kernels.REGISTRY[varlen_backend], dense)
+    dense_ok = None
+    if dense is not None:
+        spec = kernels.AttentionSpec.from_tensor(query)
+
+        def dense_ok(length: int) -> bool:
+            return not dense.not_supported_reasons(dataclasses.replace(spec, seq_len=length))
+
+    calls = packed_calls(
+        tuple(bounds), pattern, query.shape[1], key.shape[1], query.device, dense_ok, dense_backend
+    )
+    return calls, chosen, pattern
 
 
 @torch.library.custom_op("dilated_attention::varlen_forward", mutates_args=())
@@ -240,17 +364,19 @@ def varlen_forward_op(
     head_mode: str,
     is_causal: bool,
     scale: float,
-    backend: str,
+    varlen_backend: str,
+    dense_backend: str | None,
 ) -> tuple[Tensor, Tensor]:
-    """``(out, lse)`` of packed documents on the varlen form of ``backend``:
-    out ``(total, heads, head_dim)``, lse ``(total, heads)`` float32 (float64 for
-    float64 inputs). Reads ``cu_seqlens`` on the host (inside the operator, so
-    ``torch.compile`` sees no graph break)."""
+    """``(out, lse)`` of packed documents on the varlen form of ``varlen_backend``
+    (whole segments on ``dense_backend``, if given): out ``(total, heads,
+    head_dim)``, lse ``(total, heads)`` float32 (float64 for float64 inputs).
+    Reads ``cu_seqlens`` on the host (inside the operator, so ``torch.compile``
+    sees no graph break)."""
     calls, chosen, pattern = _setup(
-        query, key, cu_seqlens, max_seqlen, segment_lengths, dilation_rates, head_mode, backend
-    )
-    out, lse, _ = packed_forward(query, key, value, calls, chosen, pattern.merges_branches, is_causal, scale)
-    return out, lse
+        query, key, cu_seqlens, max_seqlen, segment_lengths, dilation_rates, head_mode, varlen_backend,
+        dense_backend,
+    )  # fmt: skip
+    return packed_forward(query, key, value, calls, chosen, pattern.merges_branches, is_causal, scale)
 
 
 @varlen_forward_op.register_fake
@@ -275,12 +401,14 @@ def varlen_backward_op(
     head_mode: str,
     is_causal: bool,
     scale: float,
-    backend: str,
+    varlen_backend: str,
+    dense_backend: str | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)`` of :func:`varlen_forward_op`, in the inputs' shapes."""
     calls, chosen, pattern = _setup(
-        query, key, cu_seqlens, max_seqlen, segment_lengths, dilation_rates, head_mode, backend
-    )
+        query, key, cu_seqlens, max_seqlen, segment_lengths, dilation_rates, head_mode, varlen_backend,
+        dense_backend,
+    )  # fmt: skip
     return packed_backward(
         grad_out, query, key, value, out, lse, calls, chosen, pattern.merges_branches, is_causal, scale
     )
@@ -309,7 +437,7 @@ def _backward(ctx: Any, grad_out: Tensor, _grad_lse: Tensor | None) -> tuple[Ten
     none = (None,) * (len(ctx.static) + 1)
     # double backward and batched gradients: the same function in differentiable ops
     if torch.is_grad_enabled() or functorch_active(grad_out):
-        _, segment_lengths, dilation_rates, head_mode, is_causal, scale, _ = ctx.static
+        _, segment_lengths, dilation_rates, head_mode, is_causal, scale, *_ = ctx.static
         pattern = DilatedPattern(segment_lengths, dilation_rates, head_mode)
         bounds = cu_seqlens.tolist()
 
@@ -340,35 +468,46 @@ def _gathered(
     return attention
 
 
-def packed_backend(query: Tensor, value: Tensor, backend: str | None) -> kernels.Backend | None:
-    """The backend whose varlen form runs packed documents, or None where the
-    groups of equal length should (:mod:`.varlen`). A native varlen kernel is
-    taken; a padded one only where it is the kernel the groups would use anyway
-    (fewer calls, the same kernel)."""
+def packed_backend(query: Tensor, value: Tensor, backend: str | None) -> PackedKernels | None:
+    """The kernels that run packed documents, or None where the groups of equal
+    length should (:mod:`.varlen`). A native varlen kernel is taken, with the
+    dense kernel the registry prefers running the whole segments where that is
+    another one (cuDNN beside SDPA's flash kernel: whole segments are most rows);
+    a padded varlen form only where it is the kernel the groups would use anyway
+    (fewer calls, the same kernel). A named ``backend`` runs everything it takes."""
     if value.shape[-1] != query.shape[-1]:
         return None
-    name = _packed_backend_name(query.device, query.dtype, query.shape[-1], backend)
-    return None if name is None else kernels.REGISTRY[name]
+    names = _packed_backend_names(query.device, query.dtype, query.shape[-1], backend)
+    if names is None:
+        return None
+    return PackedKernels(kernels.REGISTRY[names[0]], None if names[1] is None else kernels.REGISTRY[names[1]])
 
 
-@torch.compiler.assume_constant_result
-def _packed_backend_name(
+def _packed_backend_names(
     device: torch.device, dtype: torch.dtype, head_dim: int, backend: str | None
-) -> str | None:
+) -> tuple[str, str | None] | None:
     # a constant of the installed kernels: torch.compile runs it once, traces none of it
     cc = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
     spec = kernels.AttentionSpec(device.type, dtype, head_dim, compute_capability=cc)
     varlen = dataclasses.replace(spec, varlen=True)
     if backend is not None:
         named = kernels.REGISTRY.get(backend)
-        return backend if named is not None and not named.not_supported_reasons(varlen) else None
+        return (backend, None) if named is not None and not named.not_supported_reasons(varlen) else None
     try:
         chosen = kernels.select_backend(varlen)
     except ValueError:
         return None
-    if chosen.VARLEN == "native" or chosen is kernels.select_backend(spec):
-        return chosen.name
+    dense = kernels.select_backend(spec)
+    if chosen is dense:
+        return chosen.name, None
+    if chosen.VARLEN == "native":
+        return chosen.name, dense.name
     return None
+
+
+# what torch.compiler.assume_constant_result sets (torch.compile calls it once and
+# traces none of it), without importing torch._dynamo at `import dilated_attention_pytorch`
+_packed_backend_names._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def packed_attention(
@@ -380,7 +519,7 @@ def packed_attention(
     pattern: DilatedPattern,
     is_causal: bool,
     scale: float,
-    backend: kernels.Backend,
+    chosen: PackedKernels,
 ) -> tuple[Tensor, Tensor]:
     """``(out, lse)`` of packed documents through the registered operators."""
     return varlen_forward_op(  # type: ignore[no-any-return]
@@ -394,8 +533,16 @@ def packed_attention(
         pattern.head_mode,
         is_causal,
         float(scale),
-        backend.name,
+        chosen.varlen.name,
+        None if chosen.dense is None else chosen.dense.name,
     )
 
 
-__all__ = ["PackedCall", "packed_attention", "packed_backend", "packed_calls", "varlen_backward_op"]
+__all__ = [
+    "PackedCall",
+    "PackedKernels",
+    "packed_attention",
+    "packed_backend",
+    "packed_calls",
+    "varlen_backward_op",
+]

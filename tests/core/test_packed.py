@@ -98,6 +98,46 @@ def test_padded_form_equals_one_call_per_sequence(causal):
             assert_close(y[a:b], z[0].transpose(0, 1), torch.float64, f"replayed d{name}")
 
 
+@pytest.mark.parametrize("head_mode", ["grouped", "all"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("kv_heads", [6, 2])
+def test_whole_segments_on_a_dense_kernel_beside_the_varlen_one(head_mode, causal, kv_heads):
+    """The split the GPU takes (cuDNN for whole segments beside the flash varlen
+    kernel), here with the math varlen form beside the CPU flash kernel."""
+    lengths = [40, 3, 17, 32, 16, 9, 64]
+    cu = _cu(lengths)
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(sum(lengths), 6, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(sum(lengths), kv_heads, 4, generator=g, dtype=torch.float64, requires_grad=True)
+            for _ in "kv")  # fmt: skip
+    pattern = packed.DilatedPattern(*PATTERN, head_mode)
+    calls = packed.packed_calls(tuple(cu.tolist()), pattern, 6, kv_heads, torch.device("cpu"), lambda n: True)
+    assert all(c.dense is not None for c in calls) and any(c.seqs is not None for c in calls)
+    out, _ = packed.varlen_forward_op(
+        q,
+        k,
+        v,
+        cu,
+        None,
+        list(PATTERN[0]),
+        list(PATTERN[1]),
+        head_mode,
+        causal,
+        0.5,
+        "math",
+        "sdpa_cpu_flash",
+    )
+    expected = _per_document(q, k, v, cu, head_mode=head_mode, is_causal=causal, softmax_scale=0.5)
+    assert_close(out, expected, torch.float64, "output")
+    grad_out = torch.randn(out.shape, generator=g, dtype=out.dtype)
+    for name, a, b in zip(
+        "qkv",
+        torch.autograd.grad(out, (q, k, v), grad_out),
+        torch.autograd.grad(expected, (q, k, v), grad_out),
+    ):
+        assert_close(a, b, torch.float64, f"d{name}")
+
+
 def test_buckets_bound_padding():
     lengths = [1, 2, 3, 5, 8, 9, 16, 0, 17]
     found = buckets(lengths, torch.device("cpu"))
@@ -156,3 +196,10 @@ def test_bad_cu_seqlens_raise_through_the_operator():
     q, k = torch.zeros(10, 2, 4), torch.zeros(10, 1, 4)
     with pytest.raises(ValueError, match=r"cu_seqlens\[-1\] must equal total_tokens = 10"):
         dilated_attention_varlen(q, k, k, torch.tensor([0, 4, 9]), None, *PATTERN, backend="math")
+
+
+def test_backend_choice_is_a_compile_time_constant():
+    # the marker torch.compiler.assume_constant_result sets, which packed.py sets itself
+    marked = torch.compiler.assume_constant_result(lambda: None)
+    assert marked._dynamo_marked_constant is True
+    assert packed._packed_backend_names._dynamo_marked_constant is True
