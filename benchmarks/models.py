@@ -171,7 +171,7 @@ def _varlen(args: argparse.Namespace, timer: Timer, device: torch.device) -> Ite
     """Packed documents summing to n tokens against one unpacked n-token sequence:
     fwd+bwd time and the pattern's FLOPs per second of each (FLOPs counted per document)."""
     lengths = long_tailed_lengths(args.varlen_seq_len)
-    for head_mode in ("grouped", "all"):
+    for head_mode in args.varlen_modes:
         for causal in (True, False):
             record = _varlen_record(timer, device, lengths, head_mode, causal, args.varlen_groups)
             print(record, flush=True)
@@ -209,6 +209,7 @@ def main() -> None:
     p.add_argument("--window-seq-len", type=int, default=1 << 20)
     p.add_argument("--compile-seq-lens", type=int, nargs="+", default=[32768, 131072])
     p.add_argument("--varlen-seq-len", type=int, default=1 << 20)
+    p.add_argument("--varlen-modes", nargs="+", default=["grouped", "all"])
     p.add_argument(
         "--varlen-groups", action="store_true", help="also time the equal-length groups path (A/B)"
     )

@@ -161,6 +161,14 @@ def _branch_rows(
 _CALLS: BoundedCache[list[PackedCall]] = BoundedCache(64)
 
 
+def head_chunk(num_heads: int) -> int:
+    """Query heads per problem: a quarter of them, so that the gathered copies of
+    one problem's operands, outputs and gradients stay near two
+    ``(total, heads, head_dim)`` tensors ("all" mode on 1M tokens and 32 heads ran
+    out of the H200's memory with every head in one problem)."""
+    return max(1, -(-num_heads // 4))
+
+
 def packed_calls(
     bounds: tuple[int, ...],
     pattern: DilatedPattern,
@@ -181,9 +189,14 @@ def packed_calls(
                 found = _branch_rows(bounds, w, r, offset, device, dense_ok or (lambda length: False))
                 if found is None:
                     continue
-                # only the head fields of these calls count
-                whole = BranchCall(branch, offset, r, 0, w, 1, 1, heads.start, heads.step, len(heads))
-                for part in split_for_kv([whole], num_heads, kv_heads):
+                # only the head fields of these calls count; at most `chunk` heads
+                # each: every call gathers copies of its rows
+                chunk = head_chunk(num_heads)
+                pieces = [
+                    BranchCall(branch, offset, r, 0, w, 1, 1, heads[i], heads.step, len(heads[i : i + chunk]))
+                    for i in range(0, len(heads), chunk)
+                ]
+                for part in split_for_kv(pieces, num_heads, kv_heads):
                     kv, group = kv_call(part, num_heads, kv_heads)
                     calls.append(PackedCall(part, kv, group, *found))
         return calls
