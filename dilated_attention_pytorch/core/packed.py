@@ -30,7 +30,7 @@ from ..pattern import BranchCall, DilatedPattern, kv_call, split_for_kv
 from .fused import functorch_active, recomputed_grads
 from .gather import gathered_attention
 from .merge import merge_finish, merge_online
-from .varlen import check_cu_seqlens, grouped_by_length
+from .varlen import grouped_by_length, host_bounds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +136,9 @@ def _branch_rows(
         return None
     whole = segment_len == w
     dense = None
-    if bool(whole.any()) and dense_ok(int(count[whole][0])):
+    # dilation 1 runs in place on the varlen kernel: a dense batch would have to gather
+    # every row, and those copies cost more than the faster kernel saves (H200, W1)
+    if r > 1 and bool(whole.any()) and dense_ok(int(count[whole][0])):
         dense = DenseBlock(int(whole.sum()), int(count[whole][0]))
         order = torch.cat([torch.nonzero(whole).flatten(), torch.nonzero(~whole).flatten()])
         segment_start, count, whole = segment_start[order], count[order], whole[order]
@@ -348,7 +350,7 @@ def _setup(
     query: Tensor, key: Tensor, cu_seqlens: Tensor, max_seqlen: int | None, segment_lengths: list[int],
     dilation_rates: list[int], head_mode: str, varlen_backend: str, dense_backend: str | None,
 ) -> tuple[list[PackedCall], PackedKernels, DilatedPattern]:  # fmt: skip
-    bounds = check_cu_seqlens(cu_seqlens, query.shape[0], max_seqlen, query.device)
+    bounds = host_bounds(cu_seqlens, query.shape[0], max_seqlen, query.device)
     pattern = DilatedPattern(segment_lengths, dilation_rates, head_mode)  # type: ignore[arg-type]
     dense = None if dense_backend is None else kernels.REGISTRY[dense_backend]
     chosen = PackedKernels(kernels.REGISTRY[varlen_backend], dense)

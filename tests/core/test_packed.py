@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dilated_attention_pytorch import dilated_attention_varlen, kernels
-from dilated_attention_pytorch.core import packed
+from dilated_attention_pytorch.core import packed, varlen
 from dilated_attention_pytorch.kernels.varlen_padding import buckets
 from dilated_attention_pytorch.reference import dilated_attention_reference as reference
 
@@ -112,7 +112,9 @@ def test_whole_segments_on_a_dense_kernel_beside_the_varlen_one(head_mode, causa
             for _ in "kv")  # fmt: skip
     pattern = packed.DilatedPattern(*PATTERN, head_mode)
     calls = packed.packed_calls(tuple(cu.tolist()), pattern, 6, kv_heads, torch.device("cpu"), lambda n: True)
-    assert all(c.dense is not None for c in calls) and any(c.seqs is not None for c in calls)
+    # dilation 1 stays on the varlen kernel, in place; larger rates split
+    assert all((c.dense is None) == (c.heads.dilation == 1) for c in calls)
+    assert any(c.seqs is not None and c.dense is not None for c in calls)
     out, _ = packed.varlen_forward_op(
         q,
         k,
@@ -203,3 +205,24 @@ def test_backend_choice_is_a_compile_time_constant():
     marked = torch.compiler.assume_constant_result(lambda: None)
     assert marked._dynamo_marked_constant is True
     assert packed._packed_backend_names._dynamo_marked_constant is True
+
+
+def test_cu_seqlens_is_read_once_per_tensor(monkeypatch):
+    """The backward (and later steps) reuse the forward's read of the same
+    cu_seqlens object; an in-place change is read again."""
+    reads = []
+    real = varlen.check_cu_seqlens
+    monkeypatch.setattr(varlen, "check_cu_seqlens", lambda *a: reads.append(1) or real(*a))
+    cu = _cu([5, 11])
+    q = torch.randn(16, 2, 4, requires_grad=True)
+    out = dilated_attention_varlen(q, q, q, cu, None, (4,), (1,), backend="math")
+    out.sum().backward()
+    dilated_attention_varlen(q, q, q, cu, None, (4,), (1,), backend="math")
+    assert len(reads) == 1
+    cu[1] = 7  # in place: a new version
+    dilated_attention_varlen(q, q, q, cu, None, (4,), (1,), backend="math")
+    assert len(reads) == 2
+    with pytest.raises(ValueError, match=r"cu_seqlens\[-1\] must equal total_tokens = 15"):
+        dilated_attention_varlen(q[:15], q[:15], q[:15], cu, None, (4,), (1,), backend="math")
+    with pytest.raises(ValueError, match=r"max_seqlen must be >= the longest document \(9\)"):
+        dilated_attention_varlen(q, q, q, cu, 8, (4,), (1,), backend="math")
