@@ -136,9 +136,10 @@ def _branch_rows(
         return None
     whole = segment_len == w
     dense = None
-    # dilation 1 runs in place on the varlen kernel: a dense batch would have to gather
-    # every row, and those copies cost more than the faster kernel saves (H200, W1)
-    if r > 1 and bool(whole.any()) and dense_ok(int(count[whole][0])):
+    # dilation 1 too, though its dense batch gathers every row: on an H200 (W1, 1M
+    # tokens) keeping it on the varlen kernel in place was slower (1.40x the unpacked
+    # time against 1.31x, docs/benchmark_details.md)
+    if bool(whole.any()) and dense_ok(int(count[whole][0])):
         dense = DenseBlock(int(whole.sum()), int(count[whole][0]))
         order = torch.cat([torch.nonzero(whole).flatten(), torch.nonzero(~whole).flatten()])
         segment_start, count, whole = segment_start[order], count[order], whole[order]
