@@ -10,11 +10,15 @@ A slot is overwritten by the next segment before any query can read it (a
 query at index ``t`` reads slots ``0 .. t // r_i``, all written in its own
 segment), so nothing is ever cleared and the cache never grows: per layer it
 holds ``Σ_i ceil(w_i / r_i)`` slots per head of the branch, and one decoding
-step costs the same whatever the number of tokens already generated.
+step costs the same whatever the number of tokens already generated. With
+grouped-query attention the slots are per key/value head and residue that the
+branch's query heads read (one per key/value head of the branch in grouped
+mode), never per query head.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -22,52 +26,72 @@ from torch import Tensor
 
 from ._checks import accumulation_dtype
 from .core.merge import merge_by_lse
-from .pattern import DilatedPattern
+from .pattern import DilatedPattern, kv_head
+
+
+@dataclasses.dataclass(frozen=True)
+class _Residue:
+    """What one residue of one branch touches: its query heads, the buffer pair
+    each reads, and the distinct pairs with their key/value heads."""
+
+    query_heads: list[int]
+    pair_of_query: list[int]
+    pairs: list[int]
+    kv_heads: list[int]
 
 
 class LayerKVCache:
-    """Keys and values of one attention layer, per branch ``(batch, slots, heads_i, head_dim)``.
+    """Keys and values of one attention layer, per branch ``(batch, slots, pairs_i, head_dim)``.
 
-    ``length`` is the number of positions written so far (the next position).
-    Buffers are allocated on the first :meth:`append`, with its batch, device and dtype.
+    A pair is a key/value head and a residue some query head of the branch reads
+    it with (grouped-query attention: query heads sharing a key/value head may
+    use different offsets); without sharing, one pair per query head of the
+    branch. ``length`` is the number of positions written so far (the next
+    position). Buffers are allocated on the first :meth:`append`, with its
+    batch, device and dtype.
     """
 
-    def __init__(self, pattern: DilatedPattern, num_heads: int) -> None:
+    def __init__(self, pattern: DilatedPattern, num_heads: int, num_kv_heads: int | None = None) -> None:
         self.pattern = pattern
         self.num_heads = num_heads
+        self.num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_kv_heads must divide num_heads, got num_heads = {num_heads} and "
+                f"num_kv_heads = {self.num_kv_heads}"
+            )
         self.length = 0
-        # per branch: the heads using it, a contiguous range (all heads in "all" mode,
-        # the group in grouped mode), and which of them use each offset
-        self._heads: list[range] = []
-        self._by_offset: list[dict[int, range]] = []
+        self._num_pairs: list[int] = []
+        self._residues: list[dict[int, _Residue]] = []
         for i in range(pattern.num_branches):
-            pairs = pattern.branch_heads(i, num_heads)
-            used = sorted(j for _, heads in pairs for j in heads)
-            self._heads.append(range(used[0], used[-1] + 1) if used else range(0))
-            self._by_offset.append(dict(pairs))
+            pairs: dict[tuple[int, int], int] = {}
+            by_residue: dict[int, list[int]] = {}
+            for offset, heads in pattern.branch_heads(i, num_heads):
+                by_residue.setdefault(offset, []).extend(heads)
+            residues = {}
+            for residue, query_heads in sorted(by_residue.items()):
+                of_query = [
+                    pairs.setdefault((kv_head(j, num_heads, self.num_kv_heads), residue), len(pairs))
+                    for j in query_heads
+                ]
+                distinct = sorted(set(of_query))
+                kv = [next(k for (k, _), p in pairs.items() if p == pair) for pair in distinct]
+                residues[residue] = _Residue(query_heads, of_query, distinct, kv)
+            self._num_pairs.append(len(pairs))
+            self._residues.append(residues)
         self.keys: list[Tensor] = []
         self.values: list[Tensor] = []
 
     def _allocate(self, key: Tensor, value: Tensor) -> None:
         b, _, h, d = key.shape
-        if h != self.num_heads:
-            raise ValueError(f"key must have {self.num_heads} heads, got {h}")
-        for (w, r), heads in zip(zip(self.pattern.segment_lengths, self.pattern.dilation_rates), self._heads):
+        if h != self.num_kv_heads:
+            raise ValueError(f"key must have {self.num_kv_heads} (key/value) heads, got {h}")
+        for (w, r), pairs in zip(
+            zip(self.pattern.segment_lengths, self.pattern.dilation_rates), self._num_pairs
+        ):
             slots = math.ceil(w / r)
-            self.keys.append(key.new_zeros(b, slots, len(heads), d))
-            self.values.append(value.new_zeros(b, slots, len(heads), value.shape[-1]))
-
-    def _selected(self, branch: int, residue: int) -> tuple[slice, slice] | None:
-        """Heads of ``branch`` whose offset is ``residue``, as a slice into the
-        branch's buffer and a slice into the layer's heads (None if none)."""
-        heads = self._by_offset[branch].get(residue)
-        if heads is None or not len(heads):
-            return None
-        first = self._heads[branch].start
-        return (
-            slice(heads.start - first, heads.stop - first, heads.step),
-            slice(heads.start, heads.stop, heads.step),
-        )
+            self.keys.append(key.new_zeros(b, slots, pairs, d))
+            self.values.append(value.new_zeros(b, slots, pairs, value.shape[-1]))
 
     @staticmethod
     def _residue_span(first: int, stop: int, residue: int, r: int) -> tuple[slice, slice] | None:
@@ -80,12 +104,14 @@ class LayerKVCache:
         return slice(t0 // r, t0 // r + count), slice(t0, stop, r)
 
     def append(self, key: Tensor, value: Tensor) -> None:
-        """Write ``key``/``value`` ``(batch, m, heads, head_dim)`` at positions
+        """Write ``key``/``value`` ``(batch, m, kv_heads, head_dim)`` at positions
         ``length .. length + m - 1``. Only the last segment of each branch is kept."""
         if not self.keys:
             self._allocate(key, value)
         elif key.shape[0] != self.keys[0].shape[0]:
             raise ValueError(f"key has batch {key.shape[0]}, the cache holds batch {self.keys[0].shape[0]}")
+        elif key.shape[2] != self.num_kv_heads:
+            raise ValueError(f"key must have {self.num_kv_heads} (key/value) heads, got {key.shape[2]}")
         start, m = self.length, key.shape[1]
         end = start + m
         for i, (w, r) in enumerate(zip(self.pattern.segment_lengths, self.pattern.dilation_rates)):
@@ -95,14 +121,14 @@ class LayerKVCache:
             # one step writes one residue; a prefill every residue of the last segment
             residues = [first % r] if m == 1 else range(r)
             for residue in residues:
-                selected = self._selected(i, residue)
+                selected = self._residues[i].get(residue)
                 span = self._residue_span(first, stop, residue, r)
                 if selected is None or span is None:
                     continue
-                (local, layer), (slots, index) = selected, span
+                slots, index = span
                 rows = slice(index.start + segment_start - start, index.stop + segment_start - start, r)
-                self.keys[i][:, slots, local] = key[:, rows, layer]
-                self.values[i][:, slots, local] = value[:, rows, layer]
+                self.keys[i][:, slots, selected.pairs] = key[:, rows][:, :, selected.kv_heads]
+                self.values[i][:, slots, selected.pairs] = value[:, rows][:, :, selected.kv_heads]
         self.length = end
 
     def window_start(self) -> int:
@@ -116,9 +142,10 @@ class LayerKVCache:
         """Keys and values of positions ``start .. length - 1`` (default
         :meth:`window_start`), ``(batch, length - start, heads, head_dim)``: every
         position a causal query at ``length`` or later can still read is filled
-        (from whichever branch keeps it), the rest are zeros no such query reads.
-        With the new positions' keys appended after it, it is the key sequence of a
-        chunk of queries that continues the cache (chunked prefill)."""
+        (from whichever branch keeps it), the rest are zeros no such query reads;
+        ``kv_heads`` heads. With the new positions' keys appended after it, it is
+        the key sequence of a chunk of queries that continues the cache (chunked
+        prefill)."""
         if not self.keys:
             raise ValueError("the cache is empty: nothing to continue from")
         start = self.window_start() if start is None else start
@@ -126,21 +153,21 @@ class LayerKVCache:
         if start % math.lcm(*self.pattern.segment_lengths) or not 0 <= start <= n:
             raise ValueError(f"start must be a multiple of lcm(segment_lengths) in [0, {n}], got {start}")
         b, d, dv = self.keys[0].shape[0], self.keys[0].shape[-1], self.values[0].shape[-1]
-        keys = self.keys[0].new_zeros(b, n - start, self.num_heads, d)
-        values = self.values[0].new_zeros(b, n - start, self.num_heads, dv)
+        keys = self.keys[0].new_zeros(b, n - start, self.num_kv_heads, d)
+        values = self.values[0].new_zeros(b, n - start, self.num_kv_heads, dv)
         for i, (w, r) in enumerate(zip(self.pattern.segment_lengths, self.pattern.dilation_rates)):
             segment_start = (n // w) * w
             if segment_start == n:  # position n starts a segment: nothing kept is read again
                 continue
             for residue in range(r):
-                selected = self._selected(i, residue)
+                selected = self._residues[i].get(residue)
                 span = self._residue_span(0, n - segment_start, residue, r)
                 if selected is None or span is None:
                     continue
-                (local, layer), (slots, index) = selected, span
+                slots, index = span
                 rows = slice(index.start + segment_start - start, index.stop + segment_start - start, r)
-                keys[:, rows, layer] = self.keys[i][:, slots, local]
-                values[:, rows, layer] = self.values[i][:, slots, local]
+                keys[:, rows, selected.kv_heads] = self.keys[i][:, slots][:, :, selected.pairs]
+                values[:, rows, selected.kv_heads] = self.values[i][:, slots][:, :, selected.pairs]
         return keys, values
 
     def attend(self, query: Tensor, softmax_scale: float | None = None) -> Tensor:
@@ -162,15 +189,16 @@ class LayerKVCache:
             out = q.new_zeros(b, h, self.values[i].shape[-1])
             lse = q.new_full((b, h), -math.inf)
             t = p % w
-            selected = self._selected(i, t % r)
+            selected = self._residues[i].get(t % r)
             if selected is not None:
-                local, layer = selected
-                k = self.keys[i][:, : t // r + 1, local].to(compute)  # (b, slots, heads, d)
-                v = self.values[i][:, : t // r + 1, local].to(compute)
-                scores = torch.einsum("bhd,bshd->bhs", q[:, layer], k)
+                heads, pairs = selected.query_heads, selected.pair_of_query
+                # (b, slots, heads, d): each query head's pair (a small copy of the cache rows)
+                k = self.keys[i][:, : t // r + 1][:, :, pairs].to(compute)
+                v = self.values[i][:, : t // r + 1][:, :, pairs].to(compute)
+                scores = torch.einsum("bhd,bshd->bhs", q[:, heads], k)
                 branch_lse = torch.logsumexp(scores, dim=-1)
-                out[:, layer] = torch.einsum("bhs,bshd->bhd", torch.exp(scores - branch_lse[..., None]), v)
-                lse[:, layer] = branch_lse
+                out[:, heads] = torch.einsum("bhs,bshd->bhd", torch.exp(scores - branch_lse[..., None]), v)
+                lse[:, heads] = branch_lse
             outs.append(out)
             lses.append(lse)
         merged, _ = merge_by_lse(outs, lses)
@@ -184,8 +212,10 @@ class LayerKVCache:
 class DilatedKVCache:
     """One :class:`LayerKVCache` per layer of a model; ``length`` tokens seen."""
 
-    def __init__(self, pattern: DilatedPattern, num_heads: int, num_layers: int) -> None:
-        self.layers = [LayerKVCache(pattern, num_heads) for _ in range(num_layers)]
+    def __init__(
+        self, pattern: DilatedPattern, num_heads: int, num_layers: int, num_kv_heads: int | None = None
+    ) -> None:
+        self.layers = [LayerKVCache(pattern, num_heads, num_kv_heads) for _ in range(num_layers)]
 
     @property
     def length(self) -> int:

@@ -270,11 +270,10 @@ class _MultiheadDilatedAttentionBase(nn.MultiheadAttention):
         if kv_cache is not None:
             if past:  # the new queries sit at the end of the cached window's keys
                 past_k, past_v = kv_cache.window()
-                k, v = self._per_query_head(k), self._per_query_head(v)
                 kv_cache.append(k, v)
                 k, v = torch.cat([past_k, k], 1), torch.cat([past_v, v], 1)
             else:
-                kv_cache.append(self._per_query_head(k), self._per_query_head(v))
+                kv_cache.append(k, v)
 
         weights = None
         if need_weights:
@@ -355,7 +354,7 @@ class _MultiheadDilatedAttentionBase(nn.MultiheadAttention):
 
     def new_kv_cache(self) -> LayerKVCache:
         """An empty decoding cache for this module (see :meth:`decode_step`)."""
-        return LayerKVCache(self.attention.pattern, self.num_heads)
+        return LayerKVCache(self.attention.pattern, self.num_heads, self.num_kv_heads)
 
     def _check_decoding(self, kv_cache: LayerKVCache, is_causal: bool) -> None:
         if type(self.attention) not in (DilatedAttention, ImprovedDilatedAttention):
@@ -365,8 +364,12 @@ class _MultiheadDilatedAttentionBase(nn.MultiheadAttention):
             )
         if not is_causal:
             raise ValueError("kv_cache needs is_causal=True: decoding attends to past positions only")
-        if kv_cache.pattern != self.attention.pattern or kv_cache.num_heads != self.num_heads:
-            raise ValueError("kv_cache was made for another pattern or number of heads")
+        if (
+            kv_cache.pattern != self.attention.pattern
+            or kv_cache.num_heads != self.num_heads
+            or kv_cache.num_kv_heads != self.num_kv_heads
+        ):
+            raise ValueError("kv_cache was made for another pattern or number of (key/value) heads")
 
     def decode_step(self, query: Tensor, kv_cache: LayerKVCache) -> Tensor:
         """Causal self-attention of one new position, ``query`` ``(batch, 1, embed)``
@@ -385,7 +388,7 @@ class _MultiheadDilatedAttentionBase(nn.MultiheadAttention):
         q, k, v = self._project(query, query, query)
         if self.position_embedding is not None:
             q, k = self.position_embedding(q, k, offset=kv_cache.length)
-        kv_cache.append(self._per_query_head(k), self._per_query_head(v))
+        kv_cache.append(k, v)
         out = kv_cache.attend(q, self.attention.softmax_scale)
         return self._output(out)
 

@@ -386,7 +386,8 @@ class LongNetLM(nn.Module):
     def new_cache(self) -> DilatedKVCache:
         """An empty decoding cache for :meth:`forward` / :meth:`generate`."""
         first = cast(DilatedTransformerEncoderLayer, self.layers[0])
-        return DilatedKVCache(first._dilated_attn.attention.pattern, self.num_heads, len(self.layers))
+        attn = first._dilated_attn
+        return DilatedKVCache(attn.attention.pattern, self.num_heads, len(self.layers), attn.num_kv_heads)
 
     def _check_ids(self, input_ids: Tensor) -> None:
         if (

@@ -15,9 +15,11 @@ from dilated_attention_pytorch import (
     DilatedKVCache,
     DilatedPattern,
     ImprovedMultiheadDilatedAttention,
+    LayerKVCache,
     LongNetLM,
     MultiheadDilatedAttention,
 )
+from dilated_attention_pytorch.reference import dilated_attention_reference
 
 from .conftest import PATTERNS, assert_close
 
@@ -266,3 +268,37 @@ def test_window_holds_only_what_later_queries_read() -> None:
     filled = window[0].abs().sum(-1) > 0
     assert filled[readable].all() and readable.any()
     assert torch.equal(window[0][filled], keys[0, start:][filled])  # never a stale key
+
+
+@pytest.mark.parametrize("head_mode", ["grouped", "all"])
+@pytest.mark.parametrize("kv_heads", [1, 2, 3, 6])
+def test_cache_holds_key_value_heads_not_query_heads(head_mode: str, kv_heads: int) -> None:
+    """One decoding step at a time equals the reference's last rows, and the cache
+    keeps one slot row per key/value head and residue its query heads read."""
+    pattern = DilatedPattern((4, 6, 12), (1, 2, 3), head_mode)
+    heads, n, d = 6, 29, 4
+    g = torch.Generator().manual_seed(7)
+    q = torch.randn(2, n, heads, d, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, n, kv_heads, d, generator=g, dtype=torch.float64) for _ in "kv")
+    cache = LayerKVCache(pattern, heads, kv_heads)
+    steps = []
+    for p in range(n):
+        cache.append(k[:, p : p + 1], v[:, p : p + 1])
+        steps.append(cache.attend(q[:, p : p + 1]))
+    expected = dilated_attention_reference(q, k, v, pattern.segment_lengths, pattern.dilation_rates,
+                                           head_mode=head_mode, is_causal=True)  # fmt: skip
+    assert_close(torch.cat(steps, 1), expected, torch.float64, "stepwise")
+    group = heads // kv_heads
+    pairs = [
+        {(j // group, o) for j, o in enumerate(pattern.branch_offsets(i, heads)) if o is not None}
+        for i in range(pattern.num_branches)
+    ]
+    slots = [-(-w // r) for w, r in zip(pattern.segment_lengths, pattern.dilation_rates)]
+    assert cache.nbytes() == sum(2 * 2 * s * len(p) * d * 8 for s, p in zip(slots, pairs))
+    per_query_head = sum(2 * 2 * s * sum(o is not None for o in pattern.branch_offsets(i, heads)) * d * 8
+                         for i, s in enumerate(slots))  # fmt: skip
+    assert cache.nbytes() < per_query_head if kv_heads < heads else cache.nbytes() == per_query_head
+    with pytest.raises(ValueError, match=rf"key must have {kv_heads} \(key/value\) heads"):
+        cache.append(q[:, :1, : kv_heads - 1], q[:, :1, : kv_heads - 1])
+    with pytest.raises(ValueError, match="num_kv_heads must divide num_heads"):
+        LayerKVCache(pattern, heads, 4)
