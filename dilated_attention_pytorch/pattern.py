@@ -83,17 +83,28 @@ class DilatedPattern:
     branch ``i`` with offset ``i % dilation_rates[i]``.
     ``head_mode="all"``: every head uses every branch; head ``j`` uses offset
     ``j % dilation_rates[i]`` in branch ``i``.
+
+    ``head_start``/``total_heads``: the pattern of heads ``head_start ..`` of a
+    layer of ``total_heads`` heads (a rank's heads under head parallelism,
+    :meth:`head_slice`): local head ``j`` follows the rules as head
+    ``head_start + j`` of ``total_heads``. By default the call's heads are the
+    layer's.
     """
 
     segment_lengths: tuple[int, ...]
     dilation_rates: tuple[int, ...]
     head_mode: HeadMode = "grouped"
+    head_start: int = 0
+    total_heads: int | None = None
 
     def __init__(
         self,
         segment_lengths: Sequence[int],
         dilation_rates: Sequence[int],
         head_mode: HeadMode = "grouped",
+        *,
+        head_start: int = 0,
+        total_heads: int | None = None,
     ) -> None:
         seg = _positive_ints("segment_lengths", segment_lengths)
         dil = _positive_ints("dilation_rates", dilation_rates)
@@ -104,9 +115,43 @@ class DilatedPattern:
             )
         if head_mode not in HEAD_MODES:
             raise ValueError(f"head_mode must be one of {HEAD_MODES}, got {head_mode!r}")
+        check_int("head_start", head_start, 0)
+        if total_heads is not None:
+            check_int("total_heads", total_heads)
+            if head_start >= total_heads:
+                raise ValueError(f"head_start must be < total_heads = {total_heads}, got {head_start}")
+        elif head_start:
+            raise ValueError("head_start needs total_heads (the layer's number of heads)")
         object.__setattr__(self, "segment_lengths", seg)
         object.__setattr__(self, "dilation_rates", dil)
         object.__setattr__(self, "head_mode", head_mode)
+        object.__setattr__(self, "head_start", head_start)
+        object.__setattr__(self, "total_heads", total_heads)
+
+    def head_slice(self, start: int, total_heads: int) -> DilatedPattern:
+        """This pattern on heads ``start ..`` of a layer of ``total_heads`` heads."""
+        return DilatedPattern(
+            self.segment_lengths,
+            self.dilation_rates,
+            self.head_mode,
+            head_start=start,
+            total_heads=total_heads,
+        )
+
+    def op_args(self) -> tuple[list[int], list[int], str, list[int]]:
+        """The pattern as arguments of a registered operator (which takes no
+        objects): segment lengths, dilation rates, head mode, and ``[head_start,
+        total_heads]`` of a head slice (empty: none)."""
+        head_slice = [] if self.total_heads is None else [self.head_start, self.total_heads]
+        return list(self.segment_lengths), list(self.dilation_rates), self.head_mode, head_slice
+
+    @classmethod
+    def from_op_args(
+        cls, segment_lengths: list[int], dilation_rates: list[int], head_mode: str, head_slice: list[int]
+    ) -> DilatedPattern:
+        """The pattern of :meth:`op_args`."""
+        start, total = (head_slice[0], head_slice[1]) if head_slice else (0, None)
+        return cls(segment_lengths, dilation_rates, head_mode, head_start=start, total_heads=total)  # type: ignore[arg-type]
 
     @property
     def num_branches(self) -> int:
@@ -131,13 +176,21 @@ class DilatedPattern:
         return self.head_mode == "all"
 
     def head_offset(self, branch: int, head: int, num_heads: int) -> int | None:
-        """Offset of ``head`` in ``branch``, or None if the head does not use it:
-        the one place the head-offset rule lives (docs/semantics.md, "Heads and
-        offsets"); every other offset in the package is derived from it."""
+        """Offset of ``head`` (of ``num_heads`` in the call) in ``branch``, or None
+        if the head does not use it: the one place the head-offset rule lives
+        (docs/semantics.md, "Heads and offsets"); every other offset in the
+        package is derived from it."""
+        total = num_heads if self.total_heads is None else self.total_heads
+        if self.head_start + num_heads > total:
+            raise ValueError(
+                f"a call of {num_heads} heads from head {self.head_start} does not fit in the layer's "
+                f"total_heads = {total}"
+            )
+        head = self.head_start + head  # the layer's head
         r = self.dilation_rates[branch]
         if self.merges_branches:
             return head % r
-        return branch % r if head in self.head_groups(num_heads)[branch] else None
+        return branch % r if head in self.head_groups(total)[branch] else None
 
     def branch_offsets(self, branch: int, num_heads: int) -> tuple[int | None, ...]:
         """:meth:`head_offset` of every head in ``branch``."""

@@ -56,13 +56,14 @@ def fused_forward_op(
     segment_lengths: list[int],
     dilation_rates: list[int],
     head_mode: str,
+    head_slice: list[int],
     is_causal: bool,
     scale: float,
     backend: str | None,
 ) -> tuple[Tensor, Tensor]:
     """``(out, lse)``: out ``(batch, seq, heads, head_dim)`` in the query dtype,
     lse ``(batch, seq, heads)`` float32 (float64 for float64 inputs)."""
-    pattern = DilatedPattern(segment_lengths, dilation_rates, head_mode)  # type: ignore[arg-type]
+    pattern = DilatedPattern.from_op_args(segment_lengths, dilation_rates, head_mode, head_slice)
     problems = _problems(query, key, key_bias, attn_bias, pattern, is_causal, backend)
     out, lse, _ = fused_forward(query, key, value, problems, pattern, scale)
     return out, lse
@@ -87,12 +88,13 @@ def fused_backward_op(
     segment_lengths: list[int],
     dilation_rates: list[int],
     head_mode: str,
+    head_slice: list[int],
     is_causal: bool,
     scale: float,
     backend: str | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)`` of :func:`fused_forward_op`, contiguous, in the inputs' shapes."""
-    pattern = DilatedPattern(segment_lengths, dilation_rates, head_mode)  # type: ignore[arg-type]
+    pattern = DilatedPattern.from_op_args(segment_lengths, dilation_rates, head_mode, head_slice)
     problems = _problems(query, key, key_bias, attn_bias, pattern, is_causal, backend)
     run = replayed_run(problems, pattern, query.shape[1], query.shape[2], scale, query.device)
     return fused_backward(run, grad_out, query, key, value, out, lse)
@@ -124,8 +126,8 @@ def _backward(ctx: Any, grad_out: Tensor, _grad_lse: Tensor | None) -> tuple[Ten
     # grad mode is on in a backward only under create_graph=True (double backward);
     # batched gradients (vmap, is_grads_batched) come as functorch tensors
     if torch.is_grad_enabled() or functorch_active(grad_out):
-        segment_lengths, dilation_rates, head_mode, is_causal, scale, _ = ctx.static
-        pattern = DilatedPattern(segment_lengths, dilation_rates, head_mode)
+        segment_lengths, dilation_rates, head_mode, head_slice, is_causal, scale, _ = ctx.static
+        pattern = DilatedPattern.from_op_args(segment_lengths, dilation_rates, head_mode, head_slice)
 
         def recompute(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             return gathered_attention(q, k, v, key_bias, attn_bias, pattern, is_causal, scale)
@@ -160,9 +162,7 @@ def fused_local(
         value,
         key_bias,
         attn_bias,
-        list(pattern.segment_lengths),
-        list(pattern.dilation_rates),
-        pattern.head_mode,
+        *pattern.op_args(),
         is_causal,
         float(scale),
         backend,

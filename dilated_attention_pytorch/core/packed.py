@@ -349,10 +349,11 @@ def packed_backward(
 
 def _setup(
     query: Tensor, key: Tensor, cu_seqlens: Tensor, max_seqlen: int | None, segment_lengths: list[int],
-    dilation_rates: list[int], head_mode: str, varlen_backend: str, dense_backend: str | None,
+    dilation_rates: list[int], head_mode: str, head_slice: list[int], varlen_backend: str,
+    dense_backend: str | None,
 ) -> tuple[list[PackedCall], PackedKernels, DilatedPattern]:  # fmt: skip
     bounds = host_bounds(cu_seqlens, query.shape[0], max_seqlen, query.device)
-    pattern = DilatedPattern(segment_lengths, dilation_rates, head_mode)  # type: ignore[arg-type]
+    pattern = DilatedPattern.from_op_args(segment_lengths, dilation_rates, head_mode, head_slice)
     dense = None if dense_backend is None else kernels.REGISTRY[dense_backend]
     chosen = PackedKernels(kernels.REGISTRY[varlen_backend], dense)
     dense_ok = None
@@ -378,6 +379,7 @@ def varlen_forward_op(
     segment_lengths: list[int],
     dilation_rates: list[int],
     head_mode: str,
+    head_slice: list[int],
     is_causal: bool,
     scale: float,
     varlen_backend: str,
@@ -389,8 +391,8 @@ def varlen_forward_op(
     Reads ``cu_seqlens`` on the host (inside the operator, so ``torch.compile``
     sees no graph break)."""
     calls, chosen, pattern = _setup(
-        query, key, cu_seqlens, max_seqlen, segment_lengths, dilation_rates, head_mode, varlen_backend,
-        dense_backend,
+        query, key, cu_seqlens, max_seqlen, segment_lengths, dilation_rates, head_mode, head_slice,
+        varlen_backend, dense_backend,
     )  # fmt: skip
     return packed_forward(query, key, value, calls, chosen, pattern.merges_branches, is_causal, scale)
 
@@ -415,6 +417,7 @@ def varlen_backward_op(
     segment_lengths: list[int],
     dilation_rates: list[int],
     head_mode: str,
+    head_slice: list[int],
     is_causal: bool,
     scale: float,
     varlen_backend: str,
@@ -422,8 +425,8 @@ def varlen_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)`` of :func:`varlen_forward_op`, in the inputs' shapes."""
     calls, chosen, pattern = _setup(
-        query, key, cu_seqlens, max_seqlen, segment_lengths, dilation_rates, head_mode, varlen_backend,
-        dense_backend,
+        query, key, cu_seqlens, max_seqlen, segment_lengths, dilation_rates, head_mode, head_slice,
+        varlen_backend, dense_backend,
     )  # fmt: skip
     return packed_backward(
         grad_out, query, key, value, out, lse, calls, chosen, pattern.merges_branches, is_causal, scale
@@ -453,8 +456,8 @@ def _backward(ctx: Any, grad_out: Tensor, _grad_lse: Tensor | None) -> tuple[Ten
     none = (None,) * (len(ctx.static) + 1)
     # double backward and batched gradients: the same function in differentiable ops
     if torch.is_grad_enabled() or functorch_active(grad_out):
-        _, segment_lengths, dilation_rates, head_mode, is_causal, scale, *_ = ctx.static
-        pattern = DilatedPattern(segment_lengths, dilation_rates, head_mode)
+        _, segment_lengths, dilation_rates, head_mode, head_slice, is_causal, scale, *_ = ctx.static
+        pattern = DilatedPattern.from_op_args(segment_lengths, dilation_rates, head_mode, head_slice)
         bounds = cu_seqlens.tolist()
 
         def recompute(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -544,9 +547,7 @@ def packed_attention(
         value,
         cu_seqlens,
         max_seqlen,
-        list(pattern.segment_lengths),
-        list(pattern.dilation_rates),
-        pattern.head_mode,
+        *pattern.op_args(),
         is_causal,
         float(scale),
         chosen.varlen.name,

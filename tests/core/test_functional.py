@@ -453,3 +453,41 @@ def test_likely_layout_mistakes_warn():
         warnings.simplefilter("error")
         usual = torch.zeros(1, 64, 4, 8)
         functional.dilated_attention(usual, usual, usual, (16, 32), (1, 2))
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS, ids=[i.name for i in CPU_IMPLS])
+@pytest.mark.parametrize("head_mode", ["grouped", "all"])
+@pytest.mark.parametrize(("start", "count", "kv_group"), [(0, 3, 1), (2, 4, 1), (5, 3, 1), (2, 4, 2)])
+def test_head_slice_is_those_heads_of_the_layer(impl, head_mode, start, count, kv_group):
+    """A pattern's head slice (a rank's heads under head parallelism) computes the
+    layer's function on exactly those heads, outputs and gradients."""
+    total, n = 8, 37
+    pattern = DilatedPattern((4, 8, 16), (1, 2, 4), head_mode)
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(2, n, total, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, n, total // kv_group, 4, generator=g, dtype=torch.float64, requires_grad=True)
+            for _ in "kv")  # fmt: skip
+    heads, kv_heads = slice(start, start + count), slice(start // kv_group, (start + count) // kv_group)
+    expected = reference(q, k, v, pattern.segment_lengths, pattern.dilation_rates, head_mode=head_mode,
+                         is_causal=True)[:, :, heads]  # fmt: skip
+    out = functional.dilated_attention(
+        q[:, :, heads], k[:, :, kv_heads], v[:, :, kv_heads], pattern.head_slice(start, total),
+        is_causal=True, method=impl.method, backend=impl.backend,
+    )  # fmt: skip
+    assert_close(out, expected, torch.float64, f"{impl.name} output")
+    grad_out = torch.randn(out.shape, generator=g, dtype=out.dtype)
+    for name, a, b in zip("qkv", grads(out, (q, k, v), grad_out), grads(expected, (q, k, v), grad_out)):
+        assert_close(a, b, torch.float64, f"{impl.name} d{name}")
+
+
+def test_head_slice_rules():
+    pattern = DilatedPattern((4, 8), (1, 2), "grouped")
+    assert pattern.head_slice(4, 8).branch_offsets(1, 4) == (1, 1, 1, 1)  # heads 4..7: the second group
+    assert pattern.head_slice(2, 8).branch_offsets(0, 4) == (0, 0, None, None)
+    assert DilatedPattern.from_op_args(*pattern.head_slice(2, 8).op_args()) == pattern.head_slice(2, 8)
+    with pytest.raises(ValueError, match="does not fit in the layer's total_heads = 8"):
+        pattern.head_slice(6, 8).branch_offsets(0, 4)
+    with pytest.raises(ValueError, match="head_start needs total_heads"):
+        DilatedPattern((4,), (1,), head_start=2)
+    with pytest.raises(ValueError, match="head_start must be < total_heads = 4"):
+        DilatedPattern((4,), (1,), head_start=4, total_heads=4)

@@ -22,13 +22,14 @@ def _qkv(heads=4, kv_heads=2, seq=37, dtype=torch.float32):
 
 @pytest.mark.parametrize("head_mode", ["grouped", "all"])
 @pytest.mark.parametrize("masked", [False, True], ids=["plain", "masked"])
-def test_opcheck(head_mode, masked):
+@pytest.mark.parametrize("head_slice", [[], [2, 8]], ids=["layer", "head-slice"])
+def test_opcheck(head_mode, masked, head_slice):
     """Schema, fake tensors, autograd registration and dispatch, as torch.library checks them."""
     q, k, v = _qkv(dtype=torch.float64)
     key_bias = torch.zeros(2, 37, dtype=torch.float64) if masked else None
     if masked:
         key_bias[:, 3] = -torch.inf
-    args = (q, k, v, key_bias, None, list(SEG), list(DIL), head_mode, True, 0.3, None)
+    args = (q, k, v, key_bias, None, list(SEG), list(DIL), head_mode, head_slice, True, 0.3, None)
     torch.library.opcheck(ops.fused_forward_op, args)
     out, lse = ops.fused_forward_op(*args)
     grad_out = torch.randn_like(out)

@@ -113,20 +113,9 @@ def test_whole_segments_on_a_dense_kernel_beside_the_varlen_one(head_mode, causa
     pattern = packed.DilatedPattern(*PATTERN, head_mode)
     calls = packed.packed_calls(tuple(cu.tolist()), pattern, 6, kv_heads, torch.device("cpu"), lambda n: True)
     assert all(c.dense is not None for c in calls) and any(c.seqs is not None for c in calls)
-    out, _ = packed.varlen_forward_op(
-        q,
-        k,
-        v,
-        cu,
-        None,
-        list(PATTERN[0]),
-        list(PATTERN[1]),
-        head_mode,
-        causal,
-        0.5,
-        "math",
-        "sdpa_cpu_flash",
-    )
+    args = (q, k, v, cu, None, *pattern.op_args(), causal, 0.5, "math", "sdpa_cpu_flash")
+    torch.library.opcheck(packed.varlen_forward_op, args)
+    out, _ = packed.varlen_forward_op(*args)
     expected = _per_document(q, k, v, cu, head_mode=head_mode, is_causal=causal, softmax_scale=0.5)
     assert_close(out, expected, torch.float64, "output")
     grad_out = torch.randn(out.shape, generator=g, dtype=out.dtype)
