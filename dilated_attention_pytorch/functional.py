@@ -140,10 +140,12 @@ def _dilated_attention(
     shape, key_bias, attn_bias, scale = validate_call(
         query, key, value, is_causal, key_padding_mask, attn_mask, dropout_p, softmax_scale, method
     )
+    # a head slice is judged as the layer it belongs to
+    layer_heads = shape[2] if pattern.total_heads is None else pattern.total_heads
     warn_unusual_layout(
         pattern.segment_lengths,
         pattern.head_mode,
-        (shape[0], key.shape[1], *shape[2:]),
+        (shape[0], key.shape[1], layer_heads, shape[3]),
         sdpa_layout=warn_layout,
     )
     if shape[1] != key.shape[1]:

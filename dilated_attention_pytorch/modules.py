@@ -193,7 +193,9 @@ class RingDilatedAttention(_DilatedAttentionBase):
     spanning shards gathers only its dilated keys/values, among the ranks that
     share it. ``process_group`` defaults to the world. ``exchange``: how those
     ranks bring the keys together, ``"all_gather"`` or ``"ring"`` (rotation
-    with ``batch_isend_irecv``, two blocks held at a time; see
+    with ``batch_isend_irecv``, two blocks held at a time), or ``"ulysses"``:
+    head parallelism instead (an all-to-all gives each rank the whole sequence
+    of ``heads / P`` heads; see
     :func:`~dilated_attention_pytorch.distributed.ring_dilated_attention`).
     ``attn_mask`` is not supported (use ``key_padding_mask`` shards and ``is_causal``).
     """

@@ -18,6 +18,7 @@ from ..core.bias import call_bias
 from ..core.exchange import KeyExchange
 from ..core.fused import FusedProblem
 from ..core.gather import GatheredProblem
+from ..functional import _dilated_attention
 from ..pattern import DilatedPattern
 from ..sparse import flex
 from ..sparse.block_layout import BlockLayout, layout_bias, one_block, prepare_layout
@@ -25,6 +26,7 @@ from ..sparse.block_mask import CACHE, gathered_block_mask
 from .all_gather import GatherRowsFunction
 from .checks import Exchange, check_call, check_exchange, check_geometry, describe_call
 from .geometry import Span, local_calls, spans
+from .ulysses import head_parallel_reasons, ulysses_attention
 
 
 def ring_dilated_attention(
@@ -61,7 +63,11 @@ def ring_dilated_attention(
     rotates them among those ranks with ``batch_isend_irecv``, each hop under
     the previous block's kernel, and the backward rotates them again, so a rank
     holds two blocks of rows instead of the segment's. The gather and flex paths
-    (dropout, ``block_layout``) always gather.
+    (dropout, ``block_layout``) always gather. ``"ulysses"`` is head parallelism
+    (:mod:`.ulysses`): one all-to-all gives each rank the whole sequence of
+    ``heads / P`` heads (``heads`` and ``kv_heads`` must divide by ``P``), it runs
+    them on one device with any method, and one all-to-all brings the output
+    back; key/value heads travel unrepeated.
     """
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
@@ -82,6 +88,10 @@ def ring_dilated_attention(
         shape, key_bias, _, scale = _checks.validate_call(
             query, key, value, is_causal, key_padding_mask, None, dropout_p, softmax_scale, method
         )
+        if exchange == "ulysses":
+            reasons = head_parallel_reasons(shape[2], key.shape[2], world)
+            if reasons:
+                raise ValueError(f"exchange='ulysses' splits heads over ranks: {'; '.join(reasons)}")
         if value.shape[3] != shape[3]:
             raise ValueError(
                 "sequence-parallel dilated attention needs the value's head_dim to equal the query's, got "
@@ -119,6 +129,18 @@ def ring_dilated_attention(
     rank = dist.get_rank(process_group)
     b, shard, h, _ = shape
     seq = shard * world
+    if exchange == "ulysses":
+
+        def attention(
+            q: Tensor, k: Tensor, v: Tensor, heads: DilatedPattern, padding: Tensor | None,
+            layout: Tensor | None,
+        ) -> Tensor:  # fmt: skip
+            return _dilated_attention(
+                q, k, v, heads, is_causal, padding, None, dropout_p, softmax_scale, method, backend,
+                layout, block_size, warn_layout=False,
+            )  # fmt: skip
+
+        return ulysses_attention(query, key, value, pattern, attention, key_bias, block_layout, process_group)
     if key.shape[2] != h:  # grouped-query attention: exchanges move one key/value row per query head
         key, value = (x.repeat_interleave(h // key.shape[2], dim=2) for x in (key, value))
     check_geometry(pattern, seq, shard)

@@ -1,0 +1,80 @@
+"""exchange="ulysses" (head parallelism) on spawned gloo groups of 2 and 4 ranks:
+exact against the reference (fused and gather paths, both head modes, causal,
+key padding, partial segments, shared key/value heads), the multihead module
+equal to one process, misuse refused on every rank. The causal balance is
+measured by benchmarks/ulysses_balance.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dilated_attention_pytorch import DilatedPattern
+from dilated_attention_pytorch.distributed import ring_dilated_attention
+
+from ..conftest import TOLERANCES, relative_error
+from .cases import check_strategy
+from .spawn import init, spawn
+
+# (world, seq, segment_lengths, dilation_rates, heads): heads and kv_heads (= heads // 2
+# with the padding mask) divide by the world
+CASES = [
+    (2, 32, (4, 16, 32), (1, 2, 4), 4),  # every branch spans the heads of both ranks
+    (2, 24, (8, 16), (1, 3), 8),  # partial last segment, r = 3
+    (4, 32, (8, 24, 64), (2, 3, 5), 8),  # partial last segment, w > seq
+    (4, 32, (16,), (6,), 4),  # one branch, r > heads per rank
+]
+
+
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_ulysses_matches_reference(world, tmp_path):
+    check_strategy([("fused", "ulysses"), ("gather", "ulysses")], world, tmp_path, CASES)
+
+
+def _run_module_and_misuse(rank: int, world: int, init_file: str, results: dict) -> None:
+    from dilated_attention_pytorch import MultiheadDilatedAttention, RingMultiheadDilatedAttention
+
+    init(rank, world, init_file)
+    try:
+        kw = {
+            "batch_first": True,
+            "segment_lengths": [4, 32],
+            "dilation_rates": [1, 4],
+            "dtype": torch.float64,
+        }
+        torch.manual_seed(0)
+        single = MultiheadDilatedAttention(16, 4, num_kv_heads=2, **kw)
+        x = torch.randn(2, 32, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        grad = torch.randn(2, 32, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        exp = single(x, x, x, is_causal=True)[0]
+        exp.backward(grad)
+        part = slice(rank * 16, (rank + 1) * 16)
+        xl = x[:, part]
+        module = RingMultiheadDilatedAttention(16, 4, num_kv_heads=2, exchange="ulysses", **kw)
+        module.load_state_dict(single.state_dict())
+        out = module(xl, xl, xl, is_causal=True)[0]
+        out.backward(grad[:, part])
+        errors = [relative_error(out, exp[:, part].detach())]
+        for p_mod, p_single in zip(module.parameters(), single.parameters()):
+            summed = p_mod.grad.clone()
+            dist.all_reduce(summed)  # what data-parallel training does
+            errors.append(relative_error(summed, p_single.grad))
+        # 3 query heads do not split over 2 ranks: the same error on every rank, no hang
+        q = torch.zeros(1, 8, 3, 4)
+        try:
+            ring_dilated_attention(q, q, q, DilatedPattern((4,), (1,)), exchange="ulysses")
+            misuse = ""
+        except ValueError as e:
+            misuse = str(e)
+        results[rank] = (max(errors), misuse)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ulysses_multihead_matches_single_device_and_refuses_misuse(tmp_path):
+    results = spawn(_run_module_and_misuse, 2, tmp_path)
+    for max_error, misuse in results.values():
+        assert max_error <= TOLERANCES[torch.float64]
+        assert "exchange='ulysses' splits heads over ranks" in misuse
+        assert "heads (3) must divide by the process group's size (2)" in misuse
