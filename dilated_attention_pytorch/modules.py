@@ -191,7 +191,8 @@ class RingDilatedAttention(_DilatedAttentionBase):
     (rank ``i`` holds positions ``[i·seq/P, (i+1)·seq/P)``) and gets its shard of
     the output. Branches whose segments fit in a shard run locally; a segment
     spanning shards gathers only its dilated keys/values, among the ranks that
-    share it. ``process_group`` defaults to the world. ``exchange``: how those
+    share it. ``process_group`` defaults to the world; or ``device_mesh`` and its
+    sequence-parallel ``mesh_dim``. ``exchange``: how those
     ranks bring the keys together, ``"all_gather"`` or ``"ring"`` (rotation
     with ``batch_isend_irecv``, two blocks held at a time), or ``"ulysses"``:
     head parallelism instead (an all-to-all gives each rank the whole sequence
@@ -213,8 +214,10 @@ class RingDilatedAttention(_DilatedAttentionBase):
         backend: str | None = None,
         process_group: Any = None,
         exchange: str = "all_gather",
+        device_mesh: Any = None,
+        mesh_dim: int | str | None = None,
     ) -> None:
-        from .distributed.checks import check_exchange
+        from .distributed.checks import check_exchange, group_of
 
         super().__init__(
             segment_lengths,
@@ -224,7 +227,7 @@ class RingDilatedAttention(_DilatedAttentionBase):
             attention_dropout=attention_dropout,
             backend=backend,
         )
-        self.process_group = process_group
+        self.process_group = group_of(process_group, device_mesh, mesh_dim)
         self.exchange = check_exchange(exchange)
 
     @property

@@ -24,7 +24,7 @@ from ..sparse import flex
 from ..sparse.block_layout import BlockLayout, layout_bias, one_block, prepare_layout
 from ..sparse.block_mask import CACHE, gathered_block_mask
 from .all_gather import GatherRowsFunction
-from .checks import Exchange, check_call, check_exchange, check_geometry, describe_call
+from .checks import Exchange, check_call, check_exchange, check_geometry, describe_call, group_of
 from .geometry import Span, local_calls, spans
 from .ulysses import head_parallel_reasons, ulysses_attention
 
@@ -41,6 +41,8 @@ def ring_dilated_attention(
     dropout_p: float = 0.0,
     softmax_scale: float | None = None,
     process_group: dist.ProcessGroup | None = None,
+    device_mesh: Any = None,
+    mesh_dim: int | str | None = None,
     method: _checks.Method = "fused",
     backend: str | None = None,
     block_layout: Tensor | None = None,
@@ -56,6 +58,10 @@ def ring_dilated_attention(
     ``block_layout`` (the same on every rank) is over blocks of the *whole*
     sequence, ``n_blocks = ceil(seq / block_size)``, and runs with ``method="flex"``
     or ``"gather"``; ``method="flex"`` without one uses a single block.
+
+    ``process_group``, or ``device_mesh`` and its sequence-parallel ``mesh_dim``
+    (``init_device_mesh``; a 1-D mesh needs no ``mesh_dim``): the ranks that
+    share the sequence (default: the world).
 
     ``exchange``: how a segment spanning shards brings its keys together on the
     fused path. ``"all_gather"`` gathers the segment's selected rows on each of
@@ -74,6 +80,7 @@ def ring_dilated_attention(
             "RingDilatedAttention needs torch.distributed initialized (torchrun, then "
             "torch.distributed.init_process_group)"
         )
+    process_group = group_of(process_group, device_mesh, mesh_dim)
     world = dist.get_world_size(process_group)
     # every local check first; then one collective compares the calls of all ranks
     error: Exception | None = None

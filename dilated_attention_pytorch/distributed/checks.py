@@ -91,6 +91,29 @@ def check_shards(query: Tensor, group: dist.ProcessGroup | None) -> None:
     check_call(query, group)
 
 
+def group_of(process_group: Any, device_mesh: Any, mesh_dim: int | str | None) -> Any:
+    """The process group a call runs over: ``process_group``, or dimension
+    ``mesh_dim`` of ``device_mesh`` (a ``torch.distributed.device_mesh.DeviceMesh``;
+    a 1-D mesh needs no ``mesh_dim``). None: the default group."""
+    if device_mesh is None:
+        if mesh_dim is not None:
+            raise ValueError("mesh_dim needs device_mesh")
+        return process_group
+    if process_group is not None:
+        raise ValueError("pass process_group or device_mesh, not both")
+    if not hasattr(device_mesh, "get_group") or not hasattr(device_mesh, "ndim"):
+        raise TypeError(
+            f"device_mesh must be a torch.distributed DeviceMesh, got {type(device_mesh).__name__}"
+        )
+    if mesh_dim is None:
+        if device_mesh.ndim != 1:
+            raise ValueError(
+                f"device_mesh has {device_mesh.ndim} dimensions: name the sequence-parallel one with mesh_dim"
+            )
+        return device_mesh.get_group()
+    return device_mesh.get_group(mesh_dim)
+
+
 def check_exchange(exchange: str) -> Exchange:
     if exchange not in EXCHANGES:
         raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")

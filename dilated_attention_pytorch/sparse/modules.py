@@ -43,6 +43,8 @@ class _BlockSparseBase(_DilatedAttentionBase):
         attention_dropout: float = 0.0,
         backend: str | None = None,
         process_group: Any = None,
+        device_mesh: Any = None,
+        mesh_dim: int | str | None = None,
     ) -> None:
         super().__init__(
             segment_lengths,
@@ -60,6 +62,10 @@ class _BlockSparseBase(_DilatedAttentionBase):
         self._block_size = block_size
         self._sparsity = float(sparsity)
         self.backend = backend
+        if device_mesh is not None or mesh_dim is not None:
+            from ..distributed.checks import group_of
+
+            process_group = group_of(process_group, device_mesh, mesh_dim)
         self.process_group = process_group
 
     @property
@@ -272,8 +278,10 @@ class BlockSparseRingDilatedAttention(_BlockSparseBase):
         attention_dropout: float = 0.0,
         backend: str | None = None,
         process_group: Any = None,
+        device_mesh: Any = None,
+        mesh_dim: int | str | None = None,
     ) -> None:
-        if process_group is not None and pattern == "hilbert":
+        if (process_group is not None or device_mesh is not None) and pattern == "hilbert":
             raise ValueError(
                 "pattern='hilbert' cannot shard the sequence over a process_group (its curve order "
                 "mixes positions of every shard); pass process_group=None"
@@ -288,6 +296,8 @@ class BlockSparseRingDilatedAttention(_BlockSparseBase):
             attention_dropout=attention_dropout,
             backend=backend,
             process_group=process_group,
+            device_mesh=device_mesh,
+            mesh_dim=mesh_dim,
         )
         if not callable(pattern) and pattern not in layouts.LAYOUT_PATTERNS:
             raise ValueError(

@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from dilated_attention_pytorch import DilatedPattern
 from dilated_attention_pytorch.distributed import ring_dilated_attention
+from dilated_attention_pytorch.reference import dilated_attention_reference as reference
 
 from ..conftest import TOLERANCES, relative_error
 from .cases import check_strategy
@@ -60,6 +61,23 @@ def _run_module_and_misuse(rank: int, world: int, init_file: str, results: dict)
             summed = p_mod.grad.clone()
             dist.all_reduce(summed)  # what data-parallel training does
             errors.append(relative_error(summed, p_single.grad))
+        # the same group from a DeviceMesh dimension (a 2-D mesh: data x sequence)
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from dilated_attention_pytorch import RingDilatedAttention
+
+        mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("data", "sequence"))
+        core = RingDilatedAttention(
+            [4, 32], [1, 4], exchange="ulysses", device_mesh=mesh, mesh_dim="sequence"
+        )
+        qkv = torch.randn(3, 2, 32, 4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+        expected = reference(*qkv, [4, 32], [1, 4], is_causal=True)[:, part]
+        errors.append(relative_error(core(*(x[:, part] for x in qkv), is_causal=True), expected))
+        try:
+            RingDilatedAttention([4], [1], device_mesh=mesh)
+            mesh_error = ""
+        except ValueError as e:
+            mesh_error = str(e)
         # 3 query heads do not split over 2 ranks: the same error on every rank, no hang
         q = torch.zeros(1, 8, 3, 4)
         try:
@@ -67,14 +85,15 @@ def _run_module_and_misuse(rank: int, world: int, init_file: str, results: dict)
             misuse = ""
         except ValueError as e:
             misuse = str(e)
-        results[rank] = (max(errors), misuse)
+        results[rank] = (max(errors), misuse, mesh_error)
     finally:
         dist.destroy_process_group()
 
 
-def test_ulysses_multihead_matches_single_device_and_refuses_misuse(tmp_path):
+def test_ulysses_multihead_and_device_mesh_match_single_device_and_refuse_misuse(tmp_path):
     results = spawn(_run_module_and_misuse, 2, tmp_path)
-    for max_error, misuse in results.values():
+    for max_error, misuse, mesh_error in results.values():
         assert max_error <= TOLERANCES[torch.float64]
+        assert "device_mesh has 2 dimensions: name the sequence-parallel one with mesh_dim" in mesh_error
         assert "exchange='ulysses' splits heads over ranks" in misuse
         assert "heads (3) must divide by the process group's size (2)" in misuse
