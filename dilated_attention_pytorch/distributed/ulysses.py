@@ -12,6 +12,7 @@ and direction (forward; the backward moves their gradients the same way).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -81,6 +82,40 @@ def _gather_sequence(x: Tensor, group: dist.ProcessGroup | None) -> Tensor:
     return torch.cat(parts, 1)
 
 
+def local_attention(
+    pattern: DilatedPattern,
+    *,
+    layout: str = "sbhd",
+    process_group: dist.ProcessGroup | None = None,
+    **kwargs: Any,
+) -> Callable[..., Tensor]:
+    """The one-device dilated function as the ``local_attention`` of an external
+    Ulysses wrapper (DeepSpeed's ``DistributedAttention(local_attention,
+    sequence_process_group)``): it gets the whole sequence of this rank's
+    ``heads / P`` heads and evaluates the pattern on them as heads
+    ``rank·heads/P ..`` of the layer (``process_group``: the wrapper's sequence
+    group). ``layout``: the wrapper's tensor layout, ``"sbhd"`` (DeepSpeed's
+    default, ``scatter_idx=2, gather_idx=0``) or ``"bshd"``; ``kwargs`` go to
+    :func:`~dilated_attention_pytorch.dilated_attention` (``is_causal``,
+    ``softmax_scale``, ``method``, ...). Extra positional arguments the wrapper
+    passes are refused, not ignored."""
+    from ..functional import dilated_attention
+
+    if layout not in ("sbhd", "bshd"):
+        raise ValueError(f"layout must be 'sbhd' or 'bshd', got {layout!r}")
+
+    def attention(query: Tensor, key: Tensor, value: Tensor, *args: Any) -> Tensor:
+        if args:
+            raise TypeError(f"dilated local_attention takes query, key, value only, got {len(args)} more")
+        world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
+        q, k, v = (x.transpose(0, 1) if layout == "sbhd" else x for x in (query, key, value))
+        heads = q.shape[2]
+        out = dilated_attention(q, k, v, pattern.head_slice(rank * heads, heads * world), **kwargs)
+        return out.transpose(0, 1) if layout == "sbhd" else out
+
+    return attention
+
+
 def ulysses_attention(
     query: Tensor,
     key: Tensor,
@@ -111,4 +146,10 @@ def ulysses_attention(
     return heads_to_sequence(out, process_group)
 
 
-__all__ = ["head_parallel_reasons", "heads_to_sequence", "sequence_to_heads", "ulysses_attention"]
+__all__ = [
+    "head_parallel_reasons",
+    "heads_to_sequence",
+    "local_attention",
+    "sequence_to_heads",
+    "ulysses_attention",
+]

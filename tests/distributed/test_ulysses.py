@@ -78,6 +78,19 @@ def _run_module_and_misuse(rank: int, world: int, init_file: str, results: dict)
             mesh_error = ""
         except ValueError as e:
             mesh_error = str(e)
+        # the local_attention form inside a DeepSpeed-style wrapper: (seq, batch, heads, d)
+        # tensors, all-to-all around it (here this package's own exchange)
+        from dilated_attention_pytorch.distributed.ulysses import (
+            heads_to_sequence,
+            local_attention,
+            sequence_to_heads,
+        )
+
+        local = local_attention(DilatedPattern([4, 32], [1, 4]), is_causal=True)
+        sbhd = [x[:, part].transpose(0, 1) for x in qkv]  # what the wrapper gets: (n/P, b, h, d)
+        exchanged = [sequence_to_heads(x.transpose(0, 1)).transpose(0, 1) for x in sbhd]
+        wrapped = heads_to_sequence(local(*exchanged).transpose(0, 1))
+        errors.append(relative_error(wrapped, expected))
         # 3 query heads do not split over 2 ranks: the same error on every rank, no hang
         q = torch.zeros(1, 8, 3, 4)
         try:
