@@ -196,8 +196,8 @@ class RingDilatedAttention(_DilatedAttentionBase):
     ranks bring the keys together, ``"all_gather"`` or ``"ring"`` (rotation
     with ``batch_isend_irecv``, two blocks held at a time), or ``"ulysses"``:
     head parallelism instead (an all-to-all gives each rank the whole sequence
-    of ``heads / P`` heads; see
-    :func:`~dilated_attention_pytorch.distributed.ring_dilated_attention`).
+    of ``heads / P`` heads), with ``ring_group``/``ring_exchange`` the hybrid of
+    both (see :func:`~dilated_attention_pytorch.distributed.ring_dilated_attention`).
     ``attn_mask`` is not supported (use ``key_padding_mask`` shards and ``is_causal``).
     """
 
@@ -216,6 +216,8 @@ class RingDilatedAttention(_DilatedAttentionBase):
         exchange: str = "all_gather",
         device_mesh: Any = None,
         mesh_dim: int | str | None = None,
+        ring_group: Any = None,
+        ring_exchange: str = "all_gather",
     ) -> None:
         from .distributed.checks import check_exchange, group_of
 
@@ -229,6 +231,9 @@ class RingDilatedAttention(_DilatedAttentionBase):
         )
         self.process_group = group_of(process_group, device_mesh, mesh_dim)
         self.exchange = check_exchange(exchange)
+        #: with exchange="ulysses": the group the sequence is also split over (the hybrid)
+        self.ring_group = ring_group
+        self.ring_exchange = check_exchange(ring_exchange)
 
     @property
     def sharded(self) -> bool:
@@ -252,5 +257,5 @@ class RingDilatedAttention(_DilatedAttentionBase):
 
         return ring_dilated_attention(
             *args, method=self.method, backend=self.backend, process_group=self.process_group,
-            exchange=self.exchange, **kwargs,
+            exchange=self.exchange, ring_group=self.ring_group, ring_exchange=self.ring_exchange, **kwargs,
         )  # fmt: skip

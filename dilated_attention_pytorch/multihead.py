@@ -349,7 +349,12 @@ class _MultiheadDilatedAttentionBase(nn.MultiheadAttention):
         """Absolute position of this call's first query (a shard's start when the
         attention shards the sequence over a process group)."""
         if getattr(self.attention, "sharded", False):
-            return torch.distributed.get_rank(getattr(self.attention, "process_group", None)) * seq
+            group = getattr(self.attention, "process_group", None)
+            shard = torch.distributed.get_rank(group)
+            ring_group = getattr(self.attention, "ring_group", None)
+            if ring_group is not None:  # the hybrid's shards are ring-major
+                shard += torch.distributed.get_rank(ring_group) * torch.distributed.get_world_size(group)
+            return shard * seq
         return 0
 
     def new_kv_cache(self) -> LayerKVCache:

@@ -48,6 +48,8 @@ def ring_dilated_attention(
     block_layout: Tensor | None = None,
     block_size: int = 128,
     exchange: Exchange = "all_gather",
+    ring_group: dist.ProcessGroup | None = None,
+    ring_exchange: Exchange = "all_gather",
 ) -> Tensor:
     """Dilated attention of a sequence sharded over ``process_group``.
 
@@ -74,6 +76,13 @@ def ring_dilated_attention(
     ``heads / P`` heads (``heads`` and ``kv_heads`` must divide by ``P``), it runs
     them on one device with any method, and one all-to-all brings the output
     back; key/value heads travel unrepeated.
+
+    ``ring_group`` (with ``exchange="ulysses"``): the hybrid of both (USP's
+    design): heads split over ``process_group`` (within a node, say), the
+    sequence over ``ring_group`` too with ``ring_exchange`` (``"all_gather"``
+    or ``"ring"``, across nodes), so the head count does not cap the ranks.
+    The rank with index ``i`` in ``ring_group`` and ``j`` in ``process_group``
+    holds sequence shard ``i · |process_group| + j``.
     """
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
@@ -95,6 +104,10 @@ def ring_dilated_attention(
         shape, key_bias, _, scale = _checks.validate_call(
             query, key, value, is_causal, key_padding_mask, None, dropout_p, softmax_scale, method
         )
+        if ring_group is not None and exchange != "ulysses":
+            raise ValueError(f"ring_group needs exchange='ulysses' (the hybrid), got exchange={exchange!r}")
+        if ring_group is not None and check_exchange(ring_exchange) == "ulysses":
+            raise ValueError("ring_exchange must be 'all_gather' or 'ring', got 'ulysses'")
         if exchange == "ulysses":
             reasons = head_parallel_reasons(shape[2], key.shape[2], world)
             if reasons:
@@ -142,6 +155,12 @@ def ring_dilated_attention(
             q: Tensor, k: Tensor, v: Tensor, heads: DilatedPattern, padding: Tensor | None,
             layout: Tensor | None,
         ) -> Tensor:  # fmt: skip
+            if ring_group is not None:  # the hybrid: this block of the sequence, over the ring group
+                return ring_dilated_attention(
+                    q, k, v, heads, is_causal=is_causal, key_padding_mask=padding, dropout_p=dropout_p,
+                    softmax_scale=softmax_scale, process_group=ring_group, method=method, backend=backend,
+                    block_layout=layout, block_size=block_size, exchange=ring_exchange,
+                )  # fmt: skip
             return _dilated_attention(
                 q, k, v, heads, is_causal, padding, None, dropout_p, softmax_scale, method, backend,
                 layout, block_size, warn_layout=False,

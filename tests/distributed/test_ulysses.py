@@ -110,3 +110,70 @@ def test_ulysses_multihead_and_device_mesh_match_single_device_and_refuse_misuse
         assert "device_mesh has 2 dimensions: name the sequence-parallel one with mesh_dim" in mesh_error
         assert "exchange='ulysses' splits heads over ranks" in misuse
         assert "heads (3) must divide by the process group's size (2)" in misuse
+
+
+def _run_hybrid(rank: int, world: int, init_file: str, results: dict) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    init(rank, world, init_file)
+    try:
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("ring", "ulysses"))
+        i, j = mesh["ring"].get_local_rank(), mesh["ulysses"].get_local_rank()
+        shard = slice((i * 2 + j) * 8, (i * 2 + j + 1) * 8)  # ring-major shards of 32 positions
+        failures = []
+        for head_mode in ("grouped", "all"):
+            for causal in (False, True):
+                for ring_exchange in ("all_gather", "ring"):
+                    g = torch.Generator().manual_seed(5)
+                    q, grad = (torch.randn(2, 32, 4, 4, generator=g, dtype=torch.float64) for _ in "qg")
+                    k, v = (torch.randn(2, 32, 2, 4, generator=g, dtype=torch.float64) for _ in "kv")
+                    kpm = torch.rand(2, 32, generator=g) < 0.2
+                    for x in (q, k, v):
+                        x.requires_grad_()
+                    seg, dil = (4, 16, 32), (1, 2, 4)
+                    exp = reference(
+                        q, k, v, seg, dil, head_mode=head_mode, is_causal=causal, key_padding_mask=kpm
+                    )
+                    exp_grads = torch.autograd.grad(exp, (q, k, v), grad)
+                    local = [x.detach()[:, shard].clone().requires_grad_() for x in (q, k, v)]
+                    out = ring_dilated_attention(
+                        *local, DilatedPattern(seg, dil, head_mode), is_causal=causal,
+                        key_padding_mask=kpm[:, shard], exchange="ulysses",
+                        process_group=mesh["ulysses"].get_group(), ring_group=mesh["ring"].get_group(),
+                        ring_exchange=ring_exchange,
+                    )  # fmt: skip
+                    out.backward(grad[:, shard])
+                    errors = [relative_error(out, exp[:, shard])]
+                    errors += [relative_error(a.grad, b[:, shard]) for a, b in zip(local, exp_grads)]
+                    if max(errors) > TOLERANCES[torch.float64]:
+                        failures.append(f"{head_mode} causal={causal} {ring_exchange}: {errors}")
+        # the multihead module with rotary positions: each rank's shard starts at its
+        # ring-major position
+        from dilated_attention_pytorch import MultiheadDilatedAttention, RingMultiheadDilatedAttention
+
+        kw = {"segment_lengths": [4, 32], "dilation_rates": [1, 4], "batch_first": True}
+        kw.update(dtype=torch.float64, position_embedding="rotary", num_kv_heads=2)
+        torch.manual_seed(0)
+        single = MultiheadDilatedAttention(16, 4, **kw)
+        module = RingMultiheadDilatedAttention(
+            16, 4, exchange="ulysses", process_group=mesh["ulysses"].get_group(),
+            ring_group=mesh["ring"].get_group(), **kw,
+        )  # fmt: skip
+        module.load_state_dict(single.state_dict())
+        x = torch.randn(2, 32, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        expected = single(x, x, x, is_causal=True)[0][:, shard]
+        error = relative_error(module(x[:, shard], x[:, shard], x[:, shard], is_causal=True)[0], expected)
+        if error > TOLERANCES[torch.float64]:
+            failures.append(f"multihead with rotary: {error}")
+        results[rank] = failures
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # four processes
+def test_hybrid_ulysses_and_ring_on_a_2x2_mesh_matches_reference(tmp_path):
+    """Heads over the "ulysses" dimension, the sequence also over "ring" (all-gather
+    or rotation), with shared key/value heads and key padding: exact."""
+    results = spawn(_run_hybrid, 4, tmp_path)
+    assert sorted(results) == [0, 1, 2, 3]
+    assert all(not failures for failures in results.values()), results
