@@ -109,7 +109,11 @@ def host_bounds(cu_seqlens: Tensor, total: int, max_seqlen: int | None, device: 
     found = _SEEN.get(id(cu_seqlens))
     if found is not None and found[0]() is cu_seqlens and found[1] == cu_seqlens._version:
         bounds = found[2]
-        if bounds[-1] != total or (max_seqlen is not None and max_seqlen < _longest(bounds)):
+        if (
+            bounds[-1] != total
+            or cu_seqlens.device != device
+            or (max_seqlen is not None and max_seqlen < _longest(bounds))
+        ):
             return check_cu_seqlens(cu_seqlens, total, max_seqlen, device)
         return bounds
     bounds = check_cu_seqlens(cu_seqlens, total, max_seqlen, device)

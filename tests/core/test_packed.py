@@ -213,3 +213,5 @@ def test_cu_seqlens_is_read_once_per_tensor(monkeypatch):
         dilated_attention_varlen(q[:15], q[:15], q[:15], cu, None, (4,), (1,), backend="math")
     with pytest.raises(ValueError, match=r"max_seqlen must be >= the longest document \(9\)"):
         dilated_attention_varlen(q, q, q, cu, 8, (4,), (1,), backend="math")
+    with pytest.raises(ValueError, match="cu_seqlens must be on the inputs' device meta"):
+        varlen.host_bounds(cu, 16, None, torch.device("meta"))  # seen before, on another device
