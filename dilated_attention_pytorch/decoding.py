@@ -64,20 +64,17 @@ class LayerKVCache:
         self._num_pairs: list[int] = []
         self._residues: list[dict[int, _Residue]] = []
         for i in range(pattern.num_branches):
-            pairs: dict[tuple[int, int], int] = {}
-            by_residue: dict[int, list[int]] = {}
-            for offset, heads in pattern.branch_heads(i, num_heads):
-                by_residue.setdefault(offset, []).extend(heads)
+            num_pairs = 0
             residues = {}
-            for residue, query_heads in sorted(by_residue.items()):
-                of_query = [
-                    pairs.setdefault((kv_head(j, num_heads, self.num_kv_heads), residue), len(pairs))
-                    for j in query_heads
-                ]
-                distinct = sorted(set(of_query))
-                kv = [next(k for (k, _), p in pairs.items() if p == pair) for pair in distinct]
-                residues[residue] = _Residue(query_heads, of_query, distinct, kv)
-            self._num_pairs.append(len(pairs))
+            # a residue's pairs are its query heads' distinct key/value heads
+            for residue, query_heads in pattern.branch_heads(i, num_heads):
+                kv_of_query = [kv_head(j, num_heads, self.num_kv_heads) for j in query_heads]
+                kv = sorted(set(kv_of_query))
+                pairs = list(range(num_pairs, num_pairs + len(kv)))
+                of_query = [num_pairs + kv.index(k) for k in kv_of_query]
+                residues[residue] = _Residue(list(query_heads), of_query, pairs, kv)
+                num_pairs += len(kv)
+            self._num_pairs.append(num_pairs)
             self._residues.append(residues)
         self.keys: list[Tensor] = []
         self.values: list[Tensor] = []

@@ -29,7 +29,7 @@ from .core.gather import gathered_attention
 from .core.merge import merge_by_lse
 from .core.ops import fused_local
 from .core.packed import packed_attention, packed_backend
-from .core.varlen import check_cu_seqlens, grouped_by_length
+from .core.varlen import grouped_by_length, host_bounds
 from .core.window import QueryWindow
 from .pattern import DilatedPattern, HeadMode, as_pattern
 from .sparse.block_layout import BlockLayout, one_block, prepare_layout
@@ -302,7 +302,7 @@ def dilated_attention_varlen(
         )
         return out
 
-    bounds = check_cu_seqlens(cu_seqlens, query.shape[0], max_seqlen, query.device)
+    bounds = host_bounds(cu_seqlens, query.shape[0], max_seqlen, query.device)
 
     def attention(q: Tensor, k: Tensor, v: Tensor, padding: Tensor | None) -> Tensor:
         # causal queries never see the padding after them; otherwise it is masked

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .. import kernels
 from .._cache import BoundedCache
-from .._checks import accumulation_dtype
+from .._checks import accumulation_dtype, mask_to_bias
 from ..kernels.base import PackedSequences
 from ..pattern import BranchCall, DilatedPattern, kv_call, split_for_kv
 from .fused import functorch_active, recomputed_grads
@@ -142,7 +142,7 @@ def _branch_rows(
     if bool(whole.any()) and dense_ok(int(count[whole][0])):
         dense = DenseBlock(int(whole.sum()), int(count[whole][0]))
         order = torch.cat([torch.nonzero(whole).flatten(), torch.nonzero(~whole).flatten()])
-        segment_start, count, whole = segment_start[order], count[order], whole[order]
+        segment_start, count = segment_start[order], count[order]
     ragged = count[dense.num_seqs :] if dense is not None else count
     seqs = None
     if ragged.numel():
@@ -458,7 +458,7 @@ def _backward(ctx: Any, grad_out: Tensor, _grad_lse: Tensor | None) -> tuple[Ten
     if torch.is_grad_enabled() or functorch_active(grad_out):
         _, segment_lengths, dilation_rates, head_mode, head_slice, is_causal, scale, *_ = ctx.static
         pattern = DilatedPattern.from_op_args(segment_lengths, dilation_rates, head_mode, head_slice)
-        bounds = cu_seqlens.tolist()
+        bounds = host_bounds(cu_seqlens, query.shape[0], None, query.device)
 
         def recompute(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             return grouped_by_length(q, k, v, bounds, _gathered(pattern, is_causal, scale))
@@ -480,8 +480,7 @@ def _gathered(
     def attention(q: Tensor, k: Tensor, v: Tensor, padding: Tensor | None) -> Tensor:
         bias = None
         if padding is not None and not is_causal:
-            bias = torch.zeros(padding.shape, dtype=accumulation_dtype(q.dtype), device=q.device)
-            bias = bias.masked_fill(padding, float("-inf"))
+            bias = mask_to_bias(padding, accumulation_dtype(q.dtype), "key_padding_mask")
         return gathered_attention(q, k, v, bias, None, pattern, is_causal, scale)
 
     return attention

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import importlib.util
 import math
@@ -13,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .._checks import accumulation_dtype
-from .varlen_padding import buckets
+from .varlen_padding import Bucket, buckets
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,12 @@ class PackedSequences:
     cu_seqlens: Tensor
     lengths: tuple[int, ...]
     max_len: int
+
+    @functools.cached_property
+    def padded_buckets(self) -> list[Bucket]:
+        """The sequences' length buckets for the "padded" varlen form, made once
+        (the forward and the backward of a packing both need them)."""
+        return buckets(list(self.lengths), self.cu_seqlens.device)
 
 
 class Backend(Protocol):
@@ -338,7 +345,7 @@ class KernelBackend:
         out = q.new_empty(q.shape[:2] + v.shape[2:])
         lse = q.new_empty(q.shape[:2], dtype=accumulation_dtype(q.dtype))
         states = []
-        for bucket in buckets(list(seqs.lengths), q.device):
+        for bucket in seqs.padded_buckets:
             bias = None if causal else bucket.key_bias(q.dtype)
             bq, bk, bv = (bucket.batch(x) for x in (q, k, v))
             part_out, part_lse, state = self.forward(bq, bk, bv, bias, causal, scale)
@@ -363,7 +370,7 @@ class KernelBackend:
         """The "padded" form: one :meth:`backward` per length bucket (``state``:
         the forward's, or None after a replay)."""
         grads = [torch.empty_like(x) for x in (q, k, v)]
-        groups = buckets(list(seqs.lengths), q.device)
+        groups = seqs.padded_buckets
         states = state if state is not None else [self.replay_state(g.length, q.device) for g in groups]
         for bucket, part_state in zip(groups, states):
             bias = None if causal else bucket.key_bias(q.dtype)
