@@ -418,6 +418,47 @@ def recomputed_grads(
     )
 
 
+def fake_grads(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, *args: Any) -> tuple[Tensor, ...]:
+    """The fake implementation of a backward operator: ``(dq, dk, dv)`` shaped like the inputs."""
+    return tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (query, key, value))
+
+
+def register_operator_autograd(
+    forward_op: Any,
+    backward_op: Any,
+    num_tensors: int,
+    recompute_for: Callable[[tuple[Any, ...], tuple[Any, ...]], Recompute],
+) -> None:
+    """Link a registered ``forward_op`` returning ``(out, lse)`` to its
+    ``backward_op(grad_out, query, key, value, out, lse, *other, *static)``: the
+    forward's first ``num_tensors`` arguments are query, key, value and ``other``
+    tensors, the rest ``static``. The lse carries no gradient (marked
+    non-differentiable). Under double backward or batched gradients the
+    backward differentiates ``recompute_for(other, static)`` instead
+    (:func:`recomputed_grads`)."""
+
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+        ctx.save_for_backward(*inputs[:num_tensors], *output)
+        ctx.static = inputs[num_tensors:]
+        # the lse is returned for the caller's information only: no gradient flows through it
+        ctx.mark_non_differentiable(output[1])
+
+    def backward(ctx: Any, grad_out: Tensor, _grad_lse: Tensor | None) -> tuple[Tensor | None, ...]:
+        saved = ctx.saved_tensors
+        query, key, value = saved[:3]
+        other, (out, lse) = saved[3:num_tensors], saved[num_tensors:]
+        none = (None,) * (len(other) + len(ctx.static))
+        # grad mode is on in a backward only under create_graph=True (double backward);
+        # batched gradients (vmap, is_grads_batched) come as functorch tensors
+        if torch.is_grad_enabled() or functorch_active(grad_out):
+            recompute = recompute_for(other, ctx.static)
+            grads = recomputed_grads(recompute, (query, key, value), ctx.needs_input_grad[:3], grad_out)
+            return (*grads, *none)
+        return (*backward_op(grad_out, query, key, value, out, lse, *other, *ctx.static), *none)
+
+    forward_op.register_autograd(backward, setup_context=setup_context)
+
+
 def select_backends(
     query: Tensor, calls: Sequence[BranchCall], has_bias: Sequence[bool], backend: str | None
 ) -> list[kernels.Backend]:

@@ -19,10 +19,12 @@ from ..pattern import DilatedPattern, split_for_kv
 from .bias import call_bias
 from .fused import (
     FusedProblem,
+    Recompute,
+    fake_grads,
     functorch_active,
     fused_backward,
     fused_forward,
-    recomputed_grads,
+    register_operator_autograd,
     replayed_run,
     select_backends,
 )
@@ -100,45 +102,22 @@ def fused_backward_op(
     return fused_backward(run, grad_out, query, key, value, out, lse)
 
 
-@fused_backward_op.register_fake
-def _(
-    grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, *args: Any
-) -> tuple[Tensor, Tensor, Tensor]:
-    return tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (query, key, value))  # type: ignore[return-value]
+fused_backward_op.register_fake(fake_grads)
 
 
-#: the operators' arguments after query, key, value, key_bias, attn_bias
-_STATIC = slice(5, None)
+def _recompute_for(other: tuple[Any, ...], static: tuple[Any, ...]) -> Recompute:
+    key_bias, attn_bias = other
+    segment_lengths, dilation_rates, head_mode, head_slice, is_causal, scale, _ = static
+    pattern = DilatedPattern.from_op_args(segment_lengths, dilation_rates, head_mode, head_slice)
+
+    def recompute(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return gathered_attention(q, k, v, key_bias, attn_bias, pattern, is_causal, scale)
+
+    return recompute
 
 
-def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
-    query, key, value, key_bias, attn_bias = inputs[:5]
-    out, lse = output
-    ctx.save_for_backward(query, key, value, out, lse, key_bias, attn_bias)
-    ctx.static = inputs[_STATIC]
-    # the lse is returned for the caller's information only: no gradient flows through it
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward(ctx: Any, grad_out: Tensor, _grad_lse: Tensor | None) -> tuple[Tensor | None, ...]:
-    query, key, value, out, lse, key_bias, attn_bias = ctx.saved_tensors
-    none = (None,) * (len(ctx.static) + 2)
-    # grad mode is on in a backward only under create_graph=True (double backward);
-    # batched gradients (vmap, is_grads_batched) come as functorch tensors
-    if torch.is_grad_enabled() or functorch_active(grad_out):
-        segment_lengths, dilation_rates, head_mode, head_slice, is_causal, scale, _ = ctx.static
-        pattern = DilatedPattern.from_op_args(segment_lengths, dilation_rates, head_mode, head_slice)
-
-        def recompute(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            return gathered_attention(q, k, v, key_bias, attn_bias, pattern, is_causal, scale)
-
-        grads = recomputed_grads(recompute, (query, key, value), ctx.needs_input_grad[:3], grad_out)
-        return (*grads, *none)
-    dq, dk, dv = fused_backward_op(grad_out, query, key, value, out, lse, key_bias, attn_bias, *ctx.static)
-    return (dq, dk, dv, *none)
-
-
-fused_forward_op.register_autograd(_backward, setup_context=_setup_context)
+# after query, key, value: key_bias and attn_bias
+register_operator_autograd(fused_forward_op, fused_backward_op, 5, _recompute_for)
 
 
 def fused_local(

@@ -27,7 +27,7 @@ from .._cache import BoundedCache
 from .._checks import accumulation_dtype, mask_to_bias
 from ..kernels.base import PackedSequences
 from ..pattern import BranchCall, DilatedPattern, kv_call, split_for_kv
-from .fused import functorch_active, recomputed_grads
+from .fused import Recompute, fake_grads, register_operator_autograd
 from .gather import gathered_attention
 from .merge import merge_finish, merge_online
 from .varlen import grouped_by_length, host_bounds
@@ -433,43 +433,23 @@ def varlen_backward_op(
     )
 
 
-@varlen_backward_op.register_fake
-def _(
-    grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, *args: Any
-) -> tuple[Tensor, Tensor, Tensor]:
-    return tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (query, key, value))  # type: ignore[return-value]
+varlen_backward_op.register_fake(fake_grads)
 
 
-#: the operators' arguments after query, key, value, cu_seqlens
-_STATIC = slice(4, None)
+def _recompute_for(other: tuple[Any, ...], static: tuple[Any, ...]) -> Recompute:
+    (cu_seqlens,) = other
+    _, segment_lengths, dilation_rates, head_mode, head_slice, is_causal, scale, *_ = static
+    pattern = DilatedPattern.from_op_args(segment_lengths, dilation_rates, head_mode, head_slice)
+
+    def recompute(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        bounds = host_bounds(cu_seqlens, q.shape[0], None, q.device)
+        return grouped_by_length(q, k, v, bounds, _gathered(pattern, is_causal, scale))
+
+    return recompute
 
 
-def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
-    query, key, value, cu_seqlens = inputs[:4]
-    ctx.save_for_backward(query, key, value, *output, cu_seqlens)
-    ctx.static = inputs[_STATIC]
-    ctx.mark_non_differentiable(output[1])
-
-
-def _backward(ctx: Any, grad_out: Tensor, _grad_lse: Tensor | None) -> tuple[Tensor | None, ...]:
-    query, key, value, out, lse, cu_seqlens = ctx.saved_tensors
-    none = (None,) * (len(ctx.static) + 1)
-    # double backward and batched gradients: the same function in differentiable ops
-    if torch.is_grad_enabled() or functorch_active(grad_out):
-        _, segment_lengths, dilation_rates, head_mode, head_slice, is_causal, scale, *_ = ctx.static
-        pattern = DilatedPattern.from_op_args(segment_lengths, dilation_rates, head_mode, head_slice)
-        bounds = host_bounds(cu_seqlens, query.shape[0], None, query.device)
-
-        def recompute(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            return grouped_by_length(q, k, v, bounds, _gathered(pattern, is_causal, scale))
-
-        grads = recomputed_grads(recompute, (query, key, value), ctx.needs_input_grad[:3], grad_out)
-        return (*grads, *none)
-    grads = varlen_backward_op(grad_out, query, key, value, out, lse, cu_seqlens, *ctx.static)
-    return (*grads, *none)
-
-
-varlen_forward_op.register_autograd(_backward, setup_context=_setup_context)
+# after query, key, value: cu_seqlens
+register_operator_autograd(varlen_forward_op, varlen_backward_op, 4, _recompute_for)
 
 
 def _gathered(
