@@ -26,6 +26,7 @@ from . import kernels
 from ._checks import METHODS, Method, refuse_torchscript, validate_call, warn_unusual_layout
 from .core.fused import functorch_active
 from .core.gather import gathered_attention
+from .core.last_query import last_query_attention
 from .core.merge import merge_by_lse
 from .core.ops import fused_local
 from .core.packed import packed_attention, packed_backend
@@ -154,6 +155,9 @@ def _dilated_attention(
                 "block_layout needs seqlen_q == seqlen_k, got seqlen_q = "
                 f"{shape[1]} and seqlen_k = {key.shape[1]}"
             )
+        if shape[1] == 1 and dropout_p == 0.0:  # a decoding step: the query's keys only
+            out, lse = last_query_attention(query, key, value, key_bias, attn_bias, pattern, scale)
+            return (out, lse) if return_lse else out
         window = QueryWindow.of(pattern, shape[1], key.shape[1])
         result = _attention(
             window.queries(query), window.keys(key), window.keys(value), window.keys(key_bias),

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from dilated_attention_pytorch import DilatedPattern
+from dilated_attention_pytorch import DilatedPattern, dilated_attention
+from dilated_attention_pytorch.core import window as window_module
 from dilated_attention_pytorch.core.window import QueryWindow
 from dilated_attention_pytorch.reference import dilated_attention_reference as reference
 
@@ -46,8 +47,8 @@ def test_last_rows_of_the_full_function(impl, seq_q, head_mode, causal):
 
 @pytest.mark.parametrize("impl", CPU_IMPLS, ids=[i.name for i in CPU_IMPLS])
 @pytest.mark.parametrize("mask_dim", [2, 4])
-def test_rectangular_masks(impl, mask_dim):
-    seq_q = 20
+@pytest.mark.parametrize("seq_q", [1, 20])
+def test_rectangular_masks(impl, mask_dim, seq_q):
     q, k, v = _inputs(seq_q)
     gen = torch.Generator().manual_seed(5)
     kpm = torch.rand(2, SEQ_K, generator=gen) < 0.25
@@ -70,3 +71,25 @@ def test_window_starts_at_a_multiple_of_every_segment_length(seq_q, seq_k):
     assert all(window.start % w == 0 for w in PATTERN[0])
     assert window.start + window.pad == seq_k - seq_q
     assert 0 <= window.pad < math.lcm(*PATTERN[0])
+
+
+@pytest.mark.filterwarnings("ignore:query has")
+@pytest.mark.parametrize("head_mode", ["grouped", "all"])
+@pytest.mark.parametrize("kv_heads", [1, 2, 6])
+def test_one_query_reads_only_its_keys_at_every_position(monkeypatch, head_mode, kv_heads):
+    """A decoding step (one query) at every position of three periods: the last
+    row of the full function, without running the query window."""
+
+    def no_window(*args):
+        raise AssertionError("one query ran the query window")
+
+    monkeypatch.setattr(window_module.QueryWindow, "of", no_window)
+    gen = torch.Generator().manual_seed(1)
+    k_all, v_all = (torch.randn(1, 72, kv_heads, 3, generator=gen, dtype=torch.float64) for _ in range(2))
+    q_all = torch.randn(1, 72, 6, 3, generator=gen, dtype=torch.float64)
+    full = reference(q_all, k_all, v_all, *PATTERN, head_mode=head_mode, is_causal=True)
+    for n in range(2, 73):
+        out = dilated_attention(
+            q_all[:, n - 1 : n], k_all[:, :n], v_all[:, :n], *PATTERN, head_mode=head_mode
+        )
+        assert_close(out, full[:, n - 1 : n], torch.float64, f"position {n - 1}")
