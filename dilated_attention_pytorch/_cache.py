@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import collections
+import weakref
 from collections.abc import Callable, Hashable, Iterator
 from typing import Generic, TypeVar
+
+from torch import Tensor
 
 V = TypeVar("V")
 
@@ -55,3 +58,31 @@ class BoundedCache(Generic[V]):
 
     def clear(self) -> None:
         self._entries.clear()
+
+
+class TensorMemo(Generic[V]):
+    """What was read from a tensor's contents (a device sync each time), kept for
+    the same tensor object: the backward of a call, the layers of one forward
+    and the steps of a fixed packing pass the same object. Known by identity
+    and version counter (an in-place change is a miss); at most ``size``
+    tensors, held weakly."""
+
+    def __init__(self, size: int) -> None:
+        self._entries: BoundedCache[tuple[weakref.ref[Tensor], int, V]] = BoundedCache(size)
+
+    def lookup(self, tensor: Tensor) -> V | None:
+        found = self._entries.lookup(id(tensor))
+        if found is not None and found[0]() is tensor and found[1] == tensor._version:
+            return found[2]
+        return None
+
+    def put(self, tensor: Tensor, value: V) -> None:
+        self._entries.put(id(tensor), (weakref.ref(tensor), tensor._version, value))
+
+    def get(self, tensor: Tensor, build: Callable[[], V]) -> V:
+        """The value read from ``tensor`` before, or ``build()`` (then kept)."""
+        found = self.lookup(tensor)
+        if found is None:
+            found = build()
+            self.put(tensor, found)
+        return found

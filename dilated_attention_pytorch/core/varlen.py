@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from .._cache import TensorMemo
 from .._checks import check_int
 from ..kernels.varlen_padding import padded_rows
 
@@ -97,29 +97,22 @@ def check_cu_seqlens(
     return bounds
 
 
-_SEEN: dict[int, tuple[weakref.ref[Tensor], int, list[int]]] = {}
-_SEEN_SIZE = 8
+_SEEN: TensorMemo[list[int]] = TensorMemo(8)
 
 
 def host_bounds(cu_seqlens: Tensor, total: int, max_seqlen: int | None, device: torch.device) -> list[int]:
-    """:func:`check_cu_seqlens` of a tensor seen before without reading it again:
-    the backward of a call, and the steps of a fixed packing, pass the same
-    ``cu_seqlens`` object, and each read is a device sync. Known by identity and
-    version counter (an in-place change is a miss); the rules are checked again."""
-    found = _SEEN.get(id(cu_seqlens))
-    if found is not None and found[0]() is cu_seqlens and found[1] == cu_seqlens._version:
-        bounds = found[2]
-        if (
-            bounds[-1] != total
-            or cu_seqlens.device != device
-            or (max_seqlen is not None and max_seqlen < _longest(bounds))
-        ):
-            return check_cu_seqlens(cu_seqlens, total, max_seqlen, device)
-        return bounds
-    bounds = check_cu_seqlens(cu_seqlens, total, max_seqlen, device)
-    if len(_SEEN) >= _SEEN_SIZE:
-        _SEEN.pop(next(iter(_SEEN)))
-    _SEEN[id(cu_seqlens)] = (weakref.ref(cu_seqlens), cu_seqlens._version, bounds)
+    """:func:`check_cu_seqlens` of a tensor seen before without reading it again
+    (:class:`~.._cache.TensorMemo`); the rules are checked again."""
+    bounds = _SEEN.lookup(cu_seqlens) if isinstance(cu_seqlens, Tensor) else None
+    if bounds is not None and (
+        bounds[-1] != total
+        or cu_seqlens.device != device
+        or (max_seqlen is not None and max_seqlen < _longest(bounds))
+    ):
+        bounds = None
+    if bounds is None:
+        bounds = check_cu_seqlens(cu_seqlens, total, max_seqlen, device)
+        _SEEN.put(cu_seqlens, bounds)
     return bounds
 
 
