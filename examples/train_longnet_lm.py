@@ -224,7 +224,7 @@ def measure_step(
         return {"oom": True}
 
 
-def plot(result: dict, path: Path) -> None:
+def plot(result: dict, path: Path, model_name: str = "LongNetLM") -> None:
     try:
         import matplotlib
 
@@ -244,7 +244,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_ylabel("cross-entropy at the QUERY tokens")
     cfg = result["config"]
     ax.set_title(
-        f"LongNetLM recall, n={cfg['seq_len']}, {result['device']}: final accuracy "
+        f"{model_name} recall, n={cfg['seq_len']}, {result['device']}: final accuracy "
         f"{result['final_accuracy']:.1%}",
         fontsize=9,
     )

@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -40,3 +42,24 @@ def test_recall_task_plants_the_answer_in_the_first_quarter() -> None:
     for row, value in zip(ids, answer):
         where = (row == value).nonzero()[:, 0]
         assert len(where) == 4 and where.max() < 64 and (where.diff() == 1).all()
+
+
+def test_hf_llama_example_tiny_cpu_run_and_reload(tmp_path) -> None:
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    example = _load("hf_llama_dilated")
+    result = example.main(
+        ["--seq-len", "128", "--steps", "3", "--batch-size", "2", "--hidden-size", "32", "--heads", "4",
+         "--kv-heads", "2", "--segment-lengths", "16", "64", "--dilation-rates", "1", "2",
+         "--eval-batches", "1", "--save", "--output-dir", str(tmp_path)]
+    )  # fmt: skip
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert len(saved["losses"]) == 3 and all(loss > 0 for loss in saved["losses"])
+    assert saved["attn_implementation"] == "dilated" and result["chance_accuracy"] == 1 / 16
+    assert (tmp_path / "loss.png").stat().st_size > 0
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "model", attn_implementation="dilated"
+    )
+    assert loaded.config.dilated_attention["segment_lengths"] == [16, 64]
+    assert loaded(torch.zeros(1, 40, dtype=torch.long)).logits.isfinite().all()

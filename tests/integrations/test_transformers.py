@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 from dilated_attention_pytorch.integrations import transformers as dilated_hf  # noqa: E402
 from dilated_attention_pytorch.reference import dilated_attention_reference  # noqa: E402
 
-from ..conftest import assert_close  # noqa: E402
+from ..conftest import TOLERANCES, assert_close, relative_error  # noqa: E402
 
 VOCAB = 97
 
@@ -84,9 +84,13 @@ def _reference_attention(module, query, key, value, attention_mask, dropout=0.0,
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))
     b, lq = q.shape[:2]
     lk = k.shape[1]
-    out = torch.zeros(b, lq, q.shape[2], v.shape[-1], dtype=q.dtype)
+    out = torch.zeros(b, lq, q.shape[2], v.shape[-1], dtype=q.dtype, device=q.device)
     for row in range(b):
-        keep = torch.ones(lk, dtype=torch.bool) if attention_mask is None else attention_mask[row]
+        keep = (
+            torch.ones(lk, dtype=torch.bool, device=q.device)
+            if attention_mask is None
+            else attention_mask[row]
+        )
         if not keep.any():
             continue
         start = int(keep.int().argmax())
@@ -398,3 +402,70 @@ def test_a_static_cache_is_refused():
     ids = _batch()[0]
     with pytest.raises(ValueError, match="static or sliding caches"):
         model.generate(ids, max_new_tokens=2, cache_implementation="static", do_sample=False, pad_token_id=0)
+
+
+# --- on the GPU -------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("padding", ["none", "left", "right"])
+def test_gpu_logits_and_gradients_equal_the_reference(dtype, padding):
+    """On CUDA in low precision: the backend (fast path) against the reference
+    backend in float64 on the same weights, logits and gradients."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    dilated, low, exact = _models("llama", ["dilated", "reference", "reference"], dtype=torch.float64)
+    dilated, low = dilated.to("cuda", dtype), low.to("cuda", dtype)
+    # the float64 model holds the low-precision weights exactly
+    exact.load_state_dict({k: v.double().cpu() for k, v in dilated.state_dict().items()})
+    ids, masks = _batch(n=300)
+    mask = masks[padding]
+    kept = _kept(mask, ids)
+    results = []
+    for model, device in ((dilated, "cuda"), (low, "cuda"), (exact, "cpu")):
+        logits = model(ids.to(device), attention_mask=None if mask is None else mask.to(device)).logits
+        chosen = logits[kept.to(device)]
+        grads = torch.autograd.grad(chosen.float().square().mean(), list(model.parameters()))
+        results.append([chosen.double().cpu(), *(g.double().cpu() for g in grads)])
+    names = ["logits", *(f"d{name}" for name, _ in dilated.named_parameters())]
+    for name, ours, theirs, truth in zip(names, *results):
+        # as accurate as the reference computed in the same precision
+        bound = max(2 * relative_error(theirs, truth), TOLERANCES[dtype])
+        assert relative_error(ours, truth) <= bound, name
+
+
+@pytest.mark.gpu
+def test_gpu_batched_left_padded_generate_equals_one_prompt_at_a_time():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    (model,) = _models("llama", ["dilated"], dtype=torch.float32)
+    model = model.cuda()
+    ids, masks = _batch(n=200)
+    ids, mask = ids.cuda(), masks["left"].cuda()
+    kw = {"max_new_tokens": 20, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
+    batched = model.generate(ids, attention_mask=mask, output_scores=True, return_dict_in_generate=True, **kw)
+    for row in range(ids.shape[0]):
+        start = int((mask[row] == 0).sum())
+        alone = model.generate(
+            ids[row : row + 1, start:], output_scores=True, return_dict_in_generate=True, **kw
+        )
+        for step, (a, b) in enumerate(zip(alone.scores, batched.scores)):
+            assert_close(b[row], a[0], torch.float32, f"row {row} step {step} scores")
+
+
+@pytest.mark.gpu
+def test_gpu_inductor_compiled_model_equals_eager():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    (model,) = _models("llama", ["dilated"], dtype=torch.float32)
+    dilated_hf.set_dilated_attention(model, *PATTERN, detect_packed_sequences=False)
+    model = model.cuda()
+    ids = _batch(n=256)[0].cuda()
+    compiled = torch.compile(model)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        expected, got = model(ids, labels=ids), compiled(ids, labels=ids)
+    assert_close(got.logits.float(), expected.logits.float(), torch.bfloat16, "compiled logits")
+    grads = [torch.autograd.grad(out.loss, list(model.parameters())) for out in (got, expected)]
+    for a, b in zip(*grads):
+        assert_close(a, b, torch.bfloat16, "compiled gradient")
