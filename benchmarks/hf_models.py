@@ -7,7 +7,8 @@ a warm-up, median of ``--repeats``. Dense attention is skipped at lengths after
 one that took longer than ``--sdpa-budget-s`` per step; both stop at the first
 out-of-memory. Generation: greedy decoding tokens/s after a ``--context``
 prompt (the decode steps' time: a run of ``--new-tokens`` minus a run of one),
-and the bytes of the key/value cache per token of context.
+the median time of one cached forward of one token (no generate loop), and the
+bytes of the key/value cache per token of context.
 
 python benchmarks/hf_models.py --device cuda --lengths 16384 65536 262144 524288 1048576 \\
     --context 32768 --output hf_models.json
@@ -117,6 +118,7 @@ def generation(
         run(2)  # warm-up
         prefill_s, _ = run(1)
         total_s, out = run(new_tokens)
+        step_ms = decode_step_ms(model, ids, new_tokens, device)
     cache = out.past_key_values
     cache_bytes = sum(
         t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
@@ -127,8 +129,32 @@ def generation(
         "new_tokens": new_tokens,
         "prefill_s": prefill_s,
         "decode_tokens_per_s": (new_tokens - 1) / decode_s,
+        "decode_forward_ms": step_ms,
         "cache_bytes_per_context_token": cache_bytes / (context + new_tokens),
     }
+
+
+def decode_step_ms(
+    model: transformers.LlamaForCausalLM, ids: torch.Tensor, steps: int, device: torch.device
+) -> float:
+    """Median time of one cached forward of one token (no sampling, no generate loop)."""
+    out = model(ids, use_cache=True)
+    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = model(token, past_key_values=cache, use_cache=True)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            out = model(token, past_key_values=cache, use_cache=True)
+            times.append(1e3 * (time.perf_counter() - t0))
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return statistics.median(times[1:] or times)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -140,6 +166,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sdpa-budget-s", type=float, default=15.0)
     parser.add_argument("--small", action="store_true", help="a tiny config (CPU smoke run)")
+    parser.add_argument(
+        "--gradient-checkpointing", action="store_true", help="recompute each layer in the backward"
+    )
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -159,6 +188,10 @@ def main(argv: list[str] | None = None) -> dict:
     }
     models = {name: build(name, device, dtype, config) for name in ("dilated", "sdpa")}
     result["parameters"] = sum(p.numel() for p in models["sdpa"].parameters())
+    result["gradient_checkpointing"] = args.gradient_checkpointing
+    if args.gradient_checkpointing:
+        for model in models.values():
+            model.gradient_checkpointing_enable()
     stopped = {"dilated": None, "sdpa": None}
     for n in args.lengths:
         row: dict = {"seq_len": n}
