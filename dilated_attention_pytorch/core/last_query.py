@@ -8,6 +8,12 @@ part: one strided view of at most ``ceil(w_i / r_i)`` keys per branch. The
 query window of :mod:`.window` would instead run every query row of the last
 ``lcm(segment_lengths)`` positions and drop all but one. Every key of the
 sequence is at or before ``p``, so causal and non-causal calls are the same.
+
+The branches' keys are put side by side and attended in one softmax, each head
+masked to the branches it takes part in: the lse merge of branches over
+disjoint key sets is one softmax over their union, a key counted once per
+branch that selects it (docs/semantics.md, "Merge"). One call per layer, not
+one per branch, is what a decoding step's launch count needs.
 """
 
 from __future__ import annotations
@@ -17,10 +23,22 @@ import math
 import torch
 from torch import Tensor
 
+from .._cache import BoundedCache
 from .._checks import accumulation_dtype
 from ..kernels.math import attention_lse
-from ..pattern import DilatedPattern, kv_head
-from .merge import merge_by_lse
+from ..pattern import DilatedPattern
+
+#: per (pattern, heads, branch, residue, device): the heads' bias column, 0 or -inf
+_COLUMNS: BoundedCache[Tensor] = BoundedCache(256)
+
+
+def _column(pattern: DilatedPattern, heads: int, branch: int, residue: int, device: torch.device) -> Tensor:
+    def build() -> Tensor:
+        offsets = pattern.branch_offsets(branch, heads)
+        taking = torch.tensor([offset == residue for offset in offsets])
+        return torch.where(taking, 0.0, -math.inf).to(device)
+
+    return _COLUMNS.get((pattern, heads, branch, residue, device), build)
 
 
 def last_query_attention(
@@ -47,36 +65,24 @@ def last_query_attention(
         ``(batch, 1, heads, head_dim_v)`` in the query's dtype, and the lse
         ``(batch, 1, heads)`` (float32, float64 for float64 inputs; -inf where no key).
     """
-    b, _, h, _ = query.shape
-    n, kv_heads = key.shape[1], key.shape[2]
+    h, n = query.shape[2], key.shape[1]
     p = n - 1
     compute = accumulation_dtype(query.dtype)
-    q = query.transpose(1, 2).to(compute)  # (b, h, 1, d)
-    outs, lses = [], []
+    rows, columns = [], []
     for i, (w, r) in enumerate(zip(pattern.segment_lengths, pattern.dilation_rates)):
-        out = q.new_zeros(b, h, 1, value.shape[-1])
-        lse = q.new_full((b, h, 1), -math.inf)
         start = p // w * w
-        offset = (p - start) % r
-        for branch_offset, heads in pattern.branch_heads(i, h):
-            if branch_offset != offset:
-                continue
-            rows = slice(start + offset, n, r)
-            picked = slice(heads.start, heads.stop, heads.step)
-            kv = torch.tensor([kv_head(j, h, kv_heads) for j in heads], device=key.device)
-            # (b, heads, m, d): each query head's key/value head, m <= ceil(w / r) rows
-            k = key[:, rows].index_select(2, kv).transpose(1, 2)
-            v = value[:, rows].index_select(2, kv).transpose(1, 2)
-            bias = None
-            if key_bias is not None:
-                bias = key_bias[:, None, None, rows]
-            if attn_bias is not None:
-                extra = attn_bias[..., rows].expand(b, h, 1, -1)[:, picked]
-                bias = extra if bias is None else bias + extra
-            out[:, picked], lse[:, picked] = attention_lse(
-                q[:, picked], k.to(compute), v.to(compute), bias, False, scale
-            )
-        outs.append(out)
-        lses.append(lse)
-    merged, merged_lse = merge_by_lse(outs, lses)
-    return merged.transpose(1, 2).to(query.dtype), merged_lse.transpose(1, 2)
+        residue = (p - start) % r
+        index = slice(start + residue, n, r)
+        rows.append(index)
+        columns.append(_column(pattern, h, i, residue, query.device).expand(len(range(n)[index]), h))
+    # (b, kv_heads, keys, d): every branch's keys, branch after branch
+    k = torch.cat([key[:, index] for index in rows], 1).transpose(1, 2).to(compute)
+    v = torch.cat([value[:, index] for index in rows], 1).transpose(1, 2).to(compute)
+    bias = torch.cat(columns).T[None, :, None]  # (1, h, 1, keys)
+    if key_bias is not None:
+        bias = bias + torch.cat([key_bias[:, index] for index in rows], 1)[:, None, None]
+    if attn_bias is not None:
+        bias = bias + torch.cat([attn_bias[..., index] for index in rows], -1)
+    q = query.transpose(1, 2).to(compute)  # (b, h, 1, d)
+    out, lse = attention_lse(q, k, v, bias.to(compute), False, scale)
+    return out.transpose(1, 2).to(query.dtype), lse.transpose(1, 2)

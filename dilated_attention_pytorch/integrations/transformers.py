@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 try:
     from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
+    from transformers.cache_utils import Cache, CacheLayerMixin
     from transformers.masking_utils import AttentionMaskInterface
 except ImportError as error:  # pragma: no cover - exercised without the extra
     raise ImportError(
@@ -43,12 +44,15 @@ except ImportError as error:  # pragma: no cover - exercised without the extra
 
 from .._cache import TensorMemo
 from ..core.varlen import cu_seqlens_from_document_ids
+from ..decoding import LayerKVCache
 from ..functional import _dilated_attention, dilated_attention_varlen
 from ..pattern import DilatedPattern, HeadMode
 
 __all__ = [
     "NAME",
     "SUPPORTED_MODEL_TYPES",
+    "DilatedCache",
+    "DilatedCacheLayer",
     "dilated_attention_forward",
     "layer_pattern",
     "padding_mask",
@@ -214,18 +218,28 @@ def padding_mask(
     """The mask transformers passes to :func:`dilated_attention_forward`: the
     bool ``(batch, kv_length)`` padding mask (True = keep), or None when every
     key is kept. No ``(q_length × kv_length)`` mask is built."""
-    if kv_offset != 0 or (isinstance(q_offset, int) and q_offset + q_length != kv_length):
+    if isinstance(q_offset, int) and q_offset + q_length != kv_offset + kv_length:
         raise ValueError(
             "the dilated backend needs the queries to be the last positions of the keys "
-            f"(q_offset + q_length == kv_length, kv_offset == 0), got q_offset = {q_offset}, "
+            f"(q_offset + q_length == kv_offset + kv_length), got q_offset = {q_offset}, "
             f"q_length = {q_length}, kv_length = {kv_length}, kv_offset = {kv_offset}: static or "
-            "sliding caches are not supported, use the default DynamicCache"
+            "sliding caches are not supported, use the default DynamicCache or DilatedCache"
         )
     if attention_mask is None:
         return None
     keep = attention_mask[:, -kv_length:].bool()
     if keep.shape[1] == kv_length and bool(keep.all()):
+        if kv_offset and not bool(attention_mask.all()):
+            raise ValueError(
+                "DilatedCache needs rows without padding (its window starts at the same position in "
+                "every row); generate padded prompts with the default DynamicCache"
+            )
         return None
+    if kv_offset:
+        raise ValueError(
+            "DilatedCache needs rows without padding (its window starts at the same position in "
+            "every row); generate padded prompts with the default DynamicCache"
+        )
     return keep
 
 
@@ -433,6 +447,97 @@ def _padded(
 def _take(x: Tensor, rows: Tensor | None, first: int) -> Tensor:
     """Rows ``rows`` (None: all) of ``x`` from position ``first`` on."""
     return (x if rows is None else x.index_select(0, rows))[:, first:]
+
+
+class DilatedCacheLayer(CacheLayerMixin):
+    """One layer of :class:`DilatedCache`: a :class:`~...decoding.LayerKVCache`
+    (``Σ ceil(w_i / r_i)`` slots per branch and key/value head, whatever the
+    context), handing the attention function the keys of the window that
+    every new query's segments lie in (from the last multiple of
+    ``lcm(segment_lengths)`` on), so any attention function gets exactly the
+    keys the pattern reads."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, pattern: DilatedPattern, num_heads: int, num_kv_heads: int) -> None:
+        super().__init__()
+        self.pattern, self.num_heads, self.num_kv_heads = pattern, num_heads, num_kv_heads
+        self.cache = LayerKVCache(pattern, num_heads, num_kv_heads)
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(
+        self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[Tensor, Tensor]:
+        """``(batch, kv_heads, m, head_dim)`` new keys and values; returns those of
+        the window, the new ones last."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        k, v = key_states.transpose(1, 2), value_states.transpose(1, 2)  # (batch, m, kv_heads, head_dim)
+        if self.cache.length:
+            window_k, window_v = self.cache.window()
+            keys, values = torch.cat([window_k, k], 1), torch.cat([window_v, v], 1)
+        else:
+            keys, values = k, v
+        self.cache.append(k, v)
+        return keys.transpose(1, 2), values.transpose(1, 2)
+
+    def _window_start(self) -> int:
+        return self.cache.window_start() if self.cache.length else 0
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        start = self._window_start()
+        return self.cache.length - start + query_length, start
+
+    def get_seq_length(self) -> int:
+        return self.cache.length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.cache = LayerKVCache(self.pattern, self.num_heads, self.num_kv_heads)
+        self.is_initialized = False
+
+    def nbytes(self) -> int:
+        return self.cache.nbytes()
+
+    def _unsupported(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError(
+            "DilatedCache keeps only what the pattern reads: beam search, cropping (assisted decoding) "
+            "and repeating rows are not supported; use the default DynamicCache"
+        )
+
+    reorder_cache = crop = batch_repeat_interleave = batch_select_indices = _unsupported
+    offload = prefetch = _unsupported
+
+
+class DilatedCache(Cache):
+    """A constant-size key/value cache for a model with the dilated backend:
+    ``model.generate(ids, past_key_values=DilatedCache(model.config))``.
+
+    Per layer it holds ``Σ_i ceil(w_i / r_i)`` positions per branch and key/value
+    head (:class:`~...decoding.LayerKVCache`), so memory stays the same however
+    long the context grows. Rows must not be padded (every row's window starts
+    at the same position); generate padded batches with the default cache.
+    """
+
+    def __init__(self, config: PretrainedConfig) -> None:
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        layers = [
+            DilatedCacheLayer(layer_pattern(config, i), heads, kv_heads)
+            for i in range(config.num_hidden_layers)
+        ]
+        super().__init__(layers=layers)
+
+    def nbytes(self) -> int:
+        """Bytes of every layer's buffers (constant once the first tokens are written)."""
+        return sum(layer.nbytes() for layer in self.layers)
 
 
 AttentionInterface.register(NAME, dilated_attention_forward)

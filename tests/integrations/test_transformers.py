@@ -110,7 +110,7 @@ def _batch(seed=3, batch=3, n=21):
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (batch, n), generator=gen)
     left = torch.ones(batch, n, dtype=torch.long)
-    left[1, :6] = 0
+    left[min(1, batch - 1), :6] = 0
     left[-1, :11] = 0
     right = torch.ones(batch, n, dtype=torch.long)
     right[0, 15:] = 0
@@ -244,6 +244,51 @@ def test_sampled_generate_scores_equal_a_forward_of_its_tokens():
         for step, step_logits in enumerate(result.logits):
             expected = logits[n - start - 1 + step].float()  # generate returns float32 logits
             assert_close(step_logits[row], expected, torch.float32, f"row {row} step {step}")
+
+
+@pytest.mark.parametrize("family,head_mode", [("llama", "grouped"), ("qwen2", "all")])
+def test_dilated_cache_generates_what_the_full_cache_does(family, head_mode):
+    """The constant-size cache: the same tokens and scores as the default cache,
+    over prompts and continuations that cross several windows."""
+    (model,) = _models(family, ["dilated"])
+    dilated_hf.set_dilated_attention(model, [4, 8, 12], [1, 2, 3], head_mode=head_mode)
+    ids = _batch(batch=2, n=29)[0]
+    kw = {"max_new_tokens": 30, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
+    kw.update(output_scores=True, return_dict_in_generate=True)
+    full = model.generate(ids, **kw)
+    cache = dilated_hf.DilatedCache(model.config)
+    constant = model.generate(ids, past_key_values=cache, **kw)
+    assert torch.equal(constant.sequences, full.sequences)
+    for step, (a, b) in enumerate(zip(constant.scores, full.scores)):
+        assert_close(a, b, torch.float32, f"step {step} scores")
+    assert cache.get_seq_length() == 29 + 30 - 1
+
+
+def test_dilated_cache_memory_does_not_grow_with_the_context():
+    (model,) = _models("llama", ["dilated"])
+    ids = _batch(batch=1, n=16)[0]
+    sizes = []
+    for new_tokens in (2, 40):
+        cache = dilated_hf.DilatedCache(model.config)
+        model.generate(ids, past_key_values=cache, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        sizes.append(cache.nbytes())
+    # 2 layers x (keys, values) x (4 + ceil(8 / 2)) slots x one pair per branch x head_dim 8 x float64
+    assert sizes[0] == sizes[1] == 2 * 2 * (4 + 4) * 1 * 8 * 8
+
+
+def test_dilated_cache_refuses_padding_and_beam_search():
+    (model,) = _models("llama", ["dilated"])
+    ids, masks = _batch(n=30)
+    with pytest.raises(ValueError, match="DilatedCache needs rows without padding"):
+        model.generate(
+            ids, attention_mask=masks["left"], past_key_values=dilated_hf.DilatedCache(model.config),
+            max_new_tokens=12, do_sample=False, pad_token_id=0,
+        )  # fmt: skip
+    with pytest.raises(NotImplementedError, match="beam search"):
+        model.generate(
+            ids, past_key_values=dilated_hf.DilatedCache(model.config), max_new_tokens=3, num_beams=2,
+            do_sample=False, pad_token_id=0,
+        )  # fmt: skip
 
 
 def _documents(lengths, seed=5):
