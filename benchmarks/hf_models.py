@@ -99,17 +99,28 @@ def train_step(model: transformers.LlamaForCausalLM, n: int, device: torch.devic
 
 
 def generation(
-    model: transformers.LlamaForCausalLM, context: int, new_tokens: int, device: torch.device
+    model: transformers.LlamaForCausalLM,
+    context: int,
+    new_tokens: int,
+    device: torch.device,
+    constant_cache: bool = False,
 ) -> dict:
+    """Greedy decoding after a ``context`` prompt, with the default cache or
+    (``constant_cache``) :class:`DilatedCache`."""
     model.eval()
     ids = torch.randint(3, model.config.vocab_size, (1, context), device=device)
     kw = {"do_sample": False, "pad_token_id": 0, "eos_token_id": None, "min_new_tokens": 0}
+
+    def new_cache() -> transformers.Cache | None:
+        return dilated_hf.DilatedCache(model.config) if constant_cache else None
 
     def run(count: int) -> tuple[float, object]:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=count, return_dict_in_generate=True, **kw)
+        out = model.generate(
+            ids, max_new_tokens=count, return_dict_in_generate=True, past_key_values=new_cache(), **kw
+        )
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - t0, out
@@ -118,27 +129,36 @@ def generation(
         run(2)  # warm-up
         prefill_s, _ = run(1)
         total_s, out = run(new_tokens)
-        step_ms = decode_step_ms(model, ids, new_tokens, device)
+        step_ms = decode_step_ms(model, ids, new_tokens, device, new_cache())
     cache = out.past_key_values
-    cache_bytes = sum(
-        t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
-    )
+    if constant_cache:
+        cache_bytes = cache.nbytes()
+    else:
+        cache_bytes = sum(
+            t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
+        )
     decode_s = total_s - prefill_s
     return {
         "context": context,
         "new_tokens": new_tokens,
+        "cache": "DilatedCache" if constant_cache else "DynamicCache",
         "prefill_s": prefill_s,
         "decode_tokens_per_s": (new_tokens - 1) / decode_s,
         "decode_forward_ms": step_ms,
+        "cache_bytes": cache_bytes,
         "cache_bytes_per_context_token": cache_bytes / (context + new_tokens),
     }
 
 
 def decode_step_ms(
-    model: transformers.LlamaForCausalLM, ids: torch.Tensor, steps: int, device: torch.device
+    model: transformers.LlamaForCausalLM,
+    ids: torch.Tensor,
+    steps: int,
+    device: torch.device,
+    cache: transformers.Cache | None = None,
 ) -> float:
     """Median time of one cached forward of one token (no sampling, no generate loop)."""
-    out = model(ids, use_cache=True)
+    out = model(ids, use_cache=True, past_key_values=cache)
     cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
     times = []
     for _ in range(steps):
@@ -212,6 +232,9 @@ def main(argv: list[str] | None = None) -> dict:
         result["generate"] = {
             name: generation(m, args.context, args.new_tokens, device) for name, m in models.items()
         }
+        result["generate"]["dilated_constant_cache"] = generation(
+            models["dilated"], args.context, args.new_tokens, device, constant_cache=True
+        )
         print(json.dumps(result["generate"]), flush=True)
     if args.output:
         args.output.write_text(json.dumps(result, indent=1))

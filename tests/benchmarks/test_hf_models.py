@@ -23,6 +23,7 @@ def test_tiny_cpu_run_writes_its_record(tmp_path) -> None:
     record = json.loads(out.read_text())
     row = record["train"][0]
     assert row["seq_len"] == 64 and row["dilated"]["step_ms"] > 0 and row["sdpa"]["step_ms"] > 0
-    for name in ("dilated", "sdpa"):
+    assert record["generate"]["dilated_constant_cache"]["cache"] == "DilatedCache"
+    for name in ("dilated", "sdpa", "dilated_constant_cache"):
         generated = record["generate"][name]
         assert generated["decode_tokens_per_s"] > 0 and generated["cache_bytes_per_context_token"] > 0
