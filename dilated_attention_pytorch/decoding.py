@@ -135,14 +135,16 @@ class LayerKVCache:
         period = math.lcm(*self.pattern.segment_lengths)
         return (self.length // period) * period
 
-    def window(self, start: int | None = None) -> tuple[Tensor, Tensor]:
+    def window(self, start: int | None = None, next_query_only: bool = False) -> tuple[Tensor, Tensor]:
         """Keys and values of positions ``start .. length - 1`` (default
         :meth:`window_start`), ``(batch, length - start, heads, head_dim)``: every
         position a causal query at ``length`` or later can still read is filled
         (from whichever branch keeps it), the rest are zeros no such query reads;
         ``kv_heads`` heads. With the new positions' keys appended after it, it is
         the key sequence of a chunk of queries that continues the cache (chunked
-        prefill)."""
+        prefill). ``next_query_only``: fill only the positions the query at
+        ``length`` reads (its residue in each branch; a decoding step), the rest
+        stay zeros."""
         if not self.keys:
             raise ValueError("the cache is empty: nothing to continue from")
         start = self.window_start() if start is None else start
@@ -156,7 +158,8 @@ class LayerKVCache:
             segment_start = (n // w) * w
             if segment_start == n:  # position n starts a segment: nothing kept is read again
                 continue
-            for residue in range(r):
+            residues = [(n - segment_start) % r] if next_query_only else range(r)
+            for residue in residues:
                 selected = self._residues[i].get(residue)
                 span = self._residue_span(0, n - segment_start, residue, r)
                 if selected is None or span is None:

@@ -271,6 +271,30 @@ def test_window_holds_only_what_later_queries_read() -> None:
 
 
 @pytest.mark.parametrize("head_mode", ["grouped", "all"])
+def test_next_query_window_holds_what_the_next_query_reads(head_mode: str) -> None:
+    """``next_query_only``: at every length, the keys the query at ``length`` reads
+    are there with their true values, every other position is zero."""
+    from dilated_attention_pytorch.reference import branch_mask
+
+    pattern = DilatedPattern((4, 6, 12), (1, 2, 3), head_mode)
+    heads, total = 6, 40
+    keys = torch.randn(1, total, 2, 3, dtype=torch.float64)
+    cache = LayerKVCache(pattern, heads, 2)
+    for n in range(1, total):
+        cache.append(keys[:, n - 1 : n], keys[:, n - 1 : n])
+        start = cache.window_start()
+        window, _ = cache.window(next_query_only=True)
+        read = torch.zeros(n - start, 2, dtype=torch.bool)
+        for i in range(pattern.num_branches):
+            mask = branch_mask(pattern, i, n + 1, heads)[:, n, start:n]  # (heads, keys) of query n
+            for head in range(heads):
+                read[:, head // 3] |= mask[head]
+        filled = window[0].abs().sum(-1) > 0
+        assert torch.equal(filled, read), n
+        assert torch.equal(window[0][filled], keys[0, start:n][filled])
+
+
+@pytest.mark.parametrize("head_mode", ["grouped", "all"])
 @pytest.mark.parametrize("kv_heads", [1, 2, 3, 6])
 def test_cache_holds_key_value_heads_not_query_heads(head_mode: str, kv_heads: int) -> None:
     """One decoding step at a time equals the reference's last rows, and the cache

@@ -479,7 +479,8 @@ class DilatedCacheLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         k, v = key_states.transpose(1, 2), value_states.transpose(1, 2)  # (batch, m, kv_heads, head_dim)
         if self.cache.length:
-            window_k, window_v = self.cache.window()
+            # one new query reads one residue per branch
+            window_k, window_v = self.cache.window(next_query_only=k.shape[1] == 1)
             keys, values = torch.cat([window_k, k], 1), torch.cat([window_v, v], 1)
         else:
             keys, values = k, v
