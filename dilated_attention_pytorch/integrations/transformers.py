@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -300,7 +300,11 @@ def _refuse_options(module: nn.Module, kwargs: dict[str, Any]) -> None:
         raise ValueError("attention sinks (s_aux) are not supported by the dilated backend")
     if kwargs.get("cache") is not None:
         raise ValueError("paged caches (continuous batching) are not supported by the dilated backend")
-    _check_config(module.config)
+    _check_config(_config(module))
+
+
+def _config(module: nn.Module) -> PretrainedConfig:
+    return cast(PretrainedConfig, module.config)
 
 
 def dilated_attention_forward(
@@ -335,7 +339,8 @@ def dilated_attention_forward(
         ``((batch, seq_q, heads, head_dim), None)``: no attention weights.
     """
     _refuse_options(module, kwargs)
-    pattern = layer_pattern(module.config, getattr(module, "layer_idx", None))
+    config = _config(module)
+    pattern = layer_pattern(config, getattr(module, "layer_idx", None))
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
     if attention_mask is not None and (
         not isinstance(attention_mask, Tensor)
@@ -363,14 +368,15 @@ def dilated_attention_forward(
             "the dilated backend runs self-attention: a non-causal call with seq_q != seq_k "
             f"({seq_q} != {seq_k}) is cross-attention, which it does not support"
         )
-    kw = {"dropout_p": float(dropout), "softmax_scale": scaling}
-    detect = module.config.dilated_attention.get("detect_packed_sequences", True)
+    kw = _Options(float(dropout), scaling)
+    detect = getattr(config, CONFIG_KEY).get("detect_packed_sequences", True)
     documents = _packing(kwargs, attention_mask, b, seq_q, seq_k, detect)
     if documents is not None:
         cu_seqlens, max_seqlen = documents
         out = dilated_attention_varlen(
-            q[0], k[0], v[0], cu_seqlens, max_seqlen, pattern, is_causal=causal, **kw
-        )
+            q[0], k[0], v[0], cu_seqlens, max_seqlen, pattern, is_causal=causal, dropout_p=kw.dropout_p,
+            softmax_scale=kw.softmax_scale,
+        )  # fmt: skip
         return out[None], None
     if attention_mask is None:
         return _call(q, k, v, None, pattern, causal, kw), None
@@ -381,18 +387,30 @@ def dilated_attention_forward(
     return _padded(q, k, v, attention_mask, pattern, causal, kw), None
 
 
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    dropout_p: float
+    softmax_scale: float | None
+
+
 def _call(
-    q: Tensor, k: Tensor, v: Tensor, ignore: Tensor | None, pattern: DilatedPattern, causal: bool, kw: dict
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    ignore: Tensor | None,
+    pattern: DilatedPattern,
+    causal: bool,
+    kw: _Options,
 ) -> Tensor:
     return _dilated_attention(
-        q, k, v, pattern, causal, ignore, None, kw["dropout_p"], kw["softmax_scale"], "fused", None,
+        q, k, v, pattern, causal, ignore, None, kw.dropout_p, kw.softmax_scale, "fused", None,
         warn_layout=False,
     )  # fmt: skip
 
 
 def _packing(
     kwargs: dict[str, Any], attention_mask: Tensor | None, batch: int, seq_q: int, seq_k: int, detect: bool
-) -> tuple[Tensor, int] | None:
+) -> tuple[Tensor, int | None] | None:
     """Packed documents of a call: the flash-attention kwargs, or position ids that restart."""
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if cu_q is not None or cu_k is not None:
@@ -414,7 +432,7 @@ def _packing(
 
 
 def _padded(
-    q: Tensor, k: Tensor, v: Tensor, keep: Tensor, pattern: DilatedPattern, causal: bool, kw: dict
+    q: Tensor, k: Tensor, v: Tensor, keep: Tensor, pattern: DilatedPattern, causal: bool, kw: _Options
 ) -> Tensor:
     """Rows grouped by where they start; each group's keys from its start on
     (its positions count from there), queries before the start give zeros."""
@@ -530,7 +548,7 @@ class DilatedCache(Cache):
     def __init__(self, config: PretrainedConfig) -> None:
         heads = config.num_attention_heads
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        layers = [
+        layers: list[Any] = [
             DilatedCacheLayer(layer_pattern(config, i), heads, kv_heads)
             for i in range(config.num_hidden_layers)
         ]
@@ -538,7 +556,7 @@ class DilatedCache(Cache):
 
     def nbytes(self) -> int:
         """Bytes of every layer's buffers (constant once the first tokens are written)."""
-        return sum(layer.nbytes() for layer in self.layers)
+        return sum(layer.nbytes() for layer in self.layers if isinstance(layer, DilatedCacheLayer))
 
 
 AttentionInterface.register(NAME, dilated_attention_forward)
