@@ -129,6 +129,19 @@ def test_registered_names():
     assert model.config._attn_implementation == "dilated"
 
 
+def test_the_mask_function_never_builds_a_dense_mask():
+    """At a million tokens the mask transformers hands the backend is the 2-D
+    padding mask or nothing, never (n x n)."""
+    n = 1 << 20
+    keep = torch.ones(1, n, dtype=torch.bool)
+    assert dilated_hf.padding_mask(1, n, n, attention_mask=keep) is None
+    keep[0, :7] = False
+    mask = dilated_hf.padding_mask(1, n, n, attention_mask=keep)
+    assert mask.shape == (1, n) and mask.dtype == torch.bool and not mask[0, :7].any()
+    # a decoding step: one query, the whole context of keys
+    assert dilated_hf.padding_mask(1, 1, n, q_offset=n - 1, attention_mask=keep).shape == (1, n)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("padding", ["none", "left", "right"])
 @pytest.mark.parametrize("other", ["sdpa", "eager"])
