@@ -26,6 +26,7 @@ from ..sparse.block_mask import CACHE, gathered_block_mask
 from .all_gather import GatherRowsFunction
 from .checks import Exchange, check_call, check_exchange, check_geometry, describe_call, group_of
 from .geometry import Span, local_calls, spans
+from .plan import auto_exchange
 from .ulysses import head_parallel_reasons, ulysses_attention
 
 
@@ -83,6 +84,11 @@ def ring_dilated_attention(
     or ``"ring"``, across nodes), so the head count does not cap the ranks.
     The rank with index ``i`` in ``ring_group`` and ``j`` in ``process_group``
     holds sequence shard ``i · |process_group| + j``.
+
+    ``"auto"``: the strategy whose busiest rank sends the fewest bytes
+    (:func:`~.plan.plan_communication`) among those this call can run, whose
+    exchanged data fits half the free memory of the fullest GPU (on CUDA);
+    :func:`~.plan.explain_exchange` says why.
     """
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
@@ -106,8 +112,8 @@ def ring_dilated_attention(
         )
         if ring_group is not None and exchange != "ulysses":
             raise ValueError(f"ring_group needs exchange='ulysses' (the hybrid), got exchange={exchange!r}")
-        if ring_group is not None and check_exchange(ring_exchange) == "ulysses":
-            raise ValueError("ring_exchange must be 'all_gather' or 'ring', got 'ulysses'")
+        if ring_group is not None and check_exchange(ring_exchange) in ("ulysses", "auto"):
+            raise ValueError(f"ring_exchange must be 'all_gather' or 'ring', got {ring_exchange!r}")
         if exchange == "ulysses":
             reasons = head_parallel_reasons(shape[2], key.shape[2], world)
             if reasons:
@@ -148,6 +154,20 @@ def ring_dilated_attention(
     world = dist.get_world_size(process_group)
     rank = dist.get_rank(process_group)
     b, shard, h, _ = shape
+    if exchange == "auto":  # the same choice on every rank: it depends on the checked call only
+        exchange = auto_exchange(
+            pattern,
+            shard * world,
+            world,
+            shape,
+            key.shape[2],
+            query.dtype,
+            is_causal,
+            key_bias is not None,
+            method == "fused" and dropout_p == 0.0 and layout is None,
+            process_group,
+            query.device,
+        ).strategy  # type: ignore[assignment]
     seq = shard * world
     if exchange == "ulysses":
 

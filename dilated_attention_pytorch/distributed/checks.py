@@ -12,10 +12,10 @@ from torch import Tensor
 
 from ..pattern import DilatedPattern
 
-Exchange = Literal["all_gather", "ring", "ulysses"]
+Exchange = Literal["all_gather", "ring", "ulysses", "auto"]
 
 
-EXCHANGES: tuple[str, ...] = ("all_gather", "ring", "ulysses")
+EXCHANGES: tuple[str, ...] = ("all_gather", "ring", "ulysses", "auto")
 
 
 def collective_device(group: dist.ProcessGroup | None) -> torch.device:

@@ -61,7 +61,9 @@ def test_ring_exchange_is_checked():
         lambda: RingDilatedAttention([8], [1], exchange="rotate"),
         lambda: RingMultiheadDilatedAttention(8, 2, segment_lengths=[8], dilation_rates=[1], exchange="x"),
     ):
-        with pytest.raises(ValueError, match=r"exchange must be one of \('all_gather', 'ring', 'ulysses'\)"):
+        with pytest.raises(
+            ValueError, match=r"exchange must be one of \('all_gather', 'ring', 'ulysses', 'auto'\)"
+        ):
             make()
 
 
