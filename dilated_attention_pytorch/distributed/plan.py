@@ -15,6 +15,7 @@ heads, less its own shard).
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -259,40 +260,27 @@ def choose_exchange(plans: list[CommunicationPlan], max_held_bytes: int | None =
 
 
 def candidate_plans(
-    pattern: DilatedPattern,
-    seq_len: int,
-    world: int,
-    *,
-    heads: int,
-    head_dim: int,
-    kv_heads: int | None = None,
-    batch: int = 1,
-    dtype: torch.dtype = torch.bfloat16,
-    is_causal: bool = False,
-    key_padding: bool = False,
-    ring: bool = True,
+    pattern: DilatedPattern, seq_len: int, world: int, *, ring: bool = True, **call: Any
 ) -> list[CommunicationPlan]:
-    """The plans of every strategy this call can run (``ring``: the fused path,
-    where the ring differs from the all-gather), in the order ties are broken."""
+    """The plans of every strategy this call can run, in the order ties are
+    broken; ``call``: :func:`plan_communication`'s keywords (``heads``,
+    ``head_dim``, ...); ``ring``: the fused path, where the ring differs from
+    the all-gather."""
     plans = []
     for strategy in ("ulysses", "all_gather", "ring") if ring else ("ulysses", "all_gather"):
         try:
-            plan = plan_communication(
-                pattern, seq_len, world, strategy, heads=heads, head_dim=head_dim, kv_heads=kv_heads,
-                batch=batch, dtype=dtype, is_causal=is_causal, key_padding=key_padding,
-            )  # fmt: skip
+            plans.append(plan_communication(pattern, seq_len, world, strategy, **call))
         except ValueError:  # heads or segments that do not fit this world
             continue
-        plans.append(plan)
     return plans
 
 
 def explain_exchange(
-    pattern: DilatedPattern, seq_len: int, world: int, max_held_bytes: int | None = None, **kwargs: object
+    pattern: DilatedPattern, seq_len: int, world: int, max_held_bytes: int | None = None, **call: Any
 ) -> str:
     """What ``exchange="auto"`` picks for these arguments (those of
     :func:`candidate_plans`) and every candidate's bytes."""
-    plans = candidate_plans(pattern, seq_len, world, **kwargs)  # type: ignore[arg-type]
+    plans = candidate_plans(pattern, seq_len, world, **call)
     if not plans:
         return "no strategy can run: heads and segment lengths fit no exchange on this world"
     best = choose_exchange(plans, max_held_bytes)
