@@ -26,6 +26,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import Timer
 
 from dilated_attention_pytorch.integrations import transformers as dilated_hf
 
@@ -56,25 +59,6 @@ def build(attn: str, device: torch.device, dtype: torch.dtype, config: dict) -> 
     return model
 
 
-def _median_ms(fn, device: torch.device, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times)
-
-
 def train_step(model: transformers.LlamaForCausalLM, n: int, device: torch.device, repeats: int) -> dict:
     ids = torch.randint(0, model.config.vocab_size, (1, n), device=device)
     model.train()
@@ -87,7 +71,7 @@ def train_step(model: transformers.LlamaForCausalLM, n: int, device: torch.devic
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        ms = _median_ms(step, device, 1, repeats)
+        ms = Timer(device, warmup=1, repeats=repeats)(step)
         row = {"step_ms": ms, "tokens_per_s": n / ms * 1e3}
         if device.type == "cuda":
             row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30

@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -34,7 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_longnet_lm import RecallTask, plot, progress
+from train_longnet_lm import RecallTask, fit, plot
 
 import dilated_attention_pytorch.integrations.transformers as dilated_hf
 
@@ -106,39 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
     task = RecallTask(args.seq_len, args.num_queries, needle)
     model = build_model(args, task.vocab_size, device)
     amp = device.type == "cuda"
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * s / args.steps))
-    )
-    generator = torch.Generator().manual_seed(args.seed + 1)
-    losses, accuracies = [], []
-    model.train()
-    start = time.perf_counter()
-    for _ in progress(range(args.steps), args.steps, f"train ({args.attn})"):
-        ids, answer = task.batch(args.batch_size, generator, device)
-        loss, accuracy = loss_and_accuracy(model, task, ids, answer, amp)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-        accuracies.append(accuracy.item())
-    train_seconds = time.perf_counter() - start
-
-    model.eval()
-    held_out = torch.Generator().manual_seed(10_000 + args.seed)
-    with torch.no_grad():
-        correct = [
-            loss_and_accuracy(model, task, *task.batch(args.batch_size, held_out, device), amp)[1].item()
-            for _ in range(args.eval_batches)
-        ]
-    result = {
-        "losses": losses,
-        "train_accuracies": accuracies,
-        "final_accuracy": sum(correct) / len(correct),
-        "chance_accuracy": 1 / task.num_values,
-        "train_seconds": train_seconds,
+    result = fit(model, task, args, device, loss_and_accuracy, amp, f"train ({args.attn})")
+    result |= {
         "parameters": sum(p.numel() for p in model.parameters()),
         "attn_implementation": model.config._attn_implementation,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

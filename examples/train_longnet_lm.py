@@ -114,16 +114,27 @@ def train(args: argparse.Namespace, device: torch.device) -> dict:
         device=device,
     )
     amp = device.type == "cuda" and not args.fp32
+    result = fit(model, task, args, device, loss_and_accuracy, amp, "train")
+    result["parameters"] = sum(p.numel() for p in model.parameters())
+    return result
+
+
+def fit(
+    model, task: RecallTask, args: argparse.Namespace, device: torch.device, step, amp: bool, desc: str
+) -> dict:
+    """AdamW with warm-up and cosine decay for ``args.steps`` steps of ``step(model,
+    task, ids, answer, amp) -> (loss, accuracy)``, then held-out accuracy."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * s / args.steps))
     )
     generator = torch.Generator().manual_seed(args.seed + 1)
     losses, accuracies = [], []
+    model.train()
     start = time.perf_counter()
-    for _ in progress(range(args.steps), args.steps, "train"):
+    for _ in progress(range(args.steps), args.steps, desc):
         ids, answer = task.batch(args.batch_size, generator, device)
-        loss, accuracy = loss_and_accuracy(model, task, ids, answer, amp)
+        loss, accuracy = step(model, task, ids, answer, amp)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -139,14 +150,13 @@ def train(args: argparse.Namespace, device: torch.device) -> dict:
     with torch.no_grad():
         for _ in range(args.eval_batches):
             ids, answer = task.batch(args.batch_size, held_out, device)
-            correct.append(loss_and_accuracy(model, task, ids, answer, amp)[1].item())
+            correct.append(step(model, task, ids, answer, amp)[1].item())
     return {
         "losses": losses,
         "train_accuracies": accuracies,
         "final_accuracy": sum(correct) / len(correct),
         "chance_accuracy": 1 / task.num_values,
         "train_seconds": train_seconds,
-        "parameters": sum(p.numel() for p in model.parameters()),
     }
 
 
