@@ -197,3 +197,35 @@ def test_planned_bytes_of_the_hybrid_on_a_2x2_mesh(tmp_path):
                 assert (forward, backward) == (plan.forward[index], plan.backward[index]), (
                     ring_exchange, causal, index,
                 )  # fmt: skip
+
+
+def _run_auto_on_nccl(rank: int, world: int, init_file: str, results: dict) -> None:
+    torch.cuda.set_device(rank)
+    init(rank, world, init_file, "nccl")
+    try:
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (
+            torch.randn(1, 2048, 8, 64, device="cuda", generator=gen, dtype=torch.bfloat16) for _ in "qkv"
+        )
+        pattern = DilatedPattern((512, 2048), (1, 4))
+        out = ring_dilated_attention(q, k, v, pattern, is_causal=True, exchange="auto")
+        single = dilated_attention_single(q, k, v, pattern)
+        results[rank] = (out.float() - single.float()).abs().max().item()
+    finally:
+        dist.destroy_process_group()
+
+
+def dilated_attention_single(q, k, v, pattern):
+    from dilated_attention_pytorch import dilated_attention
+
+    return dilated_attention(q, k, v, pattern, is_causal=True)
+
+
+@pytest.mark.gpu
+def test_auto_takes_its_memory_budget_over_nccl(tmp_path):
+    """On CUDA, "auto" reads the free memory of every GPU of the group (one
+    all-reduce on NCCL) before it picks; one GPU here (a group of one)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    results = spawn(_run_auto_on_nccl, 1, tmp_path)
+    assert results[0] == 0.0
