@@ -228,4 +228,4 @@ def test_auto_takes_its_memory_budget_over_nccl(tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     results = spawn(_run_auto_on_nccl, 1, tmp_path)
-    assert results[0] == 0.0
+    assert results[0] <= 1e-2  # the same bf16 function (a group of one exchanges nothing)
