@@ -346,6 +346,7 @@ def test_training_step_gradient_checkpointing_and_autocast():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in dilated.parameters())
 
 
+@pytest.mark.slow  # torch.compile of a whole model
 def test_torch_compile_of_the_model():
     (model,) = _models("llama", ["dilated"], dtype=torch.float32)
     ids, _ = _batch(batch=2, n=24)
