@@ -26,6 +26,7 @@ each start their own pattern.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
@@ -435,15 +436,19 @@ def _padded(
     q: Tensor, k: Tensor, v: Tensor, keep: Tensor, pattern: DilatedPattern, causal: bool, kw: _Options
 ) -> Tensor:
     """Rows grouped by where they start; each group's keys from its start on
-    (its positions count from there), queries before the start give zeros."""
+    (its positions count from there), queries before the start give zeros.
+    Rows that start at different places and keep every key after their start
+    (left padding, a prefill) run as packed documents, one varlen call."""
     rows = _rows_of(keep)
     b, seq_q, h, _ = q.shape
     seq_k = k.shape[1]
-    out = q.new_zeros(b, seq_q, h, v.shape[-1])
     groups: dict[int, list[int]] = {}
     for row, start in enumerate(rows.starts):
         if start >= 0:
             groups.setdefault(start, []).append(row)
+    if seq_q == seq_k and len(groups) > 1 and all(rows.dense[r] for m in groups.values() for r in m):
+        return _as_documents(q, k, v, rows.starts, pattern, causal, kw)
+    out = q.new_zeros(b, seq_q, h, v.shape[-1])
     for start, members in groups.items():
         first_query = max(0, start - (seq_k - seq_q))
         if first_query >= seq_q:
@@ -460,6 +465,23 @@ def _padded(
         else:
             out[index, first_query:] = result
     return out
+
+
+def _as_documents(
+    q: Tensor, k: Tensor, v: Tensor, starts: list[int], pattern: DilatedPattern, causal: bool, kw: _Options
+) -> Tensor:
+    """Each row's tokens from its start on as one document of a packed call."""
+    b, n, h, _ = q.shape
+    spans = [(row, start) for row, start in enumerate(starts) if start >= 0]
+    index = torch.cat([torch.arange(row * n + start, (row + 1) * n) for row, start in spans]).to(q.device)
+    bounds = [0, *itertools.accumulate(n - start for _, start in spans)]
+    cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=q.device)
+    q_docs, k_docs, v_docs = (x.flatten(0, 1).index_select(0, index) for x in (q, k, v))
+    out = dilated_attention_varlen(
+        q_docs, k_docs, v_docs, cu_seqlens, max(n - start for _, start in spans), pattern, is_causal=causal,
+        dropout_p=kw.dropout_p, softmax_scale=kw.softmax_scale,
+    )  # fmt: skip
+    return out.new_zeros(b * n, h, v.shape[-1]).index_copy(0, index, out).view(b, n, h, v.shape[-1])
 
 
 def _take(x: Tensor, rows: Tensor | None, first: int) -> Tensor:

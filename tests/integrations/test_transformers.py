@@ -380,6 +380,24 @@ def test_packed_detection_can_be_switched_off():
     assert (detected[0, 9:] - one_row[0, 9:]).abs().max() > 1e-3  # one sequence: no document bounds
 
 
+def test_left_padded_rows_run_as_one_packed_call(monkeypatch):
+    """A left-padded batch (a prefill) runs its rows as documents of one varlen
+    call per layer, not one call per distinct start."""
+    calls = []
+    original = dilated_hf.dilated_attention_varlen
+
+    def spy(query, *args, **kwargs):
+        calls.append((query.shape[0], tuple(args[2].tolist())))
+        return original(query, *args, **kwargs)
+
+    monkeypatch.setattr(dilated_hf, "dilated_attention_varlen", spy)
+    (model,) = _models("llama", ["dilated"])
+    ids, masks = _batch()
+    model(ids, attention_mask=masks["left"])
+    n = ids.shape[1]
+    assert calls == [(3 * n - 6 - 11, (0, n, 2 * n - 6, 3 * n - 17))] * 2  # one per layer
+
+
 def test_grouped_query_heads_are_not_repeated(monkeypatch):
     """The backend hands the core key/value with kv_heads heads."""
     seen = []
