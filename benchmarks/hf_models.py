@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -143,22 +142,13 @@ def decode_step_ms(
 ) -> float:
     """Median time of one cached forward of one token (no sampling, no generate loop)."""
     out = model(ids, use_cache=True, past_key_values=cache)
-    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    times = []
-    for _ in range(steps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            out = model(token, past_key_values=cache, use_cache=True)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            out = model(token, past_key_values=cache, use_cache=True)
-            times.append(1e3 * (time.perf_counter() - t0))
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    return statistics.median(times[1:] or times)
+    state = {"cache": out.past_key_values, "token": out.logits[:, -1:].argmax(-1)}
+
+    def step() -> None:  # each step decodes the previous one's token
+        out = model(state["token"], past_key_values=state["cache"], use_cache=True)
+        state["cache"], state["token"] = out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+    return Timer(device, warmup=1, repeats=max(1, steps - 1))(step)
 
 
 def main(argv: list[str] | None = None) -> dict:

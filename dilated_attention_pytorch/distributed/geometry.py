@@ -41,6 +41,18 @@ class Span:
     query_start: int  # sequence position of the first selected query
 
 
+def segment_members(call: BranchCall, rank: int, shard: int) -> tuple[int, list[int]] | None:
+    """The segment of a spanning ``call`` that ``rank``'s shard lies in and the
+    ranks that share it, in sequence order; None if the shard is outside the call."""
+    w = call.segment_length
+    my_start = rank * shard
+    if not (call.start <= my_start < call.start + call.num_segments * w):
+        return None
+    segment = (my_start - call.start) // w
+    first_member = (call.start + segment * w) // shard
+    return segment, list(range(first_member, first_member + w // shard))
+
+
 def row_positions(call: BranchCall, segment: int, member: int, shard: int, device: torch.device) -> Tensor:
     """Sequence positions of ``member``'s selected rows of one segment."""
     first, count = selection(call, segment, member, shard)
@@ -62,13 +74,11 @@ def spans(
     ranks = group_ranks(group)
     found = []
     for tag, call in enumerate(calls):
-        w = call.segment_length
-        my_start = rank * shard
-        if not (call.start <= my_start < call.start + call.num_segments * w):
+        found_segment = segment_members(call, rank, shard)
+        if found_segment is None:
             continue
-        segment = (my_start - call.start) // w
-        first_member = (call.start + segment * w) // shard
-        members = list(range(first_member, first_member + w // shard))
+        segment, members = found_segment
+        my_start = rank * shard
         first, count = selection(call, segment, rank, shard)
         local = dataclasses.replace(
             call, start=0, offset=first, segment_length=shard, num_segments=1, length=count

@@ -21,10 +21,10 @@ import torch
 import torch.distributed as dist
 
 from .._checks import accumulation_dtype
-from ..pattern import BranchCall, DilatedPattern
+from ..pattern import DilatedPattern
 from .balance import plan_balance
 from .checks import check_geometry, collective_device
-from .geometry import selection
+from .geometry import segment_members, selection
 from .ulysses import head_parallel_reasons
 
 #: the strategies :func:`plan_communication` plans ("hybrid": Ulysses over the
@@ -176,11 +176,12 @@ def _sequence(
     shard = seq // world
     forward, back, held = _check(world), 0, 0
     for call in pattern.calls(seq, s.heads):
-        w = call.segment_length
-        start = rank * shard
-        if w <= shard or not call.start <= start < call.start + call.num_segments * w:
+        found = segment_members(call, rank, shard) if call.segment_length > shard else None
+        if found is None:
             continue
-        counts, me = _members(call, rank, shard)
+        segment, members = found
+        counts = [selection(call, segment, j, shard)[1] for j in members]
+        me = members.index(rank)
         row = s.batch * call.num_heads * s.head_dim * s.elem  # one row of keys (or values)
         m = len(counts)
         if strategy == "all_gather":
@@ -205,15 +206,6 @@ def _sequence(
                     forward += rows * (s.head_dim + 1) * s.acc
                     back += rows * s.head_dim * s.acc  # their dq
     return forward, back if backward else 0, held
-
-
-def _members(call: BranchCall, rank: int, shard: int) -> tuple[list[int], int]:
-    """Selected rows per member of ``rank``'s segment of ``call``, and ``rank``'s index."""
-    w = call.segment_length
-    segment = (rank * shard - call.start) // w
-    first_member = (call.start + segment * w) // shard
-    members = range(first_member, first_member + w // shard)
-    return [selection(call, segment, j, shard)[1] for j in members], rank - first_member
 
 
 def _hybrid(

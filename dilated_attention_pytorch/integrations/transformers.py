@@ -170,6 +170,7 @@ def _build_patterns(settings: Mapping[str, Any]) -> dict[int | None, DilatedPatt
     return patterns
 
 
+#: a plain dict, not a BoundedCache: torch.compile traces this lookup in every layer
 _PATTERNS: dict[Any, dict[int | None, DilatedPattern]] = {}
 
 
@@ -228,19 +229,14 @@ def padding_mask(
         )
     if attention_mask is None:
         return None
-    keep = attention_mask[:, -kv_length:].bool()
-    if keep.shape[1] == kv_length and bool(keep.all()):
-        if kv_offset and not bool(attention_mask.all()):
-            raise ValueError(
-                "DilatedCache needs rows without padding (its window starts at the same position in "
-                "every row); generate padded prompts with the default DynamicCache"
-            )
-        return None
-    if kv_offset:
+    if kv_offset and not bool(attention_mask.all()):  # only DilatedCache drops keys in front
         raise ValueError(
             "DilatedCache needs rows without padding (its window starts at the same position in "
             "every row); generate padded prompts with the default DynamicCache"
         )
+    keep = attention_mask[:, -kv_length:].bool()
+    if keep.shape[1] == kv_length and bool(keep.all()):
+        return None
     return keep
 
 
@@ -503,7 +499,6 @@ class DilatedCacheLayer(CacheLayerMixin):
 
     def __init__(self, pattern: DilatedPattern, num_heads: int, num_kv_heads: int) -> None:
         super().__init__()
-        self.pattern, self.num_heads, self.num_kv_heads = pattern, num_heads, num_kv_heads
         self.cache = LayerKVCache(pattern, num_heads, num_kv_heads)
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
@@ -527,11 +522,8 @@ class DilatedCacheLayer(CacheLayerMixin):
         self.cache.append(k, v)
         return keys.transpose(1, 2), values.transpose(1, 2)
 
-    def _window_start(self) -> int:
-        return self.cache.window_start() if self.cache.length else 0
-
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        start = self._window_start()
+        start = self.cache.window_start()
         return self.cache.length - start + query_length, start
 
     def get_seq_length(self) -> int:
@@ -541,7 +533,7 @@ class DilatedCacheLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.cache = LayerKVCache(self.pattern, self.num_heads, self.num_kv_heads)
+        self.cache = LayerKVCache(self.cache.pattern, self.cache.num_heads, self.cache.num_kv_heads)
         self.is_initialized = False
 
     def nbytes(self) -> int:
