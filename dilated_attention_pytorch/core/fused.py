@@ -493,8 +493,7 @@ def run_fused(
     recompute: Recompute | None = None,
 ) -> Tensor:
     """The fused path under its autograd Function, kept out of ``torch.compile``
-    graphs (compiling through its in-place view writes gave wrong gradients on
-    torch 2.11): the sequence-parallel path, whose exchanges are communication.
+    graphs: the sequence-parallel path, whose exchanges are communication.
     One device runs the registered operators of :mod:`.ops`. ``recompute``: the same
     function in differentiable ops, which double backward and batched gradients
     differentiate (None: they raise)."""
