@@ -55,9 +55,15 @@ def _permute_call() -> tuple[torch.Tensor, object]:
 TRACED = {"dilated_attention_pytorch.core.varlen._Permute": _permute_call}
 #: Functions that never enter a compiled graph, and why
 EAGER_ONLY = {
-    "dilated_attention_pytorch.core.fused._FusedDilatedAttention": "torch.compiler.disable (its exchanges are communication)",
-    "dilated_attention_pytorch.distributed.all_gather.GatherRowsFunction": "called only inside the disabled sequence-parallel path",
-    "dilated_attention_pytorch.distributed.ulysses._AllToAll": "its forward is a process-group collective: dynamo runs it eagerly",
+    "dilated_attention_pytorch.core.fused._FusedDilatedAttention": (
+        "torch.compiler.disable (its exchanges are communication)"
+    ),
+    "dilated_attention_pytorch.distributed.all_gather.GatherRowsFunction": (
+        "called only inside the disabled sequence-parallel path"
+    ),
+    "dilated_attention_pytorch.distributed.ulysses._AllToAll": (
+        "its forward is a process-group collective: dynamo runs it eagerly"
+    ),
 }
 
 

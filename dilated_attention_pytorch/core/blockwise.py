@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -14,10 +15,26 @@ from torch import Tensor
 from .._checks import accumulation_dtype
 from .bias import rows_with_keys, sanitize
 from .exchange import Blocks, KeyExchange
+from .merge import merge_finish, merge_online
 
 if TYPE_CHECKING:
+    from .. import kernels
     from .fused import FusedProblem
-from .merge import merge_finish, merge_online
+
+
+def shared_kv(backend: kernels.Backend, k: Tensor, v: Tensor, group: int) -> tuple[Tensor, Tensor, int]:
+    """``(k, v, group)`` for ``backend``: key/value problems ``(batch, kv_heads, len, d)``
+    read by ``group`` consecutive query heads each, repeated per query head only
+    for a backend that does not take them shared (and then ``group`` query heads'
+    gradients sum into each: :func:`kv_grads`; else 1)."""
+    if group == 1 or backend.SUPPORTS_GQA:
+        return k, v, 1
+    return k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), group
+
+
+def kv_grads(grads: Sequence[Tensor], group: int) -> list[Tensor]:
+    """dk, dv per key/value head: summed over the ``group`` query heads of each."""
+    return [x if group == 1 else x.unflatten(1, (-1, group)).sum(2) for x in grads]
 
 
 def _block_columns(span: KeyExchange, members: range) -> slice:
@@ -93,6 +110,7 @@ def blockwise_forward(
     merging: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
     states: dict[Any, Any] = {"rows": sets}
     for members, k, v in blocks:
+        k, v, _ = shared_kv(p.backend, k, v, q.shape[1] // k.shape[1])
         for s, rows in enumerate(sets):
             for piece, (keys, bias, causal) in enumerate(_pieces(p, rows, members)):
                 part_out, part_lse, states[s, members.start, piece] = p.backend.forward(
@@ -165,9 +183,11 @@ class BlockBackward:
         return cls(p, rows, scale, states, [None] * len(rows))
 
     def __call__(self, members: range, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor] | None:
-        """``(dk, dv)`` of the block of ``members``' keys, None where no query sees it."""
+        """``(dk, dv)`` of the block of ``members``' keys ``(batch, kv_heads, rows, d)``,
+        None where no query sees it."""
         acc = accumulation_dtype(k.dtype)
         grads: list[Tensor] | None = None
+        k, v, group = shared_kv(self.p.backend, k, v, self.rows[0].q.shape[1] // k.shape[1])
         for s, rows in enumerate(self.rows):
             assert rows.grad_out is not None and rows.out is not None and rows.lse is not None
             for piece, (keys, bias, causal) in enumerate(_pieces(self.p, rows, members)):
@@ -185,7 +205,10 @@ class BlockBackward:
                     grads = [x.to(acc) for x in grads]
                 grads[0][:, :, keys] += dk
                 grads[1][:, :, keys] += dv
-        return None if grads is None else (grads[0], grads[1])
+        if grads is None:
+            return None
+        dk, dv = kv_grads(grads, group)
+        return dk, dv
 
     def finish(self) -> Tensor:
         """``dq`` of this rank's rows; the borrower's share of the lent rows comes home."""

@@ -17,7 +17,7 @@ from .. import kernels
 from .._checks import accumulation_dtype
 from ..pattern import BranchCall, BranchRows, DilatedPattern, compact_rows, kv_call, split_for_kv, split_heads
 from .bias import rows_with_keys, sanitize
-from .blockwise import BlockBackward, blockwise_forward
+from .blockwise import BlockBackward, blockwise_forward, kv_grads, shared_kv
 from .exchange import KeyExchange
 from .merge import BranchBuffers, merge_branches, merge_finish, merge_into
 from .views import from_problem, problem_view, strided
@@ -43,18 +43,10 @@ def _kv_views(
     p: FusedProblem, kv: BranchCall, group: int, key: Tensor, value: Tensor
 ) -> tuple[Tensor, Tensor, int]:
     """``(k, v, group)``: key/value problem views of ``kv`` (:func:`kv_call` of a
-    part of :func:`split_for_kv`, ``group`` query heads per key/value head);
-    repeated per query head only for a backend that does not take them shared,
-    and then ``group`` query heads' gradients sum into each (else 1)."""
+    part of :func:`split_for_kv`, ``group`` query heads per key/value head), as
+    :func:`shared_kv` gives them to the problem's backend."""
     k, v = (p.backend.strides.conform(problem_view(x, kv)) for x in (key, value))
-    if group == 1 or p.backend.SUPPORTS_GQA:
-        return k, v, 1
-    return k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), group
-
-
-def _kv_grads(grads: Sequence[Tensor], group: int) -> list[Tensor]:
-    """dk, dv per key/value head: summed over the ``group`` query heads of each."""
-    return [x if group == 1 else x.unflatten(1, (-1, group)).sum(2) for x in grads]
+    return shared_kv(p.backend, k, v, group)
 
 
 def _into_place(p: FusedProblem, x: Tensor, call: BranchCall) -> Tensor | None:
@@ -181,9 +173,7 @@ def fused_forward(
     # every problem is a view of the inputs with strides that are multiples of theirs:
     # inputs its kernels take give problems they take, so one check per call
     query, key, value = _conform_inputs(problems, query, key, value)
-    local = all(p.exchange is None for p in problems)
-    # sequence parallelism shares no key/value heads (its entry repeats them)
-    assert local or key.shape[2] == h
+    kv_heads = key.shape[2]
     rows, head_chunk = _merge_layout(problems, pattern, n, h)
     if rows is not None:
         parts = BranchBuffers(rows, b, h, d, query.dtype, query.device)
@@ -196,8 +186,9 @@ def fused_forward(
     # "all" mode one problem at a time: out and lse hold an online merge's acc and top
     total = query.new_zeros((b, n, h), dtype=lse_dtype) if merge and rows is None else None
     # every exchange starts first, and its problem runs last: the rest hides it
+    # (the exchanges move key/value heads: a spanning problem is a part of split_for_kv)
     started = {
-        i: p.exchange.start_forward(*(problem_view(x, p.call) for x in (key, value)))
+        i: p.exchange.start_forward(*(problem_view(x, kv_call(p.call, h, kv_heads)[0]) for x in (key, value)))
         for i, p in enumerate(problems)
         if p.exchange is not None
     }
@@ -221,7 +212,7 @@ def fused_forward(
         else:
             if p.call.length == 0:
                 continue
-            k, v, _ = _kv_views(p, *kv_call(p.call, h, key.shape[2]), key, value)
+            k, v, _ = _kv_views(p, *kv_call(p.call, h, kv_heads), key, value)
             dest = _into_place(p, to_out, to_call) if rows is not None or not merge else None
             if dest is not None:
                 part_lse, states[i] = p.backend.forward_into(q, k, v, p.causal, scale, dest)  # type: ignore[attr-defined]
@@ -273,12 +264,14 @@ def fused_backward(
         accs = grads
         if run.merge and rows is None:
             accs = [query.new_zeros(b, n, len(heads), d, dtype=lse.dtype) for _ in grads]
-        reductions: dict[int, Callable[[], tuple[Tensor, Tensor]]] = {}
+        reductions: dict[int, tuple[Callable[[], tuple[Tensor, Tensor]], BranchCall]] = {}
         for i, piece in pieces:
             p, kv = problems[i], run.exchanged_kv[i]
             if p.exchange is None and piece.length == 0:
                 continue
-            for call in split_for_kv([piece], h, kv_heads):
+            parts = split_for_kv([piece], h, kv_heads)
+            assert p.exchange is None or parts == [p.call], "a spanning problem is one part of split_for_kv"
+            for call in parts:
                 q, o, do = (problem_view(x, call) for x in (query, out, grad_out))
                 group = 1
                 kv_part, kv_group = kv_call(call, h, kv_heads)
@@ -308,10 +301,10 @@ def fused_backward(
                     )
                 else:  # dk, dv go home while the rest runs
                     block = BlockBackward.start(p, do, o, part_lse, run.scale, run.states[i])
-                    reductions[i] = p.exchange.backward(block, k, v)
+                    reductions[i] = p.exchange.backward(block, k, v), kv_part
                     part_grads = (block.finish(),)
                 if shared:
-                    for total, part in zip(kv_sums, _kv_grads(part_grads[1:], group)):
+                    for total, part in zip(kv_sums, kv_grads(part_grads[1:], group)):
                         strided(total, kv_part).add_(from_problem(part, b))
                     part_grads = part_grads[:1]
                 if rows is not None:
@@ -320,7 +313,11 @@ def fused_backward(
                     continue
                 for acc, part in zip(accs, part_grads):
                     _write(acc, call, heads.start, from_problem(part, b), run.merge)
-        for i, wait in reductions.items():
+        for i, (wait, kv_part) in reductions.items():
+            if shared:
+                for total, part in zip(kv_sums, wait()):
+                    strided(total, kv_part).add_(from_problem(part, b))
+                continue
             for acc, part in zip(accs[1:], wait()):
                 _write(acc, problems[i].call, heads.start, from_problem(part, b), run.merge)
         if rows is not None:

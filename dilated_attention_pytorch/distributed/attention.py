@@ -19,7 +19,7 @@ from ..core.exchange import KeyExchange
 from ..core.fused import FusedProblem
 from ..core.gather import GatheredProblem
 from ..functional import _dilated_attention
-from ..pattern import DilatedPattern
+from ..pattern import DilatedPattern, split_for_kv
 from ..sparse import flex
 from ..sparse.block_layout import BlockLayout, layout_bias, one_block, prepare_layout
 from ..sparse.block_mask import CACHE, gathered_block_mask
@@ -187,15 +187,18 @@ def ring_dilated_attention(
             )  # fmt: skip
 
         return ulysses_attention(query, key, value, pattern, attention, key_bias, block_layout, process_group)
-    if key.shape[2] != h:  # grouped-query attention: exchanges move one key/value row per query head
+    fused_path = method == "fused" and dropout_p == 0.0
+    calls = pattern.calls(seq, h)
+    if fused_path:  # key/value heads travel unrepeated: each problem reads its heads regularly
+        calls = split_for_kv(calls, h, key.shape[2])
+    elif key.shape[2] != h:  # the gather and flex paths take one key/value row per query head
         key, value = (x.repeat_interleave(h // key.shape[2], dim=2) for x in (key, value))
     check_geometry(pattern, seq, shard)
     if layout is not None:
         layout = dataclasses.replace(layout, offset=rank * shard)
-    calls = pattern.calls(seq, h)
     local = local_calls([c for c in calls if c.segment_length <= shard], rank, shard)
     spanning = [c for c in calls if c.segment_length > shard]
-    rotate = exchange == "ring" and method == "fused" and dropout_p == 0.0
+    rotate = exchange == "ring" and fused_path
     found = spans(spanning, rank, process_group, shard, query.device, layout, is_causal, rotate)
 
     if method == "flex":

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from .._checks import accumulation_dtype
-from ..pattern import DilatedPattern
+from ..pattern import DilatedPattern, kv_call, split_for_kv
 from .balance import plan_balance
 from .checks import check_geometry, collective_device
 from .geometry import segment_members, selection
@@ -170,19 +170,20 @@ def _sequence(
     key_padding: bool,
     backward: bool,
 ) -> tuple[int, int, int]:
-    """The segments spanning shards: their selected rows' keys and values (one
-    row per query head: the exchanges repeat shared key/value heads), the
+    """The segments spanning shards: their selected rows' keys and values (the
+    key/value heads each problem reads: one per part of split_for_kv), the
     padding rows, the causal balance."""
     shard = seq // world
     forward, back, held = _check(world), 0, 0
-    for call in pattern.calls(seq, s.heads):
+    for call in split_for_kv(pattern.calls(seq, s.heads), s.heads, s.kv_heads):
         found = segment_members(call, rank, shard) if call.segment_length > shard else None
         if found is None:
             continue
         segment, members = found
         counts = [selection(call, segment, j, shard)[1] for j in members]
         me = members.index(rank)
-        row = s.batch * call.num_heads * s.head_dim * s.elem  # one row of keys (or values)
+        # one row of keys (or values)
+        row = s.batch * kv_call(call, s.heads, s.kv_heads)[0].num_heads * s.head_dim * s.elem
         m = len(counts)
         if strategy == "all_gather":
             forward += (m - 1) * counts[me] * 2 * row
