@@ -17,6 +17,14 @@ Registry kernels outside SDPA (FlashAttention-4 where installed) are timed as
 ceilings too, called directly. The ratios are to the fastest dense backend
 (``best_dense_fwd`` / ``best_dense_fwdbwd`` name it); each dense record keeps
 every problem shape's own times under ``problems``.
+"dense_large_<backend>" runs the kernel "improved" uses on one large dense
+problem of the same head_dim (``--large-dense-shape``, batch·heads·length):
+``ratio_to_large_dense_fwd`` is the share of that kernel's best rate the
+dilated path reaches. "multihead" times the whole
+``ImprovedMultiheadDilatedAttention`` (projections included) on
+``(batch, seq, heads·head_dim)``; ``attention_share_fwdbwd`` is the core's
+("improved") time over it, in the same run, and its TFLOP/s count the
+attention's FLOPs only.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from baseline import baseline_dilated_attention
 from common import WORKLOADS, Timer, fwd_bwd, peak_mib, progress
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from dilated_attention_pytorch import DilatedPattern, functional, kernels
+from dilated_attention_pytorch import DilatedPattern, ImprovedMultiheadDilatedAttention, functional, kernels
 
 DENSE_BACKENDS = {
     "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -164,12 +172,49 @@ def _rebase_full_dense(rec: dict[str, Any], seq: int, args: argparse.Namespace, 
             rec[key] = rec["flops" + key[6:]] / rec[ms] / 1e9
 
 
+def _large_dense(
+    backend: str, args: argparse.Namespace, causal: bool, device, dtype, timer: Timer
+) -> dict[str, Any]:
+    """The registry kernel ``backend`` on one large dense problem (its best rate)."""
+    bb, hh, ll = args.large_dense_shape
+    flops = 4 * bb * hh * ll * ll * args.head_dim * (0.5 if causal else 1.0)
+    rec: dict[str, Any] = {
+        "implementation": f"dense_large_{backend}", "backend": backend, "shape": [bb, hh, ll],
+        "flops_fwd": flops, "flops_fwdbwd": 3.5 * flops,
+    }  # fmt: skip
+    f, step = _dense_problem_fns(backend, (bb, hh, ll), args.head_dim, causal, device, dtype)
+    rec["fwd_ms"] = timer(f)
+    rec["tflops_fwd"] = flops / rec["fwd_ms"] / 1e9
+    if not args.no_backward:
+        rec["fwdbwd_ms"] = timer(step)
+        rec["tflops_fwdbwd"] = 3.5 * flops / rec["fwdbwd_ms"] / 1e9
+    return rec
+
+
+def _multihead(
+    args: argparse.Namespace, pattern: DilatedPattern, seq: int, causal: bool, device, dtype
+) -> tuple[Callable[[], torch.Tensor], tuple[torch.Tensor, ...]]:
+    """The multihead module's forward on fresh inputs, and the tensors a step differentiates."""
+    embed = args.heads * args.head_dim
+    module = ImprovedMultiheadDilatedAttention(
+        embed, args.heads, segment_lengths=pattern.segment_lengths, dilation_rates=pattern.dilation_rates,
+        head_mode=pattern.head_mode, batch_first=True, device=device, dtype=dtype, backend=args.backend,
+    )  # fmt: skip
+    x = torch.randn(args.batch, seq, embed, device=device, dtype=dtype, requires_grad=True)
+
+    def fn() -> torch.Tensor:
+        return module(x, x, x, is_causal=causal, need_weights=False)[0]
+
+    return fn, (x, *module.parameters())
+
+
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     timer = Timer(device, args.warmup, args.repeats, args.cuda_graph)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     records = []
+    large: dict[tuple[str, bool], dict[str, Any]] = {}  # per (kernel, causal): one record a run
     configs = [(seq, hm, causal) for seq in args.seq_lens for hm in args.head_modes for causal in args.causal]
     for seq, head_mode, causal in progress(configs, "configs"):
         pattern = DilatedPattern(args.segment_lengths, args.dilation_rates, head_mode)
@@ -251,9 +296,58 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 torch.cuda.empty_cache()
             if name == "dense_full":  # another function: its own FLOPs, no ratio to the pattern's ceiling
                 _rebase_full_dense(rec, seq, args, causal)
+            if name == "improved" and args.large_dense_shape and "fwd_ms" in rec:
+                if (rec["backend"], causal) not in large:
+                    found = _large_dense(rec["backend"], args, causal, device, dtype, timer)
+                    large[rec["backend"], causal] = found
+                    records.append({**common, **found, "seq_len": None})
+                ceiling = large[rec["backend"], causal]
+                for mode in ("fwd", "fwdbwd"):
+                    if rec.get(f"tflops_{mode}") and ceiling.get(f"tflops_{mode}"):
+                        rec[f"ratio_to_large_dense_{mode}"] = (
+                            rec[f"tflops_{mode}"] / ceiling[f"tflops_{mode}"]
+                        )
             records.append(rec)
         del q, k, v, grad
+        if "multihead" in args.impls:
+            records.append(
+                _multihead_record(args, pattern, seq, causal, device, dtype, timer, common, records)
+            )
     return records
+
+
+def _multihead_record(
+    args: argparse.Namespace,
+    pattern: DilatedPattern,
+    seq: int,
+    causal: bool,
+    device: torch.device,
+    dtype: torch.dtype,
+    timer: Timer,
+    common: dict[str, Any],
+    records: list[dict[str, Any]],
+) -> dict[str, Any]:
+    rec: dict[str, Any] = {**common, "implementation": "multihead", "backend": args.backend or "auto"}
+    try:
+        fn, tensors = _multihead(args, pattern, seq, causal, device, dtype)
+        with torch.no_grad():
+            rec["fwd_ms"] = timer(fn)
+        if not args.no_backward:
+            grad = torch.randn(args.batch, seq, args.heads * args.head_dim, device=device, dtype=dtype)
+            step = fwd_bwd(fn, tensors, grad)
+            rec["fwdbwd_ms"] = timer(step)
+            rec["peak_mem_mib"] = peak_mib(device, step, tensors[:1])
+    except torch.OutOfMemoryError:
+        rec["error"] = "out of memory"
+        torch.cuda.empty_cache()
+    core = next((r for r in reversed(records) if r["implementation"] == "improved" and r["seq_len"] == seq
+                 and r["head_mode"] == common["head_mode"] and r["causal"] == causal), None)  # fmt: skip
+    for mode in ("fwd", "fwdbwd"):
+        if rec.get(f"{mode}_ms"):  # the attention's FLOPs over the module's time
+            rec[f"tflops_{mode}"] = common[f"flops_{mode}"] / rec[f"{mode}_ms"] / 1e9
+        if core is not None and core.get(f"{mode}_ms") and rec.get(f"{mode}_ms"):
+            rec[f"attention_share_{mode}"] = core[f"{mode}_ms"] / rec[f"{mode}_ms"]
+    return rec
 
 
 def _pattern_label(r: dict[str, Any]) -> str:
@@ -276,7 +370,10 @@ def plot(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         ("peak_mem_mib", "peak memory, forward+backward (MiB)"),
     ):
         for hm, causal in groups:
-            rows = [r for r in records if r["head_mode"] == hm and r["causal"] == causal and r.get(metric)]
+            rows = [
+                r for r in records
+                if (r["head_mode"], r["causal"]) == (hm, causal) and r.get(metric) and r["seq_len"] is not None
+            ]  # fmt: skip
             if not rows:  # e.g. memory on CPU: nothing measured, no empty figure
                 continue
             fig, ax = plt.subplots(figsize=(7, 4.8))
@@ -345,9 +442,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--impls",
         nargs="+",
         default=["improved", "standard", "baseline", "dense"],
-        choices=["improved", "standard", "baseline", "dense", "dense_full"],
+        choices=["improved", "standard", "baseline", "dense", "dense_full", "multihead"],
         help="dense: the dense kernels on the pattern's own sub-problems (the ceiling); "
-        "dense_full: dense attention over the whole sequence",
+        "dense_full: dense attention over the whole sequence; multihead: the whole "
+        "ImprovedMultiheadDilatedAttention, projections included",
+    )
+    p.add_argument(
+        "--large-dense-shape",
+        type=int,
+        nargs=3,
+        default=[8, 16, 8192],
+        metavar=("BATCH", "HEADS", "LENGTH"),
+        help="the one large dense problem improved's kernel is also timed on (0 0 0: none)",
     )
     p.add_argument(
         "--full-dense-max-seq",
@@ -367,10 +473,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     given = _given(argv, p)
+    if args.large_dense_shape == [0, 0, 0]:
+        args.large_dense_shape = None
     presets: dict[str, Any] = dict(WORKLOADS[args.workload]) if args.workload else {}
     if args.quick:
         presets.update(seq_lens=[256, 512], heads=4, head_dim=16, segment_lengths=[64, 128, 256])
-        presets.update(dilation_rates=[1, 2, 4], warmup=1, repeats=3)
+        presets.update(dilation_rates=[1, 2, 4], warmup=1, repeats=3, large_dense_shape=[2, 2, 256])
         if args.device == "cpu":
             presets["dtype"] = "float32"
     for key, value in presets.items():
@@ -400,6 +508,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 "tflops_fwdbwd",
                 "ratio_to_dense_fwd",
                 "ratio_to_dense_fwdbwd",
+                "ratio_to_large_dense_fwd",
+                "attention_share_fwdbwd",
                 "peak_mem_mib",
                 "peak_over_io",
             )

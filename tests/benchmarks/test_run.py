@@ -28,6 +28,12 @@ def test_quick_cpu_run_writes_records(tmp_path):
             "--causal",
             "false",
             "true",
+            "--impls",
+            "improved",
+            "standard",
+            "baseline",
+            "dense",
+            "multihead",
         ],
         check=True,
         capture_output=True,
@@ -36,7 +42,8 @@ def test_quick_cpu_run_writes_records(tmp_path):
     )
     records = json.loads(out.read_text())
     impls = {r["implementation"] for r in records}
-    assert {"improved", "standard", "baseline", "dense_math"} <= impls
+    assert {"improved", "standard", "baseline", "dense_math", "multihead"} <= impls
+    assert any(i.startswith("dense_large_") for i in impls), impls
     for r in records:
         for key in (
             "device",
@@ -56,9 +63,16 @@ def test_quick_cpu_run_writes_records(tmp_path):
         ):
             assert key in r, (r["implementation"], key)
         assert r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0
-        if not r["implementation"].startswith("dense"):
+        impl = r["implementation"]
+        if impl == "improved":
+            assert r["ratio_to_large_dense_fwd"] > 0 and r["ratio_to_large_dense_fwdbwd"] > 0
+        if impl in ("improved", "standard", "baseline"):
             assert r["ratio_to_dense_fwd"] > 0
             assert r["best_dense_fwd"] == r["best_dense_fwdbwd"] == "math"
+        elif impl == "multihead":  # the core's time over the module's, projections included
+            assert 0 < r["attention_share_fwd"] and 0 < r["attention_share_fwdbwd"]
+        elif impl.startswith("dense_large_"):
+            assert r["shape"] == [2, 2, 256] and r["tflops_fwdbwd"] > 0
         else:
             # the total is the problems' times weighted by how often each shape occurs
             problems = r["problems"]
