@@ -21,6 +21,17 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
+@pytest.fixture(autouse=True)
+def _backward_head_chunks_as_on_long_sequences(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The "all"-mode backward goes in head chunks on long sequences; the small
+    inputs of the tests would take every head at once within the default slack
+    (``fused.BACKWARD_CHUNK_SLACK_BYTES``), so tests run without it: the chunked
+    path is the one covered. Tests of the slack set it back (``DEFAULT_SLACK``)."""
+    from dilated_attention_pytorch.core import fused
+
+    monkeypatch.setattr(fused, "BACKWARD_CHUNK_SLACK_BYTES", 0)
+
+
 #: both head modes, "all" (every head in every branch: several times the calls) in the slow set;
 #: for the heavy numerical checks (gradcheck and friends)
 HEAD_MODES_ALL_SLOW = ["grouped", pytest.param("all", marks=pytest.mark.slow)]

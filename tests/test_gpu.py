@@ -20,6 +20,7 @@ from dilated_attention_pytorch.reference import dilated_attention_reference as r
 from .conftest import (
     CPU_IMPLS,
     LAYOUTS,
+    TOLERANCES,
     Impl,
     assert_close,
     grads,
@@ -166,6 +167,34 @@ def test_peak_memory_within_target(head_mode, causal):
     # as benchmarks/run.py counts it: q, k, v and grad (allocated before) are live too
     ratio = (peak + 4 * q.nbytes) / (8 * q.nbytes)
     assert ratio <= 1.25, ratio
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_peak_memory_within_target_plus_the_chunk_slack(monkeypatch, causal):
+    """With the library's slack (bigger "all"-mode head chunks at short lengths) the
+    peak stays within 1.25x plus ``BACKWARD_CHUNK_SLACK_BYTES``, and the result is
+    the one of one head per chunk."""
+    from dilated_attention_pytorch import functional
+    from dilated_attention_pytorch.core import fused
+
+    q, k, v = make_qkv(1, 65536, 12, 64, dtype=torch.bfloat16, device="cuda")
+    grad = torch.randn_like(q)
+    pattern = pattern_module.as_pattern((2048, 4096, 8192, 16384, 32768), (1, 2, 4, 6, 12), "all")
+    found = {}
+    for slack in (0, 1 << 30):
+        monkeypatch.setattr(fused, "BACKWARD_CHUNK_SLACK_BYTES", slack)
+        for x in (q, k, v):
+            x.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        functional.dilated_attention(q, k, v, pattern, is_causal=causal).backward(grad)
+        peak = torch.cuda.max_memory_allocated() - base + 4 * q.nbytes
+        found[slack] = peak, [x.grad.clone() for x in (q, k, v)]
+    peak, grads_slack = found[1 << 30]
+    assert peak <= 1.25 * 8 * q.nbytes + (1 << 30), peak / (8 * q.nbytes)
+    for a, b in zip(grads_slack, found[0][1]):
+        assert relative_error(a, b) <= TOLERANCES[torch.bfloat16]
 
 
 @pytest.mark.parametrize(

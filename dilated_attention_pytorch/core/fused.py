@@ -69,18 +69,31 @@ def _write(grad: Tensor, call: BranchCall, first_head: int, part5: Tensor, merge
         view.copy_(part5)
 
 
-def merge_head_chunk(num_heads: int, rows_per_position: float) -> int:
+#: bytes the "all"-mode backward may hold beyond the 1.6-unit rule of
+#: :func:`merge_head_chunk`: at short lengths that rule leaves one head per chunk
+#: and the backward bound by the host time of its many small kernel calls (W1 at
+#: 32K on an H200: 28 ms with 1 head per chunk, 16 ms with all 12,
+#: ``benchmarks/results/h200_ab_all_mode_head_chunk.json``), for memory no GPU misses
+BACKWARD_CHUNK_SLACK_BYTES = 1 << 30
+
+
+def merge_head_chunk(num_heads: int, rows_per_position: float, unit_bytes: int = 0) -> int:
     """Heads per chunk of the "all"-mode backward. A chunk of ``c`` heads keeps, in
-    units of one ``(batch, seq, heads, head_dim)`` tensor, every branch's dq, dk, dv
-    in compact rows (3·u·c/h, ``u = rows_per_position``: the branches' rows per
-    position, about Σ 1/r; 2.0 for LongNet's base pattern), one call's dq, dk, dv
-    (3·c/h) and the kernel's float32 dq workspace (2·c/h, cuDNN and flash). Keeping that under
-    1.6 units holds the forward+backward peak within 1.25× of q, k, v, out and
-    their gradients (measured on an H100:
+    units of one ``(batch, seq, heads, head_dim)`` tensor (``unit_bytes`` each), every
+    branch's dq, dk, dv in compact rows (3·u·c/h, ``u = rows_per_position``: the
+    branches' rows per position, about Σ 1/r; 2.0 for LongNet's base pattern), one
+    call's dq, dk, dv (3·c/h) and the kernel's float32 dq workspace (2·c/h, cuDNN and
+    flash). Keeping that under 1.6 units holds the forward+backward peak within
+    1.25× of q, k, v, out and their gradients (measured on an H100:
     ``tests/test_gpu.py::test_peak_memory_within_target``); the price is more,
-    smaller backward calls. The forward needs no chunks: its compact results
+    smaller backward calls. Chunks may grow as long as they hold no more than
+    :data:`BACKWARD_CHUNK_SLACK_BYTES` (short sequences: fewer calls, a peak of
+    at most 1.25× plus that). The forward needs no chunks: its compact results
     (``u`` units) are live while no gradient is."""
-    return max(1, int(1.6 * num_heads / (3 * rows_per_position + 5)))
+    per_head = (3 * rows_per_position + 5) / num_heads  # units a chunk holds per head
+    by_ratio = int(1.6 / per_head)
+    by_slack = int(BACKWARD_CHUNK_SLACK_BYTES / (per_head * unit_bytes)) if unit_bytes else 0
+    return max(1, min(num_heads, max(by_ratio, by_slack)))
 
 
 def _backward_pieces(
@@ -120,29 +133,26 @@ class FusedRun:
 
 
 def _merge_layout(
-    problems: Sequence[FusedProblem], pattern: DilatedPattern, seq_len: int, num_heads: int
+    problems: Sequence[FusedProblem], pattern: DilatedPattern, query: Tensor
 ) -> tuple[dict[int, BranchRows] | None, int]:
     """The compact rows of "all" mode (None unless every problem is local and they
-    fill them) and the backward's heads per chunk."""
+    fill them) and the backward's heads per chunk, for ``query`` ``(b, n, h, d)``."""
+    seq_len, num_heads = query.shape[1], query.shape[2]
     local = all(p.exchange is None for p in problems)
     rows = compact_rows(pattern, [p.call for p in problems], seq_len, num_heads) if local else None
     if rows is None:
         return None, num_heads
-    return rows, merge_head_chunk(num_heads, sum(r.num_rows for r in rows.values()) / seq_len)
+    per_position = sum(r.num_rows for r in rows.values()) / seq_len
+    return rows, merge_head_chunk(num_heads, per_position, query.numel() * query.element_size())
 
 
 def replayed_run(
-    problems: list[FusedProblem],
-    pattern: DilatedPattern,
-    seq_len: int,
-    num_heads: int,
-    scale: float,
-    device: torch.device,
+    problems: list[FusedProblem], pattern: DilatedPattern, query: Tensor, scale: float
 ) -> FusedRun:
-    """The :class:`FusedRun` a forward of local, dropout-free problems leaves,
-    rebuilt without it: the backward of a registered operator gets only tensors."""
-    rows, head_chunk = _merge_layout(problems, pattern, seq_len, num_heads)
-    states = [p.backend.replay_state(p.call.length, device) for p in problems]
+    """The :class:`FusedRun` a forward of local, dropout-free problems on ``query``
+    leaves, rebuilt without it: the backward of a registered operator gets only tensors."""
+    rows, head_chunk = _merge_layout(problems, pattern, query)
+    states = [p.backend.replay_state(p.call.length, query.device) for p in problems]
     return FusedRun(
         problems, states, [None] * len(problems), rows, pattern.merges_branches, scale, head_chunk
     )
@@ -174,7 +184,7 @@ def fused_forward(
     # inputs its kernels take give problems they take, so one check per call
     query, key, value = _conform_inputs(problems, query, key, value)
     kv_heads = key.shape[2]
-    rows, head_chunk = _merge_layout(problems, pattern, n, h)
+    rows, head_chunk = _merge_layout(problems, pattern, query)
     if rows is not None:
         parts = BranchBuffers(rows, b, h, d, query.dtype, query.device)
         part_lses = BranchBuffers(rows, b, h, None, lse_dtype, query.device)

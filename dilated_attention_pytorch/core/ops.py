@@ -98,7 +98,7 @@ def fused_backward_op(
     """``(dq, dk, dv)`` of :func:`fused_forward_op`, contiguous, in the inputs' shapes."""
     pattern = DilatedPattern.from_op_args(segment_lengths, dilation_rates, head_mode, head_slice)
     problems = _problems(query, key, key_bias, attn_bias, pattern, is_causal, backend)
-    run = replayed_run(problems, pattern, query.shape[1], query.shape[2], scale, query.device)
+    run = replayed_run(problems, pattern, query, scale)
     return fused_backward(run, grad_out, query, key, value, out, lse)
 
 

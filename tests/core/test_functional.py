@@ -17,6 +17,8 @@ from dilated_attention_pytorch.reference import dilated_attention_reference as r
 from ..conftest import CPU_IMPLS, HEAD_MODES_ALL_SLOW, PATTERNS, TOLERANCES, assert_close, grads, make_qkv
 
 IMPL_IDS = [i.name for i in CPU_IMPLS]
+#: the library's own slack (conftest sets it to 0 for every test)
+DEFAULT_SLACK = fused.BACKWARD_CHUNK_SLACK_BYTES
 
 
 def _masks(kind: str, batch: int, seq: int, heads: int) -> dict:
@@ -211,10 +213,14 @@ def test_into_place_backends_match_reference(monkeypatch, seg, dil, seq, heads, 
     assert backend.into_calls > 0
 
 
+@pytest.mark.parametrize("slack", ["none", "default"])
 @pytest.mark.parametrize("seg,dil,seq,heads", PATTERNS)
-def test_all_mode_merges_every_branch_at_once(monkeypatch, seg, dil, seq, heads):
+def test_all_mode_merges_every_branch_at_once(monkeypatch, seg, dil, seq, heads, slack):
     """Local "all"-mode problems go to compact rows: one merge of all branches in
-    the forward, one sum per gradient and head chunk in the backward."""
+    the forward, one sum per gradient and head chunk in the backward; with the
+    default slack, inputs this small take all heads in one chunk."""
+    if slack == "default":
+        monkeypatch.setattr(fused, "BACKWARD_CHUNK_SLACK_BYTES", DEFAULT_SLACK)
     merged = []
     real = fused.merge_branches
     monkeypatch.setattr(fused, "merge_branches", lambda *a: merged.append(a[-1]) or real(*a))
@@ -230,9 +236,22 @@ def test_all_mode_merges_every_branch_at_once(monkeypatch, seg, dil, seq, heads)
         DilatedPattern(seg, dil, "all"), DilatedPattern(seg, dil, "all").calls(seq, heads), seq, heads
     )
     per_position = sum(r.num_rows for r in rows.values()) / seq
-    chunk = fused.merge_head_chunk(heads, per_position)
+    chunk = fused.merge_head_chunk(heads, per_position, q.numel() * q.element_size())
+    assert chunk == (heads if slack == "default" else fused.merge_head_chunk(heads, per_position))
     chunks = [range(s, min(s + chunk, heads)) for s in range(0, heads, chunk)]
     assert merged[1:] == [c for c in chunks for _ in range(3)]
+
+
+def test_head_chunks_grow_within_the_slack_only(monkeypatch):
+    """Chunks hold at most 1.6 units or the slack's bytes, whichever allows more heads."""
+    monkeypatch.setattr(fused, "BACKWARD_CHUNK_SLACK_BYTES", DEFAULT_SLACK)
+    unit = 96 * 2**20  # one (1, 64K, 12, 64) bf16 tensor
+    # LongNet's base pattern: 2 rows per position, 11/12 units per head of a chunk
+    assert fused.merge_head_chunk(12, 2.0) == 1
+    assert fused.merge_head_chunk(12, 2.0, 8 * unit) == 1  # 512K: the slack holds not one head more
+    by_slack = int(DEFAULT_SLACK / (11 / 12 * unit))
+    assert fused.merge_head_chunk(12, 2.0, unit) == by_slack == 11
+    assert fused.merge_head_chunk(12, 2.0, unit // 2) == 12  # never more than the heads
 
 
 def test_merge_by_lse_all_empty_is_zero_with_finite_grads():
