@@ -72,8 +72,8 @@ def _write(grad: Tensor, call: BranchCall, first_head: int, part5: Tensor, merge
 #: bytes the "all"-mode backward may hold beyond the 1.6-unit rule of
 #: :func:`merge_head_chunk`: at short lengths that rule leaves one head per chunk
 #: and the backward bound by the host time of its many small kernel calls (W1 at
-#: 32K on an H200: 28 ms with 1 head per chunk, 16 ms with all 12,
-#: ``benchmarks/results/h200_ab_all_mode_head_chunk.json``), for memory no GPU misses
+#: 32K on an H200: 2.0x faster with all 12 heads in one chunk,
+#: ``benchmarks/results/h200_ab_backward_chunk_slack.json``), for memory no GPU misses
 BACKWARD_CHUNK_SLACK_BYTES = 1 << 30
 
 
@@ -86,13 +86,18 @@ def merge_head_chunk(num_heads: int, rows_per_position: float, unit_bytes: int =
     flash). Keeping that under 1.6 units holds the forward+backward peak within
     1.25× of q, k, v, out and their gradients (measured on an H100:
     ``tests/test_gpu.py::test_peak_memory_within_target``); the price is more,
-    smaller backward calls. Chunks may grow as long as they hold no more than
-    :data:`BACKWARD_CHUNK_SLACK_BYTES` (short sequences: fewer calls, a peak of
-    at most 1.25× plus that). The forward needs no chunks: its compact results
-    (``u`` units) are live while no gradient is."""
+    smaller backward calls. Where chunks of at least half the heads hold no more
+    than :data:`BACKWARD_CHUNK_SLACK_BYTES` (short sequences), they take as many
+    heads as that allows: a peak of at most 1.25× plus the slack, and at most
+    two chunks of calls. Smaller chunks saved too little time on the H200 to pay
+    for their memory (``benchmarks/results/h200_ab_backward_chunk_slack_sizes.json``).
+    The forward needs no chunks: its compact results (``u`` units) are live while
+    no gradient is."""
     per_head = (3 * rows_per_position + 5) / num_heads  # units a chunk holds per head
     by_ratio = int(1.6 / per_head)
     by_slack = int(BACKWARD_CHUNK_SLACK_BYTES / (per_head * unit_bytes)) if unit_bytes else 0
+    if 2 * by_slack < num_heads:
+        by_slack = 0
     return max(1, min(num_heads, max(by_ratio, by_slack)))
 
 

@@ -243,7 +243,8 @@ def test_all_mode_merges_every_branch_at_once(monkeypatch, seg, dil, seq, heads,
 
 
 def test_head_chunks_grow_within_the_slack_only(monkeypatch):
-    """Chunks hold at most 1.6 units or the slack's bytes, whichever allows more heads."""
+    """Chunks hold at most 1.6 units, or the slack's bytes where those hold half the
+    heads or more."""
     monkeypatch.setattr(fused, "BACKWARD_CHUNK_SLACK_BYTES", DEFAULT_SLACK)
     unit = 96 * 2**20  # one (1, 64K, 12, 64) bf16 tensor
     # LongNet's base pattern: 2 rows per position, 11/12 units per head of a chunk
@@ -252,6 +253,9 @@ def test_head_chunks_grow_within_the_slack_only(monkeypatch):
     by_slack = int(DEFAULT_SLACK / (11 / 12 * unit))
     assert fused.merge_head_chunk(12, 2.0, unit) == by_slack == 11
     assert fused.merge_head_chunk(12, 2.0, unit // 2) == 12  # never more than the heads
+    # 128K: the slack would hold 5 heads, fewer than half: not worth its memory
+    assert int(DEFAULT_SLACK / (11 / 12 * 2 * unit)) == 5
+    assert fused.merge_head_chunk(12, 2.0, 2 * unit) == 1
 
 
 def test_merge_by_lse_all_empty_is_zero_with_finite_grads():
