@@ -43,6 +43,7 @@ from dilated_attention_pytorch import (
     functional,
     kernels,
 )
+from dilated_attention_pytorch.core import packed as packed_module
 from dilated_attention_pytorch.core.packed import PackedKernels, packed_backend
 
 SEG = [2048, 4096, 8192, 16384, 32768]
@@ -145,12 +146,20 @@ def _varlen_record(
             groups_ms = timer(packed)
         finally:
             functional.packed_backend = real
+    gathered_ms = None
     if chosen is not None and chosen.dense is not None:  # A/B: the varlen kernel for every row
         functional.packed_backend = lambda *a: PackedKernels(chosen.varlen)  # type: ignore[assignment]
         try:
             varlen_only_ms = timer(packed)
         finally:
             functional.packed_backend = real
+        # A/B: long documents' whole segments gathered like the rest instead of read in place
+        in_place_min_rows = packed_module.IN_PLACE_MIN_ROWS
+        packed_module.IN_PLACE_MIN_ROWS = n + 1
+        try:
+            gathered_ms = timer(packed)
+        finally:
+            packed_module.IN_PLACE_MIN_ROWS = in_place_min_rows
     flops_packed = sum(pattern.flops(m, h, d, causal=causal, backward=True) for m in lengths)
     flops_unpacked = pattern.flops(n, h, d, causal=causal, backward=True)
     return {
@@ -158,7 +167,7 @@ def _varlen_record(
         "shortest": min(lengths), "heads": h, "kv_heads": kv_heads, "head_dim": d, "head_mode": head_mode,
         "causal": causal, "packed_kernels": None if chosen is None else chosen.name,
         "packed_fwd_bwd_ms": packed_ms, "unpacked_fwd_bwd_ms": unpacked_ms, "groups_fwd_bwd_ms": groups_ms,
-        "varlen_only_fwd_bwd_ms": varlen_only_ms,
+        "varlen_only_fwd_bwd_ms": varlen_only_ms, "whole_segments_gathered_fwd_bwd_ms": gathered_ms,
         "time_ratio": packed_ms / unpacked_ms, "packed_tflops": flops_packed / packed_ms / 1e9,
         "unpacked_tflops": flops_unpacked / unpacked_ms / 1e9,
         "tflops_ratio": (flops_packed / packed_ms) / (flops_unpacked / unpacked_ms),

@@ -10,8 +10,14 @@ head) has one result, written in place; "all": an online lse merge over the
 branches. The backward runs each kernel's backward with the merged output and
 lse (the ring-attention identity) and sums shared heads' gradients in float32.
 
+Whole segments of a long document are read in place, as the unpacked path
+reads them: one strided view per document and problem (no gather), on the
+dense kernel. The rest (short documents' whole segments, every partial
+segment) is gathered.
+
 No padding to the longest document, no ``(total, total)`` mask, and the number
-of kernel calls is that of one unpacked sequence, whatever the documents.
+of kernel calls is that of one unpacked sequence plus one per long document
+and problem, whatever the documents.
 """
 
 # no `from __future__ import annotations`: custom_op reads the signature's types
@@ -26,11 +32,12 @@ from .. import kernels
 from .._cache import BoundedCache
 from .._checks import accumulation_dtype, mask_to_bias
 from ..kernels.base import PackedSequences
-from ..pattern import BranchCall, DilatedPattern, kv_call, split_for_kv
+from ..pattern import BranchCall, DilatedPattern, kv_call, selected_count, split_for_kv
 from .fused import Recompute, fake_grads, register_operator_autograd
 from .gather import gathered_attention
 from .merge import merge_finish, merge_online
 from .varlen import grouped_by_length, host_bounds
+from .views import from_problem, problem_view, strided
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +76,15 @@ class PackedCall:
     rows: Tensor | None
     dense: DenseBlock | None
     seqs: PackedSequences | None
+    #: the whole segments of long documents, read in place: per document, the
+    #: call of its segments (start, num_segments, length) on this call's heads
+    in_place: tuple[BranchCall, ...] = ()
+
+    def kv_of(self, doc: BranchCall) -> BranchCall:
+        """``doc`` (one of :attr:`in_place`) on the key/value heads."""
+        return dataclasses.replace(
+            doc, head_start=self.kv.head_start, head_step=self.kv.head_step, num_heads=self.kv.num_heads
+        )
 
     def pieces(self) -> list[tuple[slice, DenseBlock | None]]:
         """``(rows of the call, dense block or None for the varlen part)``."""
@@ -109,6 +125,11 @@ def head_view(x: Tensor, call: BranchCall) -> Tensor:
     return x[:, call.head_start : stop : call.head_step]
 
 
+#: a long document's whole segments of a problem are read in place (one kernel call
+#: for them) from this many query rows on; shorter ones join the gathered batch
+IN_PLACE_MIN_ROWS = 16384
+
+
 def _branch_rows(
     bounds: tuple[int, ...],
     segment_length: int,
@@ -116,14 +137,23 @@ def _branch_rows(
     offset: int,
     device: torch.device,
     dense_ok: Callable[[int], bool],
-) -> tuple[Tensor | None, DenseBlock | None, PackedSequences | None] | None:
-    """``(rows, dense, seqs)`` of one branch and offset over the documents
-    ``bounds`` (None: no position selected). Whole segments go first as the
-    dense block where ``dense_ok(their length)``. Host arithmetic on segments,
-    one gather index built on ``device``."""
+) -> tuple[Tensor | None, DenseBlock | None, PackedSequences | None, tuple[tuple[int, int], ...]] | None:
+    """``(rows, dense, seqs, in_place)`` of one branch and offset over the documents
+    ``bounds`` (None: no position selected). ``in_place``: ``(document start,
+    whole segments)`` of the documents whose whole segments are read in place (at
+    least :data:`IN_PLACE_MIN_ROWS` rows, where ``dense_ok(their length)``); the
+    other whole segments go first in ``rows`` as the dense block where
+    ``dense_ok``, the rest are ``seqs``. Host arithmetic on segments, one gather
+    index built on ``device`` (None: every row in order)."""
     w, r = segment_length, dilation
     starts = torch.tensor(bounds[:-1], dtype=torch.int64)
     lengths = torch.tensor(bounds[1:], dtype=torch.int64) - starts
+    whole_count = selected_count(w, r, offset)
+    per_doc = lengths // w  # whole segments per document
+    long_docs = torch.zeros(len(lengths), dtype=torch.bool)
+    if whole_count and dense_ok(whole_count):
+        long_docs = per_doc * whole_count >= IN_PLACE_MIN_ROWS
+    in_place = tuple((int(starts[d]), int(per_doc[d])) for d in torch.nonzero(long_docs).flatten())
     num_segments = (lengths + w - 1) // w  # 0 for an empty document
     doc = torch.repeat_interleave(torch.arange(len(lengths)), num_segments)
     index = torch.arange(len(doc)) - (torch.cumsum(num_segments, 0) - num_segments)[doc]
@@ -131,9 +161,10 @@ def _branch_rows(
     segment_len = torch.clamp(lengths[doc] - index * w, max=w)
     count = torch.div(segment_len - offset + r - 1, r, rounding_mode="floor").clamp_min(0)
     keep = count > 0
+    keep &= ~(long_docs[doc] & (segment_len == w))  # those are read in place, not gathered
     segment_start, segment_len, count = segment_start[keep], segment_len[keep], count[keep]
     if count.numel() == 0:
-        return None
+        return (None, None, None, in_place) if in_place else None
     whole = segment_len == w
     dense = None
     # dilation 1 too, though its dense batch gathers every row: on an H200 (W1, 1M
@@ -151,14 +182,14 @@ def _branch_rows(
         seqs = PackedSequences(
             cu.to(device=device, dtype=torch.int32), tuple(ragged.tolist()), int(ragged.max())
         )
-    if r == 1 and (dense is None or seqs is None):  # offset 0: every token, in order
-        return None, dense, seqs
+    if r == 1 and not in_place and (dense is None or seqs is None):  # offset 0: every token, in order
+        return None, dense, seqs, in_place
     first = torch.cumsum(count, 0) - count
     num_rows = int(count.sum())
     # row i of segment s is position segment_start[s] + offset + r * (i - first[s])
     base = (segment_start + offset - r * first).to(device)
     rows = torch.repeat_interleave(base, count.to(device), output_size=num_rows)
-    return rows + r * torch.arange(num_rows, device=device), dense, seqs
+    return rows + r * torch.arange(num_rows, device=device), dense, seqs, in_place
 
 
 _CALLS: BoundedCache[list[PackedCall]] = BoundedCache(64)
@@ -192,6 +223,8 @@ def packed_calls(
                 found = _branch_rows(bounds, w, r, offset, device, dense_ok or (lambda length: False))
                 if found is None:
                     continue
+                *parts_of_rows, docs = found
+                count = selected_count(w, r, offset)
                 # only the head fields of these calls count; at most `chunk` heads
                 # each: every call gathers copies of its rows
                 chunk = head_chunk(num_heads)
@@ -201,10 +234,14 @@ def packed_calls(
                 ]
                 for part in split_for_kv(pieces, num_heads, kv_heads):
                     kv, group = kv_call(part, num_heads, kv_heads)
-                    calls.append(PackedCall(part, kv, group, *found))
+                    in_place = tuple(
+                        dataclasses.replace(part, start=start, num_segments=n, length=count)
+                        for start, n in docs
+                    )
+                    calls.append(PackedCall(part, kv, group, *parts_of_rows, in_place))
         return calls
 
-    return _CALLS.get((bounds, pattern, num_heads, kv_heads, device, key), build)
+    return _CALLS.get((bounds, pattern, num_heads, kv_heads, device, key, IN_PLACE_MIN_ROWS), build)
 
 
 def _take(x: Tensor, rows: Tensor | None) -> Tensor:
@@ -238,6 +275,22 @@ def _operands(
     q = rule.conform(_take(head_view(query, call.heads), call.rows))
     k, v = (rule.conform(_take(head_view(x, call.kv), call.rows)) for x in (key, value))
     if call.group == 1 or chosen.shares_kv:
+        return q, k, v, 1
+    return q, k.repeat_interleave(call.group, dim=1), v.repeat_interleave(call.group, dim=1), call.group
+
+
+def _in_place_operands(
+    call: PackedCall, doc: BranchCall, chosen: PackedKernels, query: Tensor, key: Tensor, value: Tensor
+) -> tuple[Tensor, Tensor, Tensor, int]:
+    """``(q, k, v, repeats)`` of one long document's whole segments (``doc``, one of
+    ``call.in_place``): problem views ``(segments, heads, length, d)`` of the packed
+    tensors, as the unpacked path reads them; key/value repeated per query head
+    only for a dense kernel that does not take them shared."""
+    assert chosen.dense is not None
+    rule = chosen.dense.strides
+    q = rule.conform(problem_view(query[None], doc))
+    k, v = (rule.conform(problem_view(x[None], call.kv_of(doc))) for x in (key, value))
+    if call.group == 1 or chosen.dense.SUPPORTS_GQA:
         return q, k, v, 1
     return q, k.repeat_interleave(call.group, dim=1), v.repeat_interleave(call.group, dim=1), call.group
 
@@ -280,6 +333,19 @@ def packed_forward(
     # "all": out and lse hold an online merge's weighted sum and largest lse
     weights = query.new_zeros((num_rows, h), dtype=acc_dtype) if merge else None
     for call in calls:
+        for doc in call.in_place:
+            assert chosen.dense is not None
+            q, k, v, _ = _in_place_operands(call, doc, chosen, query, key, value)
+            part_out, part_lse, _ = chosen.dense.forward(q, k, v, None, causal, scale)
+            part_out, part_lse = from_problem(part_out, 1), from_problem(part_lse, 1)
+            if weights is None:
+                strided(out[None], doc).copy_(part_out)
+                strided(lse[None], doc).copy_(part_lse)
+            else:
+                views = [strided(x[None], doc) for x in (out, lse, weights)]
+                merge_online(*views, part_out.to(acc_dtype), part_lse.to(acc_dtype))
+        if not call.pieces():
+            continue
         q, k, v, _ = _operands(call, chosen, query, key, value)
         for piece, part_out, part_lse in _forward_pieces(call, chosen, q, k, v, causal, scale):
             rows = _piece_rows(call.rows, piece)
@@ -321,6 +387,11 @@ def packed_backward(
     dk, dv = (x.new_zeros(x.shape, dtype=acc_dtype if shared else x.dtype) for x in (key, value))
     rule = chosen.strides
     for call in calls:
+        for doc in call.in_place:
+            _in_place_backward(call, doc, chosen, grad_out, query, key, value, out, lse, (dq, dk, dv),
+                               (merge, shared, shared), causal, scale)  # fmt: skip
+        if not call.pieces():
+            continue
         q, k, v, repeats = _operands(call, chosen, query, key, value)
         do, o = (rule.conform(_take(head_view(x, call.heads), call.rows)) for x in (grad_out, out))
         call_lse = _take(head_view(lse, call.heads), call.rows)
@@ -345,6 +416,40 @@ def packed_backward(
             _put(head_view(dk, call.kv), rows, part_dk, add=shared)
             _put(head_view(dv, call.kv), rows, part_dv, add=shared)
     return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype)
+
+
+def _in_place_backward(
+    call: PackedCall,
+    doc: BranchCall,
+    chosen: PackedKernels,
+    grad_out: Tensor,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    grads: tuple[Tensor, Tensor, Tensor],
+    add: tuple[bool, bool, bool],
+    causal: bool,
+    scale: float,
+) -> None:
+    """The backward of one long document's whole segments, written into ``grads``
+    (dq, dk, dv) in place: added where other problems write the same (row, head)."""
+    assert chosen.dense is not None
+    q, k, v, repeats = _in_place_operands(call, doc, chosen, query, key, value)
+    rule = chosen.dense.strides
+    do, o = (rule.conform(problem_view(x[None], doc)) for x in (grad_out, out))
+    state = chosen.dense.replay_state(doc.length, q.device)
+    part = chosen.dense.backward(do, q, k, v, o, problem_view(lse[None], doc), None, causal, scale, state)
+    part_dq, part_dk, part_dv = part
+    if repeats > 1:
+        part_dk, part_dv = (x.unflatten(1, (-1, repeats)).sum(2) for x in (part_dk, part_dv))
+    for grad, where, piece, plus in zip(
+        grads, (doc, call.kv_of(doc), call.kv_of(doc)), (part_dq, part_dk, part_dv), add
+    ):
+        view = strided(grad[None], where)
+        piece = from_problem(piece, 1).to(grad.dtype)
+        view.add_(piece) if plus else view.copy_(piece)
 
 
 def _setup(

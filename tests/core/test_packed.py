@@ -101,18 +101,40 @@ def test_padded_form_equals_one_call_per_sequence(causal):
 @pytest.mark.parametrize("head_mode", ["grouped", "all"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("kv_heads", [6, 2])
-def test_whole_segments_on_a_dense_kernel_beside_the_varlen_one(head_mode, causal, kv_heads):
+@pytest.mark.parametrize("in_place", ["none", "some", "all"])
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_whole_segments_on_a_dense_kernel_beside_the_varlen_one(
+    monkeypatch, head_mode, causal, kv_heads, in_place, layout
+):
     """The split the GPU takes (cuDNN for whole segments beside the flash varlen
-    kernel), here with the math varlen form beside the CPU flash kernel."""
+    kernel), here with the math varlen form beside the CPU flash kernel; long
+    documents' whole segments read in place (none, those of at least 12 rows, every
+    document's), from contiguous inputs or views with strided heads and rows."""
+    min_rows = {"none": packed.IN_PLACE_MIN_ROWS, "some": 12, "all": 1}[in_place]
+    monkeypatch.setattr(packed, "IN_PLACE_MIN_ROWS", min_rows)
     lengths = [40, 3, 17, 32, 16, 9, 64]
     cu = _cu(lengths)
     g = torch.Generator().manual_seed(5)
-    q = torch.randn(sum(lengths), 6, 4, generator=g, dtype=torch.float64, requires_grad=True)
-    k, v = (torch.randn(sum(lengths), kv_heads, 4, generator=g, dtype=torch.float64, requires_grad=True)
-            for _ in "kv")  # fmt: skip
+    total = sum(lengths)
+
+    def make(heads):
+        if layout == "contiguous":
+            return torch.randn(total, heads, 4, generator=g, dtype=torch.float64, requires_grad=True)
+        # every other head of a (heads, total, d)-major buffer: strided heads and rows
+        base = torch.randn(2 * heads, total, 4, generator=g, dtype=torch.float64)
+        return base.transpose(0, 1)[:, ::2].requires_grad_()
+
+    q = make(6)
+    k, v = make(kv_heads), make(kv_heads)
     pattern = packed.DilatedPattern(*PATTERN, head_mode)
     calls = packed.packed_calls(tuple(cu.tolist()), pattern, 6, kv_heads, torch.device("cpu"), lambda n: True)
-    assert all(c.dense is not None for c in calls) and any(c.seqs is not None for c in calls)
+    assert any(c.seqs is not None for c in calls)
+    if in_place == "none":
+        assert all(c.dense is not None and not c.in_place for c in calls)
+    elif in_place == "some":  # the 40- and 64-token documents' segments of >= 12 rows
+        assert any(c.in_place for c in calls) and any(c.dense is not None for c in calls)
+    else:
+        assert any(c.in_place for c in calls)
     args = (q, k, v, cu, None, *pattern.op_args(), causal, 0.5, "math", "sdpa_cpu_flash")
     torch.library.opcheck(packed.varlen_forward_op, args)
     out, _ = packed.varlen_forward_op(*args)
