@@ -223,7 +223,7 @@ def packed_calls(
                 found = _branch_rows(bounds, w, r, offset, device, dense_ok or (lambda length: False))
                 if found is None:
                     continue
-                *parts_of_rows, docs = found
+                rows, dense, seqs, docs = found
                 count = selected_count(w, r, offset)
                 # only the head fields of these calls count; at most `chunk` heads
                 # each: every call gathers copies of its rows
@@ -238,7 +238,7 @@ def packed_calls(
                         dataclasses.replace(part, start=start, num_segments=n, length=count)
                         for start, n in docs
                     )
-                    calls.append(PackedCall(part, kv, group, *parts_of_rows, in_place))
+                    calls.append(PackedCall(part, kv, group, rows, dense, seqs, in_place))
         return calls
 
     return _CALLS.get((bounds, pattern, num_heads, kv_heads, device, key, IN_PLACE_MIN_ROWS), build)
@@ -342,8 +342,8 @@ def packed_forward(
                 strided(out[None], doc).copy_(part_out)
                 strided(lse[None], doc).copy_(part_lse)
             else:
-                views = [strided(x[None], doc) for x in (out, lse, weights)]
-                merge_online(*views, part_out.to(acc_dtype), part_lse.to(acc_dtype))
+                acc, top, total = (strided(x[None], doc) for x in (out, lse, weights))
+                merge_online(acc, top, total, part_out.to(acc_dtype), part_lse.to(acc_dtype))
         if not call.pieces():
             continue
         q, k, v, _ = _operands(call, chosen, query, key, value)
