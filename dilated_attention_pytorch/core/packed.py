@@ -224,21 +224,28 @@ def packed_calls(
                 if found is None:
                     continue
                 rows, dense, seqs, docs = found
-                count = selected_count(w, r, offset)
                 # only the head fields of these calls count; at most `chunk` heads
-                # each: every call gathers copies of its rows
-                chunk = head_chunk(num_heads)
+                # each where rows are gathered (each call copies its rows)
+                chunk = (
+                    head_chunk(num_heads) if rows is not None or dense is not None or seqs is not None else 0
+                )
                 pieces = [
                     BranchCall(branch, offset, r, 0, w, 1, 1, heads[i], heads.step, len(heads[i : i + chunk]))
-                    for i in range(0, len(heads), chunk)
+                    for i in range(0, len(heads), chunk or len(heads))
                 ]
-                for part in split_for_kv(pieces, num_heads, kv_heads):
+                for part in split_for_kv(pieces if chunk else [], num_heads, kv_heads):
+                    kv, group = kv_call(part, num_heads, kv_heads)
+                    calls.append(PackedCall(part, kv, group, rows, dense, seqs))
+                # the documents read in place copy nothing: all the heads at once
+                every_head = BranchCall(branch, offset, r, 0, w, 1, 1, heads.start, heads.step, len(heads))
+                count = selected_count(w, r, offset)
+                for part in split_for_kv([every_head] if docs else [], num_heads, kv_heads):
                     kv, group = kv_call(part, num_heads, kv_heads)
                     in_place = tuple(
                         dataclasses.replace(part, start=start, num_segments=n, length=count)
                         for start, n in docs
                     )
-                    calls.append(PackedCall(part, kv, group, rows, dense, seqs, in_place))
+                    calls.append(PackedCall(part, kv, group, None, None, None, in_place))
         return calls
 
     return _CALLS.get((bounds, pattern, num_heads, kv_heads, device, key, IN_PLACE_MIN_ROWS), build)
