@@ -33,6 +33,7 @@ from .._cache import BoundedCache
 from .._checks import accumulation_dtype, mask_to_bias
 from ..kernels.base import PackedSequences
 from ..pattern import BranchCall, DilatedPattern, kv_call, selected_count, split_for_kv
+from .blockwise import kv_grads, shared_kv
 from .fused import Recompute, fake_grads, register_operator_autograd
 from .gather import gathered_attention
 from .merge import merge_finish, merge_online
@@ -297,9 +298,7 @@ def _in_place_operands(
     rule = chosen.dense.strides
     q = rule.conform(problem_view(query[None], doc))
     k, v = (rule.conform(problem_view(x[None], call.kv_of(doc))) for x in (key, value))
-    if call.group == 1 or chosen.dense.SUPPORTS_GQA:
-        return q, k, v, 1
-    return q, k.repeat_interleave(call.group, dim=1), v.repeat_interleave(call.group, dim=1), call.group
+    return (q, *shared_kv(chosen.dense, k, v, call.group))
 
 
 def _forward_pieces(
@@ -448,9 +447,7 @@ def _in_place_backward(
     do, o = (rule.conform(problem_view(x[None], doc)) for x in (grad_out, out))
     state = chosen.dense.replay_state(doc.length, q.device)
     part = chosen.dense.backward(do, q, k, v, o, problem_view(lse[None], doc), None, causal, scale, state)
-    part_dq, part_dk, part_dv = part
-    if repeats > 1:
-        part_dk, part_dv = (x.unflatten(1, (-1, repeats)).sum(2) for x in (part_dk, part_dv))
+    part_dq, (part_dk, part_dv) = part[0], kv_grads(part[1:], repeats)
     for grad, where, piece, plus in zip(
         grads, (doc, call.kv_of(doc), call.kv_of(doc)), (part_dq, part_dk, part_dv), add
     ):
