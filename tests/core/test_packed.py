@@ -101,8 +101,8 @@ def test_padded_form_equals_one_call_per_sequence(causal):
 @pytest.mark.parametrize("head_mode", ["grouped", "all"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("kv_heads", [6, 2])
-@pytest.mark.parametrize("in_place", ["none", "some", "all"])
-@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+@pytest.mark.parametrize("in_place", ["none", "some", pytest.param("all", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("layout", ["contiguous", pytest.param("strided", marks=pytest.mark.slow)])
 def test_whole_segments_on_a_dense_kernel_beside_the_varlen_one(
     monkeypatch, head_mode, causal, kv_heads, in_place, layout
 ):
