@@ -394,8 +394,8 @@ def packed_backward(
     rule = chosen.strides
     for call in calls:
         for doc in call.in_place:
-            _in_place_backward(call, doc, chosen, grad_out, query, key, value, out, lse, (dq, dk, dv),
-                               (merge, shared, shared), causal, scale)  # fmt: skip
+            saved = (grad_out, query, key, value, out, lse)
+            _in_place_backward(call, doc, chosen, saved, (dq, dk, dv), (merge, shared, shared), causal, scale)
         if not call.pieces():
             continue
         q, k, v, repeats = _operands(call, chosen, query, key, value)
@@ -428,19 +428,16 @@ def _in_place_backward(
     call: PackedCall,
     doc: BranchCall,
     chosen: PackedKernels,
-    grad_out: Tensor,
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    out: Tensor,
-    lse: Tensor,
+    saved: tuple[Tensor, ...],
     grads: tuple[Tensor, Tensor, Tensor],
     add: tuple[bool, bool, bool],
     causal: bool,
     scale: float,
 ) -> None:
     """The backward of one long document's whole segments, written into ``grads``
-    (dq, dk, dv) in place: added where other problems write the same (row, head)."""
+    (dq, dk, dv) in place: added where other problems write the same (row, head).
+    ``saved``: ``(grad_out, query, key, value, out, lse)`` of :func:`packed_backward`."""
+    grad_out, query, key, value, out, lse = saved
     assert chosen.dense is not None
     q, k, v, repeats = _in_place_operands(call, doc, chosen, query, key, value)
     rule = chosen.dense.strides
