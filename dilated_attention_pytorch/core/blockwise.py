@@ -18,16 +18,16 @@ from .exchange import Blocks, KeyExchange
 from .merge import merge_finish, merge_online
 
 if TYPE_CHECKING:
-    from .. import kernels
     from .fused import FusedProblem
 
 
-def shared_kv(backend: kernels.Backend, k: Tensor, v: Tensor, group: int) -> tuple[Tensor, Tensor, int]:
-    """``(k, v, group)`` for ``backend``: key/value problems ``(batch, kv_heads, len, d)``
+def shared_kv(kernel_shares: bool, k: Tensor, v: Tensor, group: int) -> tuple[Tensor, Tensor, int]:
+    """``(k, v, group)`` for a kernel: key/value problems ``(batch, kv_heads, len, d)``
     read by ``group`` consecutive query heads each, repeated per query head only
-    for a backend that does not take them shared (and then ``group`` query heads'
-    gradients sum into each: :func:`kv_grads`; else 1)."""
-    if group == 1 or backend.SUPPORTS_GQA:
+    where the kernel does not take them shared (``kernel_shares``: its
+    ``SUPPORTS_GQA``), and then ``group`` query heads' gradients sum into each
+    (:func:`kv_grads`; else 1)."""
+    if group == 1 or kernel_shares:
         return k, v, 1
     return k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), group
 
@@ -110,7 +110,7 @@ def blockwise_forward(
     merging: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
     states: dict[Any, Any] = {"rows": sets}
     for members, k, v in blocks:
-        k, v, _ = shared_kv(p.backend, k, v, q.shape[1] // k.shape[1])
+        k, v, _ = shared_kv(p.backend.SUPPORTS_GQA, k, v, q.shape[1] // k.shape[1])
         for s, rows in enumerate(sets):
             for piece, (keys, bias, causal) in enumerate(_pieces(p, rows, members)):
                 part_out, part_lse, states[s, members.start, piece] = p.backend.forward(
@@ -187,7 +187,7 @@ class BlockBackward:
         None where no query sees it."""
         acc = accumulation_dtype(k.dtype)
         grads: list[Tensor] | None = None
-        k, v, group = shared_kv(self.p.backend, k, v, self.rows[0].q.shape[1] // k.shape[1])
+        k, v, group = shared_kv(self.p.backend.SUPPORTS_GQA, k, v, self.rows[0].q.shape[1] // k.shape[1])
         for s, rows in enumerate(self.rows):
             assert rows.grad_out is not None and rows.out is not None and rows.lse is not None
             for piece, (keys, bias, causal) in enumerate(_pieces(self.p, rows, members)):

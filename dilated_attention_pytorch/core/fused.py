@@ -46,7 +46,7 @@ def _kv_views(
     part of :func:`split_for_kv`, ``group`` query heads per key/value head), as
     :func:`shared_kv` gives them to the problem's backend."""
     k, v = (p.backend.strides.conform(problem_view(x, kv)) for x in (key, value))
-    return shared_kv(p.backend, k, v, group)
+    return shared_kv(p.backend.SUPPORTS_GQA, k, v, group)
 
 
 def _into_place(p: FusedProblem, x: Tensor, call: BranchCall) -> Tensor | None:

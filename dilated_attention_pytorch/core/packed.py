@@ -282,9 +282,7 @@ def _operands(
     rule = chosen.strides
     q = rule.conform(_take(head_view(query, call.heads), call.rows))
     k, v = (rule.conform(_take(head_view(x, call.kv), call.rows)) for x in (key, value))
-    if call.group == 1 or chosen.shares_kv:
-        return q, k, v, 1
-    return q, k.repeat_interleave(call.group, dim=1), v.repeat_interleave(call.group, dim=1), call.group
+    return (q, *shared_kv(chosen.shares_kv, k, v, call.group))
 
 
 def _in_place_operands(
@@ -298,7 +296,7 @@ def _in_place_operands(
     rule = chosen.dense.strides
     q = rule.conform(problem_view(query[None], doc))
     k, v = (rule.conform(problem_view(x[None], call.kv_of(doc))) for x in (key, value))
-    return (q, *shared_kv(chosen.dense, k, v, call.group))
+    return (q, *shared_kv(chosen.dense.SUPPORTS_GQA, k, v, call.group))
 
 
 def _forward_pieces(
@@ -415,8 +413,7 @@ def packed_backward(
                 part_dq, part_dk, part_dv = chosen.varlen.backward_varlen(
                     p_do, p_q, p_k, p_v, p_o, call_lse[piece], call.seqs, causal, scale, None
                 )
-            if repeats > 1:
-                part_dk, part_dv = (x.unflatten(1, (-1, repeats)).sum(2) for x in (part_dk, part_dv))
+            part_dk, part_dv = kv_grads((part_dk, part_dv), repeats)
             rows = _piece_rows(call.rows, piece)
             _put(head_view(dq, call.heads), rows, part_dq, add=merge)
             _put(head_view(dk, call.kv), rows, part_dk, add=shared)
