@@ -162,14 +162,23 @@ def _dense_ceiling(
     return results
 
 
-def _rebase_full_dense(rec: dict[str, Any], seq: int, args: argparse.Namespace, causal: bool) -> None:
-    flops = 4 * args.batch * args.heads * seq * seq * args.head_dim * (0.5 if causal else 1.0)
-    rec["flops_fwd"], rec["flops_fwdbwd"] = flops, 3.5 * flops
-    for key in ("ratio_to_dense_fwd", "ratio_to_dense_fwdbwd", "best_dense_fwd", "best_dense_fwdbwd"):
-        rec.pop(key, None)
+def _dense_flops(batch: int, heads: int, length: int, head_dim: int, causal: bool) -> dict[str, float]:
+    """``flops_fwd`` and ``flops_fwdbwd`` of dense attention over ``length`` tokens."""
+    flops = 4 * batch * heads * length * length * head_dim * (0.5 if causal else 1.0)
+    return {"flops_fwd": flops, "flops_fwdbwd": 3.5 * flops}
+
+
+def _set_tflops(rec: dict[str, Any]) -> None:
     for key, ms in (("tflops_fwd", "fwd_ms"), ("tflops_fwdbwd", "fwdbwd_ms")):
         if rec.get(ms):
             rec[key] = rec["flops" + key[6:]] / rec[ms] / 1e9
+
+
+def _rebase_full_dense(rec: dict[str, Any], seq: int, args: argparse.Namespace, causal: bool) -> None:
+    rec.update(_dense_flops(args.batch, args.heads, seq, args.head_dim, causal))
+    for key in ("ratio_to_dense_fwd", "ratio_to_dense_fwdbwd", "best_dense_fwd", "best_dense_fwdbwd"):
+        rec.pop(key, None)
+    _set_tflops(rec)
 
 
 def _large_dense(
@@ -177,17 +186,15 @@ def _large_dense(
 ) -> dict[str, Any]:
     """The registry kernel ``backend`` on one large dense problem (its best rate)."""
     bb, hh, ll = args.large_dense_shape
-    flops = 4 * bb * hh * ll * ll * args.head_dim * (0.5 if causal else 1.0)
     rec: dict[str, Any] = {
         "implementation": f"dense_large_{backend}", "backend": backend, "shape": [bb, hh, ll],
-        "flops_fwd": flops, "flops_fwdbwd": 3.5 * flops,
+        **_dense_flops(bb, hh, ll, args.head_dim, causal),
     }  # fmt: skip
     f, step = _dense_problem_fns(backend, (bb, hh, ll), args.head_dim, causal, device, dtype)
     rec["fwd_ms"] = timer(f)
-    rec["tflops_fwd"] = flops / rec["fwd_ms"] / 1e9
     if not args.no_backward:
         rec["fwdbwd_ms"] = timer(step)
-        rec["tflops_fwdbwd"] = 3.5 * flops / rec["fwdbwd_ms"] / 1e9
+    _set_tflops(rec)
     return rec
 
 
@@ -264,6 +271,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         )
         grad = torch.randn_like(q)
         spec = kernels.AttentionSpec.from_tensor(q)
+        core: dict[str, Any] | None = None  # the "improved" record of this configuration
         for name, impl in _implementations(args, pattern, seq, causal).items():
 
             def fn(impl=impl, q=q, k=k, v=v):
@@ -296,6 +304,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 torch.cuda.empty_cache()
             if name == "dense_full":  # another function: its own FLOPs, no ratio to the pattern's ceiling
                 _rebase_full_dense(rec, seq, args, causal)
+            if name == "improved":
+                core = rec
             if name == "improved" and args.large_dense_shape and "fwd_ms" in rec:
                 if (rec["backend"], causal) not in large:
                     found = _large_dense(rec["backend"], args, causal, device, dtype, timer)
@@ -310,9 +320,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             records.append(rec)
         del q, k, v, grad
         if "multihead" in args.impls:
-            records.append(
-                _multihead_record(args, pattern, seq, causal, device, dtype, timer, common, records)
-            )
+            records.append(_multihead_record(args, pattern, seq, causal, device, dtype, timer, common, core))
     return records
 
 
@@ -325,8 +333,9 @@ def _multihead_record(
     dtype: torch.dtype,
     timer: Timer,
     common: dict[str, Any],
-    records: list[dict[str, Any]],
+    core: dict[str, Any] | None,
 ) -> dict[str, Any]:
+    """The whole module's record; ``core``: the "improved" record of the same configuration."""
     rec: dict[str, Any] = {**common, "implementation": "multihead", "backend": args.backend or "auto"}
     try:
         fn, tensors = _multihead(args, pattern, seq, causal, device, dtype)
@@ -340,11 +349,8 @@ def _multihead_record(
     except torch.OutOfMemoryError:
         rec["error"] = "out of memory"
         torch.cuda.empty_cache()
-    core = next((r for r in reversed(records) if r["implementation"] == "improved" and r["seq_len"] == seq
-                 and r["head_mode"] == common["head_mode"] and r["causal"] == causal), None)  # fmt: skip
+    _set_tflops(rec)  # the attention's FLOPs (from common) over the module's time
     for mode in ("fwd", "fwdbwd"):
-        if rec.get(f"{mode}_ms"):  # the attention's FLOPs over the module's time
-            rec[f"tflops_{mode}"] = common[f"flops_{mode}"] / rec[f"{mode}_ms"] / 1e9
         if core is not None and core.get(f"{mode}_ms") and rec.get(f"{mode}_ms"):
             rec[f"attention_share_{mode}"] = core[f"{mode}_ms"] / rec[f"{mode}_ms"]
     return rec

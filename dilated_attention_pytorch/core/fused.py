@@ -267,6 +267,11 @@ def fused_backward(
     shared = kv_heads != h
     grads = [new(query.shape, dtype=query.dtype, device=query.device) for _ in range(1 if shared else 3)]
     kv_sums = [key.new_zeros(key.shape, dtype=lse.dtype) for _ in range(2)] if shared else []
+
+    def add_to_kv_sums(parts: Sequence[Tensor], kv_part: BranchCall) -> None:
+        for total, part in zip(kv_sums, parts):
+            strided(total, kv_part).add_(from_problem(part, b))
+
     problems: list[FusedProblem] = run.problems
     for heads, pieces in _backward_pieces(problems, h, run.head_chunk):
         # "all": each branch's gradients go to compact rows and are summed at
@@ -319,8 +324,7 @@ def fused_backward(
                     reductions[i] = p.exchange.backward(block, k, v), kv_part
                     part_grads = (block.finish(),)
                 if shared:
-                    for total, part in zip(kv_sums, kv_grads(part_grads[1:], group)):
-                        strided(total, kv_part).add_(from_problem(part, b))
+                    add_to_kv_sums(kv_grads(part_grads[1:], group), kv_part)
                     part_grads = part_grads[:1]
                 if rows is not None:
                     for c, part in zip(compact, part_grads):
@@ -330,8 +334,7 @@ def fused_backward(
                     _write(acc, call, heads.start, from_problem(part, b), run.merge)
         for i, (wait, kv_part) in reductions.items():
             if shared:
-                for total, part in zip(kv_sums, wait()):
-                    strided(total, kv_part).add_(from_problem(part, b))
+                add_to_kv_sums(wait(), kv_part)
                 continue
             for acc, part in zip(accs[1:], wait()):
                 _write(acc, problems[i].call, heads.start, from_problem(part, b), run.merge)

@@ -225,28 +225,31 @@ def packed_calls(
                 if found is None:
                     continue
                 rows, dense, seqs, docs = found
-                # only the head fields of these calls count; at most `chunk` heads
-                # each where rows are gathered (each call copies its rows)
-                chunk = (
-                    head_chunk(num_heads) if rows is not None or dense is not None or seqs is not None else 0
-                )
-                pieces = [
-                    BranchCall(branch, offset, r, 0, w, 1, 1, heads[i], heads.step, len(heads[i : i + chunk]))
-                    for i in range(0, len(heads), chunk or len(heads))
-                ]
-                for part in split_for_kv(pieces if chunk else [], num_heads, kv_heads):
-                    kv, group = kv_call(part, num_heads, kv_heads)
-                    calls.append(PackedCall(part, kv, group, rows, dense, seqs))
-                # the documents read in place copy nothing: all the heads at once
-                every_head = BranchCall(branch, offset, r, 0, w, 1, 1, heads.start, heads.step, len(heads))
-                count = selected_count(w, r, offset)
-                for part in split_for_kv([every_head] if docs else [], num_heads, kv_heads):
-                    kv, group = kv_call(part, num_heads, kv_heads)
-                    in_place = tuple(
-                        dataclasses.replace(part, start=start, num_segments=n, length=count)
-                        for start, n in docs
+                # only the head fields of these calls count
+                if rows is not None or dense is not None or seqs is not None:
+                    # at most `chunk` heads each: every call gathers copies of its rows
+                    chunk = head_chunk(num_heads)
+                    pieces = [
+                        BranchCall(
+                            branch, offset, r, 0, w, 1, 1, heads[i], heads.step, len(heads[i : i + chunk])
+                        )
+                        for i in range(0, len(heads), chunk)
+                    ]
+                    for part in split_for_kv(pieces, num_heads, kv_heads):
+                        kv, group = kv_call(part, num_heads, kv_heads)
+                        calls.append(PackedCall(part, kv, group, rows, dense, seqs))
+                if docs:  # the documents read in place copy nothing: all the heads at once
+                    every_head = BranchCall(
+                        branch, offset, r, 0, w, 1, 1, heads.start, heads.step, len(heads)
                     )
-                    calls.append(PackedCall(part, kv, group, None, None, None, in_place))
+                    count = selected_count(w, r, offset)
+                    for part in split_for_kv([every_head], num_heads, kv_heads):
+                        kv, group = kv_call(part, num_heads, kv_heads)
+                        in_place = tuple(
+                            dataclasses.replace(part, start=start, num_segments=n, length=count)
+                            for start, n in docs
+                        )
+                        calls.append(PackedCall(part, kv, group, None, None, None, in_place))
         return calls
 
     return _CALLS.get((bounds, pattern, num_heads, kv_heads, device, key, IN_PLACE_MIN_ROWS), build)
@@ -390,9 +393,9 @@ def packed_backward(
     dq = query.new_zeros(query.shape, dtype=acc_dtype if merge else query.dtype)
     dk, dv = (x.new_zeros(x.shape, dtype=acc_dtype if shared else x.dtype) for x in (key, value))
     rule = chosen.strides
+    saved = (grad_out, query, key, value, out, lse)
     for call in calls:
         for doc in call.in_place:
-            saved = (grad_out, query, key, value, out, lse)
             _in_place_backward(call, doc, chosen, saved, (dq, dk, dv), (merge, shared, shared), causal, scale)
         if not call.pieces():
             continue
@@ -442,9 +445,8 @@ def _in_place_backward(
     state = chosen.dense.replay_state(doc.length, q.device)
     part = chosen.dense.backward(do, q, k, v, o, problem_view(lse[None], doc), None, causal, scale, state)
     part_dq, (part_dk, part_dv) = part[0], kv_grads(part[1:], repeats)
-    for grad, where, piece, plus in zip(
-        grads, (doc, call.kv_of(doc), call.kv_of(doc)), (part_dq, part_dk, part_dv), add
-    ):
+    kv_doc = call.kv_of(doc)
+    for grad, where, piece, plus in zip(grads, (doc, kv_doc, kv_doc), (part_dq, part_dk, part_dv), add):
         view = strided(grad[None], where)
         piece = from_problem(piece, 1).to(grad.dtype)
         view.add_(piece) if plus else view.copy_(piece)
