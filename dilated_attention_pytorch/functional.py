@@ -15,14 +15,12 @@ length and all heads that share an offset form one
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from . import kernels
 from ._checks import METHODS, Method, refuse_torchscript, validate_call, warn_unusual_layout
 from .core.fused import functorch_active
 from .core.gather import gathered_attention
@@ -68,7 +66,9 @@ def dilated_attention(
         key: ``(batch, seqlen_k, kv_heads, head_dim)`` with
             ``heads % kv_heads == 0`` (grouped-query and multi-query attention):
             query head ``j`` reads key/value head ``j // (heads // kv_heads)``.
-        value: ``(batch, seqlen_k, kv_heads, head_dim)``.
+        value: ``(batch, seqlen_k, kv_heads, head_dim_v)``; ``head_dim_v`` may
+            differ from ``head_dim`` (the fused path runs it on the kernels
+            that declare ``SUPPORTS_VALUE_HEAD_DIM``).
         segment_lengths: the branches' segment lengths, or a ready
             :class:`DilatedPattern` (then ``dilation_rates`` and ``head_mode``
             are ignored).
@@ -104,7 +104,7 @@ def dilated_attention(
             with another (say a global-token branch) by :func:`merge_by_lse`.
 
     Returns:
-        ``(batch, seqlen_q, heads, head_dim)``; a (position, head) with no key is 0.
+        ``(batch, seqlen_q, heads, head_dim_v)``; a (position, head) with no key is 0.
         With ``return_lse``: ``(out, lse)``, lse ``(batch, seqlen_q, heads)`` float32
         (float64 for float64 inputs), -inf where no key. It is differentiable: where
         gradients are recorded the call runs the gather path (the fused kernels'
@@ -202,8 +202,11 @@ def _attention(
         method = "gather"  # the one path whose lse carries a gradient
     if method == "flex" and functorch_active(query, key, value):
         method = "gather"  # the same function in ops torch.func can transform
-    if value.shape[3] != shape[3] and method != "gather":
-        method = _method_for_value_head_dim(query, value, method, backend)
+    if value.shape[3] != shape[3] and method == "flex":
+        raise ValueError(
+            f"method='flex' needs the value's head_dim ({value.shape[3]}) to equal the query's "
+            f"({shape[3]}); use method='fused' or 'gather'"
+        )
     if method == "flex":
         if dropout_p > 0.0:
             raise ValueError(
@@ -219,21 +222,6 @@ def _attention(
         )  # fmt: skip
     out, lse = fused_local(query, key, value, key_bias, attn_bias, pattern, is_causal, scale, backend)
     return (out, lse) if return_lse else out
-
-
-def _method_for_value_head_dim(query: Tensor, value: Tensor, method: Method, backend: str | None) -> Method:
-    """A value head_dim other than the query's: no fused kernel takes it (each
-    backend's reasons say so), so "fused" runs the gather path; a named backend or
-    FlexAttention refuses."""
-    if method == "flex":
-        raise ValueError(
-            f"method='flex' needs the value's head_dim ({value.shape[3]}) to equal the query's "
-            f"({query.shape[3]}); use method='gather'"
-        )
-    if backend is not None:  # raises with the backend's reasons unless it takes the call
-        spec = dataclasses.replace(kernels.AttentionSpec.from_tensor(query), value_head_dim=value.shape[3])
-        kernels.select_backend(spec, backend)
-    return "gather"
 
 
 def dilated_attention_varlen(

@@ -452,6 +452,69 @@ def test_backend_shares_key_value_heads_as_declared(name):
     )
 
 
+@pytest.mark.parametrize("name", CUDA_BACKENDS)
+@pytest.mark.parametrize(("head_dim", "value_dim"), [(64, 32), (64, 128), (128, 64)])
+def test_backend_takes_a_value_head_dim_as_declared(name, head_dim, value_dim):
+    """SUPPORTS_VALUE_HEAD_DIM is what the kernel does: a backend that declares it
+    returns the math backend's output and gradients for a value head_dim other
+    than the query's; one that does not refuses or gets it wrong."""
+    backend = _backend_or_skip(name, head_dim=head_dim)
+    from dilated_attention_pytorch.kernels.math import MathBackend
+
+    declared = backend.SUPPORTS_VALUE_HEAD_DIM
+    g = torch.Generator(device="cuda").manual_seed(0)
+    kv_heads = 2 if backend.SUPPORTS_GQA else 8
+    q = torch.randn(2, 8, 200, head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(2, kv_heads, 200, head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(2, kv_heads, 200, value_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+    grad = torch.randn(2, 8, 200, value_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+    scale = head_dim**-0.5
+    x64 = [x.double() for x in (q, k, v)]
+    exp_out, exp_lse, _ = MathBackend().forward(*x64, None, True, scale)
+    expected = MathBackend().backward(grad.double(), *x64, exp_out, exp_lse, None, True, scale, None)
+    try:
+        out, lse, state = backend.forward(q, k, v, None, True, scale)
+        got = backend.backward(grad, q, k, v, out, lse, None, True, scale, state)
+        ok = out.shape == exp_out.shape and all(a.shape == b.shape for a, b in zip(got, expected))
+        ok = ok and relative_error(out, exp_out) <= 2e-2
+        ok = ok and all(relative_error(a, b) <= 2e-2 for a, b in zip(got, expected))
+    except RuntimeError as error:
+        assert not declared, f"{name} declares SUPPORTS_VALUE_HEAD_DIM but raised: {error}"
+        return
+    assert ok == declared, f"{name}: takes value head_dim {value_dim} correctly = {ok}, declared {declared}"
+
+
+@pytest.mark.parametrize("impl", GPU_IMPLS, ids=[i.name for i in GPU_IMPLS])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("head_mode", ["grouped", "all"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_value_head_dim_matches_reference(impl, dtype, head_mode, causal):
+    """Value head_dim 32 under query head_dim 64, grouped-query heads, partial last
+    segment: the fused path on every backend that declares it, a clear refusal on
+    a named backend that does not."""
+    seg, dil = (64, 128, 256), (1, 2, 4)
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 300, 8, 64, generator=gen, dtype=torch.float64).cuda().requires_grad_()
+    k = torch.randn(2, 300, 2, 64, generator=gen, dtype=torch.float64).cuda().requires_grad_()
+    v = torch.randn(2, 300, 2, 32, generator=gen, dtype=torch.float64).cuda().requires_grad_()
+    kw = {"head_mode": head_mode, "is_causal": causal}
+    qd, kd, vd = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
+    if impl.backend is not None:
+        _runnable(impl, dtype, 64, False)
+        if not kernels.REGISTRY[impl.backend].SUPPORTS_VALUE_HEAD_DIM:
+            with pytest.raises(ValueError, match="value head_dim must equal the query's"):
+                impl(qd, kd, vd, seg, dil, **kw)
+            return
+    expected = reference(q, k, v, seg, dil, **kw)
+    g = torch.randn_like(expected)
+    exp_grads = grads(expected, (q, k, v), g)
+    out = impl(qd, kd, vd, seg, dil, **kw)
+    assert out.shape == (2, 300, 8, 32)
+    assert_close(out, expected, dtype, f"{impl.name} output")
+    for name, a, b in zip("qkv", grads(out, (qd, kd, vd), g.to(dtype)), exp_grads):
+        assert_close(a, b, dtype, f"{impl.name} d{name}")
+
+
 @pytest.mark.parametrize("impl", GPU_IMPLS, ids=[i.name for i in GPU_IMPLS])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("head_mode", ["grouped", "all"])

@@ -182,7 +182,8 @@ def fused_forward(
     float32 sums. With compact rows the backward goes one chunk of
     :func:`merge_head_chunk` heads at a time (kernel states must not depend on
     the heads), else all heads at once (no spanning problem may be cut)."""
-    b, n, h, d = query.shape
+    b, n, h, _ = query.shape
+    d = value.shape[3]  # the output's head_dim is the value's
     merge = pattern.merges_branches
     lse_dtype = accumulation_dtype(query.dtype)
     # every problem is a view of the inputs with strides that are multiples of theirs:
@@ -257,7 +258,7 @@ def fused_backward(
     """``(dq, dk, dv)`` of a :func:`fused_forward`: each kernel's backward with
     the merged output and lse, in the forward's head chunks."""
     query, key, value = _conform_inputs(run.problems, query, key, value)
-    b, n, h, d = query.shape
+    b, n, h, _ = query.shape
     kv_heads = key.shape[2]
     grad_out = grad_out.contiguous()
     rows: dict[int, BranchRows] | None = run.rows
@@ -265,8 +266,10 @@ def fused_backward(
     # in query-head space: dq, and dk, dv unless heads share keys; shared keys'
     # gradients sum over query heads and branches into float32 sums
     shared = kv_heads != h
-    grads = [new(query.shape, dtype=query.dtype, device=query.device) for _ in range(1 if shared else 3)]
-    kv_sums = [key.new_zeros(key.shape, dtype=lse.dtype) for _ in range(2)] if shared else []
+    # the head_dim of dq, dk and dv in query-head space (the value's may differ)
+    dims = [query.shape[3]] if shared else [x.shape[3] for x in (query, key, value)]
+    grads = [new(*query.shape[:3], dim, dtype=query.dtype, device=query.device) for dim in dims]
+    kv_sums = [x.new_zeros(x.shape, dtype=lse.dtype) for x in (key, value)] if shared else []
 
     def add_to_kv_sums(parts: Sequence[Tensor], kv_part: BranchCall) -> None:
         for total, part in zip(kv_sums, parts):
@@ -277,13 +280,13 @@ def fused_backward(
         # "all": each branch's gradients go to compact rows and are summed at
         # the end of the chunk, or, with spanning problems, summed in float32
         compact = (
-            [BranchBuffers(rows, b, len(heads), d, query.dtype, query.device) for _ in grads]
+            [BranchBuffers(rows, b, len(heads), dim, query.dtype, query.device) for dim in dims]
             if rows is not None
             else []
         )
         accs = grads
         if run.merge and rows is None:
-            accs = [query.new_zeros(b, n, len(heads), d, dtype=lse.dtype) for _ in grads]
+            accs = [query.new_zeros(b, n, len(heads), dim, dtype=lse.dtype) for dim in dims]
         reductions: dict[int, tuple[Callable[[], tuple[Tensor, Tensor]], BranchCall]] = {}
         for i, piece in pieces:
             p, kv = problems[i], run.exchanged_kv[i]
@@ -475,11 +478,11 @@ def register_operator_autograd(
 
 
 def select_backends(
-    query: Tensor, calls: Sequence[BranchCall], has_bias: Sequence[bool], backend: str | None
+    query: Tensor, value: Tensor, calls: Sequence[BranchCall], has_bias: Sequence[bool], backend: str | None
 ) -> list[kernels.Backend]:
     """A kernel per problem. A named backend must suit the inputs; a problem whose
     length it refuses (cuDNN at length 1, say) goes to the best one that takes it."""
-    spec = kernels.AttentionSpec.from_tensor(query, has_bias=any(has_bias))
+    spec = kernels.AttentionSpec.from_tensor(query, has_bias=any(has_bias), value=value)
     if backend is not None:
         kernels.select_backend(spec, backend)
     named = kernels.REGISTRY.get(backend) if backend is not None else None

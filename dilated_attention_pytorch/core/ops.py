@@ -34,6 +34,7 @@ from .gather import gathered_attention
 def _problems(
     query: Tensor,
     key: Tensor,
+    value: Tensor,
     key_bias: Tensor | None,
     attn_bias: Tensor | None,
     pattern: DilatedPattern,
@@ -44,7 +45,7 @@ def _problems(
     # grouped-query attention: calls cut where their query heads read key/value heads irregularly
     calls = split_for_kv(pattern.calls(n, h), h, key.shape[2])
     biases = [call_bias(c, key_bias, attn_bias, b) for c in calls]
-    backends = select_backends(query, calls, [x is not None for x in biases], backend)
+    backends = select_backends(query, value, calls, [x is not None for x in biases], backend)
     return [FusedProblem(c, be, bias, is_causal) for c, be, bias in zip(calls, backends, biases)]
 
 
@@ -63,18 +64,19 @@ def fused_forward_op(
     scale: float,
     backend: str | None,
 ) -> tuple[Tensor, Tensor]:
-    """``(out, lse)``: out ``(batch, seq, heads, head_dim)`` in the query dtype,
+    """``(out, lse)``: out ``(batch, seq, heads, head_dim_v)`` in the query dtype,
     lse ``(batch, seq, heads)`` float32 (float64 for float64 inputs)."""
     pattern = DilatedPattern.from_op_args(segment_lengths, dilation_rates, head_mode, head_slice)
-    problems = _problems(query, key, key_bias, attn_bias, pattern, is_causal, backend)
+    problems = _problems(query, key, value, key_bias, attn_bias, pattern, is_causal, backend)
     out, lse, _ = fused_forward(query, key, value, problems, pattern, scale)
     return out, lse
 
 
 @fused_forward_op.register_fake
-def _(query: Tensor, key: Tensor, *args: Any) -> tuple[Tensor, Tensor]:
-    b, n, h, d = query.shape
-    return query.new_empty(b, n, h, d), query.new_empty((b, n, h), dtype=accumulation_dtype(query.dtype))
+def _(query: Tensor, key: Tensor, value: Tensor, *args: Any) -> tuple[Tensor, Tensor]:
+    b, n, h, _ = query.shape
+    out = query.new_empty(b, n, h, value.shape[3])
+    return out, query.new_empty((b, n, h), dtype=accumulation_dtype(query.dtype))
 
 
 @torch.library.custom_op("dilated_attention::fused_backward", mutates_args=())
@@ -97,7 +99,7 @@ def fused_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)`` of :func:`fused_forward_op`, contiguous, in the inputs' shapes."""
     pattern = DilatedPattern.from_op_args(segment_lengths, dilation_rates, head_mode, head_slice)
-    problems = _problems(query, key, key_bias, attn_bias, pattern, is_causal, backend)
+    problems = _problems(query, key, value, key_bias, attn_bias, pattern, is_causal, backend)
     run = replayed_run(problems, pattern, query, scale)
     return fused_backward(run, grad_out, query, key, value, out, lse)
 

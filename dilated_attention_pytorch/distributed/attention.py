@@ -233,7 +233,7 @@ def ring_dilated_attention(
     local_biases = [call_bias(c, key_bias, None, b) for c in local]
     problem_calls = local + [sp.local for sp in found]
     biases = local_biases + span_biases
-    backends = fused.select_backends(query, problem_calls, [x is not None for x in biases], backend)
+    backends = fused.select_backends(query, value, problem_calls, [x is not None for x in biases], backend)
     problems_fused = [
         FusedProblem(c, be, bias, is_causal) for c, be, bias in zip(local, backends, local_biases)
     ] + [

@@ -37,12 +37,16 @@ class AttentionSpec:
     varlen: bool = False
 
     @classmethod
-    def from_tensor(cls, x: Tensor, *, has_bias: bool = False, seq_len: int | None = None) -> AttentionSpec:
-        """Spec of ``(batch, seq, heads, head_dim)`` or ``(batch, heads, seq, head_dim)`` inputs."""
+    def from_tensor(
+        cls, x: Tensor, *, has_bias: bool = False, seq_len: int | None = None, value: Tensor | None = None
+    ) -> AttentionSpec:
+        """Spec of ``(batch, seq, heads, head_dim)`` or ``(batch, heads, seq, head_dim)``
+        queries ``x`` (and ``value``, whose last dim may differ)."""
         cc = None
         if x.device.type == "cuda":
             cc = torch.cuda.get_device_capability(x.device)
-        return cls(x.device.type, x.dtype, x.shape[-1], has_bias, cc, seq_len)
+        value_dim = None if value is None or value.shape[-1] == x.shape[-1] else value.shape[-1]
+        return cls(x.device.type, x.dtype, x.shape[-1], has_bias, cc, seq_len, value_dim)
 
 
 @dataclass(frozen=True)
@@ -134,6 +138,8 @@ class Backend(Protocol):
     WRITES_INTO_PLACE: ClassVar[bool]
     #: whether key/value may have fewer heads than the query (see :class:`KernelBackend`)
     SUPPORTS_GQA: ClassVar[bool]
+    #: whether the value's head_dim may differ from the query's (see :class:`KernelBackend`)
+    SUPPORTS_VALUE_HEAD_DIM: ClassVar[bool]
     #: its varlen form (see :class:`KernelBackend`): "native", "padded" or None
     VARLEN: ClassVar[VarlenForm]
 
@@ -258,8 +264,8 @@ class KernelBackend:
     #: key/value head j // (heads // kv_heads)) and returns their gradients
     #: summed per key/value head; else the fused path repeats them per call
     SUPPORTS_GQA: ClassVar[bool] = False
-    #: takes a value head_dim other than the query's (no backend here does yet:
-    #: such calls run the gather path, plain torch)
+    #: takes a value head_dim other than the query's (within the same head_dim
+    #: bounds), returning outputs and value gradients of the value's head_dim
     SUPPORTS_VALUE_HEAD_DIM: ClassVar[bool] = False
     #: packed sequences in one call: "native" overrides :meth:`forward_varlen` and
     #: :meth:`backward_varlen`; "padded" uses this class's (batches of padded
@@ -302,19 +308,24 @@ class KernelBackend:
             reasons.append(f"dtype {spec.dtype} is not a floating-point type")
         elif dtypes is not None and spec.dtype not in dtypes:
             reasons.append(f"dtype {spec.dtype} not supported (supports {', '.join(map(str, dtypes))})")
+        value_dim = spec.value_head_dim
+        other_value_dim = value_dim is not None and value_dim != spec.head_dim
         multiple, largest = self.HEAD_DIM_MULTIPLE, self.MAX_HEAD_DIM
-        if spec.head_dim % multiple or (largest is not None and not multiple <= spec.head_dim <= largest):
-            bounds = f" in [{multiple}, {largest}]" if largest is not None else ""
-            reasons.append(f"head_dim must be a multiple of {multiple}{bounds}, got {spec.head_dim}")
+        bounds = f" in [{multiple}, {largest}]" if largest is not None else ""
+        dims = [("head_dim", spec.head_dim)]
+        if value_dim is not None and other_value_dim:
+            dims.append(("value head_dim", value_dim))
+        for what, dim in dims:
+            if dim % multiple or (largest is not None and not multiple <= dim <= largest):
+                reasons.append(f"{what} must be a multiple of {multiple}{bounds}, got {dim}")
         if spec.has_bias and not self.SUPPORTS_BIAS:
             reasons.append("takes no attention bias (key_padding_mask / attn_mask)")
         if spec.varlen and self.VARLEN is None:
             reasons.append("has no varlen form (packed sequences in one call)")
-        value_dim = spec.value_head_dim
-        if value_dim is not None and value_dim != spec.head_dim and not self.SUPPORTS_VALUE_HEAD_DIM:
+        if other_value_dim and not self.SUPPORTS_VALUE_HEAD_DIM:
             reasons.append(
-                f"value head_dim must equal the query's ({spec.head_dim}), got {value_dim}: its kernels "
-                "take one head_dim (method='gather' runs any)"
+                f"value head_dim must equal the query's ({spec.head_dim}), got {value_dim}: this backend "
+                "runs its kernels on one head_dim (method='gather' runs any)"
             )
         return reasons + self.quirk_reasons(spec, reasons)
 

@@ -68,6 +68,7 @@ class MathBackend(KernelBackend):
     SUPPORTED_DEVICES = None
     SUPPORTED_DTYPES = None
     SUPPORTS_GQA = True
+    SUPPORTS_VALUE_HEAD_DIM = True
     VARLEN: ClassVar[VarlenForm] = "padded"
 
     def forward(

@@ -301,6 +301,7 @@ class EfficientBackend(_SdpaBackend):
     SUPPORTED_DTYPES = (torch.float32, *_HALF)
     MIN_COMPUTE_CAPABILITY = (5, 0)
     HEAD_DIM_MULTIPLE, MAX_HEAD_DIM = 8, 512
+    SUPPORTS_VALUE_HEAD_DIM = True
     _ops = (
         "_scaled_dot_product_efficient_attention",
         "_scaled_dot_product_efficient_attention_backward",
@@ -370,6 +371,7 @@ class CudnnBackend(_SdpaBackend):
     HEAD_DIM_MULTIPLE, MAX_HEAD_DIM = 8, 128
     SUPPORTS_BIAS = False
     SUPPORTS_GQA = True
+    SUPPORTS_VALUE_HEAD_DIM = True
     _ops = (
         "_scaled_dot_product_cudnn_attention",
         "_scaled_dot_product_cudnn_attention_backward",

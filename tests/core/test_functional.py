@@ -200,7 +200,7 @@ def test_into_place_backends_match_reference(monkeypatch, seg, dil, seq, heads, 
     """A backend that writes outputs and gradients into place (grouped heads, where
     the problem is a view) computes the same function."""
     backend = _IntoPlaceMath()
-    monkeypatch.setattr(ops, "select_backends", lambda query, calls, *a: [backend] * len(calls))
+    monkeypatch.setattr(ops, "select_backends", lambda query, value, calls, *a: [backend] * len(calls))
     q, k, v = make_qkv(batch, seq, heads)
     expected = reference(q, k, v, seg, dil, head_mode=head_mode, is_causal=causal)
     g = torch.randn_like(expected)

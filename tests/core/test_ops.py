@@ -13,19 +13,21 @@ from ..conftest import assert_close
 SEG, DIL = (4, 8, 16), (1, 2, 4)
 
 
-def _qkv(heads=4, kv_heads=2, seq=37, dtype=torch.float32):
+def _qkv(heads=4, kv_heads=2, seq=37, dtype=torch.float32, value_dim=8):
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, seq, heads, 8, generator=g, dtype=dtype).requires_grad_()
-    k, v = (torch.randn(2, seq, kv_heads, 8, generator=g, dtype=dtype).requires_grad_() for _ in "kv")
+    k = torch.randn(2, seq, kv_heads, 8, generator=g, dtype=dtype).requires_grad_()
+    v = torch.randn(2, seq, kv_heads, value_dim, generator=g, dtype=dtype).requires_grad_()
     return q, k, v
 
 
 @pytest.mark.parametrize("head_mode", ["grouped", "all"])
 @pytest.mark.parametrize("masked", [False, True], ids=["plain", "masked"])
 @pytest.mark.parametrize("head_slice", [[], [2, 8]], ids=["layer", "head-slice"])
-def test_opcheck(head_mode, masked, head_slice):
+@pytest.mark.parametrize("value_dim", [8, 5], ids=["one-head-dim", "value-head-dim"])
+def test_opcheck(head_mode, masked, head_slice, value_dim):
     """Schema, fake tensors, autograd registration and dispatch, as torch.library checks them."""
-    q, k, v = _qkv(dtype=torch.float64)
+    q, k, v = _qkv(dtype=torch.float64, value_dim=value_dim)
     key_bias = torch.zeros(2, 37, dtype=torch.float64) if masked else None
     if masked:
         key_bias[:, 3] = -torch.inf
@@ -41,8 +43,9 @@ def _function(q, k, v):
     return dilated_attention(q, k, v, SEG, DIL, head_mode="all", is_causal=True)
 
 
-def test_function_compiles_without_graph_breaks_and_equals_eager():
-    q, k, v = _qkv()
+@pytest.mark.parametrize("value_dim", [8, 5], ids=["one-head-dim", "value-head-dim"])
+def test_function_compiles_without_graph_breaks_and_equals_eager(value_dim):
+    q, k, v = _qkv(value_dim=value_dim)
     assert torch._dynamo.explain(_function)(q, k, v).graph_break_count == 0
     compiled = torch.compile(_function, fullgraph=True)
     out, expected = compiled(q, k, v), _function(q, k, v)

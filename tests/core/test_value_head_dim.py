@@ -1,6 +1,6 @@
-"""A value head_dim other than the query's: the plain path computes it exactly
-(outputs ``(batch, seq, heads, head_dim_v)``, gradients), "fused" without a named
-backend runs that path, and every kernel backend says why it cannot."""
+"""A value head_dim other than the query's: every path computes it exactly
+(outputs ``(batch, seq, heads, head_dim_v)``, gradients), the fused path on the
+backends that declare ``SUPPORTS_VALUE_HEAD_DIM``; the others say why they cannot."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def test_value_head_dim_matches_reference(
 ):
     kv_heads = 1 if heads % 2 else heads // 2  # grouped-query heads too
     q, k, v = _qkv(seq_len, heads, kv_heads)
-    if impl.backend is not None:  # a named kernel backend refuses, naming the rule
+    if impl.backend is not None and not kernels.REGISTRY[impl.backend].SUPPORTS_VALUE_HEAD_DIM:
         with pytest.raises(ValueError, match="value head_dim must equal the query's"):
             impl(q, k, v, segment_lengths, dilation_rates, head_mode=head_mode, is_causal=causal)
         return
@@ -44,6 +44,28 @@ def test_value_head_dim_matches_reference(
     for name, a, b in zip("qkv", torch.autograd.grad(out, (q, k, v), grad),
                           torch.autograd.grad(expected, (q, k, v), grad)):  # fmt: skip
         assert_close(a, b, torch.float64, f"{impl.name} d{name}")
+
+
+def test_value_head_dim_runs_the_fused_kernels_on_views(monkeypatch):
+    """The fused path (not the gather path) takes a value head_dim, on the inputs
+    users pass: transposed, sliced and expanded views."""
+    from dilated_attention_pytorch.core import gather
+
+    monkeypatch.setattr(gather, "run_gathered", lambda *a, **k: pytest.fail("ran the gather path"))
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 4, 24, 6, generator=g, dtype=torch.float64).transpose(1, 2).requires_grad_()
+    k = torch.randn(2, 24, 1, 6, generator=g, dtype=torch.float64).expand(2, 24, 2, 6).requires_grad_()
+    v = torch.randn(2, 24, 2, 7, generator=g, dtype=torch.float64)[..., 2:5].requires_grad_()
+    kw = {"head_mode": "all", "is_causal": True}
+    out = functional.dilated_attention(q, k, v, (4, 8, 16), (1, 2, 4), **kw)
+    monkeypatch.undo()
+    expected = reference(q, k, v, (4, 8, 16), (1, 2, 4), **kw)
+    assert out.shape == (2, 24, 4, 3)
+    assert_close(out, expected, torch.float64, "output")
+    grad = torch.randn_like(out)
+    for name, a, b in zip("qkv", torch.autograd.grad(out, (q, k, v), grad),
+                          torch.autograd.grad(expected, (q, k, v), grad)):  # fmt: skip
+        assert_close(a, b, torch.float64, f"d{name}")
 
 
 def test_value_head_dim_with_masks_queries_at_the_end_and_lse():
