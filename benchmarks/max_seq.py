@@ -1,6 +1,8 @@
-"""Largest sequence the multihead module trains on (forward+backward) on one GPU.
+"""Largest sequence the multihead module trains on (forward+backward) on one GPU:
+doubling from ``--start`` until one does not fit, then bisecting between the last
+that fit and the first that did not, in steps of ``--step`` tokens.
 
-python benchmarks/max_seq.py --embed-dim 768 --heads 12 --start 1048576
+python benchmarks/max_seq.py --embed-dim 768 --heads 12 --start 1048576 --step 262144
 """
 
 from __future__ import annotations
@@ -46,20 +48,34 @@ def main() -> None:
     p.add_argument("--embed-dim", type=int, default=768)
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--start", type=int, default=1 << 20)
+    p.add_argument("--step", type=int, default=0, help="bisection granularity (0: doubling only)")
     p.add_argument("--output", type=Path)
     args = p.parse_args()
     results, seq = [], args.start
-    while True:
+
+    def trial(seq: int) -> bool:
         r = fits(seq, args)
         results.append(r)
         print(r, flush=True)
-        if not r["fits"]:
-            break
+        return bool(r["fits"])
+
+    while trial(seq):
         seq *= 2
+    low, high = seq // 2, seq  # low fit (unless it is below --start), high did not
+    while args.step and high - low > args.step:
+        middle = (low + high) // 2 // args.step * args.step
+        if middle <= low:
+            break
+        low, high = (middle, high) if trial(middle) else (low, middle)
     if args.output:
         args.output.write_text(
             json.dumps(
-                {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": results},
+                {
+                    "device": torch.cuda.get_device_name(),
+                    "torch": torch.__version__,
+                    "largest_fit": max((r["seq_len"] for r in results if r["fits"]), default=None),
+                    "runs": results,
+                },
                 indent=1,
             )
         )

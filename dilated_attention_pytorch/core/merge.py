@@ -57,12 +57,24 @@ def merge_finish(acc: Tensor, top: Tensor, total: Tensor) -> tuple[Tensor, Tenso
     return acc / norm[..., None], torch.where(has_key, top + torch.log(norm), -math.inf)
 
 
-def merge_into(out5: Tensor, top4: Tensor, total4: Tensor, part_out: Tensor, part_lse: Tensor) -> None:
-    """:func:`merge_online` (one fused pass on CUDA with Triton, torch ops elsewhere)."""
+def merge_into(
+    out5: Tensor, top4: Tensor, total4: Tensor, part_out: Tensor, part_lse: Tensor, rows: Tensor | None = None
+) -> None:
+    """:func:`merge_online` (one fused pass on CUDA with Triton, torch ops elsewhere)
+    of 5-D views ``(batch, segments, length, heads, head_dim)`` (lse: without
+    head_dim). ``rows``: distinct int64 indices into ``length``; the parts then
+    have one row per index, merged into that row of the accumulators."""
     if merge_triton.can_merge(out5, part_out):
-        merge_triton.merge_into(out5, top4, total4, part_out, part_lse)
+        merge_triton.merge_into(out5, top4, total4, part_out, part_lse, rows)
         return
-    merge_online(out5, top4, total4, part_out.to(out5.dtype), part_lse.to(top4.dtype))
+    part_out, part_lse = part_out.to(out5.dtype), part_lse.to(top4.dtype)
+    if rows is None:
+        merge_online(out5, top4, total4, part_out, part_lse)
+        return
+    acc, top, total = (x.index_select(2, rows) for x in (out5, top4, total4))
+    merge_online(acc, top, total, part_out, part_lse)
+    for dest, merged in zip((out5, top4, total4), (acc, top, total)):
+        dest.index_copy_(2, rows, merged)
 
 
 class BranchBuffers:

@@ -35,6 +35,7 @@ if AVAILABLE:
         total_ptr,
         part_ptr,
         plse_ptr,
+        index_ptr,
         rows_total,
         size_s,
         size_m,
@@ -45,11 +46,13 @@ if AVAILABLE:
         t_b, t_s, t_m, t_h,
         p_b, p_s, p_m, p_h,
         q_b, q_s, q_m, q_h,
+        INDEXED: tl.constexpr,
         BLOCK_R: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):  # fmt: skip
         # the online merge of merge.merge_online: out holds the outputs weighted
-        # by exp(lse - top), unnormalised, so no rounded lse enters a weight
+        # by exp(lse - top), unnormalised, so no rounded lse enters a weight;
+        # INDEXED: part row m merges into accumulator row index[m]
         rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
         row_ok = rows < rows_total
         ih = rows % size_h
@@ -58,8 +61,9 @@ if AVAILABLE:
         t = t // size_m
         i_s = t % size_s
         ib = t // size_s
-        top_off = ib * l_b + i_s * l_s + im * l_m + ih * l_h
-        total_off = ib * t_b + i_s * t_s + im * t_m + ih * t_h
+        dm = tl.load(index_ptr + im, mask=row_ok, other=0).to(tl.int64) if INDEXED else im
+        top_off = ib * l_b + i_s * l_s + dm * l_m + ih * l_h
+        total_off = ib * t_b + i_s * t_s + dm * t_m + ih * t_h
         plse_off = ib * q_b + i_s * q_s + im * q_m + ih * q_h
         old = tl.load(top_ptr + top_off, mask=row_ok, other=float("-inf")).to(tl.float32)
         new = tl.load(plse_ptr + plse_off, mask=row_ok, other=float("-inf")).to(tl.float32)
@@ -71,7 +75,7 @@ if AVAILABLE:
 
         cols = tl.arange(0, BLOCK_D)
         mask = row_ok[:, None] & (cols < head_dim)[None, :]
-        o_off = (ib * o_b + i_s * o_s + im * o_m + ih * o_h)[:, None] + cols[None, :]
+        o_off = (ib * o_b + i_s * o_s + dm * o_m + ih * o_h)[:, None] + cols[None, :]
         p_off = (ib * p_b + i_s * p_s + im * p_m + ih * p_h)[:, None] + cols[None, :]
         acc = tl.load(out_ptr + o_off, mask=mask, other=0.0).to(tl.float32)
         part = tl.load(part_ptr + p_off, mask=mask, other=0.0).to(tl.float32)
@@ -175,20 +179,25 @@ def can_merge(out5: Tensor, part_out: Tensor) -> bool:
     )
 
 
-def merge_into(out5: Tensor, top4: Tensor, total4: Tensor, part_out: Tensor, part_lse: Tensor) -> None:
+def merge_into(
+    out5: Tensor, top4: Tensor, total4: Tensor, part_out: Tensor, part_lse: Tensor, rows: Tensor | None = None
+) -> None:
     """In place, one more term of an online lse merge (``merge.merge_online``):
     ``out5`` ``(batch, segments, length, heads, head_dim)`` and ``top4``/``total4``
-    (the same without head_dim) take in ``part_out``/``part_lse`` (same shapes)."""
-    b, s, m, h, d = out5.shape
-    rows = b * s * m * h
+    (the same without head_dim) take in ``part_out``/``part_lse`` (same shapes; with
+    ``rows``, int64 ``(m,)`` distinct indices into ``length``, the parts have ``m``
+    rows there and row ``i`` merges into row ``rows[i]``)."""
+    b, s, _, h, d = out5.shape
+    m = part_out.shape[2]
+    units = b * s * m * h
     block_d = triton.next_power_of_2(d)
     block_r = max(1, 4096 // block_d)
-    grid = (triton.cdiv(rows, block_r),)
+    grid = (triton.cdiv(units, block_r),)
     with torch.cuda.device(out5.device):
         _merge_kernel[grid](
-            out5, top4, total4, part_out, part_lse, rows, s, m, h, d,
+            out5, top4, total4, part_out, part_lse, part_lse if rows is None else rows, units, s, m, h, d,
             *out5.stride()[:4], *top4.stride(), *total4.stride(), *part_out.stride()[:4],
-            *part_lse.stride(), BLOCK_R=block_r, BLOCK_D=block_d,
+            *part_lse.stride(), INDEXED=rows is not None, BLOCK_R=block_r, BLOCK_D=block_d,
         )  # fmt: skip
 
 

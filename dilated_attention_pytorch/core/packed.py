@@ -36,7 +36,7 @@ from ..pattern import BranchCall, DilatedPattern, kv_call, selected_count, split
 from .blockwise import kv_grads, shared_kv
 from .fused import Recompute, fake_grads, register_operator_autograd
 from .gather import gathered_attention
-from .merge import merge_finish, merge_online
+from .merge import merge_finish, merge_into
 from .varlen import grouped_by_length, host_bounds
 from .views import from_problem, problem_view, strided
 
@@ -350,7 +350,7 @@ def packed_forward(
                 strided(lse[None], doc).copy_(part_lse)
             else:
                 acc, top, total = (strided(x[None], doc) for x in (out, lse, weights))
-                merge_online(acc, top, total, part_out.to(acc_dtype), part_lse.to(acc_dtype))
+                merge_into(acc, top, total, part_out, part_lse)
         if not call.pieces():
             continue
         q, k, v, _ = _operands(call, chosen, query, key, value)
@@ -360,12 +360,9 @@ def packed_forward(
                 _put(head_view(out, call.heads), rows, part_out, add=False)
                 _put(head_view(lse, call.heads), rows, part_lse, add=False)
                 continue
-            views = [head_view(x, call.heads) for x in (out, lse, weights)]
-            acc, top, total = (_take(x, rows) for x in views)  # the views themselves without rows
-            merge_online(acc, top, total, part_out.to(acc_dtype), part_lse.to(acc_dtype))
-            if rows is not None:
-                for dest, merged in zip(views, (acc, top, total)):
-                    dest.index_copy_(0, rows, merged)
+            # 5-D views (1, 1, rows, heads[, d]), merged at the call's rows in one pass
+            acc, top, total = (head_view(x, call.heads)[None, None] for x in (out, lse, weights))
+            merge_into(acc, top, total, part_out[None, None], part_lse[None, None], rows)
     if weights is not None:
         out, lse = merge_finish(out, lse, weights)
     return out.to(query.dtype), lse

@@ -105,3 +105,32 @@ def test_online_merge_equals_merge_by_lse(terms):
     finite = torch.isfinite(expected_lse)
     assert_close(lse[finite], expected_lse[finite], torch.float64, "lse")
     assert torch.equal(out[1], torch.zeros(6, 3, dtype=torch.float64))
+
+
+def _indexed_case(device: str, head_dim: int = 3):
+    """Accumulators ``(1, 1, 20, heads, d)`` views (heads 1, 3 of 4) and parts at 7 scattered rows."""
+    g = torch.Generator().manual_seed(1)
+    acc = torch.randn(20, 4, head_dim, generator=g).to(device)
+    top = (torch.randn(20, 4, generator=g) * 100).to(device)
+    total = (torch.rand(20, 4, generator=g) + 0.5).to(device)
+    top[2], total[2] = -math.inf, 0.0  # no key yet
+    rows = torch.tensor([2, 5, 6, 11, 12, 17, 19], device=device)
+    part = torch.randn(1, 1, 7, 2, head_dim, generator=g).to(device)
+    part_lse = (torch.randn(1, 1, 7, 2, generator=g) * 100).to(device)
+    part_lse[0, 0, 3] = -math.inf  # the part has no key there
+    return acc, top, total, rows, part, part_lse
+
+
+def test_indexed_merge_into_equals_the_merge_of_the_taken_rows():
+    """``merge_into(..., rows)`` merges part row i into accumulator row rows[i] and
+    leaves every other row (and head) untouched."""
+    acc, top, total, rows, part, part_lse = _indexed_case("cpu")
+    views = [x[:, 1::2][None, None] for x in (acc, top, total)]
+    expected = [x.clone() for x in (acc, top, total)]
+    taken = [x[:, 1::2][rows][None, None].clone() for x in expected]
+    merge.merge_online(*taken, part, part_lse)
+    for x, t in zip(expected, taken):
+        x[:, 1::2][rows] = t[0, 0]
+    merge.merge_into(*views, part, part_lse, rows)
+    for name, a, b in zip(("acc", "top", "total"), (acc, top, total), expected):
+        torch.testing.assert_close(a, b, msg=name)

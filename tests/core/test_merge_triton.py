@@ -84,3 +84,18 @@ def test_triton_branch_merge_matches_torch(monkeypatch, head_dim, weighted):
     if weighted:
         torch.testing.assert_close(lse, expected_lse, rtol=1e-5, atol=1e-5)
         assert (lse == float("-inf")).any()  # some positions have no key in any branch
+
+
+@pytest.mark.parametrize("head_dim", [64, 40])
+def test_indexed_triton_merge_matches_torch_merge(head_dim):
+    """Parts merged at scattered rows of strided accumulators (packed documents)."""
+    if not triton_merge.AVAILABLE:
+        pytest.skip("triton is not installed")
+    from ..core.test_merge import _indexed_case
+
+    acc, top, total, rows, part, part_lse = _indexed_case("cuda", head_dim)
+    cpu = [x.cpu() for x in (acc, top, total)]
+    merge.merge_into(*(x[:, 1::2][None, None] for x in cpu), part.cpu(), part_lse.cpu(), rows.cpu())
+    triton_merge.merge_into(*(x[:, 1::2][None, None] for x in (acc, top, total)), part, part_lse, rows)
+    for name, a, b in zip(("acc", "top", "total"), (acc, top, total), cpu):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-5, msg=name)
