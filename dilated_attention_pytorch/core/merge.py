@@ -77,6 +77,15 @@ def merge_into(
         dest.index_copy_(2, rows, merged)
 
 
+def add_at_rows(dest: Tensor, rows: Tensor, part: Tensor) -> None:
+    """``dest[rows[i]] += part[i]`` (``rows`` distinct int64), summed in ``dest``'s
+    dtype: one fused pass on CUDA with Triton, ``index_add_`` of a converted copy elsewhere."""
+    if merge_triton.can_add_at_rows(dest, part):
+        merge_triton.add_at_rows(dest, rows, part)
+        return
+    dest.index_add_(0, rows, part.to(dest.dtype))
+
+
 class BranchBuffers:
     """Every branch's compact rows (:class:`~.pattern.BranchRows`) in one
     allocation: branch ``i`` is a ``(batch, num_rows, heads[, head_dim])`` block.

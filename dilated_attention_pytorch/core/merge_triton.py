@@ -6,6 +6,8 @@
   The torch version (``merge.merge_online``) launches about ten
   elementwise kernels per problem and moves ~40 bytes per output element;
   fused it reads the accumulator and the part once and writes it once.
+- :func:`add_at_rows`: a sum of parts at row indices in the destination's dtype
+  (packed documents' float32 gradients), without a converted copy of each part.
 - :func:`merge_branches`: every branch at once from compact buffers
   (``pattern.BranchRows``): each output element is written once, from the
   branches' results and lse, with no float32 accumulator in memory; also the
@@ -166,6 +168,34 @@ if AVAILABLE:
         o_off = (ib * o_b + position * o_n + ih * o_h)[:, None] + cols[None, :]
         tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
+    @triton.jit
+    def _add_rows_kernel(
+        dest_ptr,
+        part_ptr,
+        index_ptr,
+        units,
+        size_h,
+        head_dim,
+        d_m, d_h,
+        p_m, p_h,
+        BLOCK_R: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        # dest[index[m], h] += part[m, h] for one (m, h) per row, in dest's dtype
+        # (float32 sums of bf16 parts without a converted copy); indices distinct
+        units_here = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+        ok = units_here < units
+        ih = units_here % size_h
+        im = units_here // size_h
+        dm = tl.load(index_ptr + im, mask=ok, other=0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_D)
+        mask = ok[:, None] & (cols < head_dim)[None, :]
+        d_off = (dm * d_m + ih * d_h)[:, None] + cols[None, :]
+        p_off = (im * p_m + ih * p_h)[:, None] + cols[None, :]
+        acc = tl.load(dest_ptr + d_off, mask=mask, other=0.0).to(tl.float32)
+        part = tl.load(part_ptr + p_off, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dest_ptr + d_off, (acc + part).to(dest_ptr.dtype.element_ty), mask=mask)
+
 
 def can_merge(out5: Tensor, part_out: Tensor) -> bool:
     """The fused merge takes 5-D CUDA views whose last dim is contiguous."""
@@ -233,4 +263,30 @@ def merge_branches(
             meta.shape[0], rows, n, h, offsets.shape[1], first_head, d,
             *out.stride()[:3], *(lse.stride() if weighted and lse is not None else (0, 0, 0)),
             WEIGHTED=weighted, BLOCK_R=block_r, BLOCK_D=block_d,
+        )  # fmt: skip
+
+
+def can_add_at_rows(dest: Tensor, part: Tensor) -> bool:
+    """:func:`add_at_rows` takes 3-D CUDA tensors whose last dim is contiguous."""
+    return (
+        AVAILABLE
+        and dest.is_cuda
+        and dest.dim() == 3
+        and dest.stride(-1) == 1
+        and part.stride(-1) == 1
+        and dest.shape[-1] <= 512
+    )
+
+
+def add_at_rows(dest: Tensor, rows: Tensor, part: Tensor) -> None:
+    """``dest[rows[i]] += part[i]`` in ``dest``'s dtype: ``dest`` ``(length, heads,
+    head_dim)``, ``part`` ``(m, heads, head_dim)``, ``rows`` int64 ``(m,)`` distinct."""
+    m, h, d = part.shape
+    units = m * h
+    block_d = triton.next_power_of_2(d)
+    block_r = max(1, 4096 // block_d)
+    with torch.cuda.device(dest.device):
+        _add_rows_kernel[(triton.cdiv(units, block_r),)](
+            dest, part, rows, units, h, d, *dest.stride()[:2], *part.stride()[:2],
+            BLOCK_R=block_r, BLOCK_D=block_d,
         )  # fmt: skip

@@ -36,7 +36,7 @@ from ..pattern import BranchCall, DilatedPattern, kv_call, selected_count, split
 from .blockwise import kv_grads, shared_kv
 from .fused import Recompute, fake_grads, register_operator_autograd
 from .gather import gathered_attention
-from .merge import merge_finish, merge_into
+from .merge import add_at_rows, merge_finish, merge_into
 from .varlen import grouped_by_length, host_bounds
 from .views import from_problem, problem_view, strided
 
@@ -261,14 +261,14 @@ def _take(x: Tensor, rows: Tensor | None) -> Tensor:
 
 def _put(dest: Tensor, rows: Tensor | None, part: Tensor, add: bool) -> None:
     """``part`` into ``dest`` (a strided view) at ``rows``: added, or copied where
-    no other problem writes the same (row, head)."""
-    part = part.to(dest.dtype)
+    no other problem writes the same (row, head); in ``dest``'s dtype, converted
+    inside the kernel where it can be (no converted copy of ``part``)."""
     if rows is None:
         dest.add_(part) if add else dest.copy_(part)
     elif add:
-        dest.index_add_(0, rows, part)
+        add_at_rows(dest, rows, part)
     else:
-        dest.index_copy_(0, rows, part)
+        dest.index_copy_(0, rows, part.to(dest.dtype))
 
 
 def _piece_rows(rows: Tensor | None, piece: slice) -> Tensor | None:
@@ -444,9 +444,8 @@ def _in_place_backward(
     part_dq, (part_dk, part_dv) = part[0], kv_grads(part[1:], repeats)
     kv_doc = call.kv_of(doc)
     for grad, where, piece, plus in zip(grads, (doc, kv_doc, kv_doc), (part_dq, part_dk, part_dv), add):
-        view = strided(grad[None], where)
-        piece = from_problem(piece, 1).to(grad.dtype)
-        view.add_(piece) if plus else view.copy_(piece)
+        view, piece = strided(grad[None], where), from_problem(piece, 1)
+        view.add_(piece) if plus else view.copy_(piece)  # converted inside the kernel
 
 
 def _setup(

@@ -134,3 +134,15 @@ def test_indexed_merge_into_equals_the_merge_of_the_taken_rows():
     merge.merge_into(*views, part, part_lse, rows)
     for name, a, b in zip(("acc", "top", "total"), (acc, top, total), expected):
         torch.testing.assert_close(a, b, msg=name)
+
+
+def test_add_at_rows_sums_in_the_destination_dtype():
+    """``add_at_rows``: float32 sums of bf16 parts at scattered rows of a strided
+    destination, other rows and heads untouched."""
+    acc, _, _, rows, part, _ = _indexed_case("cpu")
+    part = part[0, 0].to(torch.bfloat16)
+    expected = acc.clone()
+    expected[:, 1::2][rows] += part.float()
+    merge.add_at_rows(acc[:, 1::2], rows, part)
+    assert acc.dtype == torch.float32
+    torch.testing.assert_close(acc, expected)

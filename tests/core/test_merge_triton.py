@@ -99,3 +99,18 @@ def test_indexed_triton_merge_matches_torch_merge(head_dim):
     triton_merge.merge_into(*(x[:, 1::2][None, None] for x in (acc, top, total)), part, part_lse, rows)
     for name, a, b in zip(("acc", "top", "total"), (acc, top, total), cpu):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("head_dim", [64, 40])
+def test_triton_add_at_rows_matches_index_add(head_dim):
+    if not triton_merge.AVAILABLE:
+        pytest.skip("triton is not installed")
+    from ..core.test_merge import _indexed_case
+
+    acc, _, _, rows, part, _ = _indexed_case("cuda", head_dim)
+    part = part[0, 0].to(torch.bfloat16)
+    expected = acc.clone()
+    expected[:, 1::2].index_add_(0, rows, part.float())
+    assert triton_merge.can_add_at_rows(acc[:, 1::2], part)
+    triton_merge.add_at_rows(acc[:, 1::2], rows, part)
+    torch.testing.assert_close(acc, expected, rtol=1e-6, atol=1e-6)
