@@ -1,6 +1,6 @@
 """W1's grouped branch problems (cuDNN, contiguous, bf16) one after another on
 one stream against one stream per branch, eager (no CUDA graph): forward and
-forward+backward, two alternating rounds, CUDA events, median of 30.
+forward+backward, two alternating rounds, CUDA events, median of 30 after 5 warm-ups.
 
     python benchmarks/probes/branch_streams.py --output branch_streams.json
 """
@@ -10,33 +10,19 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import Timer
 
 from dilated_attention_pytorch.kernels.sdpa import CudnnBackend
 
 SEG, DIL, HEADS, HEAD_DIM, SCALE = [2048, 4096, 8192, 16384, 32768], [1, 2, 4, 6, 12], 12, 64, 0.125
-
-
-def median_ms(fn: Callable[[], None], repeats: int = 30) -> float:
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(stop))
-    return statistics.median(times)
 
 
 def record(n: int, causal: bool) -> dict:
@@ -74,13 +60,14 @@ def record(n: int, causal: bool) -> dict:
         for stream in streams:
             current.wait_stream(stream)
 
+    timer = Timer(torch.device("cuda"), warmup=5, repeats=30)
     result: dict = {"n": n, "causal": causal}
     for _ in range(2):
         for name, fn, backward, f in [
             ("fwd_seq", in_order, False, flops), ("fwd_streams", concurrent, False, flops),
             ("fb_seq", in_order, True, 3.5 * flops), ("fb_streams", concurrent, True, 3.5 * flops),
         ]:  # fmt: skip
-            ms = median_ms(functools.partial(fn, backward))
+            ms = timer(functools.partial(fn, backward))
             result.setdefault(f"{name}_ms", []).append(ms)
             result.setdefault(f"{name}_tflops", []).append(f / ms / 1e9)
     return result
