@@ -183,10 +183,10 @@ if AVAILABLE:
     ):  # fmt: skip
         # dest[index[m], h] += part[m, h] for one (m, h) per row, in dest's dtype
         # (float32 sums of bf16 parts without a converted copy); indices distinct
-        units_here = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-        ok = units_here < units
-        ih = units_here % size_h
-        im = units_here // size_h
+        unit = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+        ok = unit < units
+        ih = unit % size_h
+        im = unit // size_h
         dm = tl.load(index_ptr + im, mask=ok, other=0).to(tl.int64)
         cols = tl.arange(0, BLOCK_D)
         mask = ok[:, None] & (cols < head_dim)[None, :]
@@ -197,16 +197,27 @@ if AVAILABLE:
         tl.store(dest_ptr + d_off, (acc + part).to(dest_ptr.dtype.element_ty), mask=mask)
 
 
-def can_merge(out5: Tensor, part_out: Tensor) -> bool:
-    """The fused merge takes 5-D CUDA views whose last dim is contiguous."""
+def _takes(dest: Tensor, part: Tensor, dims: int) -> bool:
+    """A kernel here takes ``dims``-D CUDA tensors whose last dim (at most 512) is contiguous."""
     return (
         AVAILABLE
-        and out5.is_cuda
-        and out5.dim() == 5
-        and out5.stride(-1) == 1
-        and part_out.stride(-1) == 1
-        and out5.shape[-1] <= 512
+        and dest.is_cuda
+        and dest.dim() == dims
+        and dest.stride(-1) == 1
+        and part.stride(-1) == 1
+        and dest.shape[-1] <= 512
     )
+
+
+def _tiles(head_dim: int) -> tuple[int, int]:
+    """``(BLOCK_R, BLOCK_D)``: rows of ``head_dim`` elements per program, about 4096 elements."""
+    block_d = triton.next_power_of_2(head_dim)
+    return max(1, 4096 // block_d), block_d
+
+
+def can_merge(out5: Tensor, part_out: Tensor) -> bool:
+    """The fused merge takes 5-D CUDA views whose last dim is contiguous."""
+    return _takes(out5, part_out, 5)
 
 
 def merge_into(
@@ -220,8 +231,7 @@ def merge_into(
     b, s, _, h, d = out5.shape
     m = part_out.shape[2]
     units = b * s * m * h
-    block_d = triton.next_power_of_2(d)
-    block_r = max(1, 4096 // block_d)
+    block_r, block_d = _tiles(d)
     grid = (triton.cdiv(units, block_r),)
     with torch.cuda.device(out5.device):
         _merge_kernel[grid](
@@ -254,8 +264,7 @@ def merge_branches(
     writing the merged lse ``(batch, seq, heads)`` too; without: the plain sum."""
     b, n, h, d = out.shape
     rows = b * n * h
-    block_d = triton.next_power_of_2(d)
-    block_r = max(1, 4096 // block_d)
+    block_r, block_d = _tiles(d)
     weighted = lse is not None
     with torch.cuda.device(out.device):
         _branches_kernel[(triton.cdiv(rows, block_r),)](
@@ -268,14 +277,7 @@ def merge_branches(
 
 def can_add_at_rows(dest: Tensor, part: Tensor) -> bool:
     """:func:`add_at_rows` takes 3-D CUDA tensors whose last dim is contiguous."""
-    return (
-        AVAILABLE
-        and dest.is_cuda
-        and dest.dim() == 3
-        and dest.stride(-1) == 1
-        and part.stride(-1) == 1
-        and dest.shape[-1] <= 512
-    )
+    return _takes(dest, part, 3)
 
 
 def add_at_rows(dest: Tensor, rows: Tensor, part: Tensor) -> None:
@@ -283,8 +285,7 @@ def add_at_rows(dest: Tensor, rows: Tensor, part: Tensor) -> None:
     head_dim)``, ``part`` ``(m, heads, head_dim)``, ``rows`` int64 ``(m,)`` distinct."""
     m, h, d = part.shape
     units = m * h
-    block_d = triton.next_power_of_2(d)
-    block_r = max(1, 4096 // block_d)
+    block_r, block_d = _tiles(d)
     with torch.cuda.device(dest.device):
         _add_rows_kernel[(triton.cdiv(units, block_r),)](
             dest, part, rows, units, h, d, *dest.stride()[:2], *part.stride()[:2],

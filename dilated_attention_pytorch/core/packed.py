@@ -444,8 +444,7 @@ def _in_place_backward(
     part_dq, (part_dk, part_dv) = part[0], kv_grads(part[1:], repeats)
     kv_doc = call.kv_of(doc)
     for grad, where, piece, plus in zip(grads, (doc, kv_doc, kv_doc), (part_dq, part_dk, part_dv), add):
-        view, piece = strided(grad[None], where), from_problem(piece, 1)
-        view.add_(piece) if plus else view.copy_(piece)  # converted inside the kernel
+        _put(strided(grad[None], where), None, from_problem(piece, 1), plus)
 
 
 def _setup(
