@@ -1,12 +1,15 @@
-"""A/B of the fused path against another checkout of the package, in one process.
+"""A/B of the fused path against another checkout of the package, or of two kernel
+backends of this one, in one process.
 
     git archive <commit> dilated_attention_pytorch | tar -x -C .ab_base
     python benchmarks/ab.py --base .ab_base --workloads W1 W2 --seq-lens 131072 1048576 \\
         --output benchmarks/results/ab.jsonl
+    python benchmarks/ab.py --backends sdpa_cudnn cudnn_frontend --output ab_backends.jsonl
 
 The base package is imported under another name, so both run on the same GPU,
 inputs and allocator state, alternating (``--rounds``), each timing the median
 of ``--repeats`` with CUDA events after warm-up; the best round of each is kept.
+With ``--backends BASE HEAD`` both variants are this checkout, with those backends.
 """
 
 from __future__ import annotations
@@ -37,8 +40,12 @@ def load_base(root: Path) -> ModuleType:
     return module
 
 
+#: a package and the kernel backend its calls name (None: what "auto" picks)
+Variant = tuple[ModuleType, str | None]
+
+
 def time_call(
-    package: ModuleType,
+    variant: Variant,
     inputs: tuple[torch.Tensor, ...],
     grad: torch.Tensor,
     pattern: object,
@@ -47,9 +54,10 @@ def time_call(
 ) -> tuple[float, float]:
     """Median ms of the forward (no grad) and of forward+backward."""
     q, k, v = inputs
+    package, backend = variant
 
     def fwd() -> torch.Tensor:
-        return package.functional.dilated_attention(q, k, v, pattern, is_causal=causal)
+        return package.functional.dilated_attention(q, k, v, pattern, is_causal=causal, backend=backend)
 
     def fwd_bwd() -> None:
         for x in inputs:
@@ -62,7 +70,7 @@ def time_call(
 
 
 def compare(
-    variants: dict[str, ModuleType],
+    variants: dict[str, Variant],
     workload: str,
     n: int,
     head_mode: str,
@@ -76,12 +84,13 @@ def compare(
     w = WORKLOADS[workload]
     best: dict[str, list[float]] = {}
     for _ in range(rounds):
-        for name, package in variants.items():
-            pattern = package.DilatedPattern(w["segment_lengths"], w["dilation_rates"], head_mode)
-            times = time_call(package, inputs, grad, pattern, causal, timer)
+        for name, variant in variants.items():
+            pattern = variant[0].DilatedPattern(w["segment_lengths"], w["dilation_rates"], head_mode)
+            times = time_call(variant, inputs, grad, pattern, causal, timer)
             best[name] = [min(a, b) for a, b in zip(best.get(name, times), times)]
     record: dict = {"workload": workload, "seq_len": n, "head_mode": head_mode, "causal": causal,
-                    "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}  # fmt: skip
+                    "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                    "backends": {name: backend for name, (_, backend) in variants.items()}}  # fmt: skip
     for name, (t_fwd, t_bwd) in best.items():
         record[f"{name}_fwd_ms"], record[f"{name}_fwdbwd_ms"] = round(t_fwd, 3), round(t_bwd, 3)
     record["fwd_ratio"] = round(best["head"][0] / best["base"][0], 3)
@@ -91,8 +100,10 @@ def compare(
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument(
-        "--base", type=Path, required=True, help="folder holding the base dilated_attention_pytorch"
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--base", type=Path, help="folder holding the base dilated_attention_pytorch")
+    source.add_argument(
+        "--backends", nargs=2, metavar=("BASE", "HEAD"), help="two kernel backends of this checkout"
     )
     p.add_argument("--workloads", nargs="+", default=["W1"], choices=sorted(WORKLOADS))
     p.add_argument("--seq-lens", nargs="+", type=int, default=[131072])
@@ -104,7 +115,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output", type=Path, required=True)
     args = p.parse_args(argv)
     device = torch.device("cuda")
-    variants = {"base": load_base(args.base), "head": head}
+    if args.backends:
+        variants: dict[str, Variant] = {"base": (head, args.backends[0]), "head": (head, args.backends[1])}
+    else:
+        variants = {"base": (load_base(args.base), None), "head": (head, None)}
     timer = Timer(device, args.warmup, args.repeats)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     for workload in args.workloads:

@@ -13,8 +13,8 @@ The ceiling ("dense_<backend>") runs SDPA with one backend on exactly the
 ``(batch·segments, heads, length, head_dim)`` problems the pattern needs,
 contiguous, and is credited with the same FLOPs: its TFLOP/s is the rate the
 dilated implementation would reach if it lost nothing to the dilation.
-Registry kernels outside SDPA (FlashAttention-4 where installed) are timed as
-ceilings too, called directly. The ratios are to the fastest dense backend
+Registry kernels outside SDPA (FlashAttention-4, cuDNN's graph API, xformers,
+where installed) are timed as ceilings too, called directly. The ratios are to the fastest dense backend
 (``best_dense_fwd`` / ``best_dense_fwdbwd`` name it); each dense record keeps
 every problem shape's own times under ``problems``.
 "dense_large_<backend>" runs the kernel "improved" uses on one large dense
@@ -52,7 +52,7 @@ DENSE_BACKENDS = {
     "math": SDPBackend.MATH,
 }
 #: registry kernels timed as dense ceilings where they can run (not reachable through SDPA)
-DENSE_KERNEL_BACKENDS = ("flash_attn_4", "xformers")
+DENSE_KERNEL_BACKENDS = ("flash_attn_4", "cudnn_frontend", "xformers")
 
 
 def _implementations(
@@ -80,8 +80,9 @@ def _implementations(
 
 
 def _dense_kernel_backends(device: torch.device, dtype: torch.dtype, head_dim: int) -> list[str]:
-    """Registry kernels outside SDPA (FlashAttention-4, xformers where installed) that can run dense problems:
-    the ceiling must include them, or an implementation on them is judged against a slower kernel."""
+    """Registry kernels outside SDPA (FlashAttention-4, cuDNN graphs, xformers where installed)
+    that run dense problems: the ceiling must include them, or an implementation on them is
+    judged against a slower kernel."""
     if device.type != "cuda":
         return []
     spec = kernels.AttentionSpec(

@@ -16,6 +16,7 @@ from .base import (
     PackedSequences,
     StrideRule,
 )
+from .cudnn_frontend import CudnnFrontendBackend
 from .flash4 import Flash4Backend
 from .math import MathBackend
 from .sdpa import CpuFlashBackend, CudnnBackend, EfficientBackend, FlashBackend
@@ -25,6 +26,7 @@ REGISTRY: dict[str, Backend] = {
     b.name: b
     for b in (
         Flash4Backend(),
+        CudnnFrontendBackend(),
         CudnnBackend(),
         FlashBackend(),
         EfficientBackend(),

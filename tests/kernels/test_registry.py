@@ -22,6 +22,7 @@ def test_pinned_schemas_match_installed_torch(op):
 def test_registry_order_and_names():
     assert list(kernels.REGISTRY) == [
         "flash_attn_4",
+        "cudnn_frontend",
         "sdpa_cudnn",
         "sdpa_flash",
         "sdpa_efficient",
@@ -65,6 +66,38 @@ def test_flash_attn_4_reasons(monkeypatch):
     ):
         assert part in reasons
     monkeypatch.setattr(flash4, "installed_version", lambda: "4.1.0")
+    assert "untested here" in backend.not_supported_reasons(spec)[0]
+    cpu = kernels.AttentionSpec("cpu", torch.float32, 8)
+    assert "runs on cuda only" in backend.not_supported_reasons(cpu)[-1]
+
+
+def test_cudnn_frontend_reasons(monkeypatch):
+    from dilated_attention_pytorch.kernels import cudnn_frontend
+
+    backend = kernels.REGISTRY["cudnn_frontend"]
+    spec = kernels.AttentionSpec("cuda", torch.bfloat16, 64, compute_capability=(9, 0))
+    monkeypatch.setattr(cudnn_frontend, "installed_version", lambda: None)
+    assert backend.not_supported_reasons(spec) == [
+        'nvidia-cudnn-frontend is not installed (pip install "torch-dilated-attention[cudnn]")'
+    ]
+    monkeypatch.setattr(cudnn_frontend, "installed_version", lambda: cudnn_frontend.TESTED_VERSIONS[0])
+    assert backend.not_supported_reasons(spec) == []
+    value_dim = kernels.AttentionSpec(
+        "cuda", torch.float16, 64, compute_capability=(9, 0), value_head_dim=128
+    )
+    assert backend.not_supported_reasons(value_dim) == []
+    bad = kernels.AttentionSpec(
+        "cuda", torch.float32, 256, has_bias=True, compute_capability=(8, 0), seq_len=1
+    )
+    reasons = " | ".join(backend.not_supported_reasons(bad))
+    for part in ("compute capability >= (9, 0)", "dtype torch.float32", "head_dim must be",
+                 "no attention bias", "length-1 problems"):  # fmt: skip
+        assert part in reasons
+    newer = kernels.AttentionSpec("cuda", torch.bfloat16, 64, compute_capability=(10, 0))
+    assert backend.not_supported_reasons(newer) == [
+        "tested on compute capability 9.x (H200) only, got (10, 0)"
+    ]
+    monkeypatch.setattr(cudnn_frontend, "installed_version", lambda: "1.40.0")
     assert "untested here" in backend.not_supported_reasons(spec)[0]
     cpu = kernels.AttentionSpec("cpu", torch.float32, 8)
     assert "runs on cuda only" in backend.not_supported_reasons(cpu)[-1]
