@@ -1,0 +1,117 @@
+"""Where the ``cudnn_frontend`` backend spends memory and host time beside
+``sdpa_cudnn``, on W1 (12 heads of 64, bf16): the forward+backward peak of the
+fused path at 128K per backend; each graph's workspace bytes and plan name
+against the problem's own size; and a cProfile of eager forwards at 32K,
+where the host time shows.
+
+    python benchmarks/probes/cudnn_frontend_costs.py --output costs.json --profile profile.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from dilated_attention_pytorch import DilatedPattern, dilated_attention
+from dilated_attention_pytorch.kernels import cudnn_frontend
+
+PATTERN = ([2048, 4096, 8192, 16384, 32768], [1, 2, 4, 6, 12])
+
+
+def inputs(n: int) -> tuple[torch.Tensor, ...]:
+    return tuple(
+        torch.randn(1, n, 12, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "qkvg"
+    )
+
+
+def peak_over_io(n: int, backend: str, head_mode: str) -> float:
+    q, k, v, g = inputs(n)
+    pattern = DilatedPattern(*PATTERN, head_mode)
+    dilated_attention(q, k, v, pattern, backend=backend).backward(g)  # graphs built, allocator warm
+    for x in (q, k, v):
+        x.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    dilated_attention(q, k, v, pattern, backend=backend).backward(g)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / (8 * q.nbytes)
+
+
+def workspaces(n: int, head_mode: str) -> list[dict[str, Any]]:
+    """Per graph execution: pass, workspace bytes over the bytes of the problem's q, plan name."""
+    seen: list[dict[str, Any]] = []
+    original = cudnn_frontend._execute
+
+    def logged(graph: Any, workspace_bytes: int, buffers: list[torch.Tensor], uids: tuple[int, ...]) -> None:
+        q = buffers[0]
+        entry = {
+            "pass": "forward" if len(buffers) == 5 else "backward",
+            "q_shape": list(q.shape),
+            "workspace_mib": round(workspace_bytes / 2**20, 2),
+            "workspace_over_q": round(workspace_bytes / (q.numel() * q.element_size()), 3),
+            "plan": graph.get_plan_name_at_index(getattr(graph, "_plan_index", 0)),
+        }  # fmt: skip
+        if entry not in seen:
+            seen.append(entry)
+        original(graph, workspace_bytes, buffers, uids)
+
+    cudnn_frontend._execute = logged
+    try:
+        q, k, v, g = inputs(n)
+        dilated_attention(q, k, v, DilatedPattern(*PATTERN, head_mode), backend="cudnn_frontend").backward(g)
+        torch.cuda.synchronize()
+    finally:
+        cudnn_frontend._execute = original
+    return seen
+
+
+def host_profile(n: int) -> str:
+    q, k, v, _ = inputs(n)
+    pattern = DilatedPattern(*PATTERN, "grouped")
+    with torch.no_grad():
+        for _ in range(5):
+            dilated_attention(q, k, v, pattern, backend="cudnn_frontend")
+        torch.cuda.synchronize()
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(50):
+            dilated_attention(q, k, v, pattern, backend="cudnn_frontend")
+        torch.cuda.synchronize()
+        profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+    return text.getvalue()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output", type=Path)
+    p.add_argument("--profile", type=Path)
+    args = p.parse_args()
+    record: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    for head_mode in ("grouped", "all"):
+        for backend in ("sdpa_cudnn", "cudnn_frontend"):
+            record[f"peak_over_io_{head_mode}_{backend}"] = peak_over_io(131072, backend, head_mode)
+        record[f"workspaces_{head_mode}"] = workspaces(131072, head_mode)
+    print(json.dumps(record, indent=1), flush=True)
+    profile = host_profile(32768)
+    print(profile[:6000], flush=True)
+    if args.output:
+        args.output.write_text(json.dumps(record, indent=1))
+    if args.profile:
+        args.profile.write_text(profile)
+
+
+if __name__ == "__main__":
+    main()
