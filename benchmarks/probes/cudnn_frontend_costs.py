@@ -34,21 +34,21 @@ def inputs(n: int) -> tuple[torch.Tensor, ...]:
     )
 
 
-def peak_over_io(n: int, backend: str, head_mode: str) -> float:
+def peak_over_io(n: int, backend: str, head_mode: str, causal: bool = False) -> float:
     q, k, v, g = inputs(n)
     pattern = DilatedPattern(*PATTERN, head_mode)
-    dilated_attention(q, k, v, pattern, backend=backend).backward(g)  # graphs built, allocator warm
+    dilated_attention(q, k, v, pattern, backend=backend, is_causal=causal).backward(g)  # graphs built
     for x in (q, k, v):
         x.grad = None
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    dilated_attention(q, k, v, pattern, backend=backend).backward(g)
+    dilated_attention(q, k, v, pattern, backend=backend, is_causal=causal).backward(g)
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() / (8 * q.nbytes)
 
 
-def workspaces(n: int, head_mode: str) -> list[dict[str, Any]]:
+def workspaces(n: int, head_mode: str, causal: bool = False) -> list[dict[str, Any]]:
     """Per graph execution: pass, workspace bytes over the bytes of the problem's q, plan name."""
     seen: list[dict[str, Any]] = []
     original = cudnn_frontend._execute
@@ -69,7 +69,8 @@ def workspaces(n: int, head_mode: str) -> list[dict[str, Any]]:
     cudnn_frontend._execute = logged
     try:
         q, k, v, g = inputs(n)
-        dilated_attention(q, k, v, DilatedPattern(*PATTERN, head_mode), backend="cudnn_frontend").backward(g)
+        pattern = DilatedPattern(*PATTERN, head_mode)
+        dilated_attention(q, k, v, pattern, backend="cudnn_frontend", is_causal=causal).backward(g)
         torch.cuda.synchronize()
     finally:
         cudnn_frontend._execute = original
@@ -101,10 +102,26 @@ def main() -> None:
     args = p.parse_args()
     record: dict[str, Any] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     for head_mode in ("grouped", "all"):
-        for backend in ("sdpa_cudnn", "cudnn_frontend"):
-            record[f"peak_over_io_{head_mode}_{backend}"] = peak_over_io(131072, backend, head_mode)
-        record[f"workspaces_{head_mode}"] = workspaces(131072, head_mode)
-    print(json.dumps(record, indent=1), flush=True)
+        for causal in (False, True):
+            case = f"{head_mode}_{'causal' if causal else 'full'}"
+            record[f"peak_over_io_{case}_sdpa_cudnn"] = peak_over_io(131072, "sdpa_cudnn", head_mode, causal)
+            # the plans heuristics rank first against those within the workspace limit
+            for slack in (None, cudnn_frontend.WORKSPACE_SLACK_BYTES):
+                cudnn_frontend.WORKSPACE_SLACK_BYTES = slack
+                cudnn_frontend._forward_graph.cache_clear()
+                cudnn_frontend._backward_graph.cache_clear()
+                limit = "any_plan" if slack is None else "limited"
+                record[f"peak_over_io_{case}_cudnn_frontend_{limit}"] = peak_over_io(
+                    131072, "cudnn_frontend", head_mode, causal
+                )
+                record[f"workspaces_{case}_{limit}"] = workspaces(131072, head_mode, causal)
+    print(
+        json.dumps({k: v for k, v in record.items() if not k.startswith("workspaces")}, indent=1), flush=True
+    )
+    for key, entries in record.items():
+        if key.startswith("workspaces"):
+            for e in entries[:6]:
+                print(key, e["pass"], e["q_shape"], e["workspace_mib"], e["workspace_over_q"], e["plan"])
     profile = host_profile(32768)
     print(profile[:6000], flush=True)
     if args.output:
