@@ -26,8 +26,8 @@ REGISTRY: dict[str, Backend] = {
     b.name: b
     for b in (
         Flash4Backend(),
-        CudnnFrontendBackend(),
         CudnnBackend(),
+        CudnnFrontendBackend(),
         FlashBackend(),
         EfficientBackend(),
         XformersBackend(),

@@ -22,8 +22,8 @@ def test_pinned_schemas_match_installed_torch(op):
 def test_registry_order_and_names():
     assert list(kernels.REGISTRY) == [
         "flash_attn_4",
-        "cudnn_frontend",
         "sdpa_cudnn",
+        "cudnn_frontend",
         "sdpa_flash",
         "sdpa_efficient",
         "xformers",
