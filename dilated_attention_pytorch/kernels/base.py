@@ -394,6 +394,45 @@ class KernelBackend:
         return grads[0], grads[1], grads[2]
 
 
+#: ``(dq, dk, dv)``
+Grads = tuple[Tensor, Tensor, Tensor]
+
+
+class DestinationKernelBackend(KernelBackend):
+    """A :class:`KernelBackend` whose kernels take optional destinations: it defines
+    :meth:`run_forward` and :meth:`run_backward`, and this class gives the four
+    calls of :class:`IntoPlaceBackend` from them (no bias, no state)."""
+
+    SUPPORTS_BIAS = False
+    WRITES_INTO_PLACE = True
+
+    def run_forward(
+        self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, out: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """``(out, lse)``; the output written into ``out`` if given."""
+        raise NotImplementedError
+
+    def run_backward(self, grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                     causal: bool, scale: float, grads: Grads | None) -> Grads:  # fmt: skip
+        """``(dq, dk, dv)``; written into ``grads`` if given."""
+        raise NotImplementedError
+
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, causal: bool, scale: float
+    ) -> tuple[Tensor, Tensor, Any]:
+        out, lse = self.run_forward(q, k, v, causal, scale, None)
+        return out, lse, None
+
+    def backward(self, grad_out, q, k, v, out, lse, bias, causal, scale, state):
+        return self.run_backward(grad_out, q, k, v, out, lse, causal, scale, None)
+
+    def forward_into(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, out: Tensor):
+        return self.run_forward(q, k, v, causal, scale, out)[1], None
+
+    def backward_into(self, grad_out, q, k, v, out, lse, causal, scale, state, grads) -> None:
+        self.run_backward(grad_out, q, k, v, out, lse, causal, scale, grads)
+
+
 def distribution_version(import_name: str, distribution: str) -> str | None:
     """Version of the optional package ``distribution`` when ``import_name`` can be
     imported from it, else None. Imports nothing."""

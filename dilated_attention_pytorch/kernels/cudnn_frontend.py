@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import AttentionSpec, KernelBackend, StrideRule, distribution_version
+from .base import AttentionSpec, DestinationKernelBackend, StrideRule, distribution_version
 
 #: releases this module was run against (H200, torch 2.11, cuDNN 9.19)
 TESTED_VERSIONS: tuple[str, ...] = ("1.32.0",)
@@ -160,42 +160,7 @@ def _execute(graph: Any, workspace_bytes: int, buffers: list[Tensor], uids: tupl
     graph.execute(pointers, workspace.data_ptr(), handle=_handle(device), tensor_uids=uids)
 
 
-def _forward(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, out: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    """``(out, lse)`` of ``(batch, heads, len, head_dim)`` views; written into ``out`` if given."""
-    if out is None:
-        out = q.new_empty(*q.shape[:3], v.shape[3])
-    stats = torch.empty(*q.shape[:3], 1, dtype=torch.float32, device=q.device)
-    graph, workspace = _forward_graph(
-        q.device, q.dtype, *(_geometry(x) for x in (q, k, v, out)), causal, float(scale)
-    )
-    _execute(graph, workspace, [q, k, v, out, stats], _FORWARD_UIDS)
-    return out, stats[..., 0]
-
-
-def _backward(
-    grad_out: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    causal: bool,
-    scale: float,
-    grads: tuple[Tensor, Tensor, Tensor] | None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dq, dk, dv)``; written into ``grads`` if given."""
-    if grads is None:
-        grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
-    stats = lse.contiguous()[..., None]
-    geometries = (_geometry(x) for x in (q, k, v, out, grad_out, *grads))
-    graph, workspace = _backward_graph(q.device, q.dtype, *geometries, causal, float(scale))
-    _execute(graph, workspace, [q, k, v, out, grad_out, stats, *grads], _BACKWARD_UIDS)
-    return grads
-
-
-class CudnnFrontendBackend(KernelBackend):
+class CudnnFrontendBackend(DestinationKernelBackend):
     name = "cudnn_frontend"
     description = (
         "cuDNN's fused attention through its graph API (nvidia-cudnn-frontend) when installed; "
@@ -207,10 +172,8 @@ class CudnnFrontendBackend(KernelBackend):
 
     MIN_COMPUTE_CAPABILITY = (9, 0)
     HEAD_DIM_MULTIPLE, MAX_HEAD_DIM = 8, 128
-    SUPPORTS_BIAS = False
     SUPPORTS_GQA = True
     SUPPORTS_VALUE_HEAD_DIM = True
-    WRITES_INTO_PLACE = True
 
     def missing_reasons(self) -> list[str]:
         if installed_version() is None:
@@ -232,15 +195,20 @@ class CudnnFrontendBackend(KernelBackend):
             quirks.append("cuDNN does not support length-1 problems (s_q = s_kv = 1)")
         return quirks
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, causal: bool, scale: float):
-        out, lse = _forward(q, k, v, causal, scale, None)
-        return out, lse, None
+    def run_forward(self, q, k, v, causal, scale, out):
+        if out is None:
+            out = q.new_empty(*q.shape[:3], v.shape[3])
+        stats = torch.empty(*q.shape[:3], 1, dtype=torch.float32, device=q.device)
+        geometries = (_geometry(x) for x in (q, k, v, out))
+        graph, workspace = _forward_graph(q.device, q.dtype, *geometries, causal, float(scale))
+        _execute(graph, workspace, [q, k, v, out, stats], _FORWARD_UIDS)
+        return out, stats[..., 0]
 
-    def backward(self, grad_out, q, k, v, out, lse, bias, causal, scale, state):
-        return _backward(grad_out, q, k, v, out, lse, causal, scale, None)
-
-    def forward_into(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, out: Tensor):
-        return _forward(q, k, v, causal, scale, out)[1], None
-
-    def backward_into(self, grad_out, q, k, v, out, lse, causal, scale, state, grads) -> None:
-        _backward(grad_out, q, k, v, out, lse, causal, scale, grads)
+    def run_backward(self, grad_out, q, k, v, out, lse, causal, scale, grads):
+        if grads is None:
+            grads = (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v))
+        stats = lse.contiguous()[..., None]
+        geometries = (_geometry(x) for x in (q, k, v, out, grad_out, *grads))
+        graph, workspace = _backward_graph(q.device, q.dtype, *geometries, causal, float(scale))
+        _execute(graph, workspace, [q, k, v, out, grad_out, stats, *grads], _BACKWARD_UIDS)
+        return grads

@@ -15,9 +15,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from torch import Tensor
-
-from .base import AttentionSpec, KernelBackend, StrideRule, distribution_version
+from .base import AttentionSpec, DestinationKernelBackend, StrideRule, distribution_version
 
 #: releases whose private entry points this module was run against (H100, torch 2.11)
 TESTED_VERSIONS: tuple[str, ...] = ("4.0.0b36",)
@@ -34,7 +32,7 @@ def _interface() -> Any:
     return interface
 
 
-class Flash4Backend(KernelBackend):
+class Flash4Backend(DestinationKernelBackend):
     name = "flash_attn_4"
     description = (
         "FlashAttention-4 (flash-attn-4, CuTe DSL) when installed, on sm90; writes outputs and "
@@ -45,8 +43,6 @@ class Flash4Backend(KernelBackend):
     strides = StrideRule(last_dim_contiguous=True, alignment=16)
 
     HEAD_DIM_MULTIPLE, MAX_HEAD_DIM = 8, 128
-    SUPPORTS_BIAS = False
-    WRITES_INTO_PLACE = True
 
     def missing_reasons(self) -> list[str]:
         if installed_version() is None:
@@ -68,50 +64,22 @@ class Flash4Backend(KernelBackend):
             return [f"tested on compute capability 9.x (H100) only, got {spec.compute_capability}"]
         return []
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, causal: bool, scale: float):
-        out, lse = _forward(q, k, v, causal, scale)
-        return out, lse, None
+    def run_forward(self, q, k, v, causal, scale, out):
+        # FA4 takes (batch, seq, heads, head_dim): the problem views go in transposed
+        result, lse = _interface()._flash_attn_fwd(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            softmax_scale=scale,
+            causal=causal,
+            return_lse=True,
+            out=None if out is None else out.transpose(1, 2),
+        )[:2]
+        return result.transpose(1, 2), lse
 
-    def backward(self, grad_out, q, k, v, out, lse, bias, causal, scale, state):
-        return _backward(grad_out, q, k, v, out, lse, causal, scale)
-
-    def forward_into(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, out: Tensor):
-        return _forward(q, k, v, causal, scale, out)[1], None
-
-    def backward_into(self, grad_out, q, k, v, out, lse, causal, scale, state, grads) -> None:
-        _backward(grad_out, q, k, v, out, lse, causal, scale, grads)
-
-
-def _forward(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, out: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    """``(out, lse)`` for ``(batch, heads, len, head_dim)`` views; written into ``out`` if given."""
-    result, lse = _interface()._flash_attn_fwd(
-        q.transpose(1, 2),
-        k.transpose(1, 2),
-        v.transpose(1, 2),
-        softmax_scale=scale,
-        causal=causal,
-        return_lse=True,
-        out=None if out is None else out.transpose(1, 2),
-    )[:2]
-    return result.transpose(1, 2), lse
-
-
-def _backward(
-    grad_out: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    out: Tensor,
-    lse: Tensor,
-    causal: bool,
-    scale: float,
-    grads: tuple[Tensor, Tensor, Tensor] | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dq, dk, dv)``; written into ``grads`` if given."""
-    into = {} if grads is None else dict(zip(("dq", "dk", "dv"), (g.transpose(1, 2) for g in grads)))
-    dq, dk, dv = _interface()._flash_attn_bwd(
-        *(x.transpose(1, 2) for x in (q, k, v, out, grad_out)), lse.contiguous(), scale, causal, **into
-    )[:3]
-    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+    def run_backward(self, grad_out, q, k, v, out, lse, causal, scale, grads):
+        into = {} if grads is None else dict(zip(("dq", "dk", "dv"), (g.transpose(1, 2) for g in grads)))
+        dq, dk, dv = _interface()._flash_attn_bwd(
+            *(x.transpose(1, 2) for x in (q, k, v, out, grad_out)), lse.contiguous(), scale, causal, **into
+        )[:3]
+        return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)

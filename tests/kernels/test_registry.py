@@ -45,17 +45,28 @@ def test_reasons_are_specific():
     assert reasons["math"] == []
 
 
+def _pinned_optional_backend(monkeypatch, module, name: str, missing: str):
+    """The registry's ``name`` backend of ``module`` (an optional package pinned to
+    ``TESTED_VERSIONS``): absent, its only reason is ``missing``; at a tested
+    release, a bf16 sm90 call has none. Left at a tested release."""
+    backend = kernels.REGISTRY[name]
+    spec = kernels.AttentionSpec("cuda", torch.bfloat16, 64, compute_capability=(9, 0))
+    monkeypatch.setattr(module, "installed_version", lambda: None)
+    assert backend.not_supported_reasons(spec) == [missing]
+    monkeypatch.setattr(module, "installed_version", lambda: module.TESTED_VERSIONS[0])
+    assert backend.not_supported_reasons(spec) == []
+    return backend, spec
+
+
 def test_flash_attn_4_reasons(monkeypatch):
     from dilated_attention_pytorch.kernels import flash4
 
-    backend = kernels.REGISTRY["flash_attn_4"]
-    spec = kernels.AttentionSpec("cuda", torch.bfloat16, 64, compute_capability=(9, 0))
-    monkeypatch.setattr(flash4, "installed_version", lambda: None)
-    assert backend.not_supported_reasons(spec) == [
-        'flash-attn-4 is not installed (pip install "torch-dilated-attention[flash4]")'
-    ]
-    monkeypatch.setattr(flash4, "installed_version", lambda: flash4.TESTED_VERSIONS[0])
-    assert backend.not_supported_reasons(spec) == []
+    backend, spec = _pinned_optional_backend(
+        monkeypatch,
+        flash4,
+        "flash_attn_4",
+        'flash-attn-4 is not installed (pip install "torch-dilated-attention[flash4]")',
+    )
     bad = kernels.AttentionSpec("cuda", torch.float32, 256, has_bias=True, compute_capability=(8, 0))
     reasons = " | ".join(backend.not_supported_reasons(bad))
     for part in (
@@ -74,14 +85,12 @@ def test_flash_attn_4_reasons(monkeypatch):
 def test_cudnn_frontend_reasons(monkeypatch):
     from dilated_attention_pytorch.kernels import cudnn_frontend
 
-    backend = kernels.REGISTRY["cudnn_frontend"]
-    spec = kernels.AttentionSpec("cuda", torch.bfloat16, 64, compute_capability=(9, 0))
-    monkeypatch.setattr(cudnn_frontend, "installed_version", lambda: None)
-    assert backend.not_supported_reasons(spec) == [
-        'nvidia-cudnn-frontend is not installed (pip install "torch-dilated-attention[cudnn]")'
-    ]
-    monkeypatch.setattr(cudnn_frontend, "installed_version", lambda: cudnn_frontend.TESTED_VERSIONS[0])
-    assert backend.not_supported_reasons(spec) == []
+    backend, spec = _pinned_optional_backend(
+        monkeypatch,
+        cudnn_frontend,
+        "cudnn_frontend",
+        'nvidia-cudnn-frontend is not installed (pip install "torch-dilated-attention[cudnn]")',
+    )
     value_dim = kernels.AttentionSpec(
         "cuda", torch.float16, 64, compute_capability=(9, 0), value_head_dim=128
     )
