@@ -1,6 +1,7 @@
 """Where the ``cudnn_frontend`` backend spends memory and host time beside
 ``sdpa_cudnn``, on W1 (12 heads of 64, bf16): the forward+backward peak of the
-fused path at 128K per backend; each graph's workspace bytes and plan name
+fused path at 128K per backend, and whether a step's tensors outlive it until
+the garbage collector runs; each graph's workspace bytes and plan name
 against the problem's own size; and a cProfile of eager forwards at 32K,
 where the host time shows.
 
@@ -11,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import io
 import json
 import pstats
 import sys
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -34,18 +37,32 @@ def inputs(n: int) -> tuple[torch.Tensor, ...]:
     )
 
 
-def peak_over_io(n: int, backend: str, head_mode: str, causal: bool = False) -> float:
+def peak_over_io(n: int, backend: str, head_mode: str, causal: bool = False) -> dict[str, Any]:
+    """The forward+backward peak over io, and whether the step's tensors outlive it
+    (held by reference cycles until the garbage collector runs: an order-dependent peak)."""
     q, k, v, g = inputs(n)
     pattern = DilatedPattern(*PATTERN, head_mode)
     dilated_attention(q, k, v, pattern, backend=backend, is_causal=causal).backward(g)  # graphs built
     for x in (q, k, v):
         x.grad = None
+    gc.collect()
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
     dilated_attention(q, k, v, pattern, backend=backend, is_causal=causal).backward(g)
     torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() / (8 * q.nbytes)
+    found = {
+        "peak_over_io": torch.cuda.max_memory_allocated() / (8 * q.nbytes),
+        "io_mib": 8 * q.nbytes / 2**20,
+    }
+    refs = [weakref.ref(x) for x in (q, k, v, g, q.grad, k.grad, v.grad)]
+    del q, k, v, g
+    found["tensors_alive_after_the_step"] = sum(r() is not None for r in refs)
+    found["mib_left_after_the_step"] = (torch.cuda.memory_allocated() - before) / 2**20
+    found["objects_collected"] = gc.collect()
+    found["tensors_alive_after_gc"] = sum(r() is not None for r in refs)
+    return found
 
 
 def workspaces(n: int, head_mode: str, causal: bool = False) -> list[dict[str, Any]]:
