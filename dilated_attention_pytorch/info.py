@@ -87,6 +87,10 @@ def report() -> str:
         ),
         f"flash-attn 2: {_optional('flash_attn_2_cuda', 'flash-attn', 'flash_attn')} "
         "(no backend of its own; xformers' dispatcher uses it where both are installed)",
+        "nvidia-cudnn-frontend: "
+        + _optional(
+            "cudnn", "nvidia-cudnn-frontend", used_by="backend 'cudnn_frontend' (see below)", extra="cudnn"
+        ),
         "xformers: "
         + _optional("xformers", "xformers", used_by="backend 'xformers' (see below)", extra="xformers"),
         "matplotlib: "

@@ -54,8 +54,9 @@ def test_install_hints_name_this_distribution_and_its_extras(monkeypatch):
     monkeypatch.setattr(
         info.importlib.util,
         "find_spec",
-        lambda name, *a: None if name in ("flash_attn", "xformers") else real(name, *a),
+        lambda name, *a: None if name in ("flash_attn", "xformers", "cudnn") else real(name, *a),
     )
     text = info.report()
     assert 'flash-attn-4: not installed (pip install "torch-dilated-attention[flash4]")' in text
     assert 'xformers: not installed (pip install "torch-dilated-attention[xformers]")' in text
+    assert 'nvidia-cudnn-frontend: not installed (pip install "torch-dilated-attention[cudnn]")' in text
