@@ -633,3 +633,29 @@ def test_packed_documents_match_reference_per_document(impl, causal, head_mode, 
     assert_close(out, expected, dtype, f"{impl.name} output")
     for name, a, b in zip("qkv", grads(out, leaves, g.to(dtype)), exp_grads):
         assert_close(a, b, dtype, f"{impl.name} d{name}")
+
+
+@pytest.mark.parametrize("impl", GPU_IMPLS, ids=[i.name for i in GPU_IMPLS])
+@pytest.mark.parametrize("head_mode", ["grouped", "all"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_a_step_leaves_no_cycles_on_gpu(impl, head_mode, causal):
+    """As ``tests/test_reference_cycles.py`` on the GPU paths (Triton merges, each
+    CUDA backend): a step's tensors go with their last reference, so the next
+    step's peak does not depend on when the garbage collector runs."""
+    import gc
+    import weakref
+
+    _runnable(impl, torch.bfloat16, 64, False)
+    q, k, v = (x.detach().to(torch.bfloat16).requires_grad_() for x in make_qkv(1, 512, 4, 64, device="cuda"))
+    impl(q, k, v, (128, 256), (1, 2), head_mode=head_mode, is_causal=causal).sum().backward()  # first calls
+    gc.collect()
+    gc.disable()
+    try:
+        out = impl(q, k, v, (128, 256), (1, 2), head_mode=head_mode, is_causal=causal)
+        out.backward(torch.randn_like(out))
+        refs = [weakref.ref(x) for x in (q, k, v, out, q.grad, k.grad, v.grad)]
+        del q, k, v, out
+        alive = [i for i, r in enumerate(refs) if r() is not None]
+    finally:
+        gc.enable()
+    assert alive == [], f"{impl.name}: held by a reference cycle (q, k, v, out, dq, dk, dv): {alive}"
