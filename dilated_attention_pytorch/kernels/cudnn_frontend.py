@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .base import AttentionSpec, DestinationKernelBackend, StrideRule, distribution_version
+from .sdpa import cudnn_length_reasons
 
 #: releases this module was run against (H200, torch 2.11, cuDNN 9.19)
 TESTED_VERSIONS: tuple[str, ...] = ("1.32.0",)
@@ -191,9 +192,7 @@ class CudnnFrontendBackend(DestinationKernelBackend):
         if spec.compute_capability is not None and spec.compute_capability[0] > 9:
             # cuDNN has kernels for newer GPUs, but this module never ran on one
             quirks.append(f"tested on compute capability 9.x (H200) only, got {spec.compute_capability}")
-        if spec.seq_len == 1:
-            quirks.append("cuDNN does not support length-1 problems (s_q = s_kv = 1)")
-        return quirks
+        return quirks + cudnn_length_reasons(spec)
 
     def run_forward(self, q, k, v, causal, scale, out):
         if out is None:

@@ -363,6 +363,11 @@ def _in_float32(x: Tensor) -> Tensor:
     return x.to(torch.float32).clone(memory_format=torch.contiguous_format)
 
 
+def cudnn_length_reasons(spec: AttentionSpec) -> list[str]:
+    """What cuDNN's fused attention refuses by length, through any API."""
+    return ["cuDNN does not support length-1 problems (s_q = s_kv = 1)"] if spec.seq_len == 1 else []
+
+
 class CudnnBackend(_SdpaBackend):
     name = "sdpa_cudnn"
     description = "SDPA's cuDNN kernel (aten._scaled_dot_product_cudnn_attention)"
@@ -381,9 +386,7 @@ class CudnnBackend(_SdpaBackend):
         quirks = []
         if _cuda_here(spec) and not torch.backends.cudnn.is_available():
             quirks.append("cuDNN is not available")
-        if spec.seq_len == 1:
-            quirks.append("cuDNN does not support length-1 problems (s_q = s_kv = 1)")
-        return quirks
+        return quirks + cudnn_length_reasons(spec)
 
     #: dims of the lse cuDNN returns (4 or 3 by torch release), as its backward wants it back
     _lse_dims = 4
