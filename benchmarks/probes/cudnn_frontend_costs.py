@@ -65,6 +65,42 @@ def peak_over_io(n: int, backend: str, head_mode: str, causal: bool = False) -> 
     return found
 
 
+def first_call_allocations(n: int, backend: str, head_mode: str, causal: bool) -> dict[str, Any]:
+    """The forward+backward peak over io of the first call of a geometry (where the
+    graphs are built) against the second, and the first call's allocations of
+    64 MiB or more with the frames that made them."""
+    q, k, v, g = inputs(n)
+    pattern = DilatedPattern(*PATTERN, head_mode)
+    found: dict[str, Any] = {}
+    for call in ("first", "second"):
+        q.grad = k.grad = v.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        if call == "first":
+            torch.cuda.memory._record_memory_history(max_entries=100_000)
+        dilated_attention(q, k, v, pattern, backend=backend, is_causal=causal).backward(g)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base + 4 * q.nbytes
+        found[f"{call}_peak_over_io"] = peak / (8 * q.nbytes)
+        if call == "first":
+            events = torch.cuda.memory._snapshot()["device_traces"][q.device.index or 0]
+            torch.cuda.memory._record_memory_history(enabled=None)
+            big = [e for e in events if e["action"] == "alloc" and e["size"] >= 64 * 2**20]
+            found["first_big_allocations"] = [
+                {
+                    "mib": e["size"] / 2**20,
+                    "frames": [
+                        f"{f['filename'].split('/')[-1]}:{f['line']} {f['name']}"
+                        for f in e["frames"]
+                        if f["filename"].endswith(".py")
+                    ][:8],
+                }
+                for e in big
+            ]
+    return found
+
+
 def workspaces(n: int, head_mode: str, causal: bool = False) -> list[dict[str, Any]]:
     """Per graph execution: pass, workspace bytes over the bytes of the problem's q, plan name."""
     seen: list[dict[str, Any]] = []
@@ -133,6 +169,11 @@ def main() -> None:
         if key.startswith("workspaces"):
             for e in entries[:6]:
                 print(key, e["pass"], e["q_shape"], e["workspace_mib"], e["workspace_over_q"], e["plan"])
+    for backend in ("sdpa_cudnn", "cudnn_frontend"):
+        for head_mode in ("grouped", "all"):
+            case = f"first_call_{head_mode}_causal_{backend}"
+            record[case] = first_call_allocations(65536, backend, head_mode, True)
+            print(case, json.dumps(record[case])[:3000], flush=True)
     profile = host_profile(32768)
     print(profile[:6000], flush=True)
     if args.output:

@@ -1,0 +1,153 @@
+"""Where the fused path's time goes at short lengths, on W1 (12 heads of 64, bf16):
+per backend, head mode and mask, the GPU time of an eager call (CUDA events),
+the host time of the same call while the GPU is kept busy (so the host never
+waits on it: what it costs to enqueue), and the time of its CUDA-graph replay
+(no host time at all); then the CPU time per torch op of eager calls
+(``torch.profiler``), which says which calls the host time is made of.
+
+    python benchmarks/probes/host_time.py --seq-lens 32768 --output host.json --profile host_ops.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import WORKLOADS, Timer, fwd_bwd
+
+from dilated_attention_pytorch import DilatedPattern, dilated_attention, kernels
+
+
+def host_ms(fn: Callable[[], Any], calls: int) -> float:
+    """Median host milliseconds per call of ``fn`` behind a GPU sleep long enough
+    that no call waits for the GPU (launch queue included: few calls)."""
+    times = []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        torch.cuda._sleep(400_000_000)  # about 0.2 s of GPU clock
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - t0) * 1e3 / calls)
+        torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def steps(workload: str, n: int, head_mode: str, causal: bool, backend: str) -> dict[str, Callable[[], Any]]:
+    w = WORKLOADS[workload]
+    shape = (1, n, w["heads"], w["head_dim"])
+    q, k, v, g = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in "qkvg")
+    pattern = DilatedPattern(w["segment_lengths"], w["dilation_rates"], head_mode)
+
+    def forward() -> torch.Tensor:
+        return dilated_attention(q, k, v, pattern, backend=backend, is_causal=causal)
+
+    def forward_only() -> None:
+        with torch.no_grad():
+            forward()
+
+    return {"fwd": forward_only, "fwdbwd": fwd_bwd(forward, (q, k, v), g.detach())}
+
+
+def record(workload: str, n: int, head_mode: str, causal: bool, backend: str) -> dict[str, Any]:
+    found: dict[str, Any] = {"workload": workload, "n": n, "head_mode": head_mode, "causal": causal}
+    found["backend"] = backend
+    eager, graphed = Timer(torch.device("cuda"), 3, 15), Timer(torch.device("cuda"), 3, 15, cuda_graph=True)
+    for name, fn in steps(workload, n, head_mode, causal, backend).items():
+        found[f"{name}_gpu_ms"] = eager(fn)
+        found[f"{name}_host_ms"] = host_ms(fn, 6 if name == "fwd" else 3)
+        try:
+            found[f"{name}_graph_ms"] = graphed(fn)
+        except RuntimeError as error:  # not capturable: say why
+            found[f"{name}_graph_ms"] = None
+            found[f"{name}_graph_error"] = str(error).splitlines()[0]
+            torch.cuda.synchronize()
+    return found
+
+
+ALLOCATOR_STATS = ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_sync_all_streams")
+
+
+def first_sync(fn: Callable[[], Any]) -> str | None:
+    """Where ``fn`` first makes the host wait for the GPU (None: nowhere torch flags)."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+    except RuntimeError:
+        return traceback.format_exc(limit=-12)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+    return None
+
+
+def op_profile(workload: str, n: int, head_mode: str, causal: bool, backend: str) -> str:
+    """Per step: the allocator's device allocations, frees and retries over 10
+    steady calls, where it first synchronizes, and host time per op and CUDA call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    text = []
+    for name, fn in steps(workload, n, head_mode, causal, backend).items():
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_stats()
+        for _ in range(10):
+            fn()
+        torch.cuda.synchronize()
+        after = torch.cuda.memory_stats()
+        stats = {k: after.get(k, 0) - before.get(k, 0) for k in ALLOCATOR_STATS}
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                fn()
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+        text.append(
+            f"## {workload} {n} {head_mode} causal={causal} {backend} {name} (10 calls)\n"
+            f"allocator over 10 calls: {stats}\nfirst sync: {first_sync(fn)}\n{table}"
+        )
+    return "\n".join(text)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workload", default="W1", choices=sorted(WORKLOADS))
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[32768])
+    p.add_argument("--backends", nargs="+", default=["sdpa_cudnn"])
+    p.add_argument("--output", type=Path)
+    p.add_argument("--profile", type=Path)
+    args = p.parse_args()
+    rows = []
+    for backend in args.backends:
+        if backend not in kernels.REGISTRY:
+            print(f"skipping {backend}: not registered", flush=True)
+            continue
+        for n in args.seq_lens:
+            for head_mode in ("grouped", "all"):
+                for causal in (False, True):
+                    rows.append(record(args.workload, n, head_mode, causal, backend))
+                    shown = {k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}
+                    print(json.dumps(shown), flush=True)
+    info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
+    if args.output:
+        args.output.write_text(json.dumps(info, indent=1))
+    if args.profile:
+        n = args.seq_lens[0]
+        cases = [(m, c) for m in ("grouped", "all") for c in (False, True)]
+        profiles = [op_profile(args.workload, n, m, c, args.backends[0]) for m, c in cases]
+        args.profile.write_text("\n\n".join(profiles))
+
+
+if __name__ == "__main__":
+    main()
