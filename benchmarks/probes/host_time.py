@@ -92,6 +92,43 @@ def first_sync(fn: Callable[[], Any]) -> str | None:
     return None
 
 
+def sampled_stacks(fn: Callable[[], Any], calls: int, behind_sleep: bool, top: int = 6) -> str:
+    """Where the host spends ``calls`` calls of ``fn``: every thread's Python stack
+    (autograd runs the backward on its own) sampled every millisecond, the most frequent innermost
+    frames (of this package, torch or cudnn) with their counts. ``behind_sleep``:
+    the GPU is kept busy first, so a call that waits for it shows where."""
+    import collections
+    import threading
+
+    me, samples, done = threading.get_ident(), collections.Counter(), threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            for ident, frame in sys._current_frames().items():
+                stack = []
+                while frame is not None and ident != me and len(stack) < 4:
+                    name = frame.f_code.co_filename
+                    if "dilated_attention_pytorch" in name or "torch" in name or "cudnn" in name:
+                        stack.append(f"{name.split('/')[-1]}:{frame.f_lineno} {frame.f_code.co_name}")
+                    frame = frame.f_back
+                if stack:
+                    samples[" < ".join(stack)] += 1
+            time.sleep(0.001)
+
+    torch.cuda.synchronize()
+    if behind_sleep:
+        torch.cuda._sleep(400_000_000)
+    thread = threading.Thread(target=sample)
+    thread.start()
+    for _ in range(calls):
+        fn()
+    done.set()
+    thread.join()
+    torch.cuda.synchronize()
+    total = sum(samples.values())
+    return "\n".join(f"  {count}/{total}  {stack}" for stack, count in samples.most_common(top))
+
+
 def op_profile(workload: str, n: int, head_mode: str, causal: bool, backend: str) -> str:
     """Per step: the allocator's device allocations, frees and retries over 10
     steady calls, where it first synchronizes, and host time per op and CUDA call."""
@@ -115,7 +152,9 @@ def op_profile(workload: str, n: int, head_mode: str, causal: bool, backend: str
         table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
         text.append(
             f"## {workload} {n} {head_mode} causal={causal} {backend} {name} (10 calls)\n"
-            f"allocator over 10 calls: {stats}\nfirst sync: {first_sync(fn)}\n{table}"
+            f"allocator over 10 calls: {stats}\nfirst sync: {first_sync(fn)}\n"
+            f"host stacks behind a GPU sleep (3 calls):\n{sampled_stacks(fn, 3, True)}\n"
+            f"host stacks (100 calls):\n{sampled_stacks(fn, 100, False, 12)}\n{table}"
         )
     return "\n".join(text)
 

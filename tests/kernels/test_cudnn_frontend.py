@@ -58,6 +58,7 @@ def _at(address: int, operand: _Operand) -> torch.Tensor:
 
 class _Graph:
     executions: list[_Graph] = []
+    leave_cycles = False
 
     def __init__(self, **_: Any) -> None:
         self.operands: list[_Operand] = []
@@ -88,7 +89,12 @@ class _Graph:
     def build_operation_graph(self) -> None: ...
     def create_execution_plans(self, modes: list[Any]) -> None: ...
     def check_support(self) -> None: ...
-    def build_plans(self) -> None: ...
+    def build_plans(self) -> None:
+        if _Graph.leave_cycles:  # as the real build does: garbage that reaches the caller's frames
+            import sys
+
+            cycle: list[Any] = [sys._getframe()]
+            cycle.append(cycle)
 
     def get_workspace_size(self) -> int:
         return 64
@@ -137,6 +143,7 @@ def stand_in(monkeypatch):
     cudnn_frontend._backward_graph.cache_clear()
     _Graph.executions.clear()
     yield
+    _Graph.leave_cycles = False
     cudnn_frontend._forward_graph.cache_clear()
     cudnn_frontend._backward_graph.cache_clear()
 
@@ -193,3 +200,26 @@ def test_graphs_are_built_once_per_geometry(stand_in):
     expected, expected_lse, _ = MathBackend().forward(q.double(), k.double(), v.double(), None, False, 0.25)
     assert (out.double() - expected).abs().max() <= TOLERANCES[torch.float32] * expected.abs().max()
     assert (lse.double() - expected_lse).abs().max() <= 1e-5 * math.log(16)
+
+
+def test_a_step_that_builds_graphs_leaves_no_cycle_holding_its_tensors(stand_in):
+    """A graph build leaves cyclic garbage reaching the calling frames (on an H200 that
+    kept the step's gradients alive and made autograd copy them); the backend collects
+    it, so the step's tensors go with their last reference even with ``gc`` off."""
+    import gc
+    import weakref
+
+    _Graph.leave_cycles = True
+    q, k, v = (torch.randn(1, 32, 4, 8, requires_grad=True) for _ in "qkv")
+    gc.collect()
+    gc.disable()
+    try:
+        out = dilated_attention(q, k, v, DilatedPattern([8, 16], [1, 2]), backend="cudnn_frontend")
+        out.backward(torch.randn_like(out))
+        refs = [weakref.ref(x) for x in (q, k, v, out, q.grad, k.grad, v.grad)]
+        del q, k, v, out
+        alive = [i for i, r in enumerate(refs) if r() is not None]
+    finally:
+        gc.enable()
+    assert len(_Graph.executions) > 0
+    assert alive == [], f"held by a cycle (q, k, v, out, dq, dk, dv): {alive}"
