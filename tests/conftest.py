@@ -3,8 +3,10 @@ input factories and the GPU marker."""
 
 from __future__ import annotations
 
+import gc
 import os
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import pytest
@@ -167,6 +169,19 @@ def strided_view(layout: str, leaf: Tensor, shape: tuple[int, int, int, int]) ->
 
 def grads(out: Tensor, inputs: tuple[Tensor, ...], grad_out: Tensor) -> tuple[Tensor, ...]:
     return torch.autograd.grad(out, inputs, grad_out)
+
+
+def held_by_cycles(step: Callable[[], Sequence[object]]) -> list[int]:
+    """Indices of the objects ``step`` returns (its inputs, outputs, gradients) that
+    outlive their last reference, with the garbage collector off: held by reference
+    cycles, which on a GPU make the next step's peak depend on when it runs."""
+    gc.collect()
+    gc.disable()
+    try:
+        refs = [weakref.ref(x) for x in step()]
+        return [i for i, r in enumerate(refs) if r() is not None]
+    finally:
+        gc.enable()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

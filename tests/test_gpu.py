@@ -24,6 +24,7 @@ from .conftest import (
     Impl,
     assert_close,
     grads,
+    held_by_cycles,
     impls_on,
     make_qkv,
     make_strided,
@@ -642,20 +643,16 @@ def test_a_step_leaves_no_cycles_on_gpu(impl, head_mode, causal):
     """As ``tests/test_reference_cycles.py`` on the GPU paths (Triton merges, each
     CUDA backend): a step's tensors go with their last reference, so the next
     step's peak does not depend on when the garbage collector runs."""
-    import gc
-    import weakref
-
     _runnable(impl, torch.bfloat16, 64, False)
-    q, k, v = (x.detach().to(torch.bfloat16).requires_grad_() for x in make_qkv(1, 512, 4, 64, device="cuda"))
-    impl(q, k, v, (128, 256), (1, 2), head_mode=head_mode, is_causal=causal).sum().backward()  # first calls
-    gc.collect()
-    gc.disable()
-    try:
+
+    def step() -> tuple[torch.Tensor | None, ...]:
+        q, k, v = (
+            x.detach().to(torch.bfloat16).requires_grad_() for x in make_qkv(1, 512, 4, 64, device="cuda")
+        )
         out = impl(q, k, v, (128, 256), (1, 2), head_mode=head_mode, is_causal=causal)
         out.backward(torch.randn_like(out))
-        refs = [weakref.ref(x) for x in (q, k, v, out, q.grad, k.grad, v.grad)]
-        del q, k, v, out
-        alive = [i for i, r in enumerate(refs) if r() is not None]
-    finally:
-        gc.enable()
+        return q, k, v, out, q.grad, k.grad, v.grad
+
+    step()  # first calls of these shapes, outside the measured step
+    alive = held_by_cycles(step)
     assert alive == [], f"{impl.name}: held by a reference cycle (q, k, v, out, dq, dk, dv): {alive}"

@@ -21,7 +21,7 @@ from dilated_attention_pytorch.kernels import cudnn_frontend
 from dilated_attention_pytorch.kernels.math import MathBackend
 from dilated_attention_pytorch.reference import dilated_attention_reference as reference
 
-from ..conftest import TOLERANCES, assert_close, grads, make_strided, strided_view
+from ..conftest import TOLERANCES, assert_close, grads, held_by_cycles, make_strided, strided_view
 
 
 class _Operand:
@@ -206,20 +206,14 @@ def test_a_step_that_builds_graphs_leaves_no_cycle_holding_its_tensors(stand_in)
     """A graph build leaves cyclic garbage reaching the calling frames (on an H200 that
     kept the step's gradients alive and made autograd copy them); the backend collects
     it, so the step's tensors go with their last reference even with ``gc`` off."""
-    import gc
-    import weakref
-
     _Graph.leave_cycles = True
-    q, k, v = (torch.randn(1, 32, 4, 8, requires_grad=True) for _ in "qkv")
-    gc.collect()
-    gc.disable()
-    try:
+
+    def step() -> tuple[torch.Tensor | None, ...]:
+        q, k, v = (torch.randn(1, 32, 4, 8, requires_grad=True) for _ in "qkv")
         out = dilated_attention(q, k, v, DilatedPattern([8, 16], [1, 2]), backend="cudnn_frontend")
         out.backward(torch.randn_like(out))
-        refs = [weakref.ref(x) for x in (q, k, v, out, q.grad, k.grad, v.grad)]
-        del q, k, v, out
-        alive = [i for i, r in enumerate(refs) if r() is not None]
-    finally:
-        gc.enable()
+        return q, k, v, out, q.grad, k.grad, v.grad
+
+    alive = held_by_cycles(step)
     assert len(_Graph.executions) > 0
     assert alive == [], f"held by a cycle (q, k, v, out, dq, dk, dv): {alive}"
