@@ -129,7 +129,8 @@ def _dense_ceiling(
     """Per dense backend: fwd and fwd+bwd ms summed over the pattern's sub-problems, and each
     problem shape's own times (``problems``)."""
     shapes: dict[tuple[int, int, int], int] = {}
-    for call in pattern.calls(seq, args.heads):
+    # the problems the fused path runs ("all" mode: heads batched along diagonals)
+    for call in pattern.calls(seq, args.heads, diagonal=True):
         shape = (args.batch * call.num_segments, call.num_heads, call.length)
         shapes[shape] = shapes.get(shape, 0) + 1
     results: dict[str, dict[str, Any]] = {}

@@ -44,11 +44,15 @@ def _positive_ints(name: str, values: object) -> tuple[int, ...]:
 @dataclass(frozen=True)
 class BranchCall:
     """One batched attention problem of a branch: every segment of one length
-    and every head that shares one offset.
+    and every head that shares one offset, or (``offset_step = 1``) a run of
+    consecutive heads whose offsets step by one.
 
-    The queries are positions ``start + s * segment_length + offset + dilation * m``
-    for ``s < num_segments`` and ``m < length`` (keys are the same positions),
-    heads ``head_start + head_step * j`` for ``j < num_heads``.
+    The queries of the call's head ``j`` (head ``head_start + head_step * j``,
+    ``j < num_heads``) are positions ``start + s * segment_length + offset +
+    offset_step * j + dilation * m`` for ``s < num_segments`` and ``m < length``
+    (keys are the same positions). With ``offset_step = 0`` every head reads
+    the same positions; with 1 the heads are one strided view all the same (head
+    stride = the head stride plus the sequence stride): a diagonal.
     """
 
     branch: int
@@ -61,17 +65,24 @@ class BranchCall:
     head_start: int
     head_step: int
     num_heads: int
+    #: offset added per head (0: one offset for every head; 1: a diagonal)
+    offset_step: int = 0
 
-    def positions(self) -> list[int]:
-        """Sequence positions of this call, segment-major (``s``, then ``m``)."""
+    def positions(self, j: int = 0) -> list[int]:
+        """Sequence positions of the call's head ``j``, segment-major (``s``, then ``m``)."""
+        first = self.start + self.offset + self.offset_step * j
         return [
-            self.start + s * self.segment_length + self.offset + self.dilation * m
+            first + s * self.segment_length + self.dilation * m
             for s in range(self.num_segments)
             for m in range(self.length)
         ]
 
     def heads(self) -> list[int]:
         return [self.head_start + self.head_step * j for j in range(self.num_heads)]
+
+    def head_offsets(self) -> list[int]:
+        """The offset of each of the call's heads."""
+        return [self.offset + self.offset_step * j for j in range(self.num_heads)]
 
 
 @dataclass(frozen=True)
@@ -218,13 +229,21 @@ class DilatedPattern:
         w = self.segment_lengths[branch]
         return [(s, min(s + w, seq_len)) for s in range(0, seq_len, w)]
 
-    def calls(self, seq_len: int, num_heads: int) -> list[BranchCall]:
+    def calls(self, seq_len: int, num_heads: int, *, diagonal: bool = False) -> list[BranchCall]:
         """The batched attention problems that compute the pattern on ``seq_len``
         positions and ``num_heads`` heads: per branch and offset, one call for the
-        full segments and one for a shorter last segment."""
+        full segments and one for a shorter last segment.
+
+        ``diagonal=True`` ("all" mode): where fewer calls result, a branch's heads
+        are batched instead by runs of consecutive heads whose offsets step by one
+        (``offset_step = 1``, cut where the length changes): LongNet's base pattern
+        on 12 heads takes 12 calls instead of 25, W2's (16 heads, rates to 32) 11
+        instead of 47. Such calls read each head at its own positions, so keys
+        shared by several query heads (grouped-query attention) and per-position
+        biases need the plain calls."""
         check_int("seq_len", seq_len)
         check_int("num_heads", num_heads)
-        return list(_calls(self, seq_len, num_heads))
+        return list(_calls(self, seq_len, num_heads, diagonal and self.merges_branches))
 
     def flops(
         self,
@@ -275,6 +294,7 @@ class BranchRows:
             start=call.start // self.segment_length * self.rows_per_segment,
             segment_length=self.rows_per_segment,
             offset=0,
+            offset_step=0,
             dilation=1,
             head_start=call.head_start - first_head,
         )
@@ -308,8 +328,8 @@ def compact_rows(
                 )
                 or c.start + c.num_segments * c.segment_length > seq_len
                 or c.head_start + c.head_step * (c.num_heads - 1) >= num_heads
-                or any(offsets[j] != c.offset for j in c.heads())
-                or c.length != selected_count(c.segment_length, r, c.offset)
+                or any(offsets[j] != o for j, o in zip(c.heads(), c.head_offsets()))
+                or any(c.length != selected_count(c.segment_length, r, o) for o in c.head_offsets())
             ):
                 return None
             filled += c.num_segments * c.length * c.num_heads
@@ -333,7 +353,7 @@ def compact_rows(
 
 
 @functools.lru_cache(maxsize=256)
-def _calls(pattern: DilatedPattern, seq_len: int, num_heads: int) -> tuple[BranchCall, ...]:
+def _calls(pattern: DilatedPattern, seq_len: int, num_heads: int, diagonal: bool) -> tuple[BranchCall, ...]:
     """:meth:`DilatedPattern.calls`, kept: every forward asks for them, and building
     them is host time per call (docs/benchmarks.md)."""
     calls = []
@@ -362,7 +382,45 @@ def _calls(pattern: DilatedPattern, seq_len: int, num_heads: int) -> tuple[Branc
                         num_heads=len(heads),
                     )
                 )
-    return tuple(calls)
+    return tuple(_diagonals(calls) if diagonal else calls)
+
+
+def _diagonals(calls: list[BranchCall]) -> list[BranchCall]:
+    """``calls`` with the calls of each (branch, segment block) replaced by runs of
+    consecutive heads whose offsets step by one at equal length, where that gives
+    fewer calls."""
+    blocks: dict[tuple[int, int, int], list[BranchCall]] = {}
+    for call in calls:
+        blocks.setdefault((call.branch, call.start, call.segment_length), []).append(call)
+    out: list[BranchCall] = []
+    for block in blocks.values():
+        # every head of the block with its offset and length
+        per_head = sorted((h, c.offset, c.length) for c in block for h in c.heads())
+        runs: list[list[tuple[int, int, int]]] = []
+        for item in per_head:
+            last = runs[-1][-1] if runs else None
+            if last is not None and item[0] == last[0] + 1 and item[1] == last[1] + 1 and item[2] == last[2]:
+                runs[-1].append(item)
+            else:
+                runs.append([item])
+        if len(runs) >= len(block):
+            out.extend(block)
+            continue
+        first = block[0]
+        for run in runs:
+            head, offset, length = run[0]
+            out.append(
+                dataclasses.replace(
+                    first,
+                    offset=offset,
+                    length=length,
+                    head_start=head,
+                    head_step=1,
+                    num_heads=len(run),
+                    offset_step=1 if len(run) > 1 else 0,
+                )
+            )
+    return out
 
 
 def split_heads(calls: Sequence[BranchCall], chunk: int) -> list[BranchCall]:
@@ -376,7 +434,8 @@ def split_heads(calls: Sequence[BranchCall], chunk: int) -> list[BranchCall]:
             first = call.head_start + call.head_step * done
             chunk_end = (first // chunk + 1) * chunk
             count = min(call.num_heads - done, (chunk_end - 1 - first) // call.head_step + 1)
-            pieces.append(dataclasses.replace(call, head_start=first, num_heads=count))
+            offset = call.offset + call.offset_step * done
+            pieces.append(dataclasses.replace(call, head_start=first, num_heads=count, offset=offset))
             done += count
     return pieces
 
@@ -395,6 +454,11 @@ def split_for_kv(calls: Sequence[BranchCall], num_heads: int, kv_heads: int) -> 
     (:func:`kv_call` gives them). Without grouped-query attention, ``calls``."""
     if kv_heads == num_heads:
         return list(calls)
+    if any(call.offset_step for call in calls):
+        raise ValueError(
+            "diagonal calls (offset_step != 0) read each head at its own positions: "
+            "keys shared by query heads need the plain calls"
+        )
     parts = []
     for call in calls:
         kvs = [kv_head(j, num_heads, kv_heads) for j in call.heads()]

@@ -57,16 +57,17 @@ def test_selected_count(segment_length, dilation, offset):
         assert selected_count(segment_length, dilation, offset) == expected
 
 
+@pytest.mark.parametrize("diagonal", [False, True])
 @pytest.mark.parametrize("head_mode", ["grouped", "all"])
 @pytest.mark.parametrize("seg,dil,n,h", PATTERNS)
-def test_calls_cover_exactly_the_selected_positions(seg, dil, n, h, head_mode):
+def test_calls_cover_exactly_the_selected_positions(seg, dil, n, h, head_mode, diagonal):
     p = DilatedPattern(seg, dil, head_mode)
     covered = torch.zeros(p.num_branches, h, n, dtype=torch.int64)
-    for call in p.calls(n, h):
-        pos = call.positions()
-        # a call's positions are the same segment-relative offsets in each segment
-        assert len(pos) == call.num_segments * call.length
-        for head in call.heads():
+    for call in p.calls(n, h, diagonal=diagonal):
+        for j, head in enumerate(call.heads()):
+            pos = call.positions(j)
+            # a call's positions are the same segment-relative offsets in each segment
+            assert len(pos) == call.num_segments * call.length
             covered[call.branch, head, pos] += 1
     for i in range(p.num_branches):
         # a query is selected iff it may see itself in the branch mask
@@ -74,24 +75,27 @@ def test_calls_cover_exactly_the_selected_positions(seg, dil, n, h, head_mode):
         assert torch.equal(covered[i], selected.long())
 
 
+@pytest.mark.parametrize("diagonal", [False, True])
 @pytest.mark.parametrize("chunk", [1, 2, 16])
 @pytest.mark.parametrize("seg,dil,n,h", [*PATTERNS, ((16, 32), (6, 12), 100, 12)])
-def test_compact_rows_hold_each_selected_row_once(seg, dil, n, h, chunk):
+def test_compact_rows_hold_each_selected_row_once(seg, dil, n, h, chunk, diagonal):
     """Each "all"-mode call (also cut into head chunks) lands on the rows the
     BranchRows formula names, every selected (position, head) exactly once."""
     p = DilatedPattern(seg, dil, "all")
-    rows = compact_rows(p, p.calls(n, h), n, h)
+    calls = p.calls(n, h, diagonal=diagonal)
+    rows = compact_rows(p, calls, n, h)
     assert rows is not None and set(rows) == set(range(p.num_branches))
     for branch, br in rows.items():
         filled = torch.zeros(br.num_rows, h, dtype=torch.int64)
-        for piece in split_heads([c for c in p.calls(n, h) if c.branch == branch], chunk):
+        for piece in split_heads([c for c in calls if c.branch == branch], chunk):
             first_head = piece.head_start // chunk * chunk
             local = br.call_rows(piece, first_head)
-            assert (local.offset, local.dilation, local.segment_length) == (0, 1, br.rows_per_segment)
-            for pos, row in zip(piece.positions(), local.positions()):
-                t = pos % br.segment_length
-                assert row == pos // br.segment_length * br.rows_per_segment + t // br.dilation
-                for head in piece.heads():
+            assert (local.offset, local.offset_step, local.dilation) == (0, 0, 1)
+            assert local.segment_length == br.rows_per_segment
+            for j, head in enumerate(piece.heads()):
+                for pos, row in zip(piece.positions(j), local.positions()):
+                    t = pos % br.segment_length
+                    assert row == pos // br.segment_length * br.rows_per_segment + t // br.dilation
                     assert t % br.dilation == head % br.dilation
                     filled[row, head] += 1
             assert [j + first_head for j in local.heads()] == piece.heads()
@@ -201,3 +205,38 @@ def test_split_for_kv_keeps_every_head_and_reads_the_rule(head_mode, heads, kv_h
         assert kv.positions() == part.positions()
     if heads % (kv_heads * 4) == 0 and head_mode == "all":  # r | group: no call is cut
         assert len(parts) == len(calls)
+
+
+@pytest.mark.parametrize(
+    "seg,dil,h,n,plain,diagonal",
+    [
+        ((2048, 4096, 8192, 16384, 32768), (1, 2, 4, 6, 12), 12, 32768, 25, 12),  # W1
+        ((2048, 4096, 8192, 16384, 32768, 65536), (1, 2, 4, 8, 16, 32), 16, 65536, 47, 11),  # W2
+        ((2048, 4096, 8192, 16384, 32768), (1, 2, 4, 6, 12), 12, 40000, 50, 24),  # a partial segment
+    ],
+)
+def test_diagonal_calls_batch_the_all_mode_heads(seg, dil, h, n, plain, diagonal):
+    p = DilatedPattern(seg, dil, "all")
+    assert (len(p.calls(n, h)), len(p.calls(n, h, diagonal=True))) == (plain, diagonal)
+    # grouped mode has one offset per branch: nothing to batch
+    grouped = DilatedPattern(seg, dil)
+    assert grouped.calls(n, h, diagonal=True) == grouped.calls(n, h)
+
+
+@pytest.mark.parametrize("head_start,total", [(0, 12), (5, 12), (3, 7)])
+def test_diagonal_calls_of_a_head_slice_follow_the_layers_offsets(head_start, total):
+    """Under head parallelism a rank's heads start mid-layer: its diagonals follow the
+    layer's offsets (a run ends where they wrap around)."""
+    p = DilatedPattern((8, 16, 24), (2, 4, 6), "all").head_slice(head_start, total)
+    h, n = total - head_start, 48
+    for call in p.calls(n, h, diagonal=True):
+        for j, head in enumerate(call.heads()):
+            assert call.head_offsets()[j] == p.head_offset(call.branch, head, h)
+            assert call.length == selected_count(call.segment_length, call.dilation, call.head_offsets()[j])
+
+
+def test_diagonal_calls_refuse_shared_keys():
+    calls = DilatedPattern((8,), (4,), "all").calls(16, 4, diagonal=True)
+    assert any(c.offset_step for c in calls)
+    with pytest.raises(ValueError, match="diagonal calls"):
+        split_for_kv(calls, 4, 2)

@@ -42,8 +42,12 @@ def _problems(
     backend: str | None,
 ) -> list[FusedProblem]:
     b, n, h, _ = query.shape
+    # "all" mode: heads batched along diagonals where that takes fewer calls; not under
+    # grouped-query attention (the query heads of a key/value head read one set of
+    # positions) or with biases (built per call, one set of positions)
+    diagonal = key.shape[2] == h and key_bias is None and attn_bias is None
     # grouped-query attention: calls cut where their query heads read key/value heads irregularly
-    calls = split_for_kv(pattern.calls(n, h), h, key.shape[2])
+    calls = split_for_kv(pattern.calls(n, h, diagonal=diagonal), h, key.shape[2])
     biases = [call_bias(c, key_bias, attn_bias, b) for c in calls]
     backends = select_backends(query, value, calls, [x is not None for x in biases], backend)
     return [FusedProblem(c, be, bias, is_causal) for c, be, bias in zip(calls, backends, biases)]

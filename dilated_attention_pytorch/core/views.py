@@ -11,7 +11,9 @@ from ..pattern import BranchCall
 
 
 def positions(call: BranchCall, device: torch.device) -> Tensor:
-    """Sequence positions of ``call``, ``(segments, length)``."""
+    """Sequence positions of ``call``, ``(segments, length)`` (one offset for all its heads)."""
+    if call.offset_step:
+        raise ValueError("a diagonal call (offset_step != 0) has positions per head")
     seg = torch.arange(call.num_segments, device=device) * call.segment_length
     m = torch.arange(call.length, device=device) * call.dilation
     return call.start + call.offset + seg[:, None] + m[None, :]
@@ -31,11 +33,16 @@ def strided(x: Tensor, call: BranchCall, first_head: int = 0) -> Tensor:
             stride_b,
             call.segment_length * stride_n,
             call.dilation * stride_n,
-            call.head_step * stride_h,
+            _head_stride(call, stride_n, stride_h),
             *rest,
         ),
         _first_element(x, call, first_head),
     )
+
+
+def _head_stride(call: BranchCall, stride_n: int, stride_h: int) -> int:
+    # a diagonal's next head reads one position further on
+    return call.head_step * stride_h + call.offset_step * stride_n
 
 
 def _first_element(x: Tensor, call: BranchCall, first_head: int = 0) -> int:
@@ -60,7 +67,7 @@ def problem_view(x: Tensor, call: BranchCall) -> Tensor:
         (batch * segments, call.num_heads, call.length, *x.shape[3:]),
         (
             stride_segment if segments > 1 else stride_b,
-            call.head_step * stride_h,
+            _head_stride(call, stride_n, stride_h),
             call.dilation * stride_n,
             *rest,
         ),

@@ -14,7 +14,16 @@ from dilated_attention_pytorch.kernels.base import ANY_STRIDES
 from dilated_attention_pytorch.pattern import compact_rows
 from dilated_attention_pytorch.reference import dilated_attention_reference as reference
 
-from ..conftest import CPU_IMPLS, HEAD_MODES_ALL_SLOW, PATTERNS, TOLERANCES, assert_close, grads, make_qkv
+from ..conftest import (
+    CPU_IMPLS,
+    HEAD_MODES_ALL_SLOW,
+    PATTERNS,
+    TOLERANCES,
+    assert_close,
+    grads,
+    make_qkv,
+    make_strided,
+)
 
 IMPL_IDS = [i.name for i in CPU_IMPLS]
 #: the library's own slack (conftest sets it to 0 for every test)
@@ -276,22 +285,31 @@ def test_merge_by_lse_all_empty_is_zero_with_finite_grads():
 
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("layout", ["contiguous", "heads_first"])
-@pytest.mark.parametrize("head_mode", ["grouped", "all"])
+@pytest.mark.parametrize("head_mode,diagonal", [("grouped", False), ("all", False), ("all", True)])
 @pytest.mark.parametrize("n", [64, 70])  # 70: partial last segments
 def test_problem_views_select_the_calls_positions_and_heads(
-    batch: int, layout: str, head_mode: str, n: int
+    batch: int, layout: str, head_mode: str, diagonal: bool, n: int
 ) -> None:
     h, d = 6, 8
     x = torch.randn(batch, n, h, d, dtype=torch.float64)
     if layout == "heads_first":  # same values, other strides
         x = x.transpose(1, 2).contiguous().transpose(1, 2)
     pattern = pattern_module.as_pattern((16, 32), (1, 4), head_mode)
-    for call in pattern.calls(n, h):
+    calls = pattern.calls(n, h, diagonal=diagonal)
+    assert any(c.offset_step for c in calls) == diagonal
+    for call in calls:
         view = views.problem_view(x, call)
-        positions = torch.tensor(call.positions()).reshape(call.num_segments, call.length)
-        expected = x[:, positions][:, :, :, call.heads()]  # (batch, segments, length, heads, d)
+        # (batch, segments, length, heads, d): each head at its own positions
+        expected = torch.stack(
+            [
+                x[:, torch.tensor(call.positions(j)).reshape(call.num_segments, call.length), head]
+                for j, head in enumerate(call.heads())
+            ],
+            dim=3,
+        )
         expected = expected.flatten(0, 1).transpose(1, 2)
         assert torch.equal(view, expected), call
+        assert torch.equal(views.strided(x, call).flatten(0, 1).transpose(1, 2), expected), call
         if layout == "contiguous" and (batch == 1 or n % call.segment_length == 0):
             assert view.untyped_storage().data_ptr() == x.untyped_storage().data_ptr(), call
 
@@ -514,3 +532,29 @@ def test_head_slice_rules():
         DilatedPattern((4,), (1,), head_start=2)
     with pytest.raises(ValueError, match="head_start must be < total_heads = 4"):
         DilatedPattern((4,), (1,), head_start=4, total_heads=4)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("layout", ["contiguous", "heads_innermost", "step_seq", "offset", "expand_batch"])
+def test_diagonal_calls_match_reference(monkeypatch, causal, layout):
+    """ "all" mode runs heads along diagonals (``offset_step = 1``) where that takes fewer
+    calls: every head at its own positions, w % r != 0 (runs cut by length), a partial
+    last segment and more heads than the rate; inputs as views of other layouts."""
+    seg, dil, shape = (8, 16, 24), (1, 4, 6), (2, 58, 12, 4)
+    calls = []
+    real = ops._problems
+
+    def spy(*args):
+        problems = real(*args)
+        calls.extend(p.call for p in problems)
+        return problems
+
+    monkeypatch.setattr(ops, "_problems", spy)
+    q, k, v = (make_strided(layout, shape, seed=i)[1] for i in range(3))
+    out = functional.dilated_attention(q, k, v, seg, dil, head_mode="all", is_causal=causal)
+    assert any(c.offset_step for c in calls), "no diagonal call ran"
+    expected = reference(q, k, v, seg, dil, head_mode="all", is_causal=causal)
+    assert_close(out, expected, torch.float64, "output")
+    g = torch.randn_like(expected)
+    for name, actual, exp in zip("qkv", grads(out, (q, k, v), g), grads(expected, (q, k, v), g)):
+        assert_close(actual, exp, torch.float64, f"d{name}")
