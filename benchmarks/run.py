@@ -364,7 +364,8 @@ def _pattern_label(r: dict[str, Any]) -> str:
 
 
 def plot(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
-    """One PNG per metric, head mode and masking: time and peak memory against the sequence length."""
+    """One PNG per metric, head mode and masking: time, peak memory and the fraction of
+    the dense ceiling against the sequence length."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -376,7 +377,10 @@ def plot(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     for metric, label in (
         ("fwdbwd_ms", "forward+backward time (ms)"),
         ("peak_mem_mib", "peak memory, forward+backward (MiB)"),
+        ("ratio_to_dense_fwdbwd", "forward+backward, fraction of best dense"),
+        ("ratio_to_dense_fwd", "forward, fraction of best dense"),
     ):
+        ratio = metric.startswith("ratio_")
         for hm, causal in groups:
             # (the large dense problem has no sequence length: not a point of these curves)
             rows = [r for r in records if (r["head_mode"], r["causal"]) == (hm, causal) and r.get(metric)]
@@ -386,7 +390,10 @@ def plot(records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
             fig, ax = plt.subplots(figsize=(7, 4.8))
             for impl in sorted({r["implementation"] for r in rows}):
                 pts = sorted((r["seq_len"], r[metric]) for r in rows if r["implementation"] == impl)
-                ax.loglog(*zip(*pts), marker="o", linewidth=2, label=impl)
+                (ax.semilogx if ratio else ax.loglog)(*zip(*pts), marker="o", linewidth=2, label=impl)
+            if ratio:  # the dense kernel on the same problems is 1
+                ax.axhline(1.0, color="gray", linewidth=1)
+                ax.set_ylim(0, 1.1)
             r0 = rows[0]
             ax.set_title(
                 f"{r0['device']}, {r0['dtype']}, {r0['num_heads']} heads x {r0['head_dim']}\n"

@@ -88,6 +88,14 @@ def test_quick_cpu_run_writes_records(tmp_path):
         text=True,
     ).stdout
     assert table.count("| improved |") == 8  # 2 lengths x 2 head modes x causal or not
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from run import plot
+
+    names = {p.name for p in plot(records, tmp_path / "plots")}
+    for metric in ("fwdbwd_ms", "ratio_to_dense_fwdbwd", "ratio_to_dense_fwd"):
+        for mode in ("grouped", "all"):
+            for mask in ("full", "causal"):
+                assert f"{metric}_{mode}_{mask}.png" in names
 
 
 def test_dense_ceiling_times_registry_kernels_directly():
