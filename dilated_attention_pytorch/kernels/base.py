@@ -242,10 +242,12 @@ class IntoPlaceBackend(Backend, Protocol):
 class KernelBackend:
     """Base of the registry's backends: what a kernel supports, declared as data
     (the model is xformers' ``AttentionOpBase`` with its ``SUPPORTED_*``
-    attributes) and judged by one :meth:`not_supported_reasons`. A backend adds
-    code only for its quirks: :meth:`missing_reasons` (its package is absent:
-    then the only reason), :meth:`release_reasons` (an untested release, a
-    changed private schema) and :meth:`quirk_reasons` (anything else)."""
+    attributes) and judged by one :meth:`not_supported_reasons`. An optional
+    package is data too (``PACKAGE``, ``EXTRA``, ``TESTED_RELEASES``): absent, it
+    is the only reason (:meth:`missing_reasons`); an untested release is refused
+    (:meth:`release_reasons`). A backend adds code only for its quirks: how its
+    package's release is read (:meth:`package_version`), other release checks
+    (a changed private schema) and :meth:`quirk_reasons` (anything else)."""
 
     name: ClassVar[str]
     description: ClassVar[str]
@@ -273,9 +275,25 @@ class KernelBackend:
     #: for calls without causality); None: no varlen form
     VARLEN: ClassVar[VarlenForm] = None
 
+    #: the optional package it runs on (its PyPI name) and the extra of this library
+    #: that installs it; None: its kernels come with torch
+    PACKAGE: ClassVar[str | None] = None
+    EXTRA: ClassVar[str | None] = None
+    #: releases of ``PACKAGE`` it ran against on a GPU; any other is refused (empty:
+    #: every release is taken, a public API)
+    TESTED_RELEASES: ClassVar[tuple[str, ...]] = ()
+    #: what the refusal of an untested release adds: why releases differ
+    UNTESTED_WHY: ClassVar[str] = ""
+
+    def package_version(self) -> str | None:
+        """The installed release of ``PACKAGE``; None where it is not installed."""
+        return None
+
     def missing_reasons(self) -> list[str]:
-        """Why it cannot run at all here (its optional package is not installed)."""
-        return []
+        """Why it cannot run at all here: ``PACKAGE`` is not installed."""
+        if self.PACKAGE is None or self.package_version() is not None:
+            return []
+        return [f'{self.PACKAGE} is not installed (pip install "torch-dilated-attention[{self.EXTRA}]")']
 
     def replay_state(self, length: int, device: torch.device) -> Any:
         """The state :meth:`forward` returns for a ``length``-row problem, rebuilt
@@ -284,8 +302,13 @@ class KernelBackend:
         return None
 
     def release_reasons(self) -> list[str]:
-        """Why the installed release cannot be trusted (untested, changed schemas)."""
-        return []
+        """Why the installed release cannot be trusted: not one of ``TESTED_RELEASES``
+        (a backend on private entry points adds its own checks)."""
+        version = self.package_version()
+        if not self.TESTED_RELEASES or version in self.TESTED_RELEASES:
+            return []
+        tested = ", ".join(self.TESTED_RELEASES)
+        return [f"{self.PACKAGE} {version} is untested here (tested: {tested}){self.UNTESTED_WHY}"]
 
     def quirk_reasons(self, spec: AttentionSpec, reasons: list[str]) -> list[str]:
         """Reasons beyond the declared data; ``reasons``: those found so far."""

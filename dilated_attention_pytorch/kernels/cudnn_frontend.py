@@ -183,16 +183,10 @@ class CudnnFrontendBackend(DestinationKernelBackend):
     SUPPORTS_GQA = True
     SUPPORTS_VALUE_HEAD_DIM = True
 
-    def missing_reasons(self) -> list[str]:
-        if installed_version() is None:
-            return ['nvidia-cudnn-frontend is not installed (pip install "torch-dilated-attention[cudnn]")']
-        return []
+    PACKAGE, EXTRA, TESTED_RELEASES = "nvidia-cudnn-frontend", "cudnn", TESTED_VERSIONS
 
-    def release_reasons(self) -> list[str]:
-        version = installed_version()
-        if version in TESTED_VERSIONS:
-            return []
-        return [f"nvidia-cudnn-frontend {version} is untested here (tested: {', '.join(TESTED_VERSIONS)})"]
+    def package_version(self) -> str | None:
+        return installed_version()
 
     def quirk_reasons(self, spec: AttentionSpec, reasons: list[str]) -> list[str]:
         quirks = []

@@ -44,19 +44,11 @@ class Flash4Backend(DestinationKernelBackend):
 
     HEAD_DIM_MULTIPLE, MAX_HEAD_DIM = 8, 128
 
-    def missing_reasons(self) -> list[str]:
-        if installed_version() is None:
-            return ['flash-attn-4 is not installed (pip install "torch-dilated-attention[flash4]")']
-        return []
+    PACKAGE, EXTRA, TESTED_RELEASES = "flash-attn-4", "flash4", TESTED_VERSIONS
+    UNTESTED_WHY = "; its private entry points change between releases"
 
-    def release_reasons(self) -> list[str]:
-        version = installed_version()
-        if version in TESTED_VERSIONS:
-            return []
-        return [
-            f"flash-attn-4 {version} is untested here (tested: {', '.join(TESTED_VERSIONS)}); "
-            "its private entry points change between releases"
-        ]
+    def package_version(self) -> str | None:
+        return installed_version()
 
     def quirk_reasons(self, spec: AttentionSpec, reasons: list[str]) -> list[str]:
         if spec.compute_capability is not None and spec.compute_capability[0] != 9:

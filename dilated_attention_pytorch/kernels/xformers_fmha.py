@@ -74,10 +74,11 @@ class XformersBackend(KernelBackend):
     HEAD_DIM_MULTIPLE, MAX_HEAD_DIM = 8, 128
     SUPPORTS_BIAS = False
 
-    def missing_reasons(self) -> list[str]:
-        if installed_version() is None:
-            return ['xformers is not installed (pip install "torch-dilated-attention[xformers]")']
-        return []
+    # a public API: releases other than TESTED_VERSIONS are taken
+    PACKAGE, EXTRA = "xformers", "xformers"
+
+    def package_version(self) -> str | None:
+        return installed_version()
 
     def quirk_reasons(self, spec: AttentionSpec, reasons: list[str]) -> list[str]:
         # imported only where it could run (importing xformers is slow)
