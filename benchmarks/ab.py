@@ -6,7 +6,8 @@ backends of this one, in one process.
         --output benchmarks/results/ab.jsonl
     python benchmarks/ab.py --backends sdpa_cudnn cudnn_frontend --output ab_backends.jsonl
 
-The base package is imported under another name, so both run on the same GPU,
+The base package is imported under another name, with its registered operators under
+another namespace (:func:`load_base`), so both run on the same GPU,
 inputs and allocator state, alternating (``--rounds``), each timing the median
 of ``--repeats`` with CUDA events after warm-up; the best round of each is kept.
 With ``--backends BASE HEAD`` both variants are this checkout, with those backends.
@@ -17,7 +18,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from types import ModuleType
 
@@ -26,12 +29,25 @@ from run import WORKLOADS, Timer
 
 import dilated_attention_pytorch as head
 
+#: the ``torch.library`` namespace of the package's registered operators, and the base's
+OP_NAMESPACE, BASE_OP_NAMESPACE = "dilated_attention", "dap_base"
+
 
 def load_base(root: Path) -> ModuleType:
-    """The package under ``root/dilated_attention_pytorch``, imported as ``dap_base``."""
-    package = root / "dilated_attention_pytorch"
+    """The package under ``root/dilated_attention_pytorch``, imported as ``dap_base``.
+
+    Both packages register their operators under one name (``dilated_attention::*``),
+    and the last registration serves both: every A/B would time one implementation
+    twice. So the base is imported from a copy whose operators are ``dap_base::*``."""
+    copy = Path(tempfile.mkdtemp(prefix="ab_base_")) / "dilated_attention_pytorch"
+    shutil.copytree(root / "dilated_attention_pytorch", copy)
+    for path in copy.rglob("*.py"):
+        text = path.read_text()
+        renamed = text.replace(f'"{OP_NAMESPACE}::', f'"{BASE_OP_NAMESPACE}::')
+        if renamed != text:
+            path.write_text(renamed)
     spec = importlib.util.spec_from_file_location(
-        "dap_base", package / "__init__.py", submodule_search_locations=[str(package)]
+        "dap_base", copy / "__init__.py", submodule_search_locations=[str(copy)]
     )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

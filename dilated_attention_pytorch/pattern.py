@@ -352,6 +352,33 @@ def compact_rows(
     return rows
 
 
+def tiles_regions(calls: Sequence[BranchCall], seq_len: int, num_heads: int) -> bool:
+    """Whether the calls' regions (each head's positions ``start`` to ``start +
+    num_segments · segment_length``, selected or not) cover every (position, head)
+    of ``seq_len × num_heads`` exactly once: then writing every call's region, its
+    unselected rows as zeros, writes the whole result (grouped heads)."""
+    return _tiles_regions(tuple(calls), seq_len, num_heads)
+
+
+@functools.lru_cache(maxsize=256)
+def _tiles_regions(calls: tuple[BranchCall, ...], seq_len: int, num_heads: int) -> bool:
+    spans: list[list[tuple[int, int]]] = [[] for _ in range(num_heads)]
+    for c in calls:
+        for head in c.heads():
+            if not 0 <= head < num_heads:
+                return False
+            spans[head].append((c.start, c.start + c.num_segments * c.segment_length))
+    for head_spans in spans:
+        end = 0
+        for first, stop in sorted(head_spans):
+            if first != end:
+                return False
+            end = stop
+        if end != seq_len:
+            return False
+    return True
+
+
 @functools.lru_cache(maxsize=256)
 def _calls(pattern: DilatedPattern, seq_len: int, num_heads: int, diagonal: bool) -> tuple[BranchCall, ...]:
     """:meth:`DilatedPattern.calls`, kept: every forward asks for them, and building

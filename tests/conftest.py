@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from dilated_attention_pytorch import functional
+from dilated_attention_pytorch.core import _triton
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -185,9 +186,18 @@ def held_by_cycles(step: Callable[[], Sequence[object]]) -> list[int]:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip_triton = pytest.mark.skip(reason="needs Triton")
+    for item in items:
+        if "triton" in item.keywords and not _triton.AVAILABLE:
+            item.add_marker(skip_triton)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if "gpu" in item.keywords:
+        # Triton kernel tests also run on CPU under Triton's interpreter (TRITON_INTERPRET=1)
+        if "gpu" in item.keywords and not ("triton" in item.keywords and _triton.INTERPRETED):
             item.add_marker(skip)
+
+
+#: where the Triton kernel tests run: the GPU, or the CPU under Triton's interpreter
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

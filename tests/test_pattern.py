@@ -240,3 +240,22 @@ def test_diagonal_calls_refuse_shared_keys():
     assert any(c.offset_step for c in calls)
     with pytest.raises(ValueError, match="diagonal calls"):
         split_for_kv(calls, 4, 2)
+
+
+@pytest.mark.parametrize("n", [64, 70, 5])
+@pytest.mark.parametrize("heads", [1, 2, 7])
+def test_grouped_calls_tile_their_regions(n, heads):
+    """Grouped heads: every (position, head) lies in exactly one call's region
+    (partial last segments, calls without queries and empty groups included);
+    "all" mode's branches overlap, and a call fewer leaves a gap."""
+    from dilated_attention_pytorch.pattern import tiles_regions
+
+    grouped = DilatedPattern((8, 16, 32), (1, 2, 4), "grouped")
+    calls = grouped.calls(n, heads)
+    assert tiles_regions(calls, n, heads)
+    assert not tiles_regions(calls[1:], n, heads)
+    assert not tiles_regions(calls, n + 1, heads)
+    assert not tiles_regions(calls, n, heads + 1)
+    if heads > 1:  # a head outside the layer
+        assert not tiles_regions(calls, n, heads - 1)
+    assert not tiles_regions(DilatedPattern((8, 16, 32), (1, 2, 4), "all").calls(n, heads), n, heads)

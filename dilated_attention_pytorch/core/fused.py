@@ -15,11 +15,21 @@ from torch import Tensor
 
 from .. import kernels
 from .._checks import accumulation_dtype
-from ..pattern import BranchCall, BranchRows, DilatedPattern, compact_rows, kv_call, split_for_kv, split_heads
+from ..pattern import (
+    BranchCall,
+    BranchRows,
+    DilatedPattern,
+    compact_rows,
+    kv_call,
+    split_for_kv,
+    split_heads,
+    tiles_regions,
+)
 from .bias import rows_with_keys, sanitize
 from .blockwise import BlockBackward, blockwise_forward, kv_grads, shared_kv
 from .exchange import KeyExchange
 from .merge import BranchBuffers, merge_branches, merge_finish, merge_into
+from .place import place_result
 from .views import from_problem, problem_view, strided
 
 
@@ -61,12 +71,24 @@ def _into_place(p: FusedProblem, x: Tensor, call: BranchCall) -> Tensor | None:
     return view if is_view and p.backend.strides.accepts(view) else None
 
 
-def _write(grad: Tensor, call: BranchCall, first_head: int, part5: Tensor, merge: bool) -> None:
-    view = strided(grad, call, first_head)
+def _write(grad: Tensor, call: BranchCall, first_head: int, part5: Tensor, merge: bool, placed: bool) -> None:
     if merge:
-        view.add_(part5)
+        strided(grad, call, first_head).add_(part5)
+    elif placed:  # grouped: the call's whole region, zeros included
+        place_result(grad, None, call, part5, first_head=first_head)
     else:  # grouped: problems are disjoint in (position, head)
-        view.copy_(part5)
+        strided(grad, call, first_head).copy_(part5)
+
+
+def _places(problems: Sequence[FusedProblem], pattern: DilatedPattern, seq_len: int, num_heads: int) -> bool:
+    """Whether grouped-head results are written region by region (:func:`place_result`),
+    with no zero fill first: where the problems' regions cover the result exactly
+    and no backend writes into place (such a backend writes the selected rows only)."""
+    return (
+        not pattern.merges_branches
+        and not any(p.backend.WRITES_INTO_PLACE for p in problems)
+        and tiles_regions([p.call for p in problems], seq_len, num_heads)
+    )
 
 
 #: bytes the "all"-mode backward may hold beyond the 1.6-unit rule of
@@ -135,6 +157,8 @@ class FusedRun:
     merge: bool
     scale: float
     head_chunk: int
+    #: grouped heads: results written region by region (:func:`_places`)
+    placed: bool
 
 
 def _merge_layout(
@@ -158,8 +182,9 @@ def replayed_run(
     leaves, rebuilt without it: the backward of a registered operator gets only tensors."""
     rows, head_chunk = _merge_layout(problems, pattern, query)
     states = [p.backend.replay_state(p.call.length, query.device) for p in problems]
+    placed = _places(problems, pattern, query.shape[1], query.shape[2])
     return FusedRun(
-        problems, states, [None] * len(problems), rows, pattern.merges_branches, scale, head_chunk
+        problems, states, [None] * len(problems), rows, pattern.merges_branches, scale, head_chunk, placed
     )
 
 
@@ -191,9 +216,11 @@ def fused_forward(
     query, key, value = _conform_inputs(problems, query, key, value)
     kv_heads = key.shape[2]
     rows, head_chunk = _merge_layout(problems, pattern, query)
+    placed = _places(problems, pattern, n, h)
     if rows is not None:
         parts = BranchBuffers(rows, b, h, d, query.dtype, query.device)
         part_lses = BranchBuffers(rows, b, h, None, lse_dtype, query.device)
+    if rows is not None or placed:
         out = query.new_empty(b, n, h, d)
         lse = query.new_empty((b, n, h), dtype=lse_dtype)
     else:
@@ -227,6 +254,8 @@ def fused_forward(
             part_out, part_lse, states[i] = blockwise_forward(p, q, blocks, scale)
         else:
             if p.call.length == 0:
+                if placed:
+                    place_result(out, lse, p.call, None)
                 continue
             k, v, _ = _kv_views(p, *kv_call(p.call, h, kv_heads), key, value)
             dest = _into_place(p, to_out, to_call) if rows is not None or not merge else None
@@ -237,8 +266,11 @@ def fused_forward(
             part_out, part_lse, states[i] = p.backend.forward(q, k, v, p.bias, p.causal, scale)
             if p.bias is not None:
                 part_out, part_lse = sanitize(part_out, part_lse, rows_with_keys(p.bias, p.causal))
-        out5, lse4 = strided(to_out, to_call), strided(to_lse, to_call)
         part_out, part_lse = from_problem(part_out, b), from_problem(part_lse, b)
+        if placed:
+            place_result(out, lse, p.call, part_out, part_lse)
+            continue
+        out5, lse4 = strided(to_out, to_call), strided(to_lse, to_call)
         if total is not None:
             merge_into(out5, lse4, strided(total, to_call), part_out, part_lse)
         else:
@@ -249,7 +281,7 @@ def fused_forward(
     if total is not None:
         out, lse = merge_finish(out, lse, total)
     out = out.to(query.dtype)
-    return out, lse, FusedRun(problems, states, exchanged_kv, rows, merge, scale, head_chunk)
+    return out, lse, FusedRun(problems, states, exchanged_kv, rows, merge, scale, head_chunk, placed)
 
 
 def fused_backward(
@@ -262,7 +294,8 @@ def fused_backward(
     kv_heads = key.shape[2]
     grad_out = grad_out.contiguous()
     rows: dict[int, BranchRows] | None = run.rows
-    new = torch.empty if run.merge else torch.zeros
+    # grouped heads: zeros where no problem writes, unless every region is written whole
+    new = torch.empty if run.merge or run.placed else torch.zeros
     # in query-head space: dq, and dk, dv unless heads share keys; shared keys'
     # gradients sum over query heads and branches into float32 sums
     shared = kv_heads != h
@@ -291,6 +324,8 @@ def fused_backward(
         for i, piece in pieces:
             p, kv = problems[i], run.exchanged_kv[i]
             if p.exchange is None and piece.length == 0:
+                for grad in grads if run.placed else []:
+                    place_result(grad, None, piece, None, first_head=heads.start)
                 continue
             parts = split_for_kv([piece], h, kv_heads)
             assert p.exchange is None or parts == [p.call], "a spanning problem is one part of split_for_kv"
@@ -334,13 +369,13 @@ def fused_backward(
                         strided(c.blocks[call.branch], to_call).copy_(from_problem(part, b))
                     continue
                 for acc, part in zip(accs, part_grads):
-                    _write(acc, call, heads.start, from_problem(part, b), run.merge)
+                    _write(acc, call, heads.start, from_problem(part, b), run.merge, run.placed)
         for i, (wait, kv_part) in reductions.items():
             if shared:
                 add_to_kv_sums(wait(), kv_part)
                 continue
             for acc, part in zip(accs[1:], wait()):
-                _write(acc, problems[i].call, heads.start, from_problem(part, b), run.merge)
+                _write(acc, problems[i].call, heads.start, from_problem(part, b), run.merge, run.placed)
         if rows is not None:
             for grad, c in zip(grads, compact):
                 merge_branches(grad[:, :, heads.start : heads.stop], None, rows, c, None, heads)

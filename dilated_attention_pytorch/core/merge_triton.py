@@ -19,16 +19,16 @@ Used only where Triton and CUDA are present; the torch versions in
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 from torch import Tensor
 
-AVAILABLE = importlib.util.find_spec("triton") is not None
+from ._triton import AVAILABLE, launch_device, runs_on, tiles
 
 if AVAILABLE:
     import triton
     import triton.language as tl
+
+    from ._triton import batch_rows
 
     @triton.jit
     def _merge_kernel(
@@ -94,39 +94,32 @@ if AVAILABLE:
         plse_ptr,
         meta_ptr,
         offsets_ptr,
-        num_branches,
-        rows_total,
-        seq_len,
+        rows_per_batch,
         num_heads,
         layer_heads,
         first_head,
         head_dim,
         o_b, o_n, o_h,
         l_b, l_n, l_h,
+        NUM_BRANCHES: tl.constexpr,
         WEIGHTED: tl.constexpr,
         BLOCK_R: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):  # fmt: skip
-        # one (batch, position, head) per row; meta holds per branch: segment
-        # length, dilation, rows per segment, first unit, units per batch (a unit
-        # is one (row, head) of the compact buffers: head_dim elements, one lse);
+        # one (position, head) of batch program_id(1) per row; meta holds per branch:
+        # segment length, dilation, rows per segment, first unit, units per batch (a
+        # unit is one (row, head) of the compact buffers: head_dim elements, one lse);
         # offsets (branches, layer_heads) holds each head's offset in each branch.
-        # Index math per branch in int32: 64-bit division made the kernel
-        # instruction-bound (5x slower than its memory traffic).
-        rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-        row_ok = rows < rows_total
-        ih = (rows % num_heads).to(tl.int32)
-        t = rows // num_heads
-        position = t % seq_len  # int64 for the output's offsets
-        p = position.to(tl.int32)
-        ib = t // seq_len
+        # The branch loop is unrolled so that every branch's loads are in flight at
+        # once (as a loop, each branch waited on the one before it)
+        p, ih, ib, row_ok = batch_rows(rows_per_batch, num_heads, BLOCK_R)
         j = first_head + ih
         cols = tl.arange(0, BLOCK_D)
         col_ok = cols < head_dim
         acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
         top = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
         total = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        for i in range(num_branches):
+        for i in tl.static_range(NUM_BRANCHES):
             w = tl.load(meta_ptr + 5 * i).to(tl.int32)
             r = tl.load(meta_ptr + 5 * i + 1).to(tl.int32)
             per_segment = tl.load(meta_ptr + 5 * i + 2).to(tl.int32)
@@ -154,6 +147,8 @@ if AVAILABLE:
                 top = new_top
             else:
                 acc += part
+        # int64: position · (heads · head_dim) passes 2**31 from 2**19 positions of 32 heads of 128
+        position = p.to(tl.int64)
         if WEIGHTED:
             has_key = total > 0
             norm = tl.where(has_key, total, 1.0)
@@ -164,7 +159,6 @@ if AVAILABLE:
                 merged.to(lse_ptr.dtype.element_ty),
                 mask=row_ok,
             )
-        # int64: position · (heads · head_dim) passes 2**31 from 2**19 positions of 32 heads of 128
         o_off = (ib * o_b + position * o_n + ih * o_h)[:, None] + cols[None, :]
         tl.store(out_ptr + o_off, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
@@ -197,22 +191,22 @@ if AVAILABLE:
         tl.store(dest_ptr + d_off, (acc + part).to(dest_ptr.dtype.element_ty), mask=mask)
 
 
+def _exact_in_float32(*tensors: Tensor) -> bool:
+    """The kernels here compute in float32: float64 results take the torch merges."""
+    return all(x.dtype != torch.float64 for x in tensors)
+
+
 def _takes(dest: Tensor, part: Tensor, dims: int) -> bool:
-    """A kernel here takes ``dims``-D CUDA tensors whose last dim (at most 512) is contiguous."""
+    """A kernel here takes ``dims``-D CUDA tensors whose last dim (at most 512) is
+    contiguous, none of them float64."""
     return (
-        AVAILABLE
-        and dest.is_cuda
+        runs_on(dest, part)
+        and _exact_in_float32(dest, part)
         and dest.dim() == dims
         and dest.stride(-1) == 1
         and part.stride(-1) == 1
         and dest.shape[-1] <= 512
     )
-
-
-def _tiles(head_dim: int) -> tuple[int, int]:
-    """``(BLOCK_R, BLOCK_D)``: rows of ``head_dim`` elements per program, about 4096 elements."""
-    block_d = triton.next_power_of_2(head_dim)
-    return max(1, 4096 // block_d), block_d
 
 
 def can_merge(out5: Tensor, part_out: Tensor) -> bool:
@@ -231,9 +225,9 @@ def merge_into(
     b, s, _, h, d = out5.shape
     m = part_out.shape[2]
     units = b * s * m * h
-    block_r, block_d = _tiles(d)
+    block_r, block_d = tiles(d)
     grid = (triton.cdiv(units, block_r),)
-    with torch.cuda.device(out5.device):
+    with launch_device(out5):
         _merge_kernel[grid](
             out5, top4, total4, part_out, part_lse, part_lse if rows is None else rows, units, s, m, h, d,
             *out5.stride()[:4], *top4.stride(), *total4.stride(), *part_out.stride()[:4],
@@ -244,8 +238,12 @@ def merge_into(
 def can_merge_branches(out: Tensor, max_rows: int) -> bool:
     """:func:`merge_branches` writes CUDA outputs whose last dim is contiguous, from
     branch buffers of at most ``max_rows`` rows (row and position arithmetic in int32)."""
-    _, n, h, d = out.shape
-    return AVAILABLE and out.is_cuda and out.stride(-1) == 1 and d <= 512 and max(max_rows, n) * h < 2**31
+    b, n, h, d = out.shape
+    return (
+        runs_on(out) and _exact_in_float32(out) and out.stride(-1) == 1 and d <= 512
+        and max(max_rows, n) * h < 2**31
+        and b < 2**16  # the grid's second dimension
+    )  # fmt: skip
 
 
 def merge_branches(
@@ -263,15 +261,14 @@ def merge_branches(
     the layer)``, every head's offset). With ``lse``/``part_lse``: the lse merge,
     writing the merged lse ``(batch, seq, heads)`` too; without: the plain sum."""
     b, n, h, d = out.shape
-    rows = b * n * h
-    block_r, block_d = _tiles(d)
+    block_r, block_d = tiles(d)
     weighted = lse is not None
-    with torch.cuda.device(out.device):
-        _branches_kernel[(triton.cdiv(rows, block_r),)](
+    with launch_device(out):
+        _branches_kernel[(triton.cdiv(n * h, block_r), b)](
             out, lse if weighted else out, parts, part_lse if weighted else parts, meta, offsets,
-            meta.shape[0], rows, n, h, offsets.shape[1], first_head, d,
+            n * h, h, offsets.shape[1], first_head, d,
             *out.stride()[:3], *(lse.stride() if weighted and lse is not None else (0, 0, 0)),
-            WEIGHTED=weighted, BLOCK_R=block_r, BLOCK_D=block_d,
+            NUM_BRANCHES=meta.shape[0], WEIGHTED=weighted, BLOCK_R=block_r, BLOCK_D=block_d,
         )  # fmt: skip
 
 
@@ -285,8 +282,8 @@ def add_at_rows(dest: Tensor, rows: Tensor, part: Tensor) -> None:
     head_dim)``, ``part`` ``(m, heads, head_dim)``, ``rows`` int64 ``(m,)`` distinct."""
     m, h, d = part.shape
     units = m * h
-    block_r, block_d = _tiles(d)
-    with torch.cuda.device(dest.device):
+    block_r, block_d = tiles(d)
+    with launch_device(dest):
         _add_rows_kernel[(triton.cdiv(units, block_r),)](
             dest, part, rows, units, h, d, *dest.stride()[:2], *part.stride()[:2],
             BLOCK_R=block_r, BLOCK_D=block_d,

@@ -40,6 +40,19 @@ def strided(x: Tensor, call: BranchCall, first_head: int = 0) -> Tensor:
     )
 
 
+def region(x: Tensor, call: BranchCall, first_head: int = 0) -> Tensor:
+    """The call's region of a ``(batch, seq, heads, *rest)`` tensor: every position
+    from ``start`` over its ``num_segments · segment_length``, selected or not, of
+    the call's heads, as a view ``(batch, span, heads, *rest)``."""
+    stride_b, stride_n, stride_h, *rest = x.stride()
+    span = call.num_segments * call.segment_length
+    return x.as_strided(
+        (x.shape[0], span, call.num_heads, *x.shape[3:]),
+        (stride_b, stride_n, call.head_step * stride_h, *rest),
+        int(x.storage_offset() + call.start * stride_n + (call.head_start - first_head) * stride_h),
+    )
+
+
 def _head_stride(call: BranchCall, stride_n: int, stride_h: int) -> int:
     # a diagonal's next head reads one position further on
     return call.head_step * stride_h + call.offset_step * stride_n

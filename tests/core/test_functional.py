@@ -558,3 +558,38 @@ def test_diagonal_calls_match_reference(monkeypatch, causal, layout):
     g = torch.randn_like(expected)
     for name, actual, exp in zip("qkv", grads(out, (q, k, v), g), grads(expected, (q, k, v), g)):
         assert_close(actual, exp, torch.float64, f"d{name}")
+
+
+@pytest.mark.parametrize("head_mode", ["grouped", "all"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("seg,dil,seq,heads", PATTERNS)
+def test_results_never_read_unwritten_memory(monkeypatch, seg, dil, seq, heads, head_mode, causal):
+    """Every buffer the fused path allocates without a fill starts as NaN here: an
+    output, lse or gradient element that no problem writes (a grouped head's
+    unselected rows, a call without queries) would show. Grouped heads write each
+    problem's whole region (:func:`~.core.place.place_result`) instead of a zero fill."""
+    real_empty, real_new_empty = torch.empty, torch.Tensor.new_empty
+
+    def poisoned(x: torch.Tensor) -> torch.Tensor:
+        return x.fill_(math.nan) if x.dtype.is_floating_point else x
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poisoned(real_empty(*a, **k)))
+    monkeypatch.setattr(
+        torch.Tensor, "new_empty", lambda self, *a, **k: poisoned(real_new_empty(self, *a, **k))
+    )
+    placed = []
+    real_place = fused.place_result
+    monkeypatch.setattr(fused, "place_result", lambda *a, **k: placed.append(a[2]) or real_place(*a, **k))
+    q, k, v = make_qkv(2, seq, heads)
+    out = functional.dilated_attention(q, k, v, seg, dil, head_mode=head_mode, is_causal=causal)
+    expected = reference(q, k, v, seg, dil, head_mode=head_mode, is_causal=causal)
+    assert_close(out, expected, torch.float64, "output")
+    g = torch.randn_like(out)
+    for name, a, b in zip("qkv", grads(out, (q, k, v), g), grads(expected, (q, k, v), g)):
+        assert_close(a, b, torch.float64, f"d{name}")
+    pattern = DilatedPattern(seg, dil, head_mode)
+    calls = pattern.calls(seq, heads, diagonal=True)
+    if head_mode == "grouped":  # every call placed in the forward and once per gradient
+        assert sorted(placed, key=repr) == sorted(calls * 4, key=repr)
+    else:
+        assert placed == []

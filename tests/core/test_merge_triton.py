@@ -1,5 +1,6 @@
 """The Triton lse merges (:mod:`dilated_attention_pytorch.core.merge_triton`)
-against the torch merges they replace on CUDA. Marked ``gpu``."""
+against the torch merges they replace on CUDA. Marked ``gpu`` and ``triton``:
+without a GPU they run under ``TRITON_INTERPRET=1``."""
 
 import pytest
 import torch
@@ -7,18 +8,18 @@ import torch
 from dilated_attention_pytorch.core import merge, views
 from dilated_attention_pytorch.core import merge_triton as triton_merge
 
-pytestmark = pytest.mark.gpu
+from ..conftest import TRITON_DEVICE as DEVICE
+
+pytestmark = [pytest.mark.gpu, pytest.mark.triton]
 
 
 @pytest.mark.parametrize("head_dim", [64, 128, 40])
 def test_triton_merge_matches_torch_merge(head_dim):
 
-    if not triton_merge.AVAILABLE:
-        pytest.skip("triton is not installed")
-    g = torch.Generator(device="cuda").manual_seed(0)
-    acc = torch.randn(2, 30, 6, head_dim, device="cuda", generator=g)
-    top = torch.randn(2, 30, 6, device="cuda", generator=g) * 1000  # large scores
-    total = torch.rand(2, 30, 6, device="cuda", generator=g) + 0.5
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    acc = torch.randn(2, 30, 6, head_dim, device=DEVICE, generator=g)
+    top = torch.randn(2, 30, 6, device=DEVICE, generator=g) * 1000  # large scores
+    total = torch.rand(2, 30, 6, device=DEVICE, generator=g) + 0.5
     top[0, :4], total[0, :4] = float("-inf"), 0.0  # rows with no key yet
 
     # strided views like the branch problems: every 3rd position, heads 1, 3, 5
@@ -26,8 +27,8 @@ def test_triton_merge_matches_torch_merge(head_dim):
         return x[:, 1::3].unflatten(1, (5, 2))[:, :, :, 0::2]
 
     out5, top4, total4 = view(acc), view(top), view(total)
-    part = torch.randn(out5.shape, device="cuda", generator=g).to(torch.bfloat16)
-    part_lse = top4.nan_to_num(neginf=0.0) + torch.randn(top4.shape, device="cuda", generator=g)
+    part = torch.randn(out5.shape, device=DEVICE, generator=g).to(torch.bfloat16)
+    part_lse = top4.nan_to_num(neginf=0.0) + torch.randn(top4.shape, device=DEVICE, generator=g)
     part_lse[1, 0] = float("-inf")  # the part has no key for some rows
     part_lse[0, 0, 0] = float("-inf")  # and neither has the accumulator there
     expected = [x.clone() for x in (out5, top4, total4)]
@@ -48,31 +49,29 @@ def test_triton_merge_matches_torch_merge(head_dim):
 def test_triton_branch_merge_matches_torch(monkeypatch, head_dim, weighted):
     from dilated_attention_pytorch.pattern import DilatedPattern, compact_rows, split_heads
 
-    if not triton_merge.AVAILABLE:
-        pytest.skip("triton is not installed")
     b, n, h = 2, 100, 7
     pattern = DilatedPattern((16, 32, 24), (1, 3, 5), "all")  # partial segments, w % r != 0
     rows = compact_rows(pattern, pattern.calls(n, h), n, h)
     heads = range(3, 6)  # a chunk of heads: the output is a strided slice
-    parts = merge.BranchBuffers(rows, b, len(heads), head_dim, torch.bfloat16, torch.device("cuda"))
-    lses = merge.BranchBuffers(rows, b, len(heads), None, torch.float32, torch.device("cuda"))
+    parts = merge.BranchBuffers(rows, b, len(heads), head_dim, torch.bfloat16, torch.device(DEVICE))
+    lses = merge.BranchBuffers(rows, b, len(heads), None, torch.float32, torch.device(DEVICE))
     parts.flat.fill_(float("nan"))  # rows no call writes must never be read
     lses.flat.fill_(float("nan"))
-    g = torch.Generator(device="cuda").manual_seed(0)
+    g = torch.Generator(device=DEVICE).manual_seed(0)
     for piece in split_heads(pattern.calls(n, h), len(heads)):
         if piece.head_start not in heads:
             continue
         to_call = rows[piece.branch].call_rows(piece, heads.start)
         part5 = views.strided(parts.blocks[piece.branch], to_call)
         lse4 = views.strided(lses.blocks[piece.branch], to_call)
-        part5.copy_(torch.randn(part5.shape, device="cuda", generator=g))
-        lse4.copy_(torch.randn(lse4.shape, device="cuda", generator=g) * 3)
+        part5.copy_(torch.randn(part5.shape, device=DEVICE, generator=g))
+        lse4.copy_(torch.randn(lse4.shape, device=DEVICE, generator=g) * 3)
         lse4[0, 0, :2] = float("-inf")  # rows without a key in this branch
     lse_arg = lses if weighted else None
     results = []
     for use_triton in (True, False):
-        full = torch.full((b, n, h, head_dim), float("nan"), device="cuda", dtype=torch.bfloat16)
-        full_lse = torch.full((b, n, h), float("nan"), device="cuda")
+        full = torch.full((b, n, h, head_dim), float("nan"), device=DEVICE, dtype=torch.bfloat16)
+        full_lse = torch.full((b, n, h), float("nan"), device=DEVICE)
         monkeypatch.setattr(triton_merge, "can_merge_branches", lambda out, rows, on=use_triton: on)
         out, lse = full[:, :, heads.start : heads.stop], full_lse[:, :, heads.start : heads.stop]
         merge.merge_branches(out, lse if weighted else None, rows, parts, lse_arg, heads)
@@ -89,11 +88,9 @@ def test_triton_branch_merge_matches_torch(monkeypatch, head_dim, weighted):
 @pytest.mark.parametrize("head_dim", [64, 40])
 def test_indexed_triton_merge_matches_torch_merge(head_dim):
     """Parts merged at scattered rows of strided accumulators (packed documents)."""
-    if not triton_merge.AVAILABLE:
-        pytest.skip("triton is not installed")
     from ..core.test_merge import _indexed_case
 
-    acc, top, total, rows, part, part_lse = _indexed_case("cuda", head_dim)
+    acc, top, total, rows, part, part_lse = _indexed_case(DEVICE, head_dim)
     cpu = [x.cpu() for x in (acc, top, total)]
     merge.merge_into(*(x[:, 1::2][None, None] for x in cpu), part.cpu(), part_lse.cpu(), rows.cpu())
     triton_merge.merge_into(*(x[:, 1::2][None, None] for x in (acc, top, total)), part, part_lse, rows)
@@ -103,11 +100,9 @@ def test_indexed_triton_merge_matches_torch_merge(head_dim):
 
 @pytest.mark.parametrize("head_dim", [64, 40])
 def test_triton_add_at_rows_matches_index_add(head_dim):
-    if not triton_merge.AVAILABLE:
-        pytest.skip("triton is not installed")
     from ..core.test_merge import _indexed_case
 
-    acc, _, _, rows, part, _ = _indexed_case("cuda", head_dim)
+    acc, _, _, rows, part, _ = _indexed_case(DEVICE, head_dim)
     part = part[0, 0].to(torch.bfloat16)
     expected = acc.clone()
     expected[:, 1::2].index_add_(0, rows, part.float())
