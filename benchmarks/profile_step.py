@@ -29,7 +29,8 @@ from dilated_attention_pytorch import DilatedPattern, functional
 KINDS = (
     ("attention", ("cudnn", "fmha", "flash", "attention", "sdpa")),
     ("merge", ("_merge_kernel", "_branches_kernel", "_add_rows_kernel")),
-    ("copy", ("copy",)),
+    ("place", ("_place_kernel",)),
+    ("copy", ("copy", "memcpy")),
     ("fill", ("fill",)),
 )
 
@@ -52,7 +53,8 @@ def kernel_profile(fn: Callable[[], Any], steps: int = 3) -> dict[str, Any]:
     by_name: dict[str, float] = {}
     count = 0
     for event in prof.events():
-        if event.device_type != torch.autograd.DeviceType.CUDA or event.name.startswith("Memcpy"):
+        # device-to-device memcpys are copies too (a contiguous copy_ is one)
+        if event.device_type != torch.autograd.DeviceType.CUDA:
             continue
         ms = event.device_time / 1e3 / steps
         by_kind[kind_of(event.name)] = by_kind.get(kind_of(event.name), 0.0) + ms

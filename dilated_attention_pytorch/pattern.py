@@ -352,6 +352,33 @@ def compact_rows(
     return rows
 
 
+def whole_branch(rows: dict[int, BranchRows], calls: Sequence[BranchCall], num_heads: int) -> int | None:
+    """The first branch of ``rows`` that one of ``calls`` fills alone: every one of
+    ``num_heads`` heads at one offset, whole segments from position 0. That call's
+    result, as ``(batch, segments, rows_per_segment, heads, ...)``, holds the
+    branch's compact rows in their order, so a merge can read it instead of a copy."""
+    by_branch: dict[int, list[BranchCall]] = {}
+    for call in calls:
+        by_branch.setdefault(call.branch, []).append(call)
+    for branch, br in rows.items():
+        group = by_branch.get(branch, [])
+        if len(group) != 1:
+            continue
+        c = group[0]
+        if (
+            c.start == 0
+            and c.head_start == 0
+            and c.head_step == 1
+            and c.num_heads == num_heads
+            and c.offset_step == 0
+            and c.segment_length == br.segment_length
+            and c.length == br.rows_per_segment
+            and c.num_segments * br.rows_per_segment == br.num_rows
+        ):
+            return branch
+    return None
+
+
 def tiles_regions(calls: Sequence[BranchCall], seq_len: int, num_heads: int) -> bool:
     """Whether the calls' regions (each head's positions ``start`` to ``start +
     num_segments · segment_length``, selected or not) cover every (position, head)

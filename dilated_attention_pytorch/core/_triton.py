@@ -32,10 +32,10 @@ def launch_device(x: Tensor) -> contextlib.AbstractContextManager[Any]:
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
-def tiles(head_dim: int) -> tuple[int, int]:
-    """``(BLOCK_R, BLOCK_D)``: rows of ``head_dim`` elements per program, about 4096 elements."""
+def tiles(head_dim: int, elements: int = 4096) -> tuple[int, int]:
+    """``(BLOCK_R, BLOCK_D)``: rows of ``head_dim`` elements per program, about ``elements`` elements."""
     block_d = 1 << max(0, head_dim - 1).bit_length()
-    return max(1, 4096 // block_d), block_d
+    return max(1, elements // block_d), block_d
 
 
 if AVAILABLE:

@@ -24,6 +24,7 @@ from ..pattern import (
     split_for_kv,
     split_heads,
     tiles_regions,
+    whole_branch,
 )
 from .bias import rows_with_keys, sanitize
 from .blockwise import BlockBackward, blockwise_forward, kv_grads, shared_kv
@@ -146,6 +147,23 @@ def _bias_heads(bias: Tensor | None, call: BranchCall, piece: BranchCall) -> Ten
     return bias[:, first : first + piece.num_heads]
 
 
+def _adopted_in_chunk(
+    adopted: int | None,
+    pieces: Sequence[tuple[int, BranchCall]],
+    heads: range,
+    num_heads: int,
+    kv_heads: int,
+) -> int | None:
+    """The forward's adopted branch where, in this backward chunk, one kernel call
+    of it covers the chunk's heads (its gradients are then the branch's compact rows)."""
+    calls = [piece for _, piece in pieces if piece.branch == adopted]
+    if adopted is None or len(calls) != 1:
+        return None
+    parts = split_for_kv(calls, num_heads, kv_heads)
+    whole = parts == calls and calls[0].head_start == heads.start and calls[0].num_heads == len(heads)
+    return adopted if whole and calls[0].head_step == 1 else None
+
+
 @dataclasses.dataclass
 class FusedRun:
     """What a forward leaves for its backward besides the saved tensors."""
@@ -159,20 +177,29 @@ class FusedRun:
     head_chunk: int
     #: grouped heads: results written region by region (:func:`_places`)
     placed: bool
+    #: "all": the branch merged from its one problem's results, not compact rows
+    adopted: int | None = None
 
 
 def _merge_layout(
     problems: Sequence[FusedProblem], pattern: DilatedPattern, query: Tensor
-) -> tuple[dict[int, BranchRows] | None, int]:
+) -> tuple[dict[int, BranchRows] | None, int, int | None]:
     """The compact rows of "all" mode (None unless every problem is local and they
-    fill them) and the backward's heads per chunk, for ``query`` ``(b, n, h, d)``."""
+    fill them), the backward's heads per chunk, and the branch whose one problem's
+    results the merges read in place of compact rows (:func:`~.pattern.whole_branch`;
+    not where its kernel writes into place: it writes the rows themselves), for
+    ``query`` ``(b, n, h, d)``."""
     seq_len, num_heads = query.shape[1], query.shape[2]
     local = all(p.exchange is None for p in problems)
-    rows = compact_rows(pattern, [p.call for p in problems], seq_len, num_heads) if local else None
+    calls = [p.call for p in problems]
+    rows = compact_rows(pattern, calls, seq_len, num_heads) if local else None
     if rows is None:
-        return None, num_heads
+        return None, num_heads, None
     per_position = sum(r.num_rows for r in rows.values()) / seq_len
-    return rows, merge_head_chunk(num_heads, per_position, query.numel() * query.element_size())
+    adopted = whole_branch(rows, calls, num_heads)
+    if any(p.backend.WRITES_INTO_PLACE for p in problems if p.call.branch == adopted):
+        adopted = None
+    return rows, merge_head_chunk(num_heads, per_position, query.numel() * query.element_size()), adopted
 
 
 def replayed_run(
@@ -180,11 +207,19 @@ def replayed_run(
 ) -> FusedRun:
     """The :class:`FusedRun` a forward of local, dropout-free problems on ``query``
     leaves, rebuilt without it: the backward of a registered operator gets only tensors."""
-    rows, head_chunk = _merge_layout(problems, pattern, query)
+    rows, head_chunk, adopted = _merge_layout(problems, pattern, query)
     states = [p.backend.replay_state(p.call.length, query.device) for p in problems]
     placed = _places(problems, pattern, query.shape[1], query.shape[2])
     return FusedRun(
-        problems, states, [None] * len(problems), rows, pattern.merges_branches, scale, head_chunk, placed
+        problems,
+        states,
+        [None] * len(problems),
+        rows,
+        pattern.merges_branches,
+        scale,
+        head_chunk,
+        placed,
+        adopted,
     )
 
 
@@ -215,11 +250,11 @@ def fused_forward(
     # inputs its kernels take give problems they take, so one check per call
     query, key, value = _conform_inputs(problems, query, key, value)
     kv_heads = key.shape[2]
-    rows, head_chunk = _merge_layout(problems, pattern, query)
+    rows, head_chunk, adopted = _merge_layout(problems, pattern, query)
     placed = _places(problems, pattern, n, h)
     if rows is not None:
-        parts = BranchBuffers(rows, b, h, d, query.dtype, query.device)
-        part_lses = BranchBuffers(rows, b, h, None, lse_dtype, query.device)
+        parts = BranchBuffers(rows, b, h, d, query.dtype, query.device, adopted)
+        part_lses = BranchBuffers(rows, b, h, None, lse_dtype, query.device, adopted)
     if rows is not None or placed:
         out = query.new_empty(b, n, h, d)
         lse = query.new_empty((b, n, h), dtype=lse_dtype)
@@ -241,7 +276,8 @@ def fused_forward(
         p = problems[i]
         # where the results go: in place, or the branch's compact rows
         to_out, to_lse, to_call = out, lse, p.call
-        if rows is not None:
+        compact = rows is not None and p.call.branch != adopted
+        if rows is not None and compact:
             branch = p.call.branch
             to_out, to_lse = parts.blocks[branch], part_lses.blocks[branch]
             to_call = rows[branch].call_rows(p.call)
@@ -258,7 +294,7 @@ def fused_forward(
                     place_result(out, lse, p.call, None)
                 continue
             k, v, _ = _kv_views(p, *kv_call(p.call, h, kv_heads), key, value)
-            dest = _into_place(p, to_out, to_call) if rows is not None or not merge else None
+            dest = _into_place(p, to_out, to_call) if compact or not merge else None
             if dest is not None:
                 part_lse, states[i] = p.backend.forward_into(q, k, v, p.causal, scale, dest)  # type: ignore[attr-defined]
                 strided(to_lse, to_call).copy_(from_problem(part_lse, b))
@@ -267,6 +303,10 @@ def fused_forward(
             if p.bias is not None:
                 part_out, part_lse = sanitize(part_out, part_lse, rows_with_keys(p.bias, p.causal))
         part_out, part_lse = from_problem(part_out, b), from_problem(part_lse, b)
+        if rows is not None and p.call.branch == adopted:
+            parts.adopt(part_out)
+            part_lses.adopt(part_lse)
+            continue
         if placed:
             place_result(out, lse, p.call, part_out, part_lse)
             continue
@@ -281,7 +321,7 @@ def fused_forward(
     if total is not None:
         out, lse = merge_finish(out, lse, total)
     out = out.to(query.dtype)
-    return out, lse, FusedRun(problems, states, exchanged_kv, rows, merge, scale, head_chunk, placed)
+    return out, lse, FusedRun(problems, states, exchanged_kv, rows, merge, scale, head_chunk, placed, adopted)
 
 
 def fused_backward(
@@ -312,8 +352,9 @@ def fused_backward(
     for heads, pieces in _backward_pieces(problems, h, run.head_chunk):
         # "all": each branch's gradients go to compact rows and are summed at
         # the end of the chunk, or, with spanning problems, summed in float32
+        adopted = _adopted_in_chunk(run.adopted, pieces, heads, h, kv_heads)
         compact = (
-            [BranchBuffers(rows, b, len(heads), dim, query.dtype, query.device) for dim in dims]
+            [BranchBuffers(rows, b, len(heads), dim, query.dtype, query.device, adopted) for dim in dims]
             if rows is not None
             else []
         )
@@ -342,7 +383,10 @@ def fused_backward(
                 if bias is not None:
                     # no key in any branch: every key is masked, so any finite lse gives p = 0
                     part_lse = torch.where(part_lse == -math.inf, 0.0, part_lse)
-                if rows is not None:
+                dests: list[Tensor | None]
+                if rows is not None and call.branch == adopted:
+                    dests = [None]
+                elif rows is not None:
                     to_call = rows[call.branch].call_rows(call, heads.start)
                     dests = [_into_place(p, c.blocks[call.branch], to_call) for c in compact]
                 else:
@@ -366,7 +410,10 @@ def fused_backward(
                     part_grads = part_grads[:1]
                 if rows is not None:
                     for c, part in zip(compact, part_grads):
-                        strided(c.blocks[call.branch], to_call).copy_(from_problem(part, b))
+                        if call.branch == adopted:
+                            c.adopt(from_problem(part, b))
+                        else:
+                            strided(c.blocks[call.branch], to_call).copy_(from_problem(part, b))
                     continue
                 for acc, part in zip(accs, part_grads):
                     _write(acc, call, heads.start, from_problem(part, b), run.merge, run.placed)

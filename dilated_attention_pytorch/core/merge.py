@@ -89,7 +89,10 @@ def add_at_rows(dest: Tensor, rows: Tensor, part: Tensor) -> None:
 class BranchBuffers:
     """Every branch's compact rows (:class:`~.pattern.BranchRows`) in one
     allocation: branch ``i`` is a ``(batch, num_rows, heads[, head_dim])`` block.
-    Never zero-filled: merges read only the rows that hold a result."""
+    Never zero-filled: merges read only the rows that hold a result.
+
+    ``adopted`` (:func:`~.pattern.whole_branch`): a branch with no block here;
+    :meth:`adopt` gives it one problem's result, which the merge reads in place."""
 
     def __init__(
         self,
@@ -99,21 +102,43 @@ class BranchBuffers:
         head_dim: int | None,
         dtype: torch.dtype,
         device: torch.device,
+        adopted: int | None = None,
     ) -> None:
         per_unit = 1 if head_dim is None else head_dim
         tail = (heads,) if head_dim is None else (heads, head_dim)
-        units = [batch * br.num_rows * heads for br in rows.values()]
+        units = [0 if branch == adopted else batch * br.num_rows * heads for branch, br in rows.items()]
         self.flat = torch.empty(sum(units) * per_unit, dtype=dtype, device=device)
         self.blocks: dict[int, Tensor] = {}
         meta, base = [], 0
         for (branch, br), size in zip(rows.items(), units):
-            block = self.flat[base * per_unit : (base + size) * per_unit]
-            self.blocks[branch] = block.view(batch, br.num_rows, *tail)
-            meta.append((br.segment_length, br.dilation, br.rows_per_segment, base, br.num_rows * heads))
+            if branch != adopted:
+                block = self.flat[base * per_unit : (base + size) * per_unit]
+                self.blocks[branch] = block.view(batch, br.num_rows, *tail)
+            meta.append((br.segment_length, br.dilation, br.rows_per_segment, base, size // batch))
             base += size
         self.meta = tuple(meta)
         #: (branches, heads of the whole layer): each head's offset, the pattern's rule as data
         self.offsets = tuple(br.offsets for br in rows.values())
+        self.adopted = adopted
+        self.adopted_index = None if adopted is None else list(rows).index(adopted)
+        #: the adopted branch's rows, ``(batch, segments, rows_per_segment, heads[, head_dim])``
+        self.adopted_block: Tensor | None = None
+
+    def adopt(self, block: Tensor) -> None:
+        """The adopted branch's result ``(batch, segments, rows_per_segment, heads[,
+        head_dim])`` (any strides), read where its compact rows would be."""
+        self.adopted_block = block
+
+    def adopted_rows(self) -> Tensor:
+        """The adopted branch's result as given to :meth:`adopt`."""
+        if self.adopted_block is None:
+            raise RuntimeError("the adopted branch's result was never given (BranchBuffers.adopt)")
+        return self.adopted_block
+
+    def block(self, branch: int) -> Tensor:
+        """Branch ``branch``'s rows as ``(batch, num_rows, heads[, head_dim])`` (the
+        adopted one reshaped: a copy unless its strides allow a view)."""
+        return self.adopted_rows().flatten(1, 2) if branch == self.adopted else self.blocks[branch]
 
 
 _BRANCH_META: BoundedCache[tuple[Tensor, Tensor]] = BoundedCache(256)
@@ -141,7 +166,11 @@ def merge_branches(
     """``out`` ``(batch, seq, heads, head_dim)``, holding ``heads``, from every
     branch's compact results: their lse merge (docs/semantics.md; also writes the merged
     ``lse``) when lses are given, else their sum (dq, dk, dv)."""
-    if merge_triton.can_merge_branches(out, max(br.num_rows for br in rows.values())):
+    adopted = None
+    if parts.adopted_index is not None:
+        adopted_lse = None if part_lse is None else part_lse.adopted_rows()
+        adopted = (parts.adopted_index, parts.adopted_rows(), adopted_lse)
+    if merge_triton.can_merge_branches(out, max(br.num_rows for br in rows.values()), adopted):
         merge_triton.merge_branches(
             out,
             lse,
@@ -149,6 +178,7 @@ def merge_branches(
             None if part_lse is None else part_lse.flat,
             *_branch_meta(parts, out.device),
             heads.start,
+            adopted,
         )
         return
     b, n, c, _ = out.shape
@@ -166,11 +196,11 @@ def merge_branches(
             selected, position // br.segment_length * br.rows_per_segment + t // br.dilation, 0
         )
         # unselected rows of the buffers were never written: mask what the gather read
-        part = parts.blocks[branch][:, index, head - heads.start].masked_fill(~selected[..., None], 0.0)
+        part = parts.block(branch)[:, index, head - heads.start].masked_fill(~selected[..., None], 0.0)
         if part_lse is None or top is None or total is None:
             acc.add_(part)
             continue
-        branch_lse = part_lse.blocks[branch][:, index, head - heads.start].masked_fill(~selected, -math.inf)
+        branch_lse = part_lse.block(branch)[:, index, head - heads.start].masked_fill(~selected, -math.inf)
         merge_online(acc, top, total, part.to(acc_dtype), branch_lse.to(acc_dtype))
     if top is None or total is None or lse is None:
         out.copy_(acc)

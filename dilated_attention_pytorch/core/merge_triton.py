@@ -94,6 +94,8 @@ if AVAILABLE:
         plse_ptr,
         meta_ptr,
         offsets_ptr,
+        adopt_ptr,
+        alse_ptr,
         rows_per_batch,
         num_heads,
         layer_heads,
@@ -101,7 +103,10 @@ if AVAILABLE:
         head_dim,
         o_b, o_n, o_h,
         l_b, l_n, l_h,
+        a_b, a_s, a_m, a_h,
+        al_b, al_s, al_m, al_h,
         NUM_BRANCHES: tl.constexpr,
+        ADOPTED: tl.constexpr,
         WEIGHTED: tl.constexpr,
         BLOCK_R: tl.constexpr,
         BLOCK_D: tl.constexpr,
@@ -110,6 +115,8 @@ if AVAILABLE:
         # segment length, dilation, rows per segment, first unit, units per batch (a
         # unit is one (row, head) of the compact buffers: head_dim elements, one lse);
         # offsets (branches, layer_heads) holds each head's offset in each branch.
+        # Branch ADOPTED (-1: none) is read from its problem's result at adopt_ptr
+        # (batch, segments, rows_per_segment, heads[, head_dim]) instead of the buffers.
         # The branch loop is unrolled so that every branch's loads are in flight at
         # once (as a loop, each branch waited on the one before it)
         p, ih, ib, row_ok = batch_rows(rows_per_batch, num_heads, BLOCK_R)
@@ -122,22 +129,31 @@ if AVAILABLE:
         for i in tl.static_range(NUM_BRANCHES):
             w = tl.load(meta_ptr + 5 * i).to(tl.int32)
             r = tl.load(meta_ptr + 5 * i + 1).to(tl.int32)
-            per_segment = tl.load(meta_ptr + 5 * i + 2).to(tl.int32)
             segment = p // w
             tin = p - segment * w
             m = tin // r
             offset = tl.load(offsets_ptr + i * layer_heads + j, mask=row_ok, other=-1)
             sel = row_ok & (tin - m * r == offset)
-            unit = tl.load(meta_ptr + 5 * i + 3) + ib * tl.load(meta_ptr + 5 * i + 4)
-            unit += ((segment * per_segment + m) * num_heads + ih).to(tl.int64)
-            part = tl.load(
-                part_ptr + unit[:, None] * head_dim + cols[None, :],
-                mask=sel[:, None] & col_ok[None, :],
-                other=0.0,
-            ).to(tl.float32)
+            if i == ADOPTED:
+                segment64, m64, ih64 = segment.to(tl.int64), m.to(tl.int64), ih.to(tl.int64)
+                src = ib * a_b + segment64 * a_s + m64 * a_m + ih64 * a_h
+                part = tl.load(
+                    adopt_ptr + src[:, None] + cols[None, :], mask=sel[:, None] & col_ok[None, :], other=0.0
+                ).to(tl.float32)
+                lse_src = alse_ptr + ib * al_b + segment64 * al_s + m64 * al_m + ih64 * al_h
+            else:
+                per_segment = tl.load(meta_ptr + 5 * i + 2).to(tl.int32)
+                unit = tl.load(meta_ptr + 5 * i + 3) + ib * tl.load(meta_ptr + 5 * i + 4)
+                unit += ((segment * per_segment + m) * num_heads + ih).to(tl.int64)
+                part = tl.load(
+                    part_ptr + unit[:, None] * head_dim + cols[None, :],
+                    mask=sel[:, None] & col_ok[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+                lse_src = plse_ptr + unit
             if WEIGHTED:
                 # online softmax over branches; -inf (no key) gets weight 0, never NaN
-                branch_lse = tl.load(plse_ptr + unit, mask=sel, other=float("-inf")).to(tl.float32)
+                branch_lse = tl.load(lse_src, mask=sel, other=float("-inf")).to(tl.float32)
                 new_top = tl.maximum(top, branch_lse)
                 safe = tl.where(new_top == float("-inf"), 0.0, new_top)
                 rescale = tl.exp(top - safe)
@@ -235,14 +251,22 @@ def merge_into(
         )  # fmt: skip
 
 
-def can_merge_branches(out: Tensor, max_rows: int) -> bool:
+#: a branch read from its problem's result: ``(branch index, rows (batch, segments,
+#: rows_per_segment, heads, head_dim), their lse (the same without head_dim) or None)``
+Adopted = tuple[int, Tensor, Tensor | None]
+
+
+def can_merge_branches(out: Tensor, max_rows: int, adopted: Adopted | None = None) -> bool:
     """:func:`merge_branches` writes CUDA outputs whose last dim is contiguous, from
-    branch buffers of at most ``max_rows`` rows (row and position arithmetic in int32)."""
+    branch buffers of at most ``max_rows`` rows (row and position arithmetic in int32)
+    and an adopted result whose last dim is contiguous."""
     b, n, h, d = out.shape
+    adopted_ok = adopted is None or (runs_on(adopted[1]) and adopted[1].stride(-1) == 1)
     return (
         runs_on(out) and _exact_in_float32(out) and out.stride(-1) == 1 and d <= 512
         and max(max_rows, n) * h < 2**31
         and b < 2**16  # the grid's second dimension
+        and adopted_ok
     )  # fmt: skip
 
 
@@ -254,21 +278,36 @@ def merge_branches(
     meta: Tensor,
     offsets: Tensor,
     first_head: int,
+    adopted: Adopted | None = None,
+    *,
+    block_r: int | None = None,
+    num_warps: int | None = None,
 ) -> None:
     """``out`` ``(batch, seq, heads, head_dim)`` (heads ``first_head`` on) from the
     compact branch buffers ``parts`` (flat) described by ``meta`` (int64
     ``(branches, 5)``, see the kernel) and ``offsets`` (int32 ``(branches, heads of
-    the layer)``, every head's offset). With ``lse``/``part_lse``: the lse merge,
-    writing the merged lse ``(batch, seq, heads)`` too; without: the plain sum."""
+    the layer)``, every head's offset), and the ``adopted`` branch's result. With
+    ``lse``/``part_lse``: the lse merge, writing the merged lse ``(batch, seq,
+    heads)`` too; without: the plain sum. ``block_r`` (position, head) rows per
+    program and ``num_warps``: the defaults are tiles of 2048 elements, 2 warps for
+    the lse merge and 4 for the sum, the best of 1-16 warps and 1024-16384 elements
+    on an H200 (``benchmarks/probes/merge_tiles.py``)."""
     b, n, h, d = out.shape
-    block_r, block_d = tiles(d)
+    default_rows, block_d = tiles(d, 2048)
     weighted = lse is not None
+    index, rows, rows_lse = adopted if adopted is not None else (-1, parts, None)
+    row_strides = rows.stride()[:4] if adopted is not None else (0, 0, 0, 0)
+    lse_strides = rows_lse.stride() if rows_lse is not None and weighted else (0, 0, 0, 0)
+    rows_lse = rows_lse if rows_lse is not None and weighted else parts  # unread then
+    block_r = block_r or default_rows
     with launch_device(out):
         _branches_kernel[(triton.cdiv(n * h, block_r), b)](
             out, lse if weighted else out, parts, part_lse if weighted else parts, meta, offsets,
-            n * h, h, offsets.shape[1], first_head, d,
+            rows, rows_lse, n * h, h, offsets.shape[1], first_head, d,
             *out.stride()[:3], *(lse.stride() if weighted and lse is not None else (0, 0, 0)),
-            NUM_BRANCHES=meta.shape[0], WEIGHTED=weighted, BLOCK_R=block_r, BLOCK_D=block_d,
+            *row_strides, *lse_strides,
+            NUM_BRANCHES=meta.shape[0], ADOPTED=index, WEIGHTED=weighted, BLOCK_R=block_r, BLOCK_D=block_d,
+            num_warps=num_warps or (2 if weighted else 4),
         )  # fmt: skip
 
 

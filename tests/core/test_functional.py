@@ -8,7 +8,7 @@ import torch
 
 from dilated_attention_pytorch import DilatedPattern, functional
 from dilated_attention_pytorch import pattern as pattern_module
-from dilated_attention_pytorch.core import fused, ops, views
+from dilated_attention_pytorch.core import fused, merge, ops, views
 from dilated_attention_pytorch.core.merge import merge_by_lse
 from dilated_attention_pytorch.kernels.base import ANY_STRIDES
 from dilated_attention_pytorch.pattern import compact_rows
@@ -249,6 +249,44 @@ def test_all_mode_merges_every_branch_at_once(monkeypatch, seg, dil, seq, heads,
     assert chunk == (heads if slack == "default" else fused.merge_head_chunk(heads, per_position))
     chunks = [range(s, min(s + chunk, heads)) for s in range(0, heads, chunk)]
     assert merged[1:] == [c for c in chunks for _ in range(3)]
+
+
+@pytest.mark.parametrize("kv_heads", [6, 3])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("seq", [64, 70])  # 70: partial last segments
+def test_all_mode_reads_a_whole_branch_from_its_problems_result(monkeypatch, seq, batch, causal, kv_heads):
+    """The branch one call fills whole (dilation 1 here) is merged from that call's
+    result, forward and every backward chunk, not from a copy in compact rows; a
+    branch with a partial last segment is two calls and keeps its rows."""
+    adopted = []
+    real = merge.BranchBuffers.adopt
+
+    def adopt(self: merge.BranchBuffers, block: torch.Tensor) -> None:
+        adopted.append(self.adopted)
+        real(self, block)
+
+    monkeypatch.setattr(merge.BranchBuffers, "adopt", adopt)
+    g = torch.Generator().manual_seed(3)
+    # strided inputs: heads-first storage, key/value heads shared by query heads
+    q = torch.randn(batch, 6, seq, 8, generator=g, dtype=torch.float64).transpose(1, 2).requires_grad_()
+    k, v = (
+        torch.randn(batch, seq, kv_heads, 8, generator=g, dtype=torch.float64).requires_grad_() for _ in "kv"
+    )
+    seg, dil = (16, 32), (1, 2)
+    out = functional.dilated_attention(q, k, v, seg, dil, head_mode="all", is_causal=causal)
+    expected = reference(q, k, v, seg, dil, head_mode="all", is_causal=causal)
+    assert_close(out, expected, torch.float64, "output")
+    dout = torch.randn_like(out)
+    for name, a, b in zip("qkv", grads(out, (q, k, v), dout), grads(expected, (q, k, v), dout)):
+        assert_close(a, b, torch.float64, f"d{name}")
+    rows = compact_rows(
+        DilatedPattern(seg, dil, "all"), DilatedPattern(seg, dil, "all").calls(seq, 6), seq, 6
+    )
+    chunks = -(-6 // fused.merge_head_chunk(6, sum(r.num_rows for r in rows.values()) / seq))
+    # forward: output and lse; backward: dq, and dk, dv where heads have their own
+    per_chunk = 1 if kv_heads != 6 else 3
+    assert adopted == ([] if seq % 32 else [0] * (2 + chunks * per_chunk))
 
 
 def test_head_chunks_grow_within_the_slack_only(monkeypatch):

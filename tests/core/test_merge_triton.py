@@ -46,20 +46,32 @@ def test_triton_merge_matches_torch_merge(head_dim):
 
 @pytest.mark.parametrize("head_dim", [64, 40])
 @pytest.mark.parametrize("weighted", [True, False], ids=["lse_merge", "sum"])
-def test_triton_branch_merge_matches_torch(monkeypatch, head_dim, weighted):
-    from dilated_attention_pytorch.pattern import DilatedPattern, compact_rows, split_heads
+@pytest.mark.parametrize("n", [100, 96], ids=["partial_segments", "adopted"])
+def test_triton_branch_merge_matches_torch(monkeypatch, head_dim, weighted, n):
+    """Both merges from compact rows; at n = 96 the dilation-1 branch is one call,
+    whose (strided) result the merges read instead of its rows."""
+    from dilated_attention_pytorch.pattern import DilatedPattern, compact_rows, split_heads, whole_branch
 
-    b, n, h = 2, 100, 7
-    pattern = DilatedPattern((16, 32, 24), (1, 3, 5), "all")  # partial segments, w % r != 0
+    b, h = 2, 7
+    pattern = DilatedPattern((16, 32, 24), (1, 3, 5), "all")  # w % r != 0
     rows = compact_rows(pattern, pattern.calls(n, h), n, h)
+    adopted = whole_branch(rows, pattern.calls(n, h), h)
+    assert adopted == (0 if n == 96 else None)
     heads = range(3, 6)  # a chunk of heads: the output is a strided slice
-    parts = merge.BranchBuffers(rows, b, len(heads), head_dim, torch.bfloat16, torch.device(DEVICE))
-    lses = merge.BranchBuffers(rows, b, len(heads), None, torch.float32, torch.device(DEVICE))
+    device = torch.device(DEVICE)
+    parts = merge.BranchBuffers(rows, b, len(heads), head_dim, torch.bfloat16, device, adopted)
+    lses = merge.BranchBuffers(rows, b, len(heads), None, torch.float32, device, adopted)
     parts.flat.fill_(float("nan"))  # rows no call writes must never be read
     lses.flat.fill_(float("nan"))
     g = torch.Generator(device=DEVICE).manual_seed(0)
     for piece in split_heads(pattern.calls(n, h), len(heads)):
         if piece.head_start not in heads:
+            continue
+        if piece.branch == adopted:
+            # a kernel's result in problem layout (batch·segments, heads, length, head_dim)
+            shape = (b * piece.num_segments, piece.num_heads, piece.length)
+            parts.adopt(views.from_problem(torch.randn(*shape, head_dim, device=DEVICE, generator=g), b))
+            lses.adopt(views.from_problem(torch.randn(*shape, device=DEVICE, generator=g) * 3, b))
             continue
         to_call = rows[piece.branch].call_rows(piece, heads.start)
         part5 = views.strided(parts.blocks[piece.branch], to_call)
@@ -68,21 +80,27 @@ def test_triton_branch_merge_matches_torch(monkeypatch, head_dim, weighted):
         lse4.copy_(torch.randn(lse4.shape, device=DEVICE, generator=g) * 3)
         lse4[0, 0, :2] = float("-inf")  # rows without a key in this branch
     lse_arg = lses if weighted else None
+    launched = []  # the adopted branch of each kernel launch
+    real = triton_merge.merge_branches
+    monkeypatch.setattr(triton_merge, "merge_branches", lambda *a: launched.append(a[7]) or real(*a))
     results = []
     for use_triton in (True, False):
         full = torch.full((b, n, h, head_dim), float("nan"), device=DEVICE, dtype=torch.bfloat16)
         full_lse = torch.full((b, n, h), float("nan"), device=DEVICE)
-        monkeypatch.setattr(triton_merge, "can_merge_branches", lambda out, rows, on=use_triton: on)
+        monkeypatch.setattr(triton_merge, "can_merge_branches", lambda *args, on=use_triton: on)
         out, lse = full[:, :, heads.start : heads.stop], full_lse[:, :, heads.start : heads.stop]
         merge.merge_branches(out, lse if weighted else None, rows, parts, lse_arg, heads)
+        assert len(launched) == 1 and (launched[0] is None) == (adopted is None)
         assert torch.isfinite(out).all()
         assert full[:, :, : heads.start].isnan().all() and full[:, :, heads.stop :].isnan().all()
         results.append((out.float(), lse))
+    assert len(launched) == 1  # the torch merge launched nothing
     (out, lse), (expected, expected_lse) = results
     torch.testing.assert_close(out, expected, rtol=1e-2, atol=1e-2)
     if weighted:
         torch.testing.assert_close(lse, expected_lse, rtol=1e-5, atol=1e-5)
-        assert (lse == float("-inf")).any()  # some positions have no key in any branch
+        if adopted is None:
+            assert (lse == float("-inf")).any()  # some positions have no key in any branch
 
 
 @pytest.mark.parametrize("head_dim", [64, 40])
