@@ -320,6 +320,7 @@ def compact_rows(
         w = max(c.segment_length for c in group)
         filled = 0
         for c in group:
+            head_offsets = c.head_offsets()
             if (
                 c.dilation != r
                 or c.start % w
@@ -328,8 +329,8 @@ def compact_rows(
                 )
                 or c.start + c.num_segments * c.segment_length > seq_len
                 or c.head_start + c.head_step * (c.num_heads - 1) >= num_heads
-                or any(offsets[j] != o for j, o in zip(c.heads(), c.head_offsets()))
-                or any(c.length != selected_count(c.segment_length, r, o) for o in c.head_offsets())
+                or any(offsets[j] != o for j, o in zip(c.heads(), head_offsets))
+                or any(c.length != selected_count(c.segment_length, r, o) for o in head_offsets)
             ):
                 return None
             filled += c.num_segments * c.length * c.num_heads

@@ -365,8 +365,9 @@ def fused_backward(
         for i, piece in pieces:
             p, kv = problems[i], run.exchanged_kv[i]
             if p.exchange is None and piece.length == 0:
-                for grad in grads if run.placed else []:
-                    place_result(grad, None, piece, None, first_head=heads.start)
+                if run.placed:  # its region still gets its zeros
+                    for grad in grads:
+                        place_result(grad, None, piece, None, first_head=heads.start)
                 continue
             parts = split_for_kv([piece], h, kv_heads)
             assert p.exchange is None or parts == [p.call], "a spanning problem is one part of split_for_kv"

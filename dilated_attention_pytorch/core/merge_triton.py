@@ -19,6 +19,8 @@ Used only where Triton and CUDA are present; the torch versions in
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -110,8 +112,14 @@ if AVAILABLE:
         WEIGHTED: tl.constexpr,
         BLOCK_R: tl.constexpr,
         BLOCK_D: tl.constexpr,
+        STATIC_META: tl.constexpr = False,
+        SEGMENTS: tl.constexpr = (),
+        DILATIONS: tl.constexpr = (),
+        PER_SEGMENT: tl.constexpr = (),
     ):  # fmt: skip
-        # one (position, head) of batch program_id(1) per row; meta holds per branch:
+        # STATIC_META: segment lengths, dilations and rows per segment are compile-time
+        # constants (divisions by them become multiplies), else read from meta.
+        # One (position, head) of batch program_id(1) per row; meta holds per branch:
         # segment length, dilation, rows per segment, first unit, units per batch (a
         # unit is one (row, head) of the compact buffers: head_dim elements, one lse);
         # offsets (branches, layer_heads) holds each head's offset in each branch.
@@ -127,8 +135,12 @@ if AVAILABLE:
         top = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
         total = tl.zeros((BLOCK_R,), dtype=tl.float32)
         for i in tl.static_range(NUM_BRANCHES):
-            w = tl.load(meta_ptr + 5 * i).to(tl.int32)
-            r = tl.load(meta_ptr + 5 * i + 1).to(tl.int32)
+            if STATIC_META:
+                w = SEGMENTS[i]
+                r = DILATIONS[i]
+            else:
+                w = tl.load(meta_ptr + 5 * i).to(tl.int32)
+                r = tl.load(meta_ptr + 5 * i + 1).to(tl.int32)
             segment = p // w
             tin = p - segment * w
             m = tin // r
@@ -142,7 +154,10 @@ if AVAILABLE:
                 ).to(tl.float32)
                 lse_src = alse_ptr + ib * al_b + segment64 * al_s + m64 * al_m + ih64 * al_h
             else:
-                per_segment = tl.load(meta_ptr + 5 * i + 2).to(tl.int32)
+                if STATIC_META:
+                    per_segment = PER_SEGMENT[i]
+                else:
+                    per_segment = tl.load(meta_ptr + 5 * i + 2).to(tl.int32)
                 unit = tl.load(meta_ptr + 5 * i + 3) + ib * tl.load(meta_ptr + 5 * i + 4)
                 unit += ((segment * per_segment + m) * num_heads + ih).to(tl.int64)
                 part = tl.load(
@@ -282,6 +297,7 @@ def merge_branches(
     *,
     block_r: int | None = None,
     num_warps: int | None = None,
+    static_meta: Sequence[tuple[int, ...]] | None = None,
 ) -> None:
     """``out`` ``(batch, seq, heads, head_dim)`` (heads ``first_head`` on) from the
     compact branch buffers ``parts`` (flat) described by ``meta`` (int64
@@ -291,7 +307,10 @@ def merge_branches(
     heads)`` too; without: the plain sum. ``block_r`` (position, head) rows per
     program and ``num_warps``: the defaults are tiles of 2048 elements, 2 warps for
     the lse merge and 4 for the sum, the best of 1-16 warps and 1024-16384 elements
-    on an H200 (``benchmarks/probes/merge_tiles.py``)."""
+    on an H200 (``benchmarks/probes/merge_tiles.py``). ``static_meta``: ``meta``'s
+    rows on the host; their segment lengths, dilations and rows per segment are then
+    compiled into the kernel (one kernel per pattern and length; not measured yet, so
+    only that probe passes it)."""
     b, n, h, d = out.shape
     default_rows, block_d = tiles(d, 2048)
     weighted = lse is not None
@@ -307,8 +326,16 @@ def merge_branches(
             *out.stride()[:3], *(lse.stride() if weighted and lse is not None else (0, 0, 0)),
             *row_strides, *lse_strides,
             NUM_BRANCHES=meta.shape[0], ADOPTED=index, WEIGHTED=weighted, BLOCK_R=block_r, BLOCK_D=block_d,
-            num_warps=num_warps or (2 if weighted else 4),
+            num_warps=num_warps or (2 if weighted else 4), **_static_meta(static_meta),
         )  # fmt: skip
+
+
+def _static_meta(rows: Sequence[tuple[int, ...]] | None) -> dict[str, object]:
+    """The kernel's compile-time branch layout from ``meta``'s host rows."""
+    if rows is None:
+        return {}
+    segments, dilations, per_segment = (tuple(int(r[k]) for r in rows) for k in range(3))
+    return {"STATIC_META": True, "SEGMENTS": segments, "DILATIONS": dilations, "PER_SEGMENT": per_segment}
 
 
 def can_add_at_rows(dest: Tensor, part: Tensor) -> bool:
