@@ -164,8 +164,9 @@ def merge_branches(
     heads: range,
 ) -> None:
     """``out`` ``(batch, seq, heads, head_dim)``, holding ``heads``, from every
-    branch's compact results: their lse merge (docs/semantics.md; also writes the merged
-    ``lse``) when lses are given, else their sum (dq, dk, dv)."""
+    branch's compact results (the adopted branch's from its problem's result): their
+    lse merge (docs/semantics.md; also writes the merged ``lse``) when lses are given,
+    else their sum (dq, dk, dv)."""
     adopted = None
     if parts.adopted_index is not None:
         adopted_lse = None if part_lse is None else part_lse.adopted_rows()
