@@ -35,6 +35,19 @@ def _backward_head_chunks_as_on_long_sequences(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(fused, "BACKWARD_CHUNK_SLACK_BYTES", 0)
 
 
+@pytest.fixture(autouse=True)
+def _large_problem_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Grouped results are written region by region from ``fused.PLACE_MIN_ELEMENTS``
+    elements per problem, and copies go as wide elements from
+    ``views.WIDE_COPY_MIN_BYTES``, both far above the tests' inputs: tests run
+    without the thresholds, so the long sequences' paths are the ones covered; the
+    tests of the short ones set them back."""
+    from dilated_attention_pytorch.core import fused, views
+
+    monkeypatch.setattr(fused, "PLACE_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(views, "WIDE_COPY_MIN_BYTES", 0)
+
+
 #: both head modes, "all" (every head in every branch: several times the calls) in the slow set;
 #: for the heavy numerical checks (gradcheck and friends)
 HEAD_MODES_ALL_SLOW = ["grouped", pytest.param("all", marks=pytest.mark.slow)]

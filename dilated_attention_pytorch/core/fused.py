@@ -31,7 +31,7 @@ from .blockwise import BlockBackward, blockwise_forward, kv_grads, shared_kv
 from .exchange import KeyExchange
 from .merge import BranchBuffers, merge_branches, merge_finish, merge_into
 from .place import place_result
-from .views import from_problem, problem_view, strided
+from .views import copy_rows, from_problem, problem_view, strided
 
 
 @dataclasses.dataclass
@@ -78,18 +78,33 @@ def _write(grad: Tensor, call: BranchCall, first_head: int, part5: Tensor, merge
     elif placed:  # grouped: the call's whole region, zeros included
         place_result(grad, None, call, part5, first_head=first_head)
     else:  # grouped: problems are disjoint in (position, head)
-        strided(grad, call, first_head).copy_(part5)
+        copy_rows(strided(grad, call, first_head), part5)
 
 
-def _places(problems: Sequence[FusedProblem], pattern: DilatedPattern, seq_len: int, num_heads: int) -> bool:
+#: elements of a result per problem below which grouped results are a zero fill and
+#: copies, not region passes: each pass is a Triton launch, dearer on the host than
+#: the copies, and at such sizes an eager step waits on the host, not on the GPU
+#: (measured on an H200: docs/benchmark_details.md). Under CUDA-graph capture there
+#: is no host time per launch, so the passes are used at any size.
+PLACE_MIN_ELEMENTS = 1 << 24
+
+
+def _places(problems: Sequence[FusedProblem], pattern: DilatedPattern, query: Tensor) -> bool:
     """Whether grouped-head results are written region by region (:func:`place_result`),
-    with no zero fill first: where the problems' regions cover the result exactly
-    and no backend writes into place (such a backend writes the selected rows only)."""
+    with no zero fill first: where the problems' regions cover the result exactly, no
+    backend writes into place (such a backend writes the selected rows only), and
+    the problems are large (:data:`PLACE_MIN_ELEMENTS`) or the step is captured."""
+    b, n, h, d = query.shape
     return (
         not pattern.merges_branches
         and not any(p.backend.WRITES_INTO_PLACE for p in problems)
-        and tiles_regions([p.call for p in problems], seq_len, num_heads)
+        and (b * n * h * d >= PLACE_MIN_ELEMENTS * len(problems) or _capturing(query))
+        and tiles_regions([p.call for p in problems], n, h)
     )
+
+
+def _capturing(x: Tensor) -> bool:
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 #: bytes the "all"-mode backward may hold beyond the 1.6-unit rule of
@@ -209,7 +224,7 @@ def replayed_run(
     leaves, rebuilt without it: the backward of a registered operator gets only tensors."""
     rows, head_chunk, adopted = _merge_layout(problems, pattern, query)
     states = [p.backend.replay_state(p.call.length, query.device) for p in problems]
-    placed = _places(problems, pattern, query.shape[1], query.shape[2])
+    placed = _places(problems, pattern, query)
     return FusedRun(
         problems,
         states,
@@ -251,7 +266,7 @@ def fused_forward(
     query, key, value = _conform_inputs(problems, query, key, value)
     kv_heads = key.shape[2]
     rows, head_chunk, adopted = _merge_layout(problems, pattern, query)
-    placed = _places(problems, pattern, n, h)
+    placed = _places(problems, pattern, query)
     if rows is not None:
         parts = BranchBuffers(rows, b, h, d, query.dtype, query.device, adopted)
         part_lses = BranchBuffers(rows, b, h, None, lse_dtype, query.device, adopted)
@@ -314,7 +329,7 @@ def fused_forward(
         if total is not None:
             merge_into(out5, lse4, strided(total, to_call), part_out, part_lse)
         else:
-            out5.copy_(part_out)
+            copy_rows(out5, part_out)
             lse4.copy_(part_lse)
     if rows is not None:
         merge_branches(out, lse, rows, parts, part_lses, range(h))
@@ -414,7 +429,7 @@ def fused_backward(
                         if call.branch == adopted:
                             c.adopt(from_problem(part, b))
                         else:
-                            strided(c.blocks[call.branch], to_call).copy_(from_problem(part, b))
+                            copy_rows(strided(c.blocks[call.branch], to_call), from_problem(part, b))
                     continue
                 for acc, part in zip(accs, part_grads):
                     _write(acc, call, heads.start, from_problem(part, b), run.merge, run.placed)

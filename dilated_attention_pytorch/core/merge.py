@@ -155,6 +155,24 @@ def _branch_meta(parts: BranchBuffers, device: torch.device) -> tuple[Tensor, Te
     return _BRANCH_META.get((parts.meta, parts.offsets, device), build)
 
 
+#: distinct branch layouts compiled into the Triton merge (each a compile, about a
+#: second); past them the kernel reads the layout from memory. The layout depends on
+#: the length only below a branch's segment length (segments clipped to the sequence).
+STATIC_LAYOUTS_MAX = 8
+_STATIC_LAYOUTS: set[tuple[tuple[int, ...], ...]] = set()
+
+
+def static_layout(parts: BranchBuffers) -> tuple[tuple[int, ...], ...] | None:
+    """``parts``' segment lengths, dilations and rows per segment, to compile into the
+    merge kernel (divisions by constants instead of by values it loads), unless
+    :data:`STATIC_LAYOUTS_MAX` other layouts already were."""
+    layout = tuple(row[:3] for row in parts.meta)
+    if layout in _STATIC_LAYOUTS or len(_STATIC_LAYOUTS) < STATIC_LAYOUTS_MAX:
+        _STATIC_LAYOUTS.add(layout)
+        return layout
+    return None
+
+
 def merge_branches(
     out: Tensor,
     lse: Tensor | None,
@@ -180,6 +198,7 @@ def merge_branches(
             *_branch_meta(parts, out.device),
             heads.start,
             adopted,
+            static_meta=static_layout(parts),
         )
         return
     b, n, c, _ = out.shape

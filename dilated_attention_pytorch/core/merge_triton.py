@@ -306,11 +306,11 @@ def merge_branches(
     ``lse``/``part_lse``: the lse merge, writing the merged lse ``(batch, seq,
     heads)`` too; without: the plain sum. ``block_r`` (position, head) rows per
     program and ``num_warps``: the defaults are tiles of 2048 elements, 2 warps for
-    the lse merge and 4 for the sum, the best of 1-16 warps and 1024-16384 elements
-    on an H200 (``benchmarks/probes/merge_tiles.py``). ``static_meta``: ``meta``'s
-    rows on the host; their segment lengths, dilations and rows per segment are then
-    compiled into the kernel (one kernel per pattern and length; not measured yet, so
-    only that probe passes it)."""
+    the lse merge and 4 for the sum (``benchmarks/probes/merge_tiles.py``; measured
+    in docs/benchmark_details.md). ``static_meta``: the first three columns of
+    ``meta``'s rows on the host (segment length, dilation, rows per segment per
+    branch), compiled into the kernel: one kernel per layout, divisions by constants
+    instead of by values read from memory."""
     b, n, h, d = out.shape
     default_rows, block_d = tiles(d, 2048)
     weighted = lse is not None
@@ -331,7 +331,8 @@ def merge_branches(
 
 
 def _static_meta(rows: Sequence[tuple[int, ...]] | None) -> dict[str, object]:
-    """The kernel's compile-time branch layout from ``meta``'s host rows."""
+    """The kernel's compile-time branch layout from ``meta``'s host rows (their
+    first three columns)."""
     if rows is None:
         return {}
     segments, dilations, per_segment = (tuple(int(r[k]) for r in rows) for k in range(3))

@@ -38,7 +38,7 @@ from .fused import Recompute, fake_grads, register_operator_autograd
 from .gather import gathered_attention
 from .merge import add_at_rows, merge_finish, merge_into
 from .varlen import grouped_by_length, host_bounds
-from .views import from_problem, problem_view, strided
+from .views import copy_rows, from_problem, problem_view, strided
 
 
 @dataclasses.dataclass(frozen=True)
@@ -346,7 +346,7 @@ def packed_forward(
             part_out, part_lse, _ = chosen.dense.forward(q, k, v, None, causal, scale)
             part_out, part_lse = from_problem(part_out, 1), from_problem(part_lse, 1)
             if weights is None:
-                strided(out[None], doc).copy_(part_out)
+                copy_rows(strided(out[None], doc), part_out)
                 strided(lse[None], doc).copy_(part_lse)
             else:
                 acc, top, total = (strided(x[None], doc) for x in (out, lse, weights))

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..pattern import BranchCall
 from . import place_triton
-from .views import region, strided
+from .views import copy_rows, region, strided
 
 
 def place_result(
@@ -38,6 +38,6 @@ def place_result(
         to_lse.fill_(-math.inf)
     if part is None or not call.length:
         return
-    strided(dest, call, first_head).copy_(part)
+    copy_rows(strided(dest, call, first_head), part)
     if dest_lse is not None and part_lse is not None:
         strided(dest_lse, call, first_head).copy_(part_lse)

@@ -40,6 +40,46 @@ def strided(x: Tensor, call: BranchCall, first_head: int = 0) -> Tensor:
     )
 
 
+#: widest element first: torch's strided copy moves one element per thread, so a
+#: bf16 row copied as 16-byte elements moves 8 times the bytes per thread
+_WIDE_DTYPES = (torch.complex128, torch.int64, torch.int32)
+
+#: bytes below which a copy is plain: its GPU time is less than the host time of
+#: the two wide views (the many small copies of short sequences' head chunks)
+WIDE_COPY_MIN_BYTES = 1 << 22
+
+
+def copy_rows(dest: Tensor, src: Tensor) -> None:
+    """``dest.copy_(src)`` for same-shape tensors whose last dim is contiguous (rows
+    of ``head_dim``), as the widest element both allow where the copy is large
+    (:data:`WIDE_COPY_MIN_BYTES`); a plain copy otherwise."""
+    if (
+        dest.dtype == src.dtype
+        and dest.shape == src.shape
+        and dest.dim() > 0
+        and dest.numel() * dest.element_size() >= WIDE_COPY_MIN_BYTES
+    ):
+        itemsize = dest.element_size()
+        for wide in _WIDE_DTYPES:
+            ratio = wide.itemsize // itemsize
+            if ratio > 1 and _viewable(dest, ratio) and _viewable(src, ratio):
+                dest.view(wide).copy_(src.view(wide))
+                return
+    dest.copy_(src)
+
+
+def _viewable(x: Tensor, ratio: int) -> bool:
+    """Whether ``x.view(dtype)`` for a dtype ``ratio`` times as wide is allowed
+    (last dim contiguous and divisible, every other stride and the offset divisible)."""
+    *strides, last = x.stride()
+    return (
+        last == 1
+        and x.shape[-1] % ratio == 0
+        and x.storage_offset() % ratio == 0
+        and all(stride % ratio == 0 for stride in strides)
+    )
+
+
 def region(x: Tensor, call: BranchCall, first_head: int = 0) -> Tensor:
     """The call's region of a ``(batch, seq, heads, *rest)`` tensor: every position
     from ``start`` over its ``num_segments · segment_length``, selected or not, of

@@ -598,14 +598,21 @@ def test_diagonal_calls_match_reference(monkeypatch, causal, layout):
         assert_close(actual, exp, torch.float64, f"d{name}")
 
 
+@pytest.mark.parametrize("region_passes", [True, False], ids=["placed", "zero_filled"])
 @pytest.mark.parametrize("head_mode", ["grouped", "all"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("seg,dil,seq,heads", PATTERNS)
-def test_results_never_read_unwritten_memory(monkeypatch, seg, dil, seq, heads, head_mode, causal):
+def test_results_never_read_unwritten_memory(
+    monkeypatch, seg, dil, seq, heads, head_mode, causal, region_passes
+):
     """Every buffer the fused path allocates without a fill starts as NaN here: an
     output, lse or gradient element that no problem writes (a grouped head's
     unselected rows, a call without queries) would show. Grouped heads write each
-    problem's whole region (:func:`~.core.place.place_result`) instead of a zero fill."""
+    problem's whole region (:func:`~.core.place.place_result`) instead of a zero fill,
+    unless the problems are small (``fused.PLACE_MIN_ELEMENTS``): then a zero fill
+    and copies."""
+    if not region_passes:
+        monkeypatch.setattr(fused, "PLACE_MIN_ELEMENTS", 2**62)
     real_empty, real_new_empty = torch.empty, torch.Tensor.new_empty
 
     def poisoned(x: torch.Tensor) -> torch.Tensor:
@@ -627,7 +634,7 @@ def test_results_never_read_unwritten_memory(monkeypatch, seg, dil, seq, heads, 
         assert_close(a, b, torch.float64, f"d{name}")
     pattern = DilatedPattern(seg, dil, head_mode)
     calls = pattern.calls(seq, heads, diagonal=True)
-    if head_mode == "grouped":  # every call placed in the forward and once per gradient
+    if head_mode == "grouped" and region_passes:  # every call placed in the forward and once per gradient
         assert sorted(placed, key=repr) == sorted(calls * 4, key=repr)
     else:
         assert placed == []

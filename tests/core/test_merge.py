@@ -146,3 +146,26 @@ def test_add_at_rows_sums_in_the_destination_dtype():
     merge.add_at_rows(acc[:, 1::2], rows, part)
     assert acc.dtype == torch.float32
     torch.testing.assert_close(acc, expected)
+
+
+def test_static_layouts_are_bounded(monkeypatch):
+    """The merge kernel is compiled for at most ``STATIC_LAYOUTS_MAX`` branch layouts
+    (segments clipped to shorter sequences give one per length); later layouts
+    read theirs from memory, those already compiled keep their kernel."""
+    from dilated_attention_pytorch import DilatedPattern
+    from dilated_attention_pytorch.pattern import compact_rows
+
+    monkeypatch.setattr(merge, "_STATIC_LAYOUTS", set())
+    monkeypatch.setattr(merge, "STATIC_LAYOUTS_MAX", 2)
+    pattern = DilatedPattern((4, 16), (1, 2), "all")
+
+    def buffers(n: int) -> merge.BranchBuffers:
+        rows = compact_rows(pattern, pattern.calls(n, 2, diagonal=True), n, 2)
+        assert rows is not None
+        return merge.BranchBuffers(rows, 1, 2, 8, torch.float32, torch.device("cpu"))
+
+    first, second, third = (merge.static_layout(buffers(n)) for n in (8, 12, 10))
+    assert first == ((4, 1, 4), (8, 2, 4)) and second == ((4, 1, 4), (12, 2, 6))
+    assert third is None
+    assert merge.static_layout(buffers(8)) == first
+    assert merge.static_layout(buffers(24)) is None  # (16, 2, 8): a third layout

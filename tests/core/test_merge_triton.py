@@ -80,9 +80,14 @@ def test_triton_branch_merge_matches_torch(monkeypatch, head_dim, weighted, n):
         lse4.copy_(torch.randn(lse4.shape, device=DEVICE, generator=g) * 3)
         lse4[0, 0, :2] = float("-inf")  # rows without a key in this branch
     lse_arg = lses if weighted else None
-    launched = []  # the adopted branch of each kernel launch
+    launched = []  # the adopted branch and the compiled-in layout of each kernel launch
     real = triton_merge.merge_branches
-    monkeypatch.setattr(triton_merge, "merge_branches", lambda *a: launched.append(a[7]) or real(*a))
+    monkeypatch.setattr(
+        triton_merge,
+        "merge_branches",
+        lambda *a, **k: launched.append((a[7], k["static_meta"])) or real(*a, **k),
+    )
+    monkeypatch.setattr(merge, "_STATIC_LAYOUTS", set())
     results = []
     for use_triton in (True, False):
         full = torch.full((b, n, h, head_dim), float("nan"), device=DEVICE, dtype=torch.bfloat16)
@@ -90,12 +95,13 @@ def test_triton_branch_merge_matches_torch(monkeypatch, head_dim, weighted, n):
         monkeypatch.setattr(triton_merge, "can_merge_branches", lambda *args, on=use_triton: on)
         out, lse = full[:, :, heads.start : heads.stop], full_lse[:, :, heads.start : heads.stop]
         merge.merge_branches(out, lse if weighted else None, rows, parts, lse_arg, heads)
-        assert len(launched) == 1 and (launched[0] is None) == (adopted is None)
+        assert len(launched) == 1 and (launched[0][0] is None) == (adopted is None)
+        assert launched[0][1] == tuple(row[:3] for row in parts.meta)
         assert torch.isfinite(out).all()
         assert full[:, :, : heads.start].isnan().all() and full[:, :, heads.stop :].isnan().all()
         results.append((out.float(), lse))
     assert len(launched) == 1  # the torch merge launched nothing
-    # the layout compiled into the kernel gives the same result, bit for bit
+    # the layout read from memory gives the same result as compiled in, bit for bit
     full = torch.full((b, n, h, head_dim), float("nan"), device=DEVICE, dtype=torch.bfloat16)
     full_lse = torch.full((b, n, h), float("nan"), device=DEVICE)
     out, lse = full[:, :, heads.start : heads.stop], full_lse[:, :, heads.start : heads.stop]
@@ -105,7 +111,7 @@ def test_triton_branch_merge_matches_torch(monkeypatch, head_dim, weighted, n):
         adopted_rows = (parts.adopted_index, parts.adopted_rows(), lses.adopted_rows() if weighted else None)
     real(
         out, lse if weighted else None, parts.flat, lses.flat if weighted else None, meta, offsets,
-        heads.start, adopted_rows, static_meta=parts.meta,
+        heads.start, adopted_rows, static_meta=None,
     )  # fmt: skip
     assert torch.equal(out.float(), results[0][0])
     if weighted:

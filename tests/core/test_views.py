@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dilated_attention_pytorch import functional
+from dilated_attention_pytorch.core import views
 from dilated_attention_pytorch.reference import dilated_attention_reference as reference
 
 from ..conftest import CPU_IMPLS, LAYOUTS, assert_close, make_strided
@@ -74,3 +75,52 @@ def test_stride_rules_refuse_what_their_kernels_misread():
     unaligned = torch.randn(2 * 3 * 5 * 8 + 1, dtype=torch.bfloat16)[1:].view(2, 3, 5, 8)
     assert not REGISTRY["sdpa_cudnn"].strides.accepts(unaligned)
     assert REGISTRY["sdpa_cudnn"].strides.conform(unaligned).data_ptr() % 16 == 0
+
+
+def _branch_view(dest: torch.Tensor) -> torch.Tensor:
+    # a call's rows in a (batch, seq, heads, head_dim) result: stepped positions and heads
+    return dest[:, 3:83:2, 1::2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "head_dim,src_layout",
+    [(64, "contiguous"), (64, "transposed"), (64, "expanded"), (6, "contiguous"), (65, "contiguous")],
+)
+def test_copy_rows_equals_copy(dtype, head_dim, src_layout):
+    """Bit for bit ``dest.copy_(src)``, through wide elements or not (head_dim 6 and
+    65 do not divide into 16 bytes in every dtype)."""
+    src = torch.randn(2, 40, 6, head_dim).to(dtype)
+    if src_layout == "transposed":
+        src = src.transpose(1, 2).contiguous().transpose(1, 2)
+    elif src_layout == "expanded":
+        src = src[:, :1].expand_as(src)
+    dest = torch.zeros(2, 100, 12, head_dim, dtype=dtype)
+    expected = dest.clone()
+    _branch_view(expected).copy_(src)
+    views.copy_rows(_branch_view(dest), src)
+    assert torch.equal(dest.view(torch.uint8), expected.view(torch.uint8))
+
+
+def test_copy_rows_goes_wide_where_the_strides_allow(monkeypatch):
+    widths = []
+    real_view = torch.Tensor.view
+
+    def view(self, *args):
+        if len(args) == 1 and isinstance(args[0], torch.dtype):
+            widths.append(args[0].itemsize)
+        return real_view(self, *args)
+
+    monkeypatch.setattr(torch.Tensor, "view", view)
+    dest = torch.zeros(2, 100, 12, 64, dtype=torch.bfloat16)
+    views.copy_rows(_branch_view(dest), torch.randn(2, 40, 6, 64).bfloat16())
+    assert widths == [16, 16]
+    widths.clear()
+    odd = torch.zeros(2, 40, 6, 65, dtype=torch.bfloat16)[..., :64]  # head stride 65: one element wide
+    views.copy_rows(odd, torch.randn(2, 40, 6, 64).bfloat16())
+    assert widths == []
+    views.copy_rows(_branch_view(dest), torch.randn(2, 40, 6, 64))  # another dtype: converted
+    assert widths == []
+    monkeypatch.setattr(views, "WIDE_COPY_MIN_BYTES", 2 * 40 * 6 * 64 * 2 + 1)  # a small copy: plain
+    views.copy_rows(_branch_view(dest), torch.randn(2, 40, 6, 64).bfloat16())
+    assert widths == []
