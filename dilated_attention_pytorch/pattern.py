@@ -310,11 +310,8 @@ def compact_rows(
     once (counted; the calls themselves must not overlap)."""
     if not pattern.merges_branches:
         return None
-    by_branch: dict[int, list[BranchCall]] = {}
-    for call in calls:
-        by_branch.setdefault(call.branch, []).append(call)
     rows = {}
-    for branch, group in by_branch.items():
+    for branch, group in _by_branch(calls).items():
         offsets = pattern.branch_offsets(branch, num_heads)
         r = group[0].dilation
         w = max(c.segment_length for c in group)
@@ -353,14 +350,20 @@ def compact_rows(
     return rows
 
 
+def _by_branch(calls: Sequence[BranchCall]) -> dict[int, list[BranchCall]]:
+    """``calls`` grouped by branch, in order of first appearance."""
+    groups: dict[int, list[BranchCall]] = {}
+    for call in calls:
+        groups.setdefault(call.branch, []).append(call)
+    return groups
+
+
 def whole_branch(rows: dict[int, BranchRows], calls: Sequence[BranchCall], num_heads: int) -> int | None:
     """The first branch of ``rows`` that one of ``calls`` fills alone: every one of
     ``num_heads`` heads at one offset, whole segments from position 0. That call's
     result, as ``(batch, segments, rows_per_segment, heads, ...)``, holds the
     branch's compact rows in their order, so a merge can read it instead of a copy."""
-    by_branch: dict[int, list[BranchCall]] = {}
-    for call in calls:
-        by_branch.setdefault(call.branch, []).append(call)
+    by_branch = _by_branch(calls)
     for branch, br in rows.items():
         group = by_branch.get(branch, [])
         if len(group) != 1:

@@ -44,6 +44,9 @@ def strided(x: Tensor, call: BranchCall, first_head: int = 0) -> Tensor:
 #: bf16 row copied as 16-byte elements moves 8 times the bytes per thread
 _WIDE_DTYPES = (torch.complex128, torch.int64, torch.int32)
 
+#: where complex128 views copy (MPS, for one, has no complex128)
+_WIDE_COPY_DEVICES = ("cuda", "cpu")
+
 #: bytes below which a copy is plain: its GPU time is less than the host time of
 #: the two wide views (the many small copies of short sequences' head chunks)
 WIDE_COPY_MIN_BYTES = 1 << 22
@@ -54,7 +57,8 @@ def copy_rows(dest: Tensor, src: Tensor) -> None:
     of ``head_dim``), as the widest element both allow where the copy is large
     (:data:`WIDE_COPY_MIN_BYTES`); a plain copy otherwise."""
     if (
-        dest.dtype == src.dtype
+        dest.device.type in _WIDE_COPY_DEVICES
+        and dest.dtype == src.dtype
         and dest.shape == src.shape
         and dest.dim() > 0
         and dest.numel() * dest.element_size() >= WIDE_COPY_MIN_BYTES

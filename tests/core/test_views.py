@@ -121,6 +121,11 @@ def test_copy_rows_goes_wide_where_the_strides_allow(monkeypatch):
     assert widths == []
     views.copy_rows(_branch_view(dest), torch.randn(2, 40, 6, 64))  # another dtype: converted
     assert widths == []
+    meta = torch.empty(
+        2, 40, 6, 64, dtype=torch.bfloat16, device="meta"
+    )  # not a device with complex128 copies
+    views.copy_rows(meta, meta.clone())
+    assert widths == []
     monkeypatch.setattr(views, "WIDE_COPY_MIN_BYTES", 2 * 40 * 6 * 64 * 2 + 1)  # a small copy: plain
     views.copy_rows(_branch_view(dest), torch.randn(2, 40, 6, 64).bfloat16())
     assert widths == []
