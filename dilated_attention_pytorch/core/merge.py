@@ -155,8 +155,8 @@ def _branch_meta(parts: BranchBuffers, device: torch.device) -> tuple[Tensor, Te
     return _BRANCH_META.get((parts.meta, parts.offsets, device), build)
 
 
-#: distinct branch layouts compiled into the Triton merge (each a compile, about a
-#: second); past them the kernel reads the layout from memory. The layout depends on
+#: distinct branch layouts compiled into the Triton merge (each one more compile);
+#: past them the kernel reads the layout from memory. The layout depends on
 #: the length only below a branch's segment length (segments clipped to the sequence).
 STATIC_LAYOUTS_MAX = 8
 _STATIC_LAYOUTS: set[tuple[tuple[int, ...], ...]] = set()

@@ -56,12 +56,13 @@ def copy_rows(dest: Tensor, src: Tensor) -> None:
     """``dest.copy_(src)`` for same-shape tensors whose last dim is contiguous (rows
     of ``head_dim``), as the widest element both allow where the copy is large
     (:data:`WIDE_COPY_MIN_BYTES`); a plain copy otherwise."""
+    # cheapest test first: most copies of short sequences are small
     if (
-        dest.device.type in _WIDE_COPY_DEVICES
+        dest.numel() * dest.element_size() >= WIDE_COPY_MIN_BYTES
         and dest.dtype == src.dtype
         and dest.shape == src.shape
         and dest.dim() > 0
-        and dest.numel() * dest.element_size() >= WIDE_COPY_MIN_BYTES
+        and dest.device.type in _WIDE_COPY_DEVICES
     ):
         itemsize = dest.element_size()
         for wide in _WIDE_DTYPES:
