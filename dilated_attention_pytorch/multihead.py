@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from ._checks import check_dropout, check_int, refuse_torchscript
+from .core.unbind import unbind
 from .decoding import LayerKVCache
 from .modules import (
     DilatedAttention,
@@ -160,7 +161,10 @@ class _MultiheadDilatedAttentionBase(nn.MultiheadAttention):
         if self._qkv_same_embed_dim:
             if query is key and key is value:  # self-attention: one matmul
                 qkv = F.linear(query, self.in_proj_weight, self.in_proj_bias)
-                return qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(2)
+                # one tensor's slices: the fused backward writes their gradients into one
+                # buffer, which unbind's backward passes on without a stack copy
+                q, k, v = unbind(qkv.unflatten(-1, (3, self.num_heads, self.head_dim)), 2)
+                return q, k, v
             w_q, w_k, w_v = self.in_proj_weight.split(e)
         else:
             w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
@@ -224,6 +228,8 @@ class _MultiheadDilatedAttentionBase(nn.MultiheadAttention):
                 f"{query.dim()}-D, {key.dim()}-D and {value.dim()}-D"
             )
         unbatched = query.dim() == 2
+        # self-attention (one tensor) stays one tensor through the reshapes: one projection
+        same = query is key and key is value
         if unbatched:
             query, key, value = query[None], key[None], value[None]
             if key_padding_mask is not None:
@@ -232,6 +238,8 @@ class _MultiheadDilatedAttentionBase(nn.MultiheadAttention):
                 attn_mask = attn_mask[None]
         elif not self.batch_first:
             query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+        if same:
+            key = value = query
         batch, seq, _ = query.shape
         self._check_dtypes(query, key, value)
         for name, x, dim in (

@@ -55,6 +55,9 @@ def _permute_call() -> tuple[torch.Tensor, object]:
 TRACED = {"dilated_attention_pytorch.core.varlen._Permute": _permute_call}
 #: Functions that never enter a compiled graph, and why
 EAGER_ONLY = {
+    "dilated_attention_pytorch.core.unbind._Unbind": (
+        "unbind() takes the plain x.unbind(dim) while torch.compile traces"
+    ),
     "dilated_attention_pytorch.core.fused._FusedDilatedAttention": (
         "torch.compiler.disable (its exchanges are communication)"
     ),

@@ -656,3 +656,24 @@ def test_a_step_leaves_no_cycles_on_gpu(impl, head_mode, causal):
     step()  # first calls of these shapes, outside the measured step
     alive = held_by_cycles(step)
     assert alive == [], f"{impl.name}: held by a reference cycle (q, k, v, out, dq, dk, dv): {alive}"
+
+
+@pytest.mark.parametrize("head_mode", ["grouped", "all"])
+def test_multihead_stacked_gradients_equal_the_plain_unbind_on_gpu(monkeypatch, head_mode):
+    """The self-attention projection's gradients written into one buffer by the
+    fused backward (region passes, merges and copies into its slices) are bit for
+    bit those of autograd's plain unbind."""
+    from dilated_attention_pytorch import multihead
+
+    torch.manual_seed(0)
+    module = ImprovedMultiheadDilatedAttention(
+        256, 8, segment_lengths=[128, 256, 512], dilation_rates=[1, 2, 4], batch_first=True,
+        head_mode=head_mode, device="cuda", dtype=torch.bfloat16,
+    )  # fmt: skip
+    x = torch.randn(2, 1000, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(2, 1000, 256, device="cuda", dtype=torch.bfloat16)
+    params = [x, *module.parameters()]
+    stacked = torch.autograd.grad(module(x, x, x, is_causal=True)[0], params, g)
+    monkeypatch.setattr(multihead, "unbind", lambda t, dim: t.unbind(dim))
+    plain = torch.autograd.grad(module(x, x, x, is_causal=True)[0], params, g)
+    assert all(torch.equal(a, b) for a, b in zip(stacked, plain))

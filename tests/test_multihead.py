@@ -459,3 +459,38 @@ def test_packed_documents(cls):
         ours(x, x, x, cu_seqlens=cu, key_padding_mask=torch.zeros(1, 28, dtype=torch.bool))
     with pytest.raises(ValueError, match="one packed row"):
         ours(x.expand(2, -1, -1), x.expand(2, -1, -1), x.expand(2, -1, -1), cu_seqlens=cu)
+
+
+@pytest.mark.parametrize("head_mode", ["grouped", "all"])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_self_attention_gradients_reach_the_projection_without_a_stack(monkeypatch, head_mode, batch_first):
+    """One projection of queries, keys and values: the fused backward writes their
+    gradients into one buffer that reaches the projection's backward as it is (no
+    ``torch.stack`` copy of autograd's unbind), bit for bit the gradients of the
+    plain unbind."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dilated_attention_pytorch import multihead
+
+    class Ops(TorchDispatchMode):
+        names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    m = ImprovedMultiheadDilatedAttention(
+        E, H, batch_first=batch_first, segment_lengths=[4, 8], dilation_rates=[1, 2], head_mode=head_mode
+    ).double()
+    x = _inputs(batch_first)[0].requires_grad_()
+    results = []
+    for plain in (False, True):
+        if plain:
+            monkeypatch.setattr(multihead, "unbind", lambda t, dim: t.unbind(dim))
+        out = m(x, x, x, is_causal=True)[0]
+        with Ops() as ops:
+            grads = torch.autograd.grad(out, [x, *m.parameters()], torch.ones_like(out))
+        results.append(grads)
+        assert ("stack" in ops.names) == plain
+    assert all(torch.equal(a, b) for a, b in zip(*results))

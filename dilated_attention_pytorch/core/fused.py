@@ -31,7 +31,7 @@ from .blockwise import BlockBackward, blockwise_forward, kv_grads, shared_kv
 from .exchange import KeyExchange
 from .merge import BranchBuffers, merge_branches, merge_finish, merge_into
 from .place import place_result
-from .views import copy_rows, from_problem, problem_view, strided
+from .views import copy_rows, from_problem, problem_view, stacked_view, strided
 
 
 @dataclasses.dataclass
@@ -340,10 +340,14 @@ def fused_forward(
 
 
 def fused_backward(
-    run: FusedRun, grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
+    run: FusedRun, grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor,
+    stacked: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """``(dq, dk, dv)`` of a :func:`fused_forward`: each kernel's backward with
-    the merged output and lse, in the forward's head chunks."""
+    the merged output and lse, in the forward's head chunks. ``stacked`` (query,
+    key and value of one shape): the three are slices ``[:, :, i]`` of one
+    ``(batch, seq, 3, heads, head_dim)`` tensor, as queries, keys and values of one
+    projection are."""
     query, key, value = _conform_inputs(run.problems, query, key, value)
     b, n, h, _ = query.shape
     kv_heads = key.shape[2]
@@ -356,7 +360,12 @@ def fused_backward(
     shared = kv_heads != h
     # the head_dim of dq, dk and dv in query-head space (the value's may differ)
     dims = [query.shape[3]] if shared else [x.shape[3] for x in (query, key, value)]
-    grads = [new(*query.shape[:3], dim, dtype=query.dtype, device=query.device) for dim in dims]
+    if stacked:
+        if shared or len(set(dims)) != 1:
+            raise ValueError("stacked gradients need query, key and value of one shape")
+        grads = list(new(b, n, 3, h, dims[0], dtype=query.dtype, device=query.device).unbind(2))
+    else:
+        grads = [new(*query.shape[:3], dim, dtype=query.dtype, device=query.device) for dim in dims]
     kv_sums = [x.new_zeros(x.shape, dtype=lse.dtype) for x in (key, value)] if shared else []
 
     def add_to_kv_sums(parts: Sequence[Tensor], kv_part: BranchCall) -> None:
@@ -544,6 +553,7 @@ def register_operator_autograd(
     backward_op: Any,
     num_tensors: int,
     recompute_for: Callable[[tuple[Any, ...], tuple[Any, ...]], Recompute],
+    stacked_backward_op: Any = None,
 ) -> None:
     """Link a registered ``forward_op`` returning ``(out, lse)`` to its
     ``backward_op(grad_out, query, key, value, out, lse, *other, *static)``: the
@@ -551,7 +561,11 @@ def register_operator_autograd(
     tensors, the rest ``static``. The lse carries no gradient (marked
     non-differentiable). Under double backward or batched gradients the
     backward differentiates ``recompute_for(other, static)`` instead
-    (:func:`recomputed_grads`)."""
+    (:func:`recomputed_grads`). ``stacked_backward_op`` (same arguments): the
+    gradients as one ``(batch, seq, 3, heads, head_dim)`` tensor, taken where
+    query, key and value are its three slices (:func:`~.views.stacked_view`), so
+    that they reach the projection without a ``torch.stack`` copy
+    (:func:`~.unbind.unbind`)."""
 
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
         ctx.save_for_backward(*inputs[:num_tensors], *output)
@@ -570,7 +584,10 @@ def register_operator_autograd(
             recompute = recompute_for(other, ctx.static)
             grads = recomputed_grads(recompute, (query, key, value), ctx.needs_input_grad[:3], grad_out)
             return (*grads, *none)
-        return (*backward_op(grad_out, query, key, value, out, lse, *other, *ctx.static), *none)
+        args = (grad_out, query, key, value, out, lse, *other, *ctx.static)
+        if stacked_backward_op is not None and stacked_view((query, key, value), 2) is not None:
+            return (*stacked_backward_op(*args).unbind(2), *none)
+        return (*backward_op(*args), *none)
 
     forward_op.register_autograd(backward, setup_context=setup_context)
 

@@ -9,6 +9,7 @@ nothing an operator returns aliases its inputs and no input is mutated
 (``mutates_args=()``)."""
 
 # no `from __future__ import annotations`: custom_op reads the signature's types
+import inspect
 from typing import Any
 
 import torch
@@ -29,6 +30,7 @@ from .fused import (
     select_backends,
 )
 from .gather import gathered_attention
+from .views import stacked_view
 
 
 def _problems(
@@ -83,8 +85,18 @@ def _(query: Tensor, key: Tensor, value: Tensor, *args: Any) -> tuple[Tensor, Te
     return out, query.new_empty((b, n, h), dtype=accumulation_dtype(query.dtype))
 
 
-@torch.library.custom_op("dilated_attention::fused_backward", mutates_args=())
-def fused_backward_op(
+def _replayed_grads(args: tuple[Any, ...], stacked: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The fused backward of the backward operators' ``args``."""
+    grad_out, query, key, value, out, lse, key_bias, attn_bias, *pattern_args, is_causal, scale, backend = (
+        args
+    )
+    pattern = DilatedPattern.from_op_args(*pattern_args)
+    problems = _problems(query, key, value, key_bias, attn_bias, pattern, is_causal, backend)
+    run = replayed_run(problems, pattern, query, scale)
+    return fused_backward(run, grad_out, query, key, value, out, lse, stacked=stacked)
+
+
+def _fused_backward(
     grad_out: Tensor,
     query: Tensor,
     key: Tensor,
@@ -102,13 +114,54 @@ def fused_backward_op(
     backend: str | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)`` of :func:`fused_forward_op`, contiguous, in the inputs' shapes."""
-    pattern = DilatedPattern.from_op_args(segment_lengths, dilation_rates, head_mode, head_slice)
-    problems = _problems(query, key, value, key_bias, attn_bias, pattern, is_causal, backend)
-    run = replayed_run(problems, pattern, query, scale)
-    return fused_backward(run, grad_out, query, key, value, out, lse)
+    pattern_args = (segment_lengths, dilation_rates, head_mode, head_slice)
+    args = (
+        grad_out,
+        query,
+        key,
+        value,
+        out,
+        lse,
+        key_bias,
+        attn_bias,
+        *pattern_args,
+        is_causal,
+        scale,
+        backend,
+    )
+    return _replayed_grads(args, stacked=False)
 
 
+fused_backward_op = torch.library.custom_op(
+    "dilated_attention::fused_backward", _fused_backward, mutates_args=()
+)
 fused_backward_op.register_fake(fake_grads)
+
+
+def _fused_backward_stacked(*args: Any) -> Tensor:
+    """:func:`fused_backward_op`'s gradients as one ``(batch, seq, 3, heads,
+    head_dim)`` tensor, slice ``i`` of dim 2 the gradient of query, key, value; for
+    inputs of one shape."""
+    whole = stacked_view(_replayed_grads(args, stacked=True), 2)
+    assert whole is not None, "fused_backward(stacked=True) returns slices of one tensor"
+    return whole
+
+
+# fused_backward's arguments (one schema to keep in step), in a second operator rather
+# than one more argument of the first: compiled graphs that an earlier release cached
+# on disk call fused_backward with the schema it had then
+_fused_backward_stacked.__signature__ = inspect.signature(_fused_backward).replace(  # type: ignore[attr-defined]
+    return_annotation=Tensor
+)
+fused_backward_stacked_op = torch.library.custom_op(
+    "dilated_attention::fused_backward_stacked", _fused_backward_stacked, mutates_args=()
+)
+
+
+@fused_backward_stacked_op.register_fake
+def _(grad_out: Tensor, query: Tensor, *args: Any) -> Tensor:
+    b, n, h, d = query.shape
+    return query.new_empty(b, n, 3, h, d)
 
 
 def _recompute_for(other: tuple[Any, ...], static: tuple[Any, ...]) -> Recompute:
@@ -123,7 +176,7 @@ def _recompute_for(other: tuple[Any, ...], static: tuple[Any, ...]) -> Recompute
 
 
 # after query, key, value: key_bias and attn_bias
-register_operator_autograd(fused_forward_op, fused_backward_op, 5, _recompute_for)
+register_operator_autograd(fused_forward_op, fused_backward_op, 5, _recompute_for, fused_backward_stacked_op)
 
 
 def fused_local(
@@ -154,4 +207,4 @@ def fused_local(
     )
 
 
-__all__ = ["fused_backward_op", "fused_forward_op", "fused_local"]
+__all__ = ["fused_backward_op", "fused_backward_stacked_op", "fused_forward_op", "fused_local"]

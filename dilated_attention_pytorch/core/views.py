@@ -4,6 +4,9 @@ without copies."""
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -83,6 +86,44 @@ def _viewable(x: Tensor, ratio: int) -> bool:
         and x.storage_offset() % ratio == 0
         and all(stride % ratio == 0 for stride in strides)
     )
+
+
+def stacked_view(tensors: Sequence[Tensor], dim: int) -> Tensor | None:
+    """``torch.stack(tensors, dim)`` as a view of their storage, where they are the
+    slices ``0, 1, ...`` along ``dim`` of one tensor (``x.unbind(dim)``, say: the
+    queries, keys and values of one projection): equal shapes, strides and dtypes
+    at one step of storage offset, and no element in two of them. None otherwise,
+    and while ``torch.compile`` traces (fake tensors have no storage to compare)."""
+    first = tensors[0]
+    if len(tensors) < 2 or torch.compiler.is_compiling() or first.device.type == "meta":
+        return None
+    shape, stride, dtype = first.shape, tuple(int(s) for s in first.stride()), first.dtype
+    if any(t.shape != shape or tuple(t.stride()) != stride or t.dtype != dtype for t in tensors[1:]):
+        return None
+    storage = first.untyped_storage().data_ptr()
+    if any(t.untyped_storage().data_ptr() != storage for t in tensors[1:]):
+        return None
+    step = int(tensors[1].storage_offset() - first.storage_offset())
+    offsets = [t.storage_offset() for t in tensors]
+    if step <= 0 or any(b - a != step for a, b in itertools.pairwise(offsets)):
+        return None
+    dim = dim % (first.dim() + 1)
+    sizes = (*shape[:dim], len(tensors), *shape[dim:])
+    strides = (*stride[:dim], step, *stride[dim:])
+    if not _non_overlapping(sizes, strides):
+        return None
+    return first.as_strided(sizes, strides, first.storage_offset())
+
+
+def _non_overlapping(sizes: Sequence[int], strides: Sequence[int]) -> bool:
+    """Whether no two indices of a ``sizes``/``strides`` view reach one element:
+    each dim's stride passes the extent of the dims of smaller strides."""
+    extent = 0
+    for size, stride in sorted(((n, st) for n, st in zip(sizes, strides) if n > 1), key=lambda p: p[1]):
+        if stride <= extent:
+            return False
+        extent += (size - 1) * stride
+    return True
 
 
 def region(x: Tensor, call: BranchCall, first_head: int = 0) -> Tensor:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dilated_attention_pytorch import ImprovedMultiheadDilatedAttention, LongNetLM, dilated_attention
-from dilated_attention_pytorch.core import ops
+from dilated_attention_pytorch.core import fused, ops
 
 from ..conftest import assert_close
 
@@ -96,3 +96,29 @@ def test_export_of_a_model_with_the_module():
     assert any("dilated_attention.fused_forward" in str(n.target) for n in exported.graph.nodes)
     with torch.no_grad():
         assert_close(exported.module()(x), Model()(x), torch.float32, "exported")
+
+
+@pytest.mark.parametrize("head_mode", ["grouped", "all"])
+def test_stacked_backward_opcheck_and_equal_to_the_plain_one(monkeypatch, head_mode):
+    """Query, key and value as one tensor's slices: the backward writes their
+    gradients into one ``(batch, seq, 3, heads, head_dim)`` tensor, bit for bit the
+    plain backward's; the autograd formula takes it for such inputs only."""
+    qkv = torch.randn(2, 37, 3, 4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    q, k, v = qkv.unbind(2)
+    args = (q, k, v, None, None, list(SEG), list(DIL), head_mode, [], True, 0.3, None)
+    out, lse = ops.fused_forward_op(*args)
+    back = (torch.randn_like(out), q, k, v, out, lse, None, None, *args[5:])
+    torch.library.opcheck(ops.fused_backward_stacked_op, back)
+    stacked = ops.fused_backward_stacked_op(*back)
+    assert stacked.shape == qkv.shape
+    assert all(torch.equal(a, b) for a, b in zip(stacked.unbind(2), ops.fused_backward_op(*back)))
+
+    taken = []
+    real = fused.stacked_view
+    monkeypatch.setattr(fused, "stacked_view", lambda *a: taken.append(real(*a) is not None) or real(*a))
+    leaf = qkv.clone().requires_grad_()
+    dilated_attention(*leaf.unbind(2), SEG, DIL, head_mode=head_mode, is_causal=True).sum().backward()
+    separate = [x.clone().requires_grad_() for x in (q, k, v)]
+    dilated_attention(*separate, SEG, DIL, head_mode=head_mode, is_causal=True).sum().backward()
+    assert taken == [True, False]  # the stacked backward for the slices only
+    assert all(torch.equal(a, b.grad) for a, b in zip(leaf.grad.unbind(2), separate))

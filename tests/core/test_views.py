@@ -129,3 +129,32 @@ def test_copy_rows_goes_wide_where_the_strides_allow(monkeypatch):
     monkeypatch.setattr(views, "WIDE_COPY_MIN_BYTES", 2 * 40 * 6 * 64 * 2 + 1)  # a small copy: plain
     views.copy_rows(_branch_view(dest), torch.randn(2, 40, 6, 64).bfloat16())
     assert widths == []
+
+
+def test_stacked_view_of_unbound_slices_is_their_tensor():
+    x = torch.randn(2, 5, 3, 4, 6, dtype=torch.float64)
+    q, k, v = x.unbind(2)
+    whole = views.stacked_view((q, k, v), 2)
+    assert whole is not None and torch.equal(whole, x) and whole.data_ptr() == x.data_ptr()
+    assert torch.equal(views.stacked_view((q, k, v), -3), x)
+    # slices of another dim of another layout: the view of torch.stack along the asked dim
+    y = torch.randn(5, 2, 12, 6).transpose(0, 1)
+    parts = (y[:, :, 0:4], y[:, :, 4:8], y[:, :, 8:12])
+    for dim in (0, 2, 4):
+        stacked = views.stacked_view(parts, dim)
+        assert stacked is not None and torch.equal(stacked, torch.stack(parts, dim))
+
+
+@pytest.mark.parametrize("case", ["reordered", "copied", "overlapping", "other_strides", "one", "meta"])
+def test_stacked_view_refuses_what_is_not_one_tensors_slices(case):
+    x = torch.randn(2, 5, 10, 6)
+    q, k, v = x[:, :, 0:3], x[:, :, 3:6], x[:, :, 6:9]
+    parts = {
+        "reordered": (q, v, k),
+        "copied": (q, k.clone(), v),
+        "overlapping": (x[:, :, 0:4], x[:, :, 2:6], x[:, :, 4:8]),  # step 2 heads, 4 heads each
+        "other_strides": (q, k, x[:, :, 6:10:2]),
+        "one": (q,),
+        "meta": tuple(torch.empty(2, 5, 3, 6, device="meta") for _ in range(3)),
+    }[case]
+    assert views.stacked_view(parts, 2) is None
