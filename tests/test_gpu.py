@@ -661,8 +661,9 @@ def test_a_step_leaves_no_cycles_on_gpu(impl, head_mode, causal):
 @pytest.mark.parametrize("head_mode", ["grouped", "all"])
 def test_multihead_stacked_gradients_equal_the_plain_unbind_on_gpu(monkeypatch, head_mode):
     """The self-attention projection's gradients written into one buffer by the
-    fused backward (region passes, merges and copies into its slices) are bit for
-    bit those of autograd's plain unbind."""
+    fused backward (region passes, merges and copies into its slices) equal those of
+    autograd's plain unbind (to the bf16 tolerance: a kernel's backward may sum in
+    another order from run to run)."""
     from dilated_attention_pytorch import multihead
 
     torch.manual_seed(0)
@@ -676,4 +677,5 @@ def test_multihead_stacked_gradients_equal_the_plain_unbind_on_gpu(monkeypatch, 
     stacked = torch.autograd.grad(module(x, x, x, is_causal=True)[0], params, g)
     monkeypatch.setattr(multihead, "unbind", lambda t, dim: t.unbind(dim))
     plain = torch.autograd.grad(module(x, x, x, is_causal=True)[0], params, g)
-    assert all(torch.equal(a, b) for a, b in zip(stacked, plain))
+    for a, b in zip(stacked, plain):
+        assert_close(a, b, torch.bfloat16, "gradient")
