@@ -473,7 +473,9 @@ def test_self_attention_gradients_reach_the_projection_without_a_stack(monkeypat
     from dilated_attention_pytorch import multihead
 
     class Ops(TorchDispatchMode):
-        names: list[str] = []
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             self.names.append(func.__name__.split(".")[0])
