@@ -5,26 +5,33 @@ backends of this one, in one process.
     python benchmarks/ab.py --base .ab_base --workloads W1 W2 --seq-lens 131072 1048576 \\
         --output benchmarks/results/ab.jsonl
     python benchmarks/ab.py --backends sdpa_cudnn cudnn_frontend --output ab_backends.jsonl
+    python benchmarks/ab.py --base .ab_base --impl multihead --seq-lens 1048576 --output mh.jsonl
 
 The base package is imported under another name, with its registered operators under
 another namespace (:func:`load_base`), so both run on the same GPU,
 inputs and allocator state, alternating (``--rounds``), each timing the median
 of ``--repeats`` with CUDA events after warm-up; the best round of each is kept.
 With ``--backends BASE HEAD`` both variants are this checkout, with those backends.
+``--impl multihead`` times the whole ``ImprovedMultiheadDilatedAttention`` self-attention
+instead (projections included; one module per variant, the same weights) and records each
+variant's peak memory of a forward+backward.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import torch
+from common import peak_mib
 from run import WORKLOADS, Timer
 
 import dilated_attention_pytorch as head
@@ -60,55 +67,76 @@ def load_base(root: Path) -> ModuleType:
 Variant = tuple[ModuleType, str | None]
 
 
-def time_call(
-    variant: Variant,
-    inputs: tuple[torch.Tensor, ...],
-    grad: torch.Tensor,
-    pattern: object,
-    causal: bool,
-    timer: Timer,
-) -> tuple[float, float]:
-    """Median ms of the forward (no grad) and of forward+backward."""
-    q, k, v = inputs
-    package, backend = variant
+#: a variant's forward, and the tensors its forward+backward differentiates
+Calls = tuple[Callable[[], torch.Tensor], tuple[torch.Tensor, ...]]
 
-    def fwd() -> torch.Tensor:
-        return package.functional.dilated_attention(q, k, v, pattern, is_causal=causal, backend=backend)
+
+def functional_calls(
+    variant: Variant, pattern: object, causal: bool, inputs: tuple[torch.Tensor, ...]
+) -> Calls:
+    """The variant's attention on ``inputs``: q, k, v of shape (batch, seq, heads, head_dim)."""
+    package, backend = variant
+    q, k, v = inputs
+    return lambda: package.functional.dilated_attention(
+        q, k, v, pattern, is_causal=causal, backend=backend
+    ), inputs
+
+
+def multihead_calls(
+    variant: Variant, pattern: object, causal: bool, inputs: tuple[torch.Tensor, ...], heads: int
+) -> Calls:
+    """The variant's multihead self-attention on ``inputs[0]``: x of shape (batch, seq, embed),
+    the weights drawn from one seed so that every variant has the same."""
+    package, backend = variant
+    (x,) = inputs
+    torch.manual_seed(0)
+    module = package.ImprovedMultiheadDilatedAttention(
+        x.shape[-1], heads, segment_lengths=pattern.segment_lengths, dilation_rates=pattern.dilation_rates,
+        head_mode=pattern.head_mode, batch_first=True, device=x.device, dtype=x.dtype, backend=backend,
+    )  # fmt: skip
+    return lambda: module(x, x, x, is_causal=causal, need_weights=False)[0], (x, *module.parameters())
+
+
+def time_call(calls: Calls, grad: torch.Tensor, timer: Timer) -> tuple[float, float, float | None]:
+    """Median ms of the forward (no grad) and of forward+backward, and the step's peak MiB."""
+    fwd, tensors = calls
 
     def fwd_bwd() -> None:
-        for x in inputs:
+        for x in tensors:
             x.grad = None
         fwd().backward(grad)
 
     with torch.no_grad():
         t_fwd = timer(fwd)
-    return t_fwd, timer(fwd_bwd)
+    return t_fwd, timer(fwd_bwd), peak_mib(grad.device, fwd_bwd, tensors)
 
 
 def compare(
     variants: dict[str, Variant],
-    workload: str,
-    n: int,
-    head_mode: str,
-    causal: bool,
-    inputs: tuple[torch.Tensor, ...],
+    make_calls: Callable[[Variant, object], Calls],
     grad: torch.Tensor,
     timer: Timer,
     rounds: int,
+    record: dict,
 ) -> dict:
-    """One record: each variant's best of ``rounds`` alternating timings, and head/base."""
-    w = WORKLOADS[workload]
+    """``record`` completed with each variant's best of ``rounds`` alternating timings
+    (``make_calls(variant, pattern)``), its peak memory and head/base."""
+    w = WORKLOADS[record["workload"]]
     best: dict[str, list[float]] = {}
+    peaks: dict[str, float | None] = {}
     for _ in range(rounds):
         for name, variant in variants.items():
-            pattern = variant[0].DilatedPattern(w["segment_lengths"], w["dilation_rates"], head_mode)
-            times = time_call(variant, inputs, grad, pattern, causal, timer)
+            pattern = variant[0].DilatedPattern(
+                w["segment_lengths"], w["dilation_rates"], record["head_mode"]
+            )
+            *times, peaks[name] = time_call(make_calls(variant, pattern), grad, timer)
             best[name] = [min(a, b) for a, b in zip(best.get(name, times), times)]
-    record: dict = {"workload": workload, "seq_len": n, "head_mode": head_mode, "causal": causal,
-                    "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                    "backends": {name: backend for name, (_, backend) in variants.items()}}  # fmt: skip
+    record |= {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "backends": {name: backend for name, (_, backend) in variants.items()}}  # fmt: skip
     for name, (t_fwd, t_bwd) in best.items():
         record[f"{name}_fwd_ms"], record[f"{name}_fwdbwd_ms"] = round(t_fwd, 3), round(t_bwd, 3)
+        if peaks[name] is not None:
+            record[f"{name}_peak_mib"] = round(peaks[name], 1)
     record["fwd_ratio"] = round(best["head"][0] / best["base"][0], 3)
     record["fwdbwd_ratio"] = round(best["head"][1] / best["base"][1], 3)
     return record
@@ -121,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     source.add_argument(
         "--backends", nargs=2, metavar=("BASE", "HEAD"), help="two kernel backends of this checkout"
     )
+    p.add_argument("--impl", default="functional", choices=["functional", "multihead"])
     p.add_argument("--workloads", nargs="+", default=["W1"], choices=sorted(WORKLOADS))
     p.add_argument("--seq-lens", nargs="+", type=int, default=[131072])
     p.add_argument("--head-modes", nargs="+", default=["grouped", "all"], choices=["grouped", "all"])
@@ -140,16 +169,28 @@ def main(argv: list[str] | None = None) -> None:
     for workload in args.workloads:
         w = WORKLOADS[workload]
         for n in args.seq_lens:
-            shape = (1, n, w["heads"], w["head_dim"])
-            inputs = tuple(
-                torch.randn(shape, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)
-            )
+            if args.impl == "multihead":
+                shape: tuple[int, ...] = (1, n, w["heads"] * w["head_dim"])
+                inputs: tuple[torch.Tensor, ...] = (
+                    torch.randn(shape, device=device, dtype=torch.bfloat16, requires_grad=True),
+                )
+            else:
+                shape = (1, n, w["heads"], w["head_dim"])
+                inputs = tuple(
+                    torch.randn(shape, device=device, dtype=torch.bfloat16, requires_grad=True)
+                    for _ in range(3)
+                )
             grad = torch.randn(shape, device=device, dtype=torch.bfloat16)
             for head_mode in args.head_modes:
                 for causal in (c == "true" for c in args.causal):
-                    record = compare(
-                        variants, workload, n, head_mode, causal, inputs, grad, timer, args.rounds
+                    make_calls: Callable[[Variant, object], Calls] = (
+                        functools.partial(multihead_calls, causal=causal, inputs=inputs, heads=w["heads"])
+                        if args.impl == "multihead"
+                        else functools.partial(functional_calls, causal=causal, inputs=inputs)
                     )
+                    record = {"impl": args.impl, "workload": workload, "seq_len": n, "head_mode": head_mode,
+                              "causal": causal}  # fmt: skip
+                    compare(variants, make_calls, grad, timer, args.rounds, record)
                     print(json.dumps(record), flush=True)
                     with args.output.open("a") as out:
                         out.write(json.dumps(record) + "\n")
