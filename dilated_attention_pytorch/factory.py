@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +59,8 @@ class AutoChoice:
     rejected_backends: dict[str, list[str]] = field(default_factory=dict)
     #: set when the question is about hardware this machine does not have
     hypothetical: str | None = None
+    #: what else decides the backend per call (the call's size, say)
+    notes: list[str] = field(default_factory=list)
 
     def explain(self) -> str:
         lines = [
@@ -69,6 +72,7 @@ class AutoChoice:
         ]
         if self.hypothetical:
             lines.append(f"  hypothetical: {self.hypothetical}")
+        lines += [f"  note: {note}" for note in self.notes]
         for name, reasons in self.rejected_types.items():
             lines.append(f"  type {name!r} not chosen: {'; '.join(reasons)}")
         for name, reasons in self.rejected_backends.items():
@@ -92,12 +96,14 @@ def explain_auto(
     has_mask: bool = False,
     compute_capability: tuple[int, int] | None = None,
     world_size: int | None = None,
+    tokens: int | None = None,
 ) -> AutoChoice:
     """What "auto" chooses for inputs of this kind, with reasons.
 
     ``device`` defaults to CUDA when available, ``dtype`` to bfloat16 on CUDA
     and float32 on CPU. ``compute_capability`` and ``world_size`` can be given
-    to ask about other hardware (defaults: this machine's).
+    to ask about other hardware (defaults: this machine's). ``tokens``: the
+    calls' batch·seq (None: any; the choice then notes where a size changes it).
     """
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype is None:
@@ -110,15 +116,25 @@ def explain_auto(
         hypothetical = f"this machine has no usable CUDA device (torch {torch.__version__}, {built})"
         if compute_capability is None:
             hypothetical += "; compute capability unknown, pass compute_capability=(9, 0) to ask about a GPU"
-    spec = kernels.AttentionSpec(device.type, dtype, head_dim, has_mask, compute_capability)
+    spec = kernels.AttentionSpec(device.type, dtype, head_dim, has_mask, compute_capability, tokens=tokens)
     world = _distributed_world_size() if world_size is None else world_size
     reasons = kernels.not_supported_reasons(spec)
-    backend = next(name for name, r in reasons.items() if not r)
+    backend = kernels.select_backend(spec).name
     rejected_backends = {name: r for name, r in reasons.items() if r}
-    # rank the backends ahead of the chosen one as "slower" only if they could run
     order = list(kernels.REGISTRY)
+    for name in order[: order.index(backend)]:
+        passed_over = kernels.auto_passes_over(kernels.REGISTRY[name], spec)
+        if passed_over is not None and not reasons[name]:
+            rejected_backends[name] = [passed_over]
+    # rank the backends after the chosen one as "slower" only if they could run
     for name in order[order.index(backend) + 1 :]:
         rejected_backends.setdefault(name, []).append(f"{backend!r} is preferred on this hardware")
+    notes = []
+    floor = kernels.REGISTRY[backend].AUTO_MIN_TOKENS
+    if tokens is None and floor:
+        below = kernels.select_backend(dataclasses.replace(spec, tokens=0)).name
+        if below != backend:
+            notes.append(f"calls of fewer than {floor} query tokens (batch·seq) run on {below!r}")
     rejected_types = {
         "standard": [
             "computes the same function with copy-gathers and plain torch attention; "
@@ -134,7 +150,7 @@ def explain_auto(
             "'auto' never substitutes it; ask for it by name"
         ],
     }
-    return AutoChoice("improved", backend, spec, rejected_types, rejected_backends, hypothetical)
+    return AutoChoice("improved", backend, spec, rejected_types, rejected_backends, hypothetical, notes)
 
 
 def _resolve(attention_type: str, **spec: Any) -> tuple[str, AutoChoice | None]:

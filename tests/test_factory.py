@@ -114,3 +114,20 @@ def test_explain_auto_about_cuda_without_cuda_says_it_is_hypothetical():
 
 def test_explain_auto_about_this_machine_is_not_hypothetical():
     assert explain_auto(device="cpu").hypothetical is None
+
+
+def test_auto_explains_the_token_floor_of_its_backend(monkeypatch):
+    from dilated_attention_pytorch.kernels import flash4
+
+    monkeypatch.setattr(flash4, "installed_version", lambda: flash4.TESTED_VERSIONS[0])
+    floor = flash4.Flash4Backend.AUTO_MIN_TOKENS
+    kw = {"device": "cuda", "dtype": torch.bfloat16, "compute_capability": (9, 0)}
+    any_size = explain_auto(**kw)
+    assert any_size.backend == "flash_attn_4"
+    assert f"note: calls of fewer than {floor} query tokens (batch·seq) run on 'sdpa_cudnn'" in (
+        any_size.explain()
+    )
+    small = explain_auto(**kw, tokens=32768)
+    assert small.backend == "sdpa_cudnn" and not small.notes
+    assert f"'auto' takes it from {floor} query tokens" in small.rejected_backends["flash_attn_4"][0]
+    assert explain_auto(**kw, tokens=floor).backend == "flash_attn_4"

@@ -479,7 +479,7 @@ def test_backend_takes_a_value_head_dim_as_declared(name, head_dim, value_dim):
         ok = out.shape == exp_out.shape and all(a.shape == b.shape for a, b in zip(got, expected))
         ok = ok and relative_error(out, exp_out) <= 2e-2
         ok = ok and all(relative_error(a, b) <= 2e-2 for a, b in zip(got, expected))
-    except RuntimeError as error:
+    except (RuntimeError, AssertionError) as error:  # FlashAttention-4 refuses with assertions
         assert not declared, f"{name} declares SUPPORTS_VALUE_HEAD_DIM but raised: {error}"
         return
     assert ok == declared, f"{name}: takes value head_dim {value_dim} correctly = {ok}, declared {declared}"

@@ -595,9 +595,12 @@ def register_operator_autograd(
 def select_backends(
     query: Tensor, value: Tensor, calls: Sequence[BranchCall], has_bias: Sequence[bool], backend: str | None
 ) -> list[kernels.Backend]:
-    """A kernel per problem. A named backend must suit the inputs; a problem whose
-    length it refuses (cuDNN at length 1, say) goes to the best one that takes it."""
+    """A kernel per problem of ``query`` (batch, seq, heads, head_dim). A named backend
+    must suit the inputs; a problem whose length it refuses (cuDNN at length 1, say)
+    goes to the best one that takes it. "auto" weighs the call's batch·seq tokens
+    (``AttentionSpec.tokens``)."""
     spec = kernels.AttentionSpec.from_tensor(query, has_bias=any(has_bias), value=value)
+    spec = dataclasses.replace(spec, tokens=query.shape[0] * query.shape[1])
     if backend is not None:
         kernels.select_backend(spec, backend)
     named = kernels.REGISTRY.get(backend) if backend is not None else None

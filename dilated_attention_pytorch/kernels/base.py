@@ -35,6 +35,9 @@ class AttentionSpec:
     value_head_dim: int | None = None
     #: packed sequences (``cu_seqlens``): needs a backend with a varlen form
     varlen: bool = False
+    #: query tokens of the whole call (batch·seq), when known (None: any); "auto"
+    #: weighs a backend's ``AUTO_MIN_TOKENS`` against it
+    tokens: int | None = None
 
     @classmethod
     def from_tensor(
@@ -142,6 +145,8 @@ class Backend(Protocol):
     SUPPORTS_VALUE_HEAD_DIM: ClassVar[bool]
     #: its varlen form (see :class:`KernelBackend`): "native", "padded" or None
     VARLEN: ClassVar[VarlenForm]
+    #: the fewest query tokens per call at which "auto" takes it (see :class:`KernelBackend`)
+    AUTO_MIN_TOKENS: ClassVar[int]
 
     def not_supported_reasons(self, spec: AttentionSpec) -> list[str]:
         """Empty when the backend can run ``spec``; else why not, one reason each."""
@@ -274,6 +279,10 @@ class KernelBackend:
     #: sequences through :meth:`forward`/:meth:`backward`, which needs a bias
     #: for calls without causality); None: no varlen form
     VARLEN: ClassVar[VarlenForm] = None
+    #: "auto" passes over it for calls of fewer query tokens (batch·seq) than this,
+    #: where its host time per kernel call costs more than its kernels save, and
+    #: takes it only where no later backend can run; a named backend runs any call
+    AUTO_MIN_TOKENS: ClassVar[int] = 0
 
     #: the optional package it runs on (its PyPI name) and the extra of this library
     #: that installs it; None: its kernels come with torch

@@ -17,7 +17,7 @@ from typing import Any
 
 from .base import AttentionSpec, DestinationKernelBackend, StrideRule, distribution_version
 
-#: releases whose private entry points this module was run against (H100, torch 2.11)
+#: releases whose private entry points this module was run against (H100 and H200, torch 2.11)
 TESTED_VERSIONS: tuple[str, ...] = ("4.0.0b36",)
 
 
@@ -43,6 +43,13 @@ class Flash4Backend(DestinationKernelBackend):
     strides = StrideRule(last_dim_contiguous=True, alignment=16)
 
     HEAD_DIM_MULTIPLE, MAX_HEAD_DIM = 8, 128
+    SUPPORTS_GQA = True
+    # a value head_dim of its own: its sm90 backward asserts equal head_dims under GQA,
+    # fails to compile (64, 32) and exceeds shared memory at (64, 128) (4.0.0b36, H200)
+    SUPPORTS_VALUE_HEAD_DIM = False
+    # more host time per call than SDPA's cuDNN op: below this the launches, not the
+    # kernels, set the time (docs/implementations.md, "auto")
+    AUTO_MIN_TOKENS = 131072
 
     PACKAGE, EXTRA, TESTED_RELEASES = "flash-attn-4", "flash4", TESTED_VERSIONS
     UNTESTED_WHY = "; its private entry points change between releases"
@@ -53,7 +60,7 @@ class Flash4Backend(DestinationKernelBackend):
     def quirk_reasons(self, spec: AttentionSpec, reasons: list[str]) -> list[str]:
         if spec.compute_capability is not None and spec.compute_capability[0] != 9:
             # its sm100/sm120 kernels exist but never ran here
-            return [f"tested on compute capability 9.x (H100) only, got {spec.compute_capability}"]
+            return [f"tested on compute capability 9.x (H100, H200) only, got {spec.compute_capability}"]
         return []
 
     def run_forward(self, q, k, v, causal, scale, out):

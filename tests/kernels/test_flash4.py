@@ -71,3 +71,54 @@ def test_fused_path_on_the_stand_in_matches_reference(stand_in, head_mode, causa
     leaves = [leaf for leaf, _ in made]
     for name, a, b in zip("qkv", grads(out, leaves, g), grads(expected, inputs, g)):
         assert_close(strided_view(layout, a, shape), b, torch.float64, f"{layout} d{name}")
+
+
+@pytest.mark.parametrize("head_mode", ["grouped", "all"])
+def test_shared_key_value_heads_go_to_the_stand_in_unrepeated(stand_in, head_mode):
+    """Key/value with fewer heads go to the kernel as they are (SUPPORTS_GQA), the
+    outputs and gradients the reference's; a value head_dim of its own is refused."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 40, 4, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(1, 40, 2, 16, generator=g, dtype=torch.float64, requires_grad=True) for _ in "kv")
+    seg, dil = [8, 20, 40], [1, 2, 4]
+    kw = {"head_mode": head_mode, "is_causal": True}
+    calls = []
+    bwd = flash4._interface()._flash_attn_bwd
+
+    def recording_bwd(q_, k_, *args, **kwargs):
+        calls.append((q_.shape[2], k_.shape[2]))
+        return bwd(q_, k_, *args, **kwargs)
+
+    flash4._interface()._flash_attn_bwd = recording_bwd
+    out = dilated_attention(q, k, v, DilatedPattern(seg, dil, head_mode), backend="flash_attn_4", **kw)
+    expected = reference(q, k, v, seg, dil, **kw)
+    assert_close(out, expected, torch.float64, "out")
+    grad = torch.randn_like(out)
+    for name, a, b in zip("qkv", grads(out, (q, k, v), grad), grads(expected, (q, k, v), grad)):
+        assert_close(a, b, torch.float64, f"d{name}")
+    # two query heads per key/value head: never repeated for the kernel
+    assert calls and all(kv_heads == -(-heads // 2) for heads, kv_heads in calls)
+    with pytest.raises(ValueError, match="value head_dim must equal the query's"):
+        dilated_attention(q, k, v[..., :8], DilatedPattern(seg, dil, head_mode), backend="flash_attn_4")
+
+
+def test_auto_runs_the_stand_in_only_from_its_token_floor(stand_in, monkeypatch):
+    """ "auto" passes over the backend for calls of fewer batch·seq tokens than its
+    AUTO_MIN_TOKENS and takes it from there on."""
+    calls = []
+    fwd = flash4._interface()._flash_attn_fwd
+
+    def recording_fwd(*args, **kwargs):
+        calls.append(args[0].shape)
+        return fwd(*args, **kwargs)
+
+    flash4._interface()._flash_attn_fwd = recording_fwd
+    q, k, v = (torch.randn(2, 40, 4, 8, dtype=torch.float64) for _ in "qkv")
+    pattern = DilatedPattern([8, 20, 40], [1, 2, 4])
+    monkeypatch.setattr(flash4.Flash4Backend, "AUTO_MIN_TOKENS", 81)
+    dilated_attention(q, k, v, pattern)
+    assert calls == []
+    monkeypatch.setattr(flash4.Flash4Backend, "AUTO_MIN_TOKENS", 80)
+    out = dilated_attention(q, k, v, pattern)
+    assert calls
+    assert_close(out, reference(q, k, v, [8, 20, 40], [1, 2, 4]), torch.float64, "out")

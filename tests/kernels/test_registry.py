@@ -1,6 +1,7 @@
 """The kernel registry: pinned private-op schemas, selection reasons, and each
 CPU backend's forward/backward against plain autograd attention."""
 
+import dataclasses
 import math
 
 import pytest
@@ -70,7 +71,7 @@ def test_flash_attn_4_reasons(monkeypatch):
     bad = kernels.AttentionSpec("cuda", torch.float32, 256, has_bias=True, compute_capability=(8, 0))
     reasons = " | ".join(backend.not_supported_reasons(bad))
     for part in (
-        "compute capability 9.x (H100) only",
+        "compute capability 9.x (H100, H200) only",
         "dtype torch.float32",
         "head_dim must be",
         "no attention bias",
@@ -206,3 +207,38 @@ def test_math_attention_empty_rows():
     assert torch.equal(out, torch.zeros_like(out)) and torch.isinf(lse).all()
     out.sum().backward()
     assert all(torch.isfinite(x.grad).all() for x in (q, k, v))
+
+
+def test_auto_passes_over_flash_attn_4_below_its_token_floor(monkeypatch):
+    from dilated_attention_pytorch.kernels import flash4
+
+    monkeypatch.setattr(flash4, "installed_version", lambda: flash4.TESTED_VERSIONS[0])
+    floor = flash4.Flash4Backend.AUTO_MIN_TOKENS
+    spec = kernels.AttentionSpec("cuda", torch.bfloat16, 64, compute_capability=(9, 0))
+    for tokens, chosen in ((None, "flash_attn_4"), (floor, "flash_attn_4"), (floor - 1, "sdpa_cudnn")):
+        assert kernels.select_backend(dataclasses.replace(spec, tokens=tokens)).name == chosen
+    small = dataclasses.replace(spec, tokens=32768)
+    assert kernels.select_backend(small, "flash_attn_4").name == "flash_attn_4"  # named: any size
+    assert kernels.auto_passes_over(kernels.REGISTRY["flash_attn_4"], small) == (
+        f"'auto' takes it from {floor} query tokens (batch·seq) per call, got 32768: below that its "
+        "host time per kernel call costs more than its kernels save"
+    )
+    assert kernels.auto_passes_over(kernels.REGISTRY["sdpa_cudnn"], small) is None
+
+
+def test_auto_takes_a_passed_over_backend_where_no_later_one_runs(monkeypatch):
+    class Floored:
+        name, AUTO_MIN_TOKENS = "floored", 1000
+
+        def not_supported_reasons(self, spec):
+            return []
+
+    class Refusing(Floored):
+        name, AUTO_MIN_TOKENS = "refusing", 0
+
+        def not_supported_reasons(self, spec):
+            return ["refuses everything"]
+
+    monkeypatch.setattr(kernels, "REGISTRY", {"floored": Floored(), "refusing": Refusing()})
+    spec = kernels.AttentionSpec("cpu", torch.float32, 8, tokens=10)
+    assert kernels.select_backend(spec).name == "floored"
