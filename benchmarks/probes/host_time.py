@@ -3,9 +3,12 @@ per backend, head mode and mask, the GPU time of an eager call (CUDA events),
 the host time of the same call while the GPU is kept busy (so the host never
 waits on it: what it costs to enqueue), and the time of its CUDA-graph replay
 (no host time at all); then the CPU time per torch op of eager calls
-(``torch.profiler``), which says which calls the host time is made of.
+(``torch.profiler``), which says which calls the host time is made of; with
+``--python-profile`` the host time per Python function of calls behind a GPU
+sleep (``cProfile``: the fused path's own Python beside the ops it calls).
 
     python benchmarks/probes/host_time.py --seq-lens 32768 --output host.json --profile host_ops.txt
+    python benchmarks/probes/host_time.py --seq-lens 32768 --python-profile host_python.txt
 """
 
 from __future__ import annotations
@@ -159,6 +162,40 @@ def op_profile(workload: str, n: int, head_mode: str, causal: bool, backend: str
     return "\n".join(text)
 
 
+def python_profile(workload: str, n: int, head_mode: str, causal: bool, backend: str, calls: int = 20) -> str:
+    """Host time per Python function over ``calls`` calls of each step, behind a
+    GPU sleep so that no call waits for the GPU: by own time and by time inside. The
+    backward runs on the calling thread (autograd's device threads are not profiled)."""
+    import cProfile
+    import io
+    import pstats
+
+    text = []
+    for name, fn in steps(workload, n, head_mode, causal, backend).items():
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        torch.cuda._sleep(1_000_000_000)  # about 0.5 s of GPU clock
+        profiler = cProfile.Profile()
+        t0 = time.perf_counter()
+        with torch.autograd.set_multithreading_enabled(False):
+            profiler.enable()
+            for _ in range(calls):
+                fn()
+            profiler.disable()
+        wall = (time.perf_counter() - t0) * 1e3 / calls
+        torch.cuda.synchronize()
+        for order in ("tottime", "cumtime"):
+            out = io.StringIO()
+            pstats.Stats(profiler, stream=out).sort_stats(order).print_stats(30)
+            body = out.getvalue().split("\n", 3)[-1]  # past the header lines
+            text.append(
+                f"## {workload} {n} {head_mode} causal={causal} {backend} {name}: {calls} calls, "
+                f"{wall:.3f} ms host per call under the profiler, by {order}\n{body}"
+            )
+    return "\n".join(text)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workload", default="W1", choices=sorted(WORKLOADS))
@@ -166,9 +203,11 @@ def main() -> None:
     p.add_argument("--backends", nargs="+", default=["sdpa_cudnn"])
     p.add_argument("--output", type=Path)
     p.add_argument("--profile", type=Path)
+    p.add_argument("--python-profile", type=Path, help="host time per Python function (cProfile)")
+    p.add_argument("--no-timings", action="store_true", help="only the profiles")
     args = p.parse_args()
     rows = []
-    for backend in args.backends:
+    for backend in [] if args.no_timings else args.backends:
         if backend not in kernels.REGISTRY:
             print(f"skipping {backend}: not registered", flush=True)
             continue
@@ -186,6 +225,11 @@ def main() -> None:
         cases = [(m, c) for m in ("grouped", "all") for c in (False, True)]
         profiles = [op_profile(args.workload, n, m, c, args.backends[0]) for m, c in cases]
         args.profile.write_text("\n\n".join(profiles))
+    if args.python_profile:
+        n = args.seq_lens[0]
+        cases = [(m, c) for m in ("grouped", "all") for c in (False, True)]
+        texts = [python_profile(args.workload, n, m, c, args.backends[0]) for m, c in cases]
+        args.python_profile.write_text("\n\n".join(texts))
 
 
 if __name__ == "__main__":
