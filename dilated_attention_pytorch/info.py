@@ -99,7 +99,12 @@ def report() -> str:
         "kernel backends (registry order = preference):",
     ]
     for name, backend in kernels.REGISTRY.items():
-        lines.append(f"  {name}: {backend.description}")
+        floor = (
+            f" ('auto' from {backend.AUTO_MIN_TOKENS} query tokens per call)"
+            if backend.AUTO_MIN_TOKENS
+            else ""
+        )
+        lines.append(f"  {name}: {backend.description}{floor}")
     specs = [explain_auto(device="cpu", dtype=torch.float32)]
     if torch.cuda.is_available():
         specs.append(explain_auto(device="cuda", dtype=torch.bfloat16))

@@ -23,6 +23,7 @@ def test_report_lists_environment_and_auto_choice():
         assert name in text
     assert "FlexAttention" in text
     assert "auto -> attention_type='improved'" in text
+    assert "flash_attn_4: FlashAttention-4" in text and "('auto' from 131072 query tokens per call)" in text
 
 
 def test_module_entry_point():
