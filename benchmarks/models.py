@@ -59,7 +59,7 @@ def _gqa_record(
         torch.randn(1, n, kv_heads, d, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in "kv"
     )
     grad = torch.randn_like(q)
-    chosen = kernels.select_backend(kernels.AttentionSpec.from_tensor(q))
+    chosen = kernels.select_backend(kernels.AttentionSpec.from_tensor(q, tokens=n))
     declared = type(chosen).SUPPORTS_GQA
     type(chosen).SUPPORTS_GQA = declared and native
     try:

@@ -272,7 +272,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             for _ in range(3)
         )
         grad = torch.randn_like(q)
-        spec = kernels.AttentionSpec.from_tensor(q)
+        spec = kernels.AttentionSpec.from_tensor(q, tokens=q.shape[0] * q.shape[1])  # what 'auto' weighs
         core: dict[str, Any] | None = None  # the "improved" record of this configuration
         for name, impl in _implementations(args, pattern, seq, causal).items():
 

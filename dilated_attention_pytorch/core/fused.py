@@ -599,8 +599,8 @@ def select_backends(
     must suit the inputs; a problem whose length it refuses (cuDNN at length 1, say)
     goes to the best one that takes it. "auto" weighs the call's batch·seq tokens
     (``AttentionSpec.tokens``)."""
-    spec = kernels.AttentionSpec.from_tensor(query, has_bias=any(has_bias), value=value)
-    spec = dataclasses.replace(spec, tokens=query.shape[0] * query.shape[1])
+    tokens = query.shape[0] * query.shape[1]
+    spec = kernels.AttentionSpec.from_tensor(query, has_bias=any(has_bias), value=value, tokens=tokens)
     if backend is not None:
         kernels.select_backend(spec, backend)
     named = kernels.REGISTRY.get(backend) if backend is not None else None

@@ -41,7 +41,13 @@ class AttentionSpec:
 
     @classmethod
     def from_tensor(
-        cls, x: Tensor, *, has_bias: bool = False, seq_len: int | None = None, value: Tensor | None = None
+        cls,
+        x: Tensor,
+        *,
+        has_bias: bool = False,
+        seq_len: int | None = None,
+        value: Tensor | None = None,
+        tokens: int | None = None,
     ) -> AttentionSpec:
         """Spec of ``(batch, seq, heads, head_dim)`` or ``(batch, heads, seq, head_dim)``
         queries ``x`` (and ``value``, whose last dim may differ)."""
@@ -49,7 +55,7 @@ class AttentionSpec:
         if x.device.type == "cuda":
             cc = torch.cuda.get_device_capability(x.device)
         value_dim = None if value is None or value.shape[-1] == x.shape[-1] else value.shape[-1]
-        return cls(x.device.type, x.dtype, x.shape[-1], has_bias, cc, seq_len, value_dim)
+        return cls(x.device.type, x.dtype, x.shape[-1], has_bias, cc, seq_len, value_dim, tokens=tokens)
 
 
 @dataclass(frozen=True)
