@@ -220,16 +220,11 @@ def main() -> None:
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
     if args.output:
         args.output.write_text(json.dumps(info, indent=1))
-    if args.profile:
-        n = args.seq_lens[0]
-        cases = [(m, c) for m in ("grouped", "all") for c in (False, True)]
-        profiles = [op_profile(args.workload, n, m, c, args.backends[0]) for m, c in cases]
-        args.profile.write_text("\n\n".join(profiles))
-    if args.python_profile:
-        n = args.seq_lens[0]
-        cases = [(m, c) for m in ("grouped", "all") for c in (False, True)]
-        texts = [python_profile(args.workload, n, m, c, args.backends[0]) for m, c in cases]
-        args.python_profile.write_text("\n\n".join(texts))
+    cases = [(m, c) for m in ("grouped", "all") for c in (False, True)]
+    for path, profiler in ((args.profile, op_profile), (args.python_profile, python_profile)):
+        if path:
+            texts = [profiler(args.workload, args.seq_lens[0], m, c, args.backends[0]) for m, c in cases]
+            path.write_text("\n\n".join(texts))
 
 
 if __name__ == "__main__":
