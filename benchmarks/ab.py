@@ -14,7 +14,9 @@ of ``--repeats`` with CUDA events after warm-up; the best round of each is kept.
 With ``--backends BASE HEAD`` both variants are this checkout, with those backends.
 ``--impl multihead`` times the whole ``ImprovedMultiheadDilatedAttention`` self-attention
 instead (projections included; one module per variant, the same weights) and records each
-variant's peak memory of a forward+backward.
+variant's peak memory of a forward+backward. ``--host`` adds each step's host time behind a
+GPU sleep (``host_fwd_ms``, ``host_fwdbwd_ms``): what the step costs to enqueue, which is what
+decides a short eager step.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-from common import peak_mib
+from common import HOST_CALLS, host_ms, peak_mib
 from run import WORKLOADS, Timer
 
 import dilated_attention_pytorch as head
@@ -97,8 +99,11 @@ def multihead_calls(
     return lambda: module(x, x, x, is_causal=causal, need_weights=False)[0], (x, *module.parameters())
 
 
-def time_call(calls: Calls, grad: torch.Tensor, timer: Timer) -> tuple[float, float, float | None]:
-    """Median ms of the forward (no grad) and of forward+backward, and the step's peak MiB."""
+def time_call(
+    calls: Calls, grad: torch.Tensor, timer: Timer, host: bool = False
+) -> tuple[dict[str, float], float | None]:
+    """Median ms of the forward (no grad) and of forward+backward, with ``host`` the
+    host ms of each behind a GPU sleep too; and the step's peak MiB."""
     fwd, tensors = calls
 
     def fwd_bwd() -> None:
@@ -107,8 +112,13 @@ def time_call(calls: Calls, grad: torch.Tensor, timer: Timer) -> tuple[float, fl
         fwd().backward(grad)
 
     with torch.no_grad():
-        t_fwd = timer(fwd)
-    return t_fwd, timer(fwd_bwd), peak_mib(grad.device, fwd_bwd, tensors)
+        times = {"fwd": timer(fwd)}
+        if host:
+            times["host_fwd"] = host_ms(fwd, HOST_CALLS["fwd"])
+    times["fwdbwd"] = timer(fwd_bwd)
+    if host:
+        times["host_fwdbwd"] = host_ms(fwd_bwd, HOST_CALLS["fwdbwd"])
+    return times, peak_mib(grad.device, fwd_bwd, tensors)
 
 
 def compare(
@@ -118,27 +128,29 @@ def compare(
     timer: Timer,
     rounds: int,
     record: dict,
+    host: bool = False,
 ) -> dict:
     """``record`` completed with each variant's best of ``rounds`` alternating timings
     (``make_calls(variant, pattern)``), its peak memory and head/base."""
     w = WORKLOADS[record["workload"]]
-    best: dict[str, list[float]] = {}
+    best: dict[str, dict[str, float]] = {}
     peaks: dict[str, float | None] = {}
     for _ in range(rounds):
         for name, variant in variants.items():
             pattern = variant[0].DilatedPattern(
                 w["segment_lengths"], w["dilation_rates"], record["head_mode"]
             )
-            *times, peaks[name] = time_call(make_calls(variant, pattern), grad, timer)
-            best[name] = [min(a, b) for a, b in zip(best.get(name, times), times)]
+            times, peaks[name] = time_call(make_calls(variant, pattern), grad, timer, host)
+            best[name] = {k: min(t, best.get(name, times)[k]) for k, t in times.items()}
     record |= {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                "backends": {name: backend for name, (_, backend) in variants.items()}}  # fmt: skip
-    for name, (t_fwd, t_bwd) in best.items():
-        record[f"{name}_fwd_ms"], record[f"{name}_fwdbwd_ms"] = round(t_fwd, 3), round(t_bwd, 3)
+    for name, times in best.items():
+        for key, t in times.items():
+            record[f"{name}_{key}_ms"] = round(t, 3)
         if peaks[name] is not None:
             record[f"{name}_peak_mib"] = round(peaks[name], 1)
-    record["fwd_ratio"] = round(best["head"][0] / best["base"][0], 3)
-    record["fwdbwd_ratio"] = round(best["head"][1] / best["base"][1], 3)
+    for key in best["head"]:
+        record[f"{key}_ratio"] = round(best["head"][key] / best["base"][key], 3)
     return record
 
 
@@ -157,6 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--host", action="store_true", help="also the host ms of each step behind a GPU sleep")
     p.add_argument("--output", type=Path, required=True)
     args = p.parse_args(argv)
     device = torch.device("cuda")
@@ -190,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
                     )
                     record = {"impl": args.impl, "workload": workload, "seq_len": n, "head_mode": head_mode,
                               "causal": causal}  # fmt: skip
-                    compare(variants, make_calls, grad, timer, args.rounds, record)
+                    compare(variants, make_calls, grad, timer, args.rounds, record, args.host)
                     print(json.dumps(record), flush=True)
                     with args.output.open("a") as out:
                         out.write(json.dumps(record) + "\n")

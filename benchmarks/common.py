@@ -119,6 +119,29 @@ def peak_mib(device: torch.device, fn: Callable[[], Any], inputs: tuple[torch.Te
     return torch.cuda.max_memory_allocated() / 2**20
 
 
+#: calls per :func:`host_ms` of a forward, and of a forward+backward (W1 128K "all": 552 kernels)
+HOST_CALLS = {"fwd": 3, "fwdbwd": 1}
+
+
+def host_ms(fn: Callable[[], Any], calls: int) -> float:
+    """Median host milliseconds per call of ``fn`` behind a GPU sleep long enough
+    that no call waits for the GPU: what it costs to enqueue. ``calls`` must keep
+    the launches behind the sleep within CUDA's launch queue, about a thousand
+    kernels on the H200 (ten W1 32K forward+backward steps of about 56 kernels fit,
+    twenty do not: ``probes/host_time.py --queue-depths``); past it a launch waits
+    for the GPU, and the time measured is the sleep's. So :data:`HOST_CALLS`."""
+    times = []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        torch.cuda._sleep(400_000_000)  # about 0.2 s of GPU clock
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        times.append((time.perf_counter() - t0) * 1e3 / calls)
+        torch.cuda.synchronize()
+    return statistics.median(times)
+
+
 def fwd_bwd(
     fn: Callable[[], torch.Tensor], inputs: tuple[torch.Tensor, ...], grad: torch.Tensor
 ) -> Callable[[], None]:

@@ -9,13 +9,13 @@ sleep (``cProfile``: the fused path's own Python beside the ops it calls).
 
     python benchmarks/probes/host_time.py --seq-lens 32768 --output host.json --profile host_ops.txt
     python benchmarks/probes/host_time.py --seq-lens 32768 --python-profile host_python.txt
+    python benchmarks/probes/host_time.py --seq-lens 32768 --no-timings --queue-depths 1 3 10 20
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 import traceback
@@ -27,24 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import WORKLOADS, Timer, fwd_bwd
+from common import HOST_CALLS, WORKLOADS, Timer, fwd_bwd, host_ms
 
 from dilated_attention_pytorch import DilatedPattern, dilated_attention, kernels
-
-
-def host_ms(fn: Callable[[], Any], calls: int) -> float:
-    """Median host milliseconds per call of ``fn`` behind a GPU sleep long enough
-    that no call waits for the GPU (launch queue included: few calls)."""
-    times = []
-    for _ in range(5):
-        torch.cuda.synchronize()
-        torch.cuda._sleep(400_000_000)  # about 0.2 s of GPU clock
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        times.append((time.perf_counter() - t0) * 1e3 / calls)
-        torch.cuda.synchronize()
-    return statistics.median(times)
 
 
 def steps(workload: str, n: int, head_mode: str, causal: bool, backend: str) -> dict[str, Callable[[], Any]]:
@@ -69,7 +54,7 @@ def record(workload: str, n: int, head_mode: str, causal: bool, backend: str) ->
     eager, graphed = Timer(torch.device("cuda"), 3, 15), Timer(torch.device("cuda"), 3, 15, cuda_graph=True)
     for name, fn in steps(workload, n, head_mode, causal, backend).items():
         found[f"{name}_gpu_ms"] = eager(fn)
-        found[f"{name}_host_ms"] = host_ms(fn, 6 if name == "fwd" else 3)
+        found[f"{name}_host_ms"] = host_ms(fn, HOST_CALLS[name])
         try:
             found[f"{name}_graph_ms"] = graphed(fn)
         except RuntimeError as error:  # not capturable: say why
@@ -162,18 +147,36 @@ def op_profile(workload: str, n: int, head_mode: str, causal: bool, backend: str
     return "\n".join(text)
 
 
-def python_profile(workload: str, n: int, head_mode: str, causal: bool, backend: str, calls: int = 20) -> str:
+def queue_depths(workload: str, n: int, head_mode: str, causal: bool, backend: str, depths: list[int]) -> str:
+    """Host milliseconds per forward+backward against how many are enqueued behind
+    one GPU sleep: flat while every launch fits CUDA's launch queue, rising once
+    the queue is full and a launch waits for the GPU to take one."""
+    fn = steps(workload, n, head_mode, causal, backend)["fwdbwd"]
+    for _ in range(3):
+        fn()
+    found = {depth: host_ms(fn, depth) for depth in depths}
+    shown = ", ".join(f"{depth}: {ms:.3f}" for depth, ms in found.items())
+    case = f"{workload} {n} {head_mode} causal={causal} {backend}"
+    return f"{case}: host ms per fwdbwd by calls queued {{{shown}}}"
+
+
+def python_profile(workload: str, n: int, head_mode: str, causal: bool, backend: str, calls: int = 3) -> str:
     """Host time per Python function over ``calls`` calls of each step, behind a
     GPU sleep so that no call waits for the GPU: by own time and by time inside. The
-    backward runs on the calling thread (autograd's device threads are not profiled)."""
+    backward runs on the calling thread (autograd's device threads are not profiled).
+    Few calls: more can fill CUDA's launch queue, and then whichever launch finds it
+    full takes the wait (:func:`queue_depths` shows where that starts)."""
     import cProfile
     import io
     import pstats
 
     text = []
     for name, fn in steps(workload, n, head_mode, causal, backend).items():
-        for _ in range(3):
-            fn()
+        with torch.autograd.set_multithreading_enabled(False):
+            # warm up on this thread: torch caches cuDNN's attention graphs per thread, and
+            # a thread's first call of a shape builds one, which waits for the GPU
+            for _ in range(3):
+                fn()
         torch.cuda.synchronize()
         torch.cuda._sleep(1_000_000_000)  # about 0.5 s of GPU clock
         profiler = cProfile.Profile()
@@ -204,6 +207,8 @@ def main() -> None:
     p.add_argument("--output", type=Path)
     p.add_argument("--profile", type=Path)
     p.add_argument("--python-profile", type=Path, help="host time per Python function (cProfile)")
+    p.add_argument("--profile-calls", type=int, default=3, help="calls per step under cProfile")
+    p.add_argument("--queue-depths", type=int, nargs="+", help="host time by calls queued behind a sleep")
     p.add_argument("--no-timings", action="store_true", help="only the profiles")
     args = p.parse_args()
     rows = []
@@ -220,11 +225,19 @@ def main() -> None:
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
     if args.output:
         args.output.write_text(json.dumps(info, indent=1))
-    cases = [(m, c) for m in ("grouped", "all") for c in (False, True)]
-    for path, profiler in ((args.profile, op_profile), (args.python_profile, python_profile)):
-        if path:
-            texts = [profiler(args.workload, args.seq_lens[0], m, c, args.backends[0]) for m, c in cases]
-            path.write_text("\n\n".join(texts))
+    cases = [
+        (args.workload, args.seq_lens[0], m, c, args.backends[0])
+        for m in ("grouped", "all")
+        for c in (False, True)
+    ]
+    if args.queue_depths:
+        for case in cases:
+            print(queue_depths(*case, args.queue_depths), flush=True)
+    if args.profile:
+        args.profile.write_text("\n\n".join(op_profile(*case) for case in cases))
+    if args.python_profile:
+        texts = [python_profile(*case, calls=args.profile_calls) for case in cases]
+        args.python_profile.write_text("\n\n".join(texts))
 
 
 if __name__ == "__main__":

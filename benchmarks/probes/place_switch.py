@@ -23,8 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Timer
-from host_time import host_ms, steps
+from common import HOST_CALLS, Timer, host_ms
+from host_time import steps
 
 from dilated_attention_pytorch.core import place_triton
 
@@ -63,7 +63,7 @@ def main() -> None:
                         for name, fn in fns.items():
                             row[f"{name}_gpu_ms"] = eager(fn)
                             row[f"{name}_graph_ms"] = graphed(fn)
-                            row[f"{name}_host_ms"] = host_ms(fn, 6 if name == "fwd" else 3)
+                            row[f"{name}_host_ms"] = host_ms(fn, HOST_CALLS[name])
                     rows.append(row)
                     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}))
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}

@@ -132,10 +132,22 @@ _CUDA_STRIDES = StrideRule(last_dim_contiguous=True, alignment=16)
 _HALF = (torch.float16, torch.bfloat16)
 
 
+_NO_RNG: dict[torch.device, Tensor] = {}
+
+
 def _no_rng(device: torch.device) -> Tensor:
     """A Philox seed or offset of a call without dropout: never read, but cuDNN's
-    backward wants it on the inputs' device."""
-    return torch.zeros((), dtype=torch.int64, device=device)
+    backward wants it on the inputs' device. One per device, shared by every
+    backward, so that a backward makes none per problem. Not kept when made during
+    a CUDA-graph capture, where it would live in that graph's pool, nor when it is
+    not a plain tensor (fake, traced)."""
+    found = _NO_RNG.get(device)
+    if found is None:
+        found = torch.zeros((), dtype=torch.int64, device=device)
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if type(found) is Tensor and not capturing:
+            _NO_RNG[device] = found
+    return found
 
 
 class _SdpaBackend(KernelBackend):
