@@ -108,20 +108,24 @@ def _capturing(x: Tensor) -> bool:
 
 
 #: bytes the "all"-mode backward may hold beyond the 1.6-unit rule of
-#: :func:`merge_head_chunk`: at short lengths that rule leaves one head per chunk
+#: :func:`merge_head_chunk`: at short lengths that rule leaves a few heads per chunk
 #: and the backward bound by the host time of its many small kernel calls (W1 at
 #: 32K on an H200: 2.0x faster with all 12 heads in one chunk,
 #: ``benchmarks/results/h200_ab_backward_chunk_slack.json``), for memory no GPU misses
 BACKWARD_CHUNK_SLACK_BYTES = 1 << 30
 
 
-def merge_head_chunk(num_heads: int, rows_per_position: float, unit_bytes: int = 0) -> int:
+def merge_head_chunk(
+    num_heads: int, rows_per_position: float, unit_bytes: int = 0, call_units: float = 5.0
+) -> int:
     """Heads per chunk of the "all"-mode backward. A chunk of ``c`` heads keeps, in
     units of one ``(batch, seq, heads, head_dim)`` tensor (``unit_bytes`` each), every
     branch's dq, dk, dv in compact rows (3·u·c/h, ``u = rows_per_position``: the
-    branches' rows per position, about Σ 1/r; 2.0 for LongNet's base pattern), one
-    call's dq, dk, dv (3·c/h) and the kernel's float32 dq workspace (2·c/h, cuDNN and
-    flash). Keeping that under 1.6 units holds the forward+backward peak within
+    branches' rows per position, about Σ 1/r; 2.0 for LongNet's base pattern), and
+    what one backward call holds beside them (``call_units``·c/h, :func:`_call_units`):
+    its float32 dq workspace (2/r, cuDNN and flash), and its dq, dk, dv (3/r) where
+    they are copied into compact rows. 5 where a dilation-1 call's results are copied.
+    Keeping that under 1.6 units holds the forward+backward peak within
     1.25× of q, k, v, out and their gradients (measured on an H100:
     ``tests/test_gpu.py::test_peak_memory_within_target``); the price is more,
     smaller backward calls. Where chunks of at least half the heads hold no more
@@ -129,14 +133,29 @@ def merge_head_chunk(num_heads: int, rows_per_position: float, unit_bytes: int =
     heads as that allows: a peak of at most 1.25× plus the slack, and at most
     two chunks of calls. Smaller chunks saved too little time on the H200 to pay
     for their memory (``benchmarks/results/h200_ab_backward_chunk_slack_sizes.json``).
+    The slack's bytes count every call's results as copied (5 units), so that it
+    reaches the lengths it reached before ``call_units`` was counted (W1: to 64K).
     The forward needs no chunks: its compact results (``u`` units) are live while
     no gradient is."""
-    per_head = (3 * rows_per_position + 5) / num_heads  # units a chunk holds per head
+    per_head = (3 * rows_per_position + call_units) / num_heads  # units a chunk holds per head
     by_ratio = int(1.6 / per_head)
-    by_slack = int(BACKWARD_CHUNK_SLACK_BYTES / (per_head * unit_bytes)) if unit_bytes else 0
+    most_per_head = (3 * rows_per_position + 5) / num_heads
+    by_slack = int(BACKWARD_CHUNK_SLACK_BYTES / (most_per_head * unit_bytes)) if unit_bytes else 0
     if 2 * by_slack < num_heads:
         by_slack = 0
     return max(1, min(num_heads, max(by_ratio, by_slack)))
+
+
+def _call_units(problems: Sequence[FusedProblem], rows: dict[int, BranchRows], adopted: int | None) -> float:
+    """The most units (per head of a chunk, over all heads) that one backward call of
+    ``problems`` holds beside the compact rows: the float32 dq workspace of a call of
+    dilation ``r`` (2/r), and its dq, dk, dv (3/r) unless they are the adopted
+    branch's rows (counted in the compact rows) or written there by the kernel."""
+    most = 0.0
+    for p in problems:
+        copied = p.call.branch != adopted and not p.backend.WRITES_INTO_PLACE
+        most = max(most, (5.0 if copied else 2.0) / rows[p.call.branch].dilation)
+    return most
 
 
 def _backward_pieces(
@@ -214,7 +233,9 @@ def _merge_layout(
     adopted = whole_branch(rows, calls, num_heads)
     if any(p.backend.WRITES_INTO_PLACE for p in problems if p.call.branch == adopted):
         adopted = None
-    return rows, merge_head_chunk(num_heads, per_position, query.numel() * query.element_size()), adopted
+    unit_bytes = query.numel() * query.element_size()
+    chunk = merge_head_chunk(num_heads, per_position, unit_bytes, _call_units(problems, rows, adopted))
+    return rows, chunk, adopted
 
 
 def replayed_run(
@@ -439,6 +460,8 @@ def fused_backward(
                             c.adopt(from_problem(part, b))
                         else:
                             copy_rows(strided(c.blocks[call.branch], to_call), from_problem(part, b))
+                    # freed before the next call, which the chunk rule counts alone (_call_units)
+                    del part_grads, part
                     continue
                 for acc, part in zip(accs, part_grads):
                     _write(acc, call, heads.start, from_problem(part, b), run.merge, run.placed)

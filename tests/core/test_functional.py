@@ -10,8 +10,7 @@ from dilated_attention_pytorch import DilatedPattern, functional
 from dilated_attention_pytorch import pattern as pattern_module
 from dilated_attention_pytorch.core import fused, merge, ops, views
 from dilated_attention_pytorch.core.merge import merge_by_lse
-from dilated_attention_pytorch.kernels.base import ANY_STRIDES
-from dilated_attention_pytorch.pattern import compact_rows
+from dilated_attention_pytorch.kernels.base import ANY_STRIDES, KernelBackend
 from dilated_attention_pytorch.reference import dilated_attention_reference as reference
 
 from ..conftest import (
@@ -222,6 +221,13 @@ def test_into_place_backends_match_reference(monkeypatch, seg, dil, seq, heads, 
     assert backend.into_calls > 0
 
 
+def _head_chunk(q: torch.Tensor, pattern: DilatedPattern, kv: torch.Tensor | None = None) -> int:
+    """The backward's heads per chunk for ``q`` (and keys/values like ``kv``), as the fused path takes it."""
+    kv = q if kv is None else kv
+    problems = ops._problems(q, kv, kv, None, None, pattern, True, None)
+    return fused._merge_layout(problems, pattern, q)[1]
+
+
 @pytest.mark.parametrize("slack", ["none", "default"])
 @pytest.mark.parametrize("seg,dil,seq,heads", PATTERNS)
 def test_all_mode_merges_every_branch_at_once(monkeypatch, seg, dil, seq, heads, slack):
@@ -241,12 +247,9 @@ def test_all_mode_merges_every_branch_at_once(monkeypatch, seg, dil, seq, heads,
     g = torch.randn_like(out)
     for name, a, b in zip("qkv", grads(out, (q, k, v), g), grads(expected, (q, k, v), g)):
         assert_close(a, b, torch.float64, f"d{name}")
-    rows = compact_rows(
-        DilatedPattern(seg, dil, "all"), DilatedPattern(seg, dil, "all").calls(seq, heads), seq, heads
-    )
-    per_position = sum(r.num_rows for r in rows.values()) / seq
-    chunk = fused.merge_head_chunk(heads, per_position, q.numel() * q.element_size())
-    assert chunk == (heads if slack == "default" else fused.merge_head_chunk(heads, per_position))
+    chunk = _head_chunk(q, DilatedPattern(seg, dil, "all"))
+    if slack == "default":
+        assert chunk == heads
     chunks = [range(s, min(s + chunk, heads)) for s in range(0, heads, chunk)]
     assert merged[1:] == [c for c in chunks for _ in range(3)]
 
@@ -280,10 +283,7 @@ def test_all_mode_reads_a_whole_branch_from_its_problems_result(monkeypatch, seq
     dout = torch.randn_like(out)
     for name, a, b in zip("qkv", grads(out, (q, k, v), dout), grads(expected, (q, k, v), dout)):
         assert_close(a, b, torch.float64, f"d{name}")
-    rows = compact_rows(
-        DilatedPattern(seg, dil, "all"), DilatedPattern(seg, dil, "all").calls(seq, 6), seq, 6
-    )
-    chunks = -(-6 // fused.merge_head_chunk(6, sum(r.num_rows for r in rows.values()) / seq))
+    chunks = -(-6 // _head_chunk(q, DilatedPattern(seg, dil, "all"), k))
     # forward: output and lse; backward: dq, and dk, dv where heads have their own
     per_chunk = 1 if kv_heads != 6 else 3
     assert adopted == ([] if seq % 32 else [0] * (2 + chunks * per_chunk))
@@ -303,6 +303,31 @@ def test_head_chunks_grow_within_the_slack_only(monkeypatch):
     # 128K: the slack would hold 5 heads, fewer than half: not worth its memory
     assert int(DEFAULT_SLACK / (11 / 12 * 2 * unit)) == 5
     assert fused.merge_head_chunk(12, 2.0, 2 * unit) == 1
+    # where one call holds less beside the compact rows, chunks hold more heads; the
+    # slack counts every call's results and reaches no further
+    assert fused.merge_head_chunk(12, 2.0, call_units=2.5) == 2  # 1.6 / (8.5 / 12)
+    assert fused.merge_head_chunk(12, 2.0, 2 * unit, call_units=2.5) == 2
+    assert fused.merge_head_chunk(12, 2.0, unit, call_units=2.5) == 11
+
+
+class _WritesIntoPlace(KernelBackend):
+    WRITES_INTO_PLACE = True
+
+
+@pytest.mark.parametrize("seq", [64, 70])  # 70: partial last segments, no branch adopted
+def test_a_call_holds_its_workspace_and_the_results_it_copies(seq):
+    """:func:`fused._call_units`: the float32 dq workspace (2/r) of every call, and the
+    results (3/r) of calls copied into compact rows: not the adopted branch's, whose
+    results are its rows, nor those a kernel writes into place."""
+    q = torch.zeros(1, seq, 6, 8, dtype=torch.float64)
+    pattern = DilatedPattern((16, 32, 64), (1, 2, 4), "all")
+    problems = ops._problems(q, q, q, None, None, pattern, False, "math")
+    rows, _, adopted = fused._merge_layout(problems, pattern, q)
+    assert adopted == (None if seq % 64 else 0)
+    # adopted: the dilation-2 branch's copies are the most (5 / 2); else the dilation-1 branch's
+    assert fused._call_units(problems, rows, adopted) == (2.5 if adopted == 0 else 5.0)
+    into_place = [fused.FusedProblem(p.call, _WritesIntoPlace(), p.bias, p.causal) for p in problems]
+    assert fused._call_units(into_place, rows, None) == 2.0
 
 
 def test_merge_by_lse_all_empty_is_zero_with_finite_grads():
