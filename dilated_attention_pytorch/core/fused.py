@@ -123,8 +123,8 @@ def merge_head_chunk(
     branch's dq, dk, dv in compact rows (3·u·c/h, ``u = rows_per_position``: the
     branches' rows per position, about Σ 1/r; 2.0 for LongNet's base pattern), and
     what one backward call holds beside them (``call_units``·c/h, :func:`_call_units`):
-    its float32 dq workspace (2/r, cuDNN and flash), and its dq, dk, dv (3/r) where
-    they are copied into compact rows. 5 where a dilation-1 call's results are copied.
+    its float32 dq workspace (2/r), and its dq, dk, dv (3/r) where they are not the
+    adopted branch's rows. 5 where a dilation-1 call's results are not.
     Keeping that under 1.6 units holds the forward+backward peak within
     1.25× of q, k, v, out and their gradients (measured on an H100:
     ``tests/test_gpu.py::test_peak_memory_within_target``); the price is more,
@@ -149,12 +149,12 @@ def merge_head_chunk(
 def _call_units(problems: Sequence[FusedProblem], rows: dict[int, BranchRows], adopted: int | None) -> float:
     """The most units (per head of a chunk, over all heads) that one backward call of
     ``problems`` holds beside the compact rows: the float32 dq workspace of a call of
-    dilation ``r`` (2/r), and its dq, dk, dv (3/r) unless they are the adopted
-    branch's rows (counted in the compact rows) or written there by the kernel."""
+    dilation ``r`` (2/r, cuDNN), and its dq, dk, dv (3/r) unless they are the adopted
+    branch's rows, already counted. A kernel that writes into place is charged as a
+    copy: its workspace was not measured (FlashAttention-4 "all" peaks ran higher)."""
     most = 0.0
     for p in problems:
-        copied = p.call.branch != adopted and not p.backend.WRITES_INTO_PLACE
-        most = max(most, (5.0 if copied else 2.0) / rows[p.call.branch].dilation)
+        most = max(most, (2.0 if p.call.branch == adopted else 5.0) / rows[p.call.branch].dilation)
     return most
 
 
