@@ -124,7 +124,7 @@ def merge_head_chunk(
     branches' rows per position, about Σ 1/r; 2.0 for LongNet's base pattern), and
     what one backward call holds beside them (``call_units``·c/h, :func:`_call_units`):
     its float32 dq workspace (2/r), and its dq, dk, dv (3/r) where they are not the
-    adopted branch's rows. 5 where a dilation-1 call's results are not.
+    adopted branch's rows: 5 where a dilation-1 branch is not adopted.
     Keeping that under 1.6 units holds the forward+backward peak within
     1.25× of q, k, v, out and their gradients (measured on an H100:
     ``tests/test_gpu.py::test_peak_memory_within_target``); the price is more,
