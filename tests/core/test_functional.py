@@ -2,6 +2,7 @@
 
 import math
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -328,6 +329,55 @@ def test_a_call_holds_its_workspace_and_the_results_it_copies(seq):
     assert fused._call_units(problems, rows, adopted) == (2.5 if adopted == 0 else 5.0)
     into_place = [fused.FusedProblem(p.call, _WritesIntoPlace(), p.bias, p.causal) for p in problems]
     assert fused._call_units(into_place, rows, None) == 5.0
+
+
+class _CountsLiveResults:
+    """The math backend, recording at each backward call how many earlier calls'
+    gradients are still alive."""
+
+    name, description = "math_counting", "test double"
+    strides = ANY_STRIDES
+    WRITES_INTO_PLACE = False
+    SUPPORTS_GQA = False
+
+    def __init__(self) -> None:
+        from dilated_attention_pytorch.kernels.math import MathBackend
+
+        self.inner, self.earlier, self.alive = MathBackend(), [], []
+
+    def replay_state(self, length, device):
+        return None
+
+    def not_supported_reasons(self, spec):
+        return []
+
+    def forward(self, *args):
+        return self.inner.forward(*args)
+
+    def backward(self, *args):
+        self.alive.append(sum(ref() is not None for ref in self.earlier))
+        grads = self.inner.backward(*args)
+        self.earlier += [weakref.ref(g) for g in grads]
+        return grads
+
+
+def test_all_mode_backward_frees_each_calls_gradients_before_the_next(monkeypatch):
+    """The chunk rule (:func:`fused._call_units`) counts one call's gradients at a
+    time: in "all" mode each call's are copied into compact rows and dropped
+    before the next call; only the adopted branch's stay, as its rows."""
+    backend = _CountsLiveResults()
+    monkeypatch.setattr(ops, "select_backends", lambda query, value, calls, *a: [backend] * len(calls))
+    q, k, v = make_qkv(1, 64, 6)
+    pattern = DilatedPattern((16, 32, 64), (1, 2, 4), "all")
+    out = functional.dilated_attention(q, k, v, pattern)
+    expected = reference(q, k, v, pattern.segment_lengths, pattern.dilation_rates, head_mode="all")
+    g = torch.randn_like(out)
+    for name, a, b in zip("qkv", grads(out, (q, k, v), g), grads(expected, (q, k, v), g)):
+        assert_close(a, b, torch.float64, f"d{name}")
+    chunk = _head_chunk(q, pattern)
+    assert chunk < 6 and len(backend.alive) > 6 // chunk  # several chunks, several calls each
+    # alive at a call: the gradients (dq, dk, dv) of the chunk's adopted call, if it came first
+    assert max(backend.alive) <= 3, backend.alive
 
 
 def test_merge_by_lse_all_empty_is_zero_with_finite_grads():
