@@ -320,6 +320,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                             rec[f"tflops_{mode}"] / ceiling[f"tflops_{mode}"]
                         )
             records.append(rec)
+        # the last step's closures hold q, k, v and grad: gone before the next peak is measured
+        fn = step = None
         del q, k, v, grad
         if "multihead" in args.impls:
             records.append(_multihead_record(args, pattern, seq, causal, device, dtype, timer, common, core))

@@ -168,3 +168,40 @@ def test_decode_benchmark_runs_on_cpu(tmp_path) -> None:
     assert all(r["ms_per_token"] > 0 for r in rows.values())
     # the dilated cache has a fixed size; the dense one is a full-window cache
     assert rows["dilated", 16]["cache_mib"] == rows["dilated", 40]["cache_mib"]
+
+
+def test_each_peak_sees_only_its_own_configurations_inputs(monkeypatch):
+    """Every peak counts what is live: a configuration's q, k, v (and their gradients)
+    must be gone before the next configuration, and before the multihead module's
+    step, is measured (closures of the last step held them)."""
+    import weakref
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import run
+
+    seen: list[weakref.ref] = []
+    stale: list[int] = []
+
+    def peak_mib(device, fn, inputs):
+        stale.append(sum(ref() is not None and ref() is not inputs[0] for ref in seen))
+        seen.append(weakref.ref(inputs[0]))
+        return None
+
+    monkeypatch.setattr(run, "peak_mib", peak_mib)
+    args = run.parse_args(
+        [
+            "--quick",
+            "--device",
+            "cpu",
+            "--seq-lens",
+            "64",
+            "128",
+            "--impls",
+            "improved",
+            "standard",
+            "multihead",
+        ]
+    )
+    run.run(args)
+    assert len(stale) >= 2 * 5  # per length: fwd and fwd+bwd of two impls, and the module
+    assert stale == [0] * len(stale), stale
