@@ -97,12 +97,16 @@ def generation(
     def new_cache() -> transformers.Cache | None:
         return dilated_hf.DilatedCache(model.config) if constant_cache else None
 
+    def generate_kwargs() -> dict[str, transformers.Cache]:
+        cache = new_cache()
+        return {} if cache is None else dilated_hf.cache_kwargs(cache)
+
     def run(count: int) -> tuple[float, object]:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         out = model.generate(
-            ids, max_new_tokens=count, return_dict_in_generate=True, past_key_values=new_cache(), **kw
+            ids, max_new_tokens=count, return_dict_in_generate=True, **generate_kwargs(), **kw
         )
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -113,7 +117,7 @@ def generation(
         prefill_s, _ = run(1)
         total_s, out = run(new_tokens)
         step_ms = decode_step_ms(model, ids, new_tokens, device, new_cache())
-    cache = out.past_key_values
+    cache = dilated_hf.output_cache(out)
     if constant_cache:
         cache_bytes = cache.nbytes()
     else:
@@ -141,12 +145,12 @@ def decode_step_ms(
     cache: transformers.Cache | None = None,
 ) -> float:
     """Median time of one cached forward of one token (no sampling, no generate loop)."""
-    out = model(ids, use_cache=True, past_key_values=cache)
-    state = {"cache": out.past_key_values, "token": out.logits[:, -1:].argmax(-1)}
+    out = model(ids, use_cache=True, **dilated_hf.cache_kwargs(cache))
+    state = {"cache": dilated_hf.output_cache(out), "token": out.logits[:, -1:].argmax(-1)}
 
     def step() -> None:  # each step decodes the previous one's token
-        out = model(state["token"], past_key_values=state["cache"], use_cache=True)
-        state["cache"], state["token"] = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        out = model(state["token"], **dilated_hf.cache_kwargs(state["cache"]), use_cache=True)
+        state["cache"], state["token"] = dilated_hf.output_cache(out), out.logits[:, -1:].argmax(-1)
 
     return Timer(device, warmup=1, repeats=max(1, steps - 1))(step)
 

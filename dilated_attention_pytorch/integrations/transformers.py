@@ -34,6 +34,8 @@ import torch
 from torch import Tensor, nn
 
 try:
+    import transformers
+    from packaging.version import Version
     from transformers import AttentionInterface, PretrainedConfig, PreTrainedModel
     from transformers.cache_utils import Cache, CacheLayerMixin
     from transformers.masking_utils import AttentionMaskInterface
@@ -54,8 +56,10 @@ __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "DilatedCache",
     "DilatedCacheLayer",
+    "cache_kwargs",
     "dilated_attention_forward",
     "layer_pattern",
+    "output_cache",
     "padding_mask",
     "set_dilated_attention",
 ]
@@ -549,9 +553,31 @@ class DilatedCacheLayer(CacheLayerMixin):
     offload = prefetch = _unsupported
 
 
+#: the keyword ``generate`` and a model's forward take a cache by, and the field of the
+#: outputs that holds it: transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old
+#: name warns, and goes in 5.40 for forward, 6.0 for generate); earlier 5.x know only the old
+_CACHE_NAME = "cache" if Version(transformers.__version__).release >= (5, 24) else "past_key_values"
+
+
+def cache_kwargs(cache: Cache | None) -> dict[str, Cache | None]:
+    """``cache`` by the keyword ``generate`` and a model's forward take it in the
+    installed transformers (``cache=`` from 5.24, ``past_key_values=`` before)::
+
+        model.generate(ids, **cache_kwargs(DilatedCache(model.config)))
+    """
+    return {_CACHE_NAME: cache}
+
+
+def output_cache(output: Any) -> Cache | None:
+    """The cache a model's forward or ``generate`` returned (``output.cache`` from
+    transformers 5.24, ``output.past_key_values`` before)."""
+    return getattr(output, _CACHE_NAME)
+
+
 class DilatedCache(Cache):
     """A constant-size key/value cache for a model with the dilated backend:
-    ``model.generate(ids, past_key_values=DilatedCache(model.config))``.
+    ``model.generate(ids, **cache_kwargs(DilatedCache(model.config)))``, that is
+    ``cache=DilatedCache(...)`` from transformers 5.24, ``past_key_values=`` before.
 
     Per layer it holds ``Σ_i ceil(w_i / r_i)`` positions per branch and key/value
     head (:class:`~...decoding.LayerKVCache`), so memory stays the same however

@@ -270,11 +270,38 @@ def test_dilated_cache_generates_what_the_full_cache_does(family, head_mode):
     kw.update(output_scores=True, return_dict_in_generate=True)
     full = model.generate(ids, **kw)
     cache = dilated_hf.DilatedCache(model.config)
-    constant = model.generate(ids, past_key_values=cache, **kw)
+    constant = model.generate(ids, **dilated_hf.cache_kwargs(cache), **kw)
     assert torch.equal(constant.sequences, full.sequences)
     for step, (a, b) in enumerate(zip(constant.scores, full.scores)):
         assert_close(a, b, torch.float32, f"step {step} scores")
     assert cache.get_seq_length() == 29 + 30 - 1
+
+
+def test_the_cache_goes_by_the_name_of_the_installed_release():
+    """``cache_kwargs`` and ``output_cache``: ``cache`` from transformers 5.24 (where
+    ``past_key_values`` warns), ``past_key_values`` before; generate and a forward
+    with them warn of nothing, and the cache they return is the one passed."""
+    import warnings
+
+    import transformers
+
+    release = tuple(int(x) for x in transformers.__version__.split(".")[:2])
+    marker = object()
+    name = "cache" if release >= (5, 24) else "past_key_values"
+    assert dilated_hf.cache_kwargs(marker) == {name: marker}  # type: ignore[arg-type]
+    (model,) = _models("llama", ["dilated"])
+    ids = _batch(batch=1, n=16)[0]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values.*")
+        cache = dilated_hf.DilatedCache(model.config)
+        out = model.generate(
+            ids, **dilated_hf.cache_kwargs(cache), max_new_tokens=3, do_sample=False, pad_token_id=0,
+            return_dict_in_generate=True,
+        )  # fmt: skip
+        assert dilated_hf.output_cache(out) is cache
+        step = model(out.sequences[:, -1:], **dilated_hf.cache_kwargs(cache), use_cache=True)
+        assert dilated_hf.output_cache(step) is cache
+    assert cache.get_seq_length() == 16 + 3
 
 
 def test_dilated_cache_memory_does_not_grow_with_the_context():
@@ -283,7 +310,8 @@ def test_dilated_cache_memory_does_not_grow_with_the_context():
     sizes = []
     for new_tokens in (2, 40):
         cache = dilated_hf.DilatedCache(model.config)
-        model.generate(ids, past_key_values=cache, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        kw = dilated_hf.cache_kwargs(cache)
+        model.generate(ids, **kw, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
         sizes.append(cache.nbytes())
     # 2 layers x (keys, values) x (4 + ceil(8 / 2)) slots x one pair per branch x head_dim 8 x float64
     assert sizes[0] == sizes[1] == 2 * 2 * (4 + 4) * 1 * 8 * 8
@@ -292,16 +320,16 @@ def test_dilated_cache_memory_does_not_grow_with_the_context():
 def test_dilated_cache_refuses_padding_and_beam_search():
     (model,) = _models("llama", ["dilated"])
     ids, masks = _batch(n=30)
+
+    def cache():
+        return dilated_hf.cache_kwargs(dilated_hf.DilatedCache(model.config))
+
     with pytest.raises(ValueError, match="DilatedCache needs rows without padding"):
         model.generate(
-            ids, attention_mask=masks["left"], past_key_values=dilated_hf.DilatedCache(model.config),
-            max_new_tokens=12, do_sample=False, pad_token_id=0,
-        )  # fmt: skip
+            ids, attention_mask=masks["left"], **cache(), max_new_tokens=12, do_sample=False, pad_token_id=0
+        )
     with pytest.raises(NotImplementedError, match="beam search"):
-        model.generate(
-            ids, past_key_values=dilated_hf.DilatedCache(model.config), max_new_tokens=3, num_beams=2,
-            do_sample=False, pad_token_id=0,
-        )  # fmt: skip
+        model.generate(ids, **cache(), max_new_tokens=3, num_beams=2, do_sample=False, pad_token_id=0)
 
 
 def _documents(lengths, seed=5):
