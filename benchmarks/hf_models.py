@@ -189,7 +189,11 @@ def main(argv: list[str] | None = None) -> dict:
     result["gradient_checkpointing"] = args.gradient_checkpointing
     if args.gradient_checkpointing:
         for model in models.values():
-            model.gradient_checkpointing_enable()
+            # renamed in transformers 5.24; the old name warns there
+            enable = (
+                getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            )
+            enable()
     stopped = {"dilated": None, "sdpa": None}
     for n in args.lengths:
         row: dict = {"seq_len": n}

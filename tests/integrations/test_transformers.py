@@ -362,7 +362,11 @@ def test_training_step_gradient_checkpointing_and_autocast():
     for model, checkpointing in ((reference, False), (dilated, True)):
         model.train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            # renamed in transformers 5.24; the old name warns there
+            enable = (
+                getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            )
+            enable()
         loss = model(ids, attention_mask=mask, labels=ids.masked_fill(~kept, -100)).loss
         grads.append(torch.autograd.grad(loss, list(model.parameters())))
     for a, b in zip(*grads):
