@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
+
 from ._checks import check_int
 
 HeadMode = Literal["grouped", "all"]
@@ -243,7 +245,9 @@ class DilatedPattern:
         biases need the plain calls."""
         check_int("seq_len", seq_len)
         check_int("num_heads", num_heads)
-        return list(_calls(self, seq_len, num_heads, diagonal and self.merges_branches))
+        # dynamo traces through a cache wrapper, and warns: compiled code calls the function
+        build = _calls.__wrapped__ if torch.compiler.is_compiling() else _calls
+        return list(build(self, seq_len, num_heads, diagonal and self.merges_branches))
 
     def flops(
         self,

@@ -49,7 +49,7 @@ def test_segment_bounds_partial_and_short():
 
 
 @pytest.mark.parametrize(
-    "segment_length,dilation,offset", itertools.product([1, 5, 6, 7], [1, 2, 3, 6], [0, 1, 2, 5])
+    "segment_length,dilation,offset", list(itertools.product([1, 5, 6, 7], [1, 2, 3, 6], [0, 1, 2, 5]))
 )
 def test_selected_count(segment_length, dilation, offset):
     expected = sum(1 for t in range(segment_length) if t % dilation == offset)
@@ -259,3 +259,22 @@ def test_grouped_calls_tile_their_regions(n, heads):
     if heads > 1:  # a head outside the layer
         assert not tiles_regions(calls, n, heads - 1)
     assert not tiles_regions(DilatedPattern((8, 16, 32), (1, 2, 4), "all").calls(n, heads), n, heads)
+
+
+def test_calls_under_torch_compile_warn_of_no_cache_wrapper():
+    """Compiled code (the "standard" path traces the pattern) builds the calls without
+    the cache wrapper, which dynamo would trace through with a warning."""
+    import warnings
+
+    import torch
+
+    pattern = DilatedPattern((4, 8), (1, 2), "all")
+
+    def count(x: torch.Tensor) -> torch.Tensor:
+        return x * len(pattern.calls(x.shape[0], 3))
+
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*lru_cache.*")
+        out = torch.compile(count, backend="eager", fullgraph=True)(torch.ones(16))
+    assert out[0].item() == len(pattern.calls(16, 3))
