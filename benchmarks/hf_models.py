@@ -97,16 +97,16 @@ def generation(
     def new_cache() -> transformers.Cache | None:
         return dilated_hf.DilatedCache(model.config) if constant_cache else None
 
-    def generate_kwargs() -> dict[str, transformers.Cache]:
-        cache = new_cache()
-        return {} if cache is None else dilated_hf.cache_kwargs(cache)
-
     def run(count: int) -> tuple[float, object]:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         out = model.generate(
-            ids, max_new_tokens=count, return_dict_in_generate=True, **generate_kwargs(), **kw
+            ids,
+            max_new_tokens=count,
+            return_dict_in_generate=True,
+            **dilated_hf.cache_kwargs(new_cache()),
+            **kw,
         )
         if device.type == "cuda":
             torch.cuda.synchronize()
